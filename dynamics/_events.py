@@ -1,0 +1,160 @@
+"""Events that stop a run: reaching a loss, diverging, a user condition.
+
+Real-valued conditions are root-found on diffrax's dense interpolant, so the recorded
+event time is where the condition crosses zero, not the end of the step. Boolean
+conditions (non-finite state) stop at the end of the step on which they turn true.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, PyTree
+
+from ._problem import Problem
+from ._tree import all_finite, sqnorm
+
+
+class AbstractEvent(eqx.Module):
+    """A stopping condition c(t, w, ẇ): real (stop when it crosses zero in `direction`:
+    True up-crossing, False down-crossing, None either) or boolean (stop when True)."""
+
+    name: eqx.AbstractVar[str]
+    direction: eqx.AbstractVar[bool | None]
+
+    @abc.abstractmethod
+    def condition(self, t, w: PyTree, v: PyTree | None, problem: Problem) -> Array:
+        """A scalar float or bool."""
+
+
+class AbstractDivergenceEvent(AbstractEvent):
+    """Marker: firing means the run diverged (`Trajectory.diverged` is set)."""
+
+
+def _check_threshold(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a number, got {type(value).__name__}.") from None
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return value
+
+
+class LossBelow(AbstractEvent):
+    """Stop when the loss falls to `value`: c = L(w) − value crosses zero downwards.
+    (A run that starts below `value` never crosses, and does not stop.)"""
+
+    value: float
+    name: ClassVar[str] = "loss_below"
+    direction: ClassVar[bool | None] = False
+
+    def __init__(self, value: float):
+        self.value = _check_threshold("value", value)
+
+    def condition(self, t, w, v, problem):
+        # Relative units keep the root find's |c| < atol test meaningful at any scale.
+        return (problem.loss(w) - self.value) / max(abs(self.value), 1.0)
+
+
+class NormAbove(AbstractDivergenceEvent):
+    """Divergence guard: stop when ‖w‖ (over all parameters) rises to `value`."""
+
+    value: float
+    name: ClassVar[str] = "norm_above"
+    direction: ClassVar[bool | None] = True
+
+    def __init__(self, value: float):
+        self.value = _check_threshold("value", value)
+        if self.value <= 0:
+            raise ValueError(f"`value` must be > 0 for NormAbove, got {self.value}.")
+
+    def condition(self, t, w, v, problem):
+        return jnp.sqrt(sqnorm(w)) / self.value - 1.0
+
+
+class NonFinite(AbstractDivergenceEvent):
+    """Stop as soon as the state holds a NaN or Inf. Always active in `simulate`."""
+
+    name: ClassVar[str] = "non_finite"
+    direction: ClassVar[bool | None] = None
+
+    def condition(self, t, w, v, problem):
+        finite = all_finite(w) if v is None else all_finite(w) & all_finite(v)
+        return jnp.logical_not(finite)
+
+
+class Condition(AbstractEvent):
+    """A user event: `fn(t, params, velocity)` returning a float (stop at its zero,
+    crossing in `direction`) or a bool (stop when True). `params` is the full model."""
+
+    fn: Callable
+    name: str = "condition"
+    direction: bool | None = None
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise ValueError("`fn` must be a function (t, params, velocity) -> scalar.")
+        if self.direction not in (None, True, False):
+            raise ValueError("`direction` must be None, True (up-crossing) or False.")
+
+    def condition(self, t, w, v, problem):
+        velocity = None if v is None else problem.params(v)
+        return self.fn(t, problem.params(w), velocity)
+
+
+class _BracketState(eqx.Module):
+    lower: Array
+    upper: Array
+    f_lower: Array
+    f_at_y: Array
+
+
+def _scalar(f) -> Array:
+    # diffrax hands the root finder one value per event, all zero but the one that
+    # fired, so their sum is the triggered condition.
+    return sum(jnp.asarray(x, dtype=jnp.result_type(float)) for x in jax.tree.leaves(f))
+
+
+class EventRootFinder(optx.AbstractRootFinder):
+    """Bisection on the step that crossed, for diffrax's event time.
+
+    Newton and optimistix's `Bisection` both also demand |c| < atol, which is out of
+    reach where the condition is steep (a blow-up guard crossing at ‖w‖ = 1e6 moves by
+    1e-10 per ulp of t); bracketing in t alone always converges, to `atol + rtol·|t|`,
+    and it returns the end of the bracket where the condition has crossed.
+    """
+
+    rtol: float
+    atol: float
+    norm: ClassVar[Callable] = jnp.abs
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        lower = jnp.asarray(options["lower"], dtype=jnp.result_type(float))
+        upper = jnp.asarray(options["upper"], dtype=jnp.result_type(float))
+        f_lower = _scalar(fn(lower, args)[0])
+        return _BracketState(lower, upper, f_lower, _scalar(fn(upper, args)[0]))
+
+    def step(self, fn, y, args, options, state, tags):
+        mid = state.lower + 0.5 * (state.upper - state.lower)
+        f_mid, aux = fn(mid, args)
+        f_mid = _scalar(f_mid)
+        # Keep the half whose ends differ in sign; a zero at `mid` is the crossing.
+        same_side = (jnp.sign(f_mid) == jnp.sign(state.f_lower)) & (f_mid != 0)
+        lower = jnp.where(same_side, mid, state.lower)
+        upper = jnp.where(same_side, state.upper, mid)
+        f_lower = jnp.where(same_side, f_mid, state.f_lower)
+        return upper, _BracketState(lower, upper, f_lower, f_mid), aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        width = state.upper - state.lower
+        done = (width <= self.atol + self.rtol * jnp.abs(state.upper)) | (state.f_at_y == 0)
+        return done, optx.RESULTS.successful
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return state.upper, aux, {}

@@ -1,0 +1,369 @@
+"""The Lagrangian catalogue: one final `eqx.Module` per flow.
+
+Every flow acts on parameters w (any pytree of arrays) under a loss L(w). First-order
+flows give ẇ = f(t, w); second-order flows give ẅ = a(t, w, ẇ) and carry the velocity
+v = ẇ in the state, which diffrax integrates as (w, v).
+
+The closed forms follow Głuch & Urbanke, *Noether: The More Things Change, the More Stay
+the Same*, Table 1 (eqs. 22–27); each second-order entry also states its Lagrangian, and
+`LagrangianFlow` of that Lagrangian reproduces it (the catalogue's self-test, see
+tests/test_flows.py). Every formula here was checked that way rather than trusted.
+
+Throughout, `loss` is a function of w alone (the driver closes over data and any static
+parts of the model), so flows are pure functions of (t, w, v).
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
+
+from ._tree import axpy, scale, sqnorm, vdot
+
+Loss = Callable[[PyTree], Scalar]
+
+
+class AbstractFlow(eqx.Module):
+    """Base of the catalogue. See `AbstractFirstOrderFlow`, `AbstractSecondOrderFlow`."""
+
+    @abc.abstractmethod
+    def energy(self, t: ArrayLike, w: PyTree, v: PyTree | None, loss: Loss) -> Scalar:
+        """The flow's energy-like quantity (DESIGN.md, catalogue table)."""
+
+    @abc.abstractmethod
+    def energy_rate(self, t: ArrayLike, w: PyTree, v: PyTree | None, loss: Loss) -> Scalar:
+        """dE/dt along a solution, in closed form: the flow's dissipation identity."""
+
+
+class AbstractFirstOrderFlow(AbstractFlow):
+    """ẇ = f(t, w)."""
+
+    @abc.abstractmethod
+    def vector_field(self, t: ArrayLike, w: PyTree, loss: Loss) -> PyTree:
+        """The right-hand side f(t, w)."""
+
+
+class AbstractSecondOrderFlow(AbstractFlow):
+    """ẅ = a(t, w, ẇ), derived from a Lagrangian ℒ(t, w, ẇ)."""
+
+    @abc.abstractmethod
+    def acceleration(self, t: ArrayLike, w: PyTree, v: PyTree, loss: Loss) -> PyTree:
+        """ẅ as a function of time, position and velocity."""
+
+    @abc.abstractmethod
+    def lagrangian(self, t: ArrayLike, w: PyTree, v: PyTree, loss: Loss) -> Scalar:
+        """ℒ(t, w, v) whose Euler–Lagrange equations are this flow."""
+
+
+class AbstractSeparableFlow(AbstractSecondOrderFlow):
+    """Marker: the acceleration depends on w only (ẅ = −∇L(w)), so the flow splits into
+    ẇ = v, v̇ = F(w) and symplectic partitioned solvers (`diffrax.SemiImplicitEuler`,
+    velocity Verlet) apply."""
+
+
+def _kinetic_plus_loss(w, v, loss, mass=1.0):
+    # H = ½ m ‖v‖² + L(w), the energy of every second-order entry of the table.
+    return 0.5 * mass * sqnorm(v) + loss(w)
+
+
+def _float_array(x: Any) -> Array:
+    # Numeric coefficients are stored as arrays, not Python floats: jit then traces
+    # them instead of hashing them, so a sweep over γ or κ compiles once.
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+class _Constant(eqx.Module):
+    """A constant coefficient t ↦ c."""
+
+    value: Array = eqx.field(converter=_float_array)
+
+    def __call__(self, t):
+        return self.value + 0.0 * t
+
+
+def _as_schedule(name: str, k: Any) -> Callable:
+    if callable(k):
+        return k
+    try:
+        value = float(k)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a number or a function of time t, got {type(k).__name__}."
+        ) from None
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    return _Constant(value)
+
+
+def _check_finite_nonneg(name: str, value: Any) -> None:
+    # Only concrete values can be checked here; traced ones (a sweep under vmap) pass.
+    if not isinstance(value, jax.core.Tracer):
+        arr = np.asarray(value)
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(f"`{name}` must be finite and >= 0, got {value}.")
+
+
+# Gauss–Legendre nodes for ∫ κ1/κ2 in `GeneralFlow.lagrangian`. The value only fixes a
+# constant factor of ℒ; the Euler–Lagrange equations see its exact derivative (custom_jvp).
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(64)
+
+
+def _integral(f: Callable, a: ArrayLike, b: ArrayLike) -> Array:
+    """∫_a^b f, with d/db exactly f(b) under autodiff."""
+
+    @jax.custom_jvp
+    def integral(b):
+        mid, half = 0.5 * (b + a), 0.5 * (b - a)
+        nodes = mid + half * jnp.asarray(_GL_X)
+        return half * jnp.sum(jnp.asarray(_GL_W) * jax.vmap(f)(nodes))
+
+    @integral.defjvp
+    def _(primals, tangents):
+        (b,), (db,) = primals, tangents
+        return integral(b), f(b) * db
+
+    return integral(jnp.asarray(b, dtype=jnp.result_type(float)))
+
+
+class GradientFlow(AbstractFirstOrderFlow):
+    """Gradient flow (GF), ẇ = −∇L(w).
+
+    The massless limit κ2 → 0 of the general dynamics (Głuch & Urbanke Table 1, eq. 27);
+    it has no Lagrangian of its own. Energy E = L, with dL/dt = −‖∇L‖².
+    """
+
+    def vector_field(self, t, w, loss):
+        return scale(-1.0, jax.grad(loss)(w))
+
+    def energy(self, t, w, v, loss):
+        return loss(w)
+
+    def energy_rate(self, t, w, v, loss):
+        return -sqnorm(jax.grad(loss)(w))
+
+
+class MirrorFlow(AbstractFirstOrderFlow):
+    """Bregman (mirror) gradient flow, d/dt ∇φ(w) = −∇L(w).
+
+    Integrated in primal coordinates: ẇ = −(∇²φ(w))⁻¹ ∇L(w), with the linear solve done
+    by lineax on the Hessian of the strictly convex potential φ (tagged symmetric positive
+    definite, so the default solver is a Cholesky factorisation). φ(w) = ½‖w‖² gives GF;
+    the negative entropy Σ w log w gives the multiplicative flow ẇ = −w ⊙ ∇L.
+    Energy E = L, with dL/dt = −∇Lᵀ(∇²φ)⁻¹∇L ≤ 0.
+
+    **Arguments:** `phi`: the mirror potential, a scalar function of the parameters;
+    `linear_solver`: any lineax solver (e.g. `lx.CG(rtol, atol)` for large models).
+    """
+
+    phi: Callable[[PyTree], Scalar]
+    linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=True)
+
+    def __check_init__(self):
+        if not callable(self.phi):
+            raise ValueError("`phi` must be a function w -> scalar (the mirror potential).")
+
+    def vector_field(self, t, w, loss):
+        grad = jax.grad(loss)(w)
+        hessian = lx.JacobianLinearOperator(
+            lambda x, _: jax.grad(self.phi)(x),
+            w,
+            tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        )
+        return scale(-1.0, lx.linear_solve(hessian, grad, self.linear_solver).value)
+
+    def energy(self, t, w, v, loss):
+        return loss(w)
+
+    def energy_rate(self, t, w, v, loss):
+        return vdot(jax.grad(loss)(w), self.vector_field(t, w, loss))
+
+
+class NewtonianFlow(AbstractSeparableFlow):
+    """Newtonian dynamics (ND), ẅ + ∇L(w) = 0 (Głuch & Urbanke eq. 25, κ1 = 0, κ2 = 1).
+
+    ℒ = ½‖ẇ‖² − L(w); the energy H = ½‖ẇ‖² + L is conserved (time-translation symmetry).
+    """
+
+    def acceleration(self, t, w, v, loss):
+        return scale(-1.0, jax.grad(loss)(w))
+
+    def lagrangian(self, t, w, v, loss):
+        return 0.5 * sqnorm(v) - loss(w)
+
+    def energy(self, t, w, v, loss):
+        return _kinetic_plus_loss(w, v, loss)
+
+    def energy_rate(self, t, w, v, loss):
+        return jnp.zeros(())
+
+
+class NesterovFlow(AbstractSecondOrderFlow):
+    """Nesterov's accelerated gradient flow (NAGF), ẅ + (r/t) ẇ + ∇L(w) = 0.
+
+    Su, Boyd & Candès (2014) with r = 3 by default; ℒ = t^r (½‖ẇ‖² − L(w))
+    (Głuch & Urbanke eq. 26). H = ½‖ẇ‖² + L dissipates as dH/dt = −(r/t)‖ẇ‖².
+
+    Singular at t = 0: start at t0 > 0, or at t0 = 0 with ẇ(0) = 0 (Głuch & Urbanke
+    footnote 2), where the limit ẅ(0) = −∇L/(1 + r) is used.
+    """
+
+    r: float | Array = eqx.field(default=3.0, converter=_float_array)
+
+    def __check_init__(self):
+        _check_finite_nonneg("r", self.r)
+
+    def _damping(self, t):
+        positive = t > 0
+        return jnp.where(positive, self.r / jnp.where(positive, t, 1.0), 0.0)
+
+    def acceleration(self, t, w, v, loss):
+        grad = jax.grad(loss)(w)
+        # At t = 0 with ẇ = 0, ẇ ≈ a t, so (r/t)ẇ → r a and a = −∇L/(1 + r).
+        at_zero = scale(-1.0 / (1.0 + self.r), grad)
+        regular = axpy(-self._damping(t), v, scale(-1.0, grad))
+        return jax.tree.map(lambda a, b: jnp.where(t > 0, a, b), regular, at_zero)
+
+    def lagrangian(self, t, w, v, loss):
+        return t**self.r * (0.5 * sqnorm(v) - loss(w))
+
+    def energy(self, t, w, v, loss):
+        return _kinetic_plus_loss(w, v, loss)
+
+    def energy_rate(self, t, w, v, loss):
+        return -self._damping(t) * sqnorm(v)
+
+
+class HeavyBallFlow(AbstractSecondOrderFlow):
+    """Heavy-ball (Polyak) flow, ẅ + γ ẇ + ∇L(w) = 0.
+
+    ℒ = e^{γt}(½‖ẇ‖² − L(w)) (eq. 24 of Głuch & Urbanke with κ1 = γ, κ2 = 1);
+    H = ½‖ẇ‖² + L dissipates as dH/dt = −γ‖ẇ‖².
+    """
+
+    gamma: float | Array = eqx.field(converter=_float_array)
+
+    def __check_init__(self):
+        _check_finite_nonneg("gamma", self.gamma)
+
+    def acceleration(self, t, w, v, loss):
+        return axpy(-self.gamma, v, scale(-1.0, jax.grad(loss)(w)))
+
+    def lagrangian(self, t, w, v, loss):
+        return jnp.exp(self.gamma * t) * (0.5 * sqnorm(v) - loss(w))
+
+    def energy(self, t, w, v, loss):
+        return _kinetic_plus_loss(w, v, loss)
+
+    def energy_rate(self, t, w, v, loss):
+        return -self.gamma * sqnorm(v)
+
+
+class GeneralFlow(AbstractSecondOrderFlow):
+    """General κ1/κ2 dynamics, κ2(t) ẅ + κ1(t) ẇ + ∇L(w) = 0 (Głuch & Urbanke eq. 22).
+
+    ℒ = exp(∫_{t_ref}^t κ1/κ2)(½‖ẇ‖² − L(w)/κ2(t)) (eq. 24; the paper integrates from 0,
+    which diverges for Nesterov's κ1 = 3/t; a different lower limit only rescales ℒ by a
+    constant). E = ½κ2‖ẇ‖² + L obeys dE/dt = (κ2'/2 − κ1)‖ẇ‖².
+
+    **Arguments:** `kappa1`, `kappa2`: numbers or functions of t; `kappa2` must not
+    vanish along the solve (κ2 → 0 is gradient flow, use `GradientFlow`).
+    """
+
+    kappa1: Callable
+    kappa2: Callable
+    t_ref: float
+
+    def __init__(self, kappa1: Any = 0.0, kappa2: Any = 1.0, *, t_ref: float = 1.0):
+        self.kappa1 = _as_schedule("kappa1", kappa1)
+        self.kappa2 = _as_schedule("kappa2", kappa2)
+        if isinstance(self.kappa2, _Constant) and not np.any(np.asarray(self.kappa2.value)):
+            raise ValueError(
+                "`kappa2` = 0 makes the flow first order; use dyn.GradientFlow() "
+                "(kappa1 = 1) or a small positive kappa2."
+            )
+        self.t_ref = float(t_ref)
+
+    def acceleration(self, t, w, v, loss):
+        force = axpy(self.kappa1(t), v, jax.grad(loss)(w))
+        return scale(-1.0 / self.kappa2(t), force)
+
+    def lagrangian(self, t, w, v, loss):
+        log_weight = _integral(lambda s: self.kappa1(s) / self.kappa2(s), self.t_ref, t)
+        return jnp.exp(log_weight) * (0.5 * sqnorm(v) - loss(w) / self.kappa2(t))
+
+    def energy(self, t, w, v, loss):
+        return _kinetic_plus_loss(w, v, loss, mass=self.kappa2(t))
+
+    def energy_rate(self, t, w, v, loss):
+        t = jnp.asarray(t, dtype=jnp.result_type(float))
+        dkappa2 = jax.jvp(self.kappa2, (t,), (jnp.ones_like(t),))[1]
+        return (0.5 * dkappa2 - self.kappa1(t)) * sqnorm(v)
+
+
+class LagrangianFlow(AbstractSecondOrderFlow):
+    """The flow of any Lagrangian ℒ(t, w, v, loss), by the Euler–Lagrange equations.
+
+    (∂²ℒ/∂v∂v) ẅ = ∂ℒ/∂w − ∂²ℒ/∂v∂t − (∂²ℒ/∂v∂w) v, with all derivatives by JAX autodiff
+    and the mass matrix ∂²ℒ/∂v∂v solved by lineax (dense LU by default: O(n³) in the
+    number of parameters; pass e.g. `linear_solver=lx.CG(...)` with
+    `positive_definite=True` for large models).
+
+    Energy is the Jacobi integral E = ⟨v, ∂ℒ/∂v⟩ − ℒ, with dE/dt = −∂ℒ/∂t: conserved
+    when ℒ does not depend on time.
+    """
+
+    lagrangian_fn: Callable[..., Scalar]
+    linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=True)
+    positive_definite: bool = eqx.field(default=False, static=True)
+
+    def __check_init__(self):
+        if not callable(self.lagrangian_fn):
+            raise ValueError(
+                "`lagrangian` must be a function (t, w, v, loss) -> scalar, "
+                f"got {type(self.lagrangian_fn).__name__}."
+            )
+
+    def lagrangian(self, t, w, v, loss):
+        return self.lagrangian_fn(t, w, v, loss)
+
+    def acceleration(self, t, w, v, loss):
+        t = jnp.asarray(t, dtype=jnp.result_type(float))
+        w_flat, unravel = ravel_pytree(w)
+        v_flat, _ = ravel_pytree(v)
+
+        def ell(s, wf, vf):
+            return self.lagrangian_fn(s, unravel(wf), unravel(vf), loss)
+
+        def momentum(s, wf, vf):
+            return jax.grad(ell, argnums=2)(s, wf, vf)
+
+        dl_dw = jax.grad(ell, argnums=1)(t, w_flat, v_flat)
+        # d/ds p(t + s, w + s v, v) = ∂²ℒ/∂v∂t + (∂²ℒ/∂v∂w) v in one forward-mode pass.
+        _, mixed = jax.jvp(
+            lambda s, wf: momentum(s, wf, v_flat),
+            (t, w_flat),
+            (jnp.ones_like(t), v_flat),
+        )
+        tags = (lx.symmetric_tag,)
+        if self.positive_definite:
+            tags = tags + (lx.positive_semidefinite_tag,)
+        mass = lx.JacobianLinearOperator(
+            lambda vf, _: momentum(t, w_flat, vf), v_flat, tags=tags
+        )
+        accel = lx.linear_solve(mass, dl_dw - mixed, self.linear_solver).value
+        return unravel(accel)
+
+    def energy(self, t, w, v, loss):
+        momentum = jax.grad(self.lagrangian_fn, argnums=2)(t, w, v, loss)
+        return vdot(v, momentum) - self.lagrangian_fn(t, w, v, loss)
+
+    def energy_rate(self, t, w, v, loss):
+        t = jnp.asarray(t, dtype=jnp.result_type(float))
+        return -jax.grad(self.lagrangian_fn, argnums=0)(t, w, v, loss)

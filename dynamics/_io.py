@@ -1,0 +1,44 @@
+"""Writing results: netCDF, atomically, so a crash never leaves a corrupt file."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import xarray as xr
+
+
+def save(obj, path: str | os.PathLike) -> Path:
+    """Write a `Trajectory` (via `to_xarray()`), an `xarray.Dataset` or an
+    `xarray.DataTree` (one netCDF group per node; read it back with
+    `xarray.open_datatree`) to netCDF.
+
+    The file is written to a temporary name in the target directory and renamed into
+    place (`os.replace` is atomic on POSIX), so readers see the old file or the new
+    one, never half of one. Returns the path written.
+    """
+    if hasattr(obj, "to_xarray"):
+        obj = obj.to_xarray()
+    if not isinstance(obj, xr.Dataset | xr.DataTree):
+        raise ValueError(
+            f"`obj` must be a dyn Trajectory, an xarray.Dataset or an xarray.DataTree, got "
+            f"{type(obj).__name__}."
+        )
+    path = Path(path)
+    if path.suffix not in (".nc", ".nc4", ".h5"):
+        raise ValueError(f"`path` should end in .nc (netCDF), got {str(path)!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        obj.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike) -> xr.Dataset:
+    """Read a netCDF file written by `save` fully into memory."""
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load()

@@ -1,0 +1,80 @@
+"""Monitors: quantities recorded at the save times, computed inside the solve.
+
+Each monitor is evaluated by diffrax's `SaveAt(fn=...)` at every save time, so a run
+keeps only what is monitored, not the parameters of every step (unless asked to).
+"""
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from ._problem import Problem
+from ._tree import leaves, sqnorm
+
+
+class AbstractMonitor(eqx.Module):
+    """A quantity m(t, w, ẇ) recorded along a trajectory under the key `name`."""
+
+    name: eqx.AbstractVar[str]
+
+    @abc.abstractmethod
+    def __call__(self, t, w: PyTree, v: PyTree | None, problem: Problem) -> Array:
+        """Evaluate on the dynamic parameters `w` (and velocity `v` or None)."""
+
+
+class Loss(AbstractMonitor):
+    """The loss L(w)."""
+
+    name: ClassVar[str] = "loss"
+
+    def __call__(self, t, w, v, problem):
+        return problem.loss(w)
+
+
+class Energy(AbstractMonitor):
+    """The flow's energy-like quantity: L for first-order flows, ½‖ẇ‖² + L for the
+    second-order entries (½κ2‖ẇ‖² + L for `GeneralFlow`, the Jacobi integral for
+    `LagrangianFlow`); see each flow's `energy`."""
+
+    name: ClassVar[str] = "energy"
+
+    def __call__(self, t, w, v, problem):
+        return problem.flow.energy(t, w, v, problem.loss)
+
+
+class GradNorm(AbstractMonitor):
+    """‖∇L(w)‖ (Euclidean norm over all parameters)."""
+
+    name: ClassVar[str] = "grad_norm"
+
+    def __call__(self, t, w, v, problem):
+        return jnp.sqrt(sqnorm(jax.grad(problem.loss)(w)))
+
+
+class LayerNorms(AbstractMonitor):
+    """Frobenius norms ‖W_k‖ of each weight matrix of an MLP (one entry per layer);
+    for any other pytree, the norm of each array leaf in flattening order."""
+
+    name: ClassVar[str] = "layer_norms"
+
+    def __call__(self, t, w, v, problem):
+        params = problem.params(w)
+        arrays = params.weights if hasattr(params, "weights") else leaves(params)
+        return jnp.stack([jnp.sqrt(jnp.sum(a**2)) for a in arrays])
+
+
+class Function(AbstractMonitor):
+    """A user monitor: `fn(t, params, velocity) -> array`, on the full model pytree
+    (`velocity` is None for first-order flows)."""
+
+    fn: Callable
+    name: str = "function"
+
+    def __call__(self, t, w, v, problem):
+        velocity = None if v is None else problem.params(v)
+        return jnp.asarray(self.fn(t, problem.params(w), velocity))

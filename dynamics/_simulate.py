@@ -1,0 +1,361 @@
+"""`simulate`: the one entry point that drives diffrax.
+
+It joins the rooms: a flow from the catalogue, a model and a loss, a diffrax solver and
+step-size controller, monitors evaluated inside the solve, and events. Validation
+happens here, in Python, before anything is traced; the solve itself is one
+`eqx.filter_jit`-compiled function, so a second call with the same flow, loss, solver
+and shapes reuses the compiled code (studies and sweeps depend on it).
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import ArrayLike, PyTree, Scalar
+
+from ._events import AbstractDivergenceEvent, AbstractEvent, EventRootFinder, NonFinite
+from ._flows import (
+    AbstractFirstOrderFlow,
+    AbstractFlow,
+    AbstractSeparableFlow,
+    NesterovFlow,
+)
+from ._monitors import AbstractMonitor
+from ._problem import Problem
+from ._trajectory import Trajectory, provenance
+from ._tree import partition
+
+# Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
+# solver tolerance a study uses, so the interpolant, not the root find, limits them.
+_EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13)
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.") from None
+    if not np.isfinite(out):
+        raise ValueError(f"`{name}` must be finite, got {out}.")
+    return out
+
+
+def _is_concrete(tree: PyTree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _check_finite(name: str, tree: PyTree) -> None:
+    if not _is_concrete(tree):
+        return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if eqx.is_inexact_array(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            where = jax.tree_util.keystr(path) or "the array"
+            raise ValueError(
+                f"`{name}` contains NaN or Inf (at {where}); initialise it with finite values."
+            )
+
+
+def _strong(tree: PyTree) -> PyTree:
+    # `jnp.full(3, 2.0)` is weakly typed and `jnp.zeros(3)` is not: without this the
+    # two would compile separately although they are the same problem.
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
+
+
+def _validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
+    w, static = partition(params)
+    w = _strong(w)
+    if not jax.tree.leaves(w):
+        raise ValueError(
+            "`params` holds no floating-point arrays to evolve; pass a model (e.g. "
+            "dyn.MLP) or a pytree of float arrays."
+        )
+    _check_finite("params", w)
+    return w, static
+
+
+def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: float):
+    if isinstance(flow, AbstractFirstOrderFlow):
+        if v0 is not None:
+            raise ValueError(
+                f"`v0` was given but {type(flow).__name__} is a first-order flow with no "
+                "velocity; drop `v0` or use a second-order flow (e.g. dyn.NewtonianFlow())."
+            )
+        return None
+    if v0 is None:
+        v = jax.tree.map(jnp.zeros_like, w)
+    else:
+        v, _ = partition(v0)
+        w_struct = jax.tree.structure(w)
+        if jax.tree.structure(v) != w_struct:
+            raise ValueError(
+                "`v0` must have the same structure as the parameters (e.g. a model of "
+                "the same shape, or a pytree of arrays matching `params`)."
+            )
+        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(v), strict=True):
+            if jnp.shape(a) != jnp.shape(b):
+                raise ValueError(
+                    f"`v0` has a leaf of shape {jnp.shape(b)} where the parameters have "
+                    f"shape {jnp.shape(a)}; give one velocity per parameter."
+                )
+        v = jax.tree.map(lambda a, b: jnp.asarray(b, dtype=a.dtype), w, v)
+        _check_finite("v0", v)
+    if isinstance(flow, NesterovFlow):
+        nonzero = _is_concrete(v) and any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(v))
+        if t0 < 0:
+            raise ValueError(
+                f"`t0` = {t0} < 0 for NesterovFlow: its damping r/t is singular at t = 0; "
+                "start at t0 >= 0."
+            )
+        if t0 == 0 and nonzero:
+            raise ValueError(
+                "NesterovFlow started at t0 = 0 with a non-zero `v0`: the damping 3/t is "
+                "singular there (Głuch & Urbanke footnote 2). Start at t0 > 0, or pass "
+                "v0=None (zero velocity)."
+            )
+    return v
+
+
+def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
+    if ts is None:
+        return jnp.asarray([t0, t1])
+    arr = np.asarray(ts, dtype=float)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            f"`ts` must be a non-empty 1-D array of save times, got shape {arr.shape}."
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("`ts` contains NaN or Inf.")
+    if np.any(np.diff(arr) <= 0):
+        raise ValueError("`ts` must be strictly increasing; sort it (and drop repeats).")
+    if arr[0] < t0 or arr[-1] > t1:
+        raise ValueError(
+            f"`ts` must lie in [t0, t1] = [{t0}, {t1}], got [{arr[0]}, {arr[-1]}]."
+        )
+    return jnp.asarray(arr)
+
+
+def _check_scalar_loss(loss: Callable, problem: Problem, w: PyTree) -> None:
+    try:
+        out = jax.eval_shape(problem.loss, w)
+    except ValueError:
+        raise
+    except Exception as exc:  # the user's loss failed on these params: say where
+        raise ValueError(f"`loss` could not be evaluated on `params`: {exc}") from exc
+    shape = getattr(out, "shape", None)
+    if shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"`loss` must return a real scalar, got shape {shape} and dtype "
+            f"{getattr(out, 'dtype', type(out).__name__)}; reduce it, e.g. with jnp.mean."
+        )
+
+
+def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver):
+    if isinstance(flow, AbstractFirstOrderFlow):
+        return diffrax.ODETerm(lambda t, w, _: flow.vector_field(t, w, problem.loss))
+    if isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2:
+        # Partitioned (symplectic) solvers take ẇ = v and v̇ = F(w) as two terms.
+        return (
+            diffrax.ODETerm(lambda t, v, _: v),
+            diffrax.ODETerm(lambda t, w, _: flow.acceleration(t, w, None, problem.loss)),
+        )
+
+    def vector_field(t, y, _):
+        w, v = y
+        return v, flow.acceleration(t, w, v, problem.loss)
+
+    return diffrax.ODETerm(vector_field)
+
+
+def _split(flow, y):
+    return (y, None) if isinstance(flow, AbstractFirstOrderFlow) else y
+
+
+@eqx.filter_jit
+def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, save_params,
+           max_steps, progress_meter):
+    flow = problem.flow
+    w0, v0 = _split(flow, y0)
+    # Raised at trace time, so a second call with the same shapes never reaches it.
+    _check_scalar_loss(problem.user_loss, problem, w0)
+
+    def save(t, y, _):
+        w, v = _split(flow, y)
+        out = {"monitors": {m.name: m(t, w, v, problem) for m in monitors}}
+        if save_params:
+            out["w"], out["v"] = w, v
+        return out
+
+    def cond(event):
+        def fn(t, y, args, **kwargs):
+            w, v = _split(flow, y)
+            return event.condition(t, w, v, problem)
+
+        return fn
+
+    conds = tuple(cond(e) for e in events)
+    # Boolean conditions stop at the end of a step; only real ones need a root find,
+    # and leaving the root finder out when none is real saves a good part of compile.
+    real = [
+        jnp.issubdtype(jax.eval_shape(lambda c=c: c(t0, y0, None)).dtype, jnp.floating)
+        for c in conds
+    ]
+    event = diffrax.Event(
+        cond_fn=conds,
+        root_finder=_EVENT_ROOT_FINDER if any(real) else None,
+        direction=tuple(e.direction for e in events),
+    )
+    # One SubSaveAt: the save times, then the final state (at t1 or where it stopped).
+    saveat = diffrax.SaveAt(ts=ts, t1=True, fn=save)
+    sol = diffrax.diffeqsolve(
+        _terms(flow, problem, solver),
+        solver,
+        t0,
+        t1,
+        dt0,
+        y0,
+        saveat=saveat,
+        stepsize_controller=controller,
+        event=event,
+        max_steps=max_steps,
+        throw=False,  # failures are reported on the Trajectory (and raised if asked)
+        progress_meter=progress_meter,
+    )
+    return sol.ts, sol.ys, sol.result, sol.event_mask, sol.stats
+
+
+def simulate(
+    flow: AbstractFlow,
+    params: PyTree,
+    loss: Callable[[PyTree], Scalar],
+    *,
+    t1: float,
+    t0: float = 0.0,
+    v0: PyTree | None = None,
+    solver: diffrax.AbstractSolver | None = None,
+    dt0: float | None = None,
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+    ts: ArrayLike | None = None,
+    monitors: Sequence[AbstractMonitor] = (),
+    events: Sequence[AbstractEvent] = (),
+    projection: None = None,
+    progress: bool = False,
+    max_steps: int | None = 4096,
+    throw: bool = True,
+    save_params: bool = True,
+) -> Trajectory:
+    """Integrate `flow` from `params` under `loss` on [t0, t1] and record a Trajectory.
+
+    **Arguments:**
+
+    - `flow`: a catalogue entry, e.g. `dyn.GradientFlow()`, `dyn.NesterovFlow()`.
+    - `params`: the initial parameters, any pytree (an Equinox model, a plain array).
+      Its inexact arrays evolve; everything else is held fixed.
+    - `loss`: a function params -> scalar.
+    - `t0`, `t1`: the time interval, t1 > t0.
+    - `v0`: the initial velocity for second-order flows (default zero), same structure
+      as `params`.
+    - `solver`: any diffrax solver (default `diffrax.Tsit5()`); partitioned solvers
+      such as `diffrax.SemiImplicitEuler()` need a separable flow (`NewtonianFlow`).
+    - `dt0`, `stepsize_controller`: as in `diffrax.diffeqsolve` (default an adaptive
+      `PIDController(rtol=1e-7, atol=1e-9)`; fixed steps need
+      `diffrax.ConstantStepSize()` and `dt0`).
+    - `ts`: save times in [t0, t1], strictly increasing (default [t0, t1]).
+    - `monitors`: quantities recorded at `ts`, computed inside the solve.
+    - `events`: stopping conditions (`dyn.events.*`); a non-finite state always stops.
+    - `projection`: reserved for the balancing fix as a projection step (not yet
+      available; must be None).
+    - `progress`: show a tqdm progress bar.
+    - `max_steps`, `throw`: as in diffrax. With `throw=True` a failed solve (other than
+      an event) raises `RuntimeError`; with `throw=False` it is reported on the result.
+    - `save_params`: also store params (and velocities) at every save time; set False
+      to keep memory proportional to the monitors only.
+
+    **Returns:** a `Trajectory`.
+    """
+    if not isinstance(flow, AbstractFlow):
+        raise ValueError(
+            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got {flow!r}."
+        )
+    if not callable(loss):
+        raise ValueError("`loss` must be a function params -> scalar.")
+    t0, t1 = _float("t0", t0), _float("t1", t1)
+    if t1 <= t0:
+        raise ValueError(f"`t1` = {t1} must be greater than `t0` = {t0}.")
+    w0, static = _validate_params(params)
+    v0 = _validate_velocity(flow, w0, v0, t0)
+    ts = _validate_ts(ts, t0, t1)
+    solver = diffrax.Tsit5() if solver is None else solver
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise ValueError(f"`solver` must be a diffrax solver, got {solver!r}.")
+    partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
+    if partitioned and not isinstance(flow, AbstractSeparableFlow):
+        raise ValueError(
+            f"`solver` {type(solver).__name__} integrates ẇ = v, v̇ = F(w) and needs a "
+            f"force independent of the velocity; {type(flow).__name__} is not separable. "
+            "Use dyn.NewtonianFlow() or a Runge–Kutta solver such as diffrax.Tsit5()."
+        )
+    if stepsize_controller is None:
+        stepsize_controller = diffrax.PIDController(rtol=1e-7, atol=1e-9)
+    if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
+        raise ValueError(
+            f"`stepsize_controller` must be a diffrax step-size controller, got "
+            f"{stepsize_controller!r}."
+        )
+    adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
+    if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        raise ValueError(
+            f"`solver` {type(solver).__name__} has no error estimate for the adaptive "
+            "`stepsize_controller`; pass stepsize_controller=diffrax.ConstantStepSize() "
+            "and a `dt0`, or an adaptive solver such as diffrax.Tsit5()."
+        )
+    if dt0 is None and not adaptive:
+        raise ValueError("`dt0` is required with a constant step size; pass e.g. dt0=1e-2.")
+    if dt0 is not None and _float("dt0", dt0) <= 0:
+        raise ValueError(f"`dt0` must be > 0, got {dt0}.")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps <= 0):
+        raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}.")
+    monitors, events = tuple(monitors), tuple(events)
+    for m in monitors:
+        if not isinstance(m, AbstractMonitor):
+            raise ValueError(f"`monitors` must hold dyn.monitors objects, got {m!r}.")
+    names = [m.name for m in monitors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
+    for e in events:
+        if not isinstance(e, AbstractEvent):
+            raise ValueError(f"`events` must hold dyn.events objects, got {e!r}.")
+    if not any(isinstance(e, NonFinite) for e in events):
+        events = events + (NonFinite(),)
+    if projection is not None:
+        raise ValueError(
+            "`projection` is not supported yet (the balancing fix as a projection step "
+            "is its own issue); pass projection=None."
+        )
+
+    problem = Problem(flow, loss, static)
+    y0 = w0 if v0 is None else (w0, v0)
+    dtype = jnp.result_type(float)
+    progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
+    out = _solve(
+        problem,
+        y0,
+        solver,
+        stepsize_controller,
+        jnp.asarray(t0, dtype),
+        jnp.asarray(t1, dtype),
+        None if dt0 is None else jnp.asarray(dt0, dtype),
+        ts.astype(dtype),
+        monitors,
+        events,
+        save_params,
+        max_steps,
+        progress_meter,
+    )
+    meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
+                      max_steps=max_steps)
+    return Trajectory.from_solve(problem, events, out, throw=throw, meta=meta,
+                                 divergence=AbstractDivergenceEvent)

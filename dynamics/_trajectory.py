@@ -1,0 +1,193 @@
+"""The result of a run: save times, parameters, monitors, how it ended, provenance."""
+
+import datetime
+import importlib.metadata
+import platform
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import numpy as np
+import xarray as xr
+from jaxtyping import Array, PyTree
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def provenance(flow, solver, controller, **settings) -> dict[str, Any]:
+    """What produced a run, as netCDF-friendly attributes (str / float / int)."""
+    meta: dict[str, Any] = {
+        "flow": type(flow).__name__,
+        "flow_repr": repr(flow),
+        "solver": type(solver).__name__,
+        "stepsize_controller": type(controller).__name__,
+        "rtol": float(getattr(controller, "rtol", np.nan)),
+        "atol": float(getattr(controller, "atol", np.nan)),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python_version": platform.python_version(),
+    }
+    for package in ("dynamics", "jax", "jaxlib", "equinox", "diffrax", "numpy"):
+        meta[f"{package}_version"] = _version(package)
+    for key, value in settings.items():
+        meta[key] = "none" if value is None else value
+    return meta
+
+
+def _result_name(result) -> str:
+    for name in ("successful", "event_occurred", "max_steps_reached", "dt_min_reached",
+                 "max_steps_rejected", "internal_error"):
+        if result == getattr(diffrax.RESULTS, name):
+            return name
+    return "nonlinear_solver_failed"
+
+
+def _stack_time(saved: PyTree, keep: np.ndarray, final: PyTree | None) -> PyTree:
+    """Saved values at the kept save times, with the final state appended if given."""
+
+    def take(a, f):
+        a = np.asarray(a)[keep]
+        return a if f is None else np.concatenate([a, np.asarray(f)], axis=0)
+
+    if final is None:
+        return jax.tree.map(lambda a: take(a, None), saved)
+    return jax.tree.map(take, saved, final)
+
+
+def _var_name(prefix: str, path) -> str:
+    parts = [prefix]
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "_".join(parts)
+
+
+class Trajectory(eqx.Module):
+    """A recorded run.
+
+    - `ts`: save times (n,); a run stopped by an event or a failure ends at `t_final`,
+      which is appended when it falls between save times.
+    - `params`, `velocities`: the model with a leading time axis on every array (None
+      when `save_params=False`; `velocities` is None for first-order flows).
+    - `monitors`: name -> array with a leading time axis.
+    - `t_final`, `final_params`, `final_velocity`: where the run ended.
+    - `event`: the name of the event that stopped the run, or None; `event_time`.
+    - `diverged`: a divergence event fired or the state went non-finite.
+    - `success`: reached t1 or stopped by an event (False for max_steps and the like);
+      `result`: diffrax's message for the way the run ended.
+    - `stats`: diffrax's step counts; `meta`: provenance (flow, solver, tolerances,
+      package versions).
+    """
+
+    ts: np.ndarray
+    params: PyTree | None
+    velocities: PyTree | None
+    monitors: dict[str, np.ndarray]
+    t_final: float
+    final_params: PyTree
+    final_velocity: PyTree | None
+    event: str | None
+    event_time: float | None
+    diverged: bool
+    success: bool
+    result: str
+    stats: dict[str, int]
+    meta: dict[str, Any]
+
+    @classmethod
+    def from_solve(cls, problem, events, out, *, throw, meta, divergence) -> "Trajectory":
+        ts_out, ys_out, result, event_mask, stats = out
+        name = _result_name(result)
+        message = diffrax.RESULTS[result]
+        success = name in ("successful", "event_occurred")
+        if throw and not success:
+            raise RuntimeError(
+                f"simulate failed: {message} (pass throw=False to get the partial "
+                "trajectory back, flagged, instead of an error)."
+            )
+        # diffrax writes the save times it reached, then the final state, then leaves
+        # inf in the slots of save times it never reached (after an event or failure).
+        ts_out = np.asarray(ts_out)
+        reached = int(np.sum(np.isfinite(ts_out))) - 1
+        t_final = float(ts_out[reached])
+        ys_final = jax.tree.map(lambda a: np.asarray(a)[reached:reached + 1], ys_out)
+        kept = ts_out[:reached]
+        # A run that stopped early also records where it stopped.
+        append = name != "successful" and (kept.size == 0 or t_final > kept[-1])
+        keep = np.arange(reached)
+        ts = np.concatenate([kept, [t_final]]) if append else kept
+        saved = _stack_time(ys_out, keep, ys_final if append else None)
+
+        fired = [bool(m) for m in jax.tree.leaves(event_mask)] if event_mask is not None else []
+        event = next((e for e, m in zip(events, fired, strict=True) if m), None)
+        w_end, v_end = ys_final.get("w"), ys_final.get("v")
+        end_monitors = {k: np.asarray(a)[-1] for k, a in ys_final["monitors"].items()}
+        finite_end = all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(end_monitors))
+        if w_end is not None:
+            finite_end = finite_end and all(
+                np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves((w_end, v_end))
+            )
+
+        def model(tree):
+            return None if tree is None else eqx.combine(tree, problem.static)
+
+        def last(tree):
+            return None if tree is None else jax.tree.map(lambda a: np.asarray(a)[-1], tree)
+
+        return cls(
+            ts=ts,
+            params=model(saved.get("w")),
+            velocities=model(saved.get("v")),
+            monitors=dict(saved["monitors"]),
+            t_final=t_final,
+            final_params=model(last(w_end)),
+            final_velocity=model(last(v_end)),
+            event=None if event is None else event.name,
+            event_time=None if event is None else t_final,
+            diverged=isinstance(event, divergence) or not finite_end,
+            success=success,
+            result=message or "successful",
+            stats={k: int(np.asarray(v)) for k, v in stats.items()
+                   if np.ndim(np.asarray(v)) == 0},
+            meta=meta,
+        )
+
+    def to_xarray(self) -> xr.Dataset:
+        """The run as an `xarray.Dataset` on a `time` coordinate, with provenance attrs.
+
+        Monitors become variables of their own name; parameters become
+        `param_<path>` / `velocity_<path>` (e.g. `param_weights_0`).
+        """
+        data: dict[str, Any] = {}
+        for name, values in self.monitors.items():
+            values = np.asarray(values)
+            dims = ("time",) + tuple(f"{name}_dim{i}" for i in range(1, values.ndim))
+            data[name] = (dims, values)
+        for prefix, tree in (("param", self.params), ("velocity", self.velocities)):
+            if tree is None:
+                continue
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+                if not isinstance(leaf, (np.ndarray, Array)):
+                    continue
+                var = _var_name(prefix, path)
+                leaf = np.asarray(leaf)
+                dims = ("time",) + tuple(f"{var}_dim{i}" for i in range(1, leaf.ndim))
+                data[var] = (dims, leaf)
+        attrs = dict(self.meta)
+        attrs.update(
+            t_final=self.t_final,
+            event="none" if self.event is None else self.event,
+            event_time=np.nan if self.event_time is None else self.event_time,
+            diverged=int(self.diverged),
+            success=int(self.success),
+            result=self.result,
+            **{f"stats_{k}": v for k, v in self.stats.items()},
+        )
+        return xr.Dataset(data, coords={"time": ("time", np.asarray(self.ts))}, attrs=attrs)

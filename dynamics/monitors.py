@@ -1,0 +1,10 @@
+"""Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
+
+from ._monitors import (
+    AbstractMonitor as AbstractMonitor,
+    Energy as Energy,
+    Function as Function,
+    GradNorm as GradNorm,
+    LayerNorms as LayerNorms,
+    Loss as Loss,
+)
