@@ -182,12 +182,15 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     # Raised at trace time, so a second call with the same shapes never reaches it.
     _check_scalar_loss(problem.user_loss, problem, w0)
 
-    def save(t, y, _):
-        w, v = _split(flow, y)
-        out = {"monitors": {m.name: m(t, w, v, problem) for m in monitors}}
-        if save_params:
-            out["w"], out["v"] = w, v
-        return out
+    def save(with_params):
+        def fn(t, y, _):
+            w, v = _split(flow, y)
+            out = {"monitors": {m.name: m(t, w, v, problem) for m in monitors}}
+            if with_params:
+                out["w"], out["v"] = w, v
+            return out
+
+        return fn
 
     def cond(event):
         def fn(t, y, args, **kwargs):
@@ -208,8 +211,12 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
         root_finder=_EVENT_ROOT_FINDER if any(real) else None,
         direction=tuple(e.direction for e in events),
     )
-    # One SubSaveAt: the save times, then the final state (at t1 or where it stopped).
-    saveat = diffrax.SaveAt(ts=ts, t1=True, fn=save)
+    # The save times (params only if asked: memory then grows with the monitors alone),
+    # and the final state, always, at t1 or wherever the run stopped.
+    saveat = diffrax.SaveAt(
+        subs=(diffrax.SubSaveAt(ts=ts, fn=save(save_params)),
+              diffrax.SubSaveAt(t1=True, fn=save(True)))
+    )
     sol = diffrax.diffeqsolve(
         _terms(flow, problem, solver),
         solver,

@@ -103,7 +103,7 @@ class Trajectory(eqx.Module):
 
     @classmethod
     def from_solve(cls, problem, events, out, *, throw, meta, divergence) -> "Trajectory":
-        ts_out, ys_out, result, event_mask, stats = out
+        (ts_saved, ts_end), (ys_saved, ys_final), result, event_mask, stats = out
         name = _result_name(result)
         message = diffrax.RESULTS[result]
         success = name in ("successful", "event_occurred")
@@ -112,18 +112,17 @@ class Trajectory(eqx.Module):
                 f"simulate failed: {message} (pass throw=False to get the partial "
                 "trajectory back, flagged, instead of an error)."
             )
-        # diffrax writes the save times it reached, then the final state, then leaves
-        # inf in the slots of save times it never reached (after an event or failure).
-        ts_out = np.asarray(ts_out)
-        reached = int(np.sum(np.isfinite(ts_out))) - 1
-        t_final = float(ts_out[reached])
-        ys_final = jax.tree.map(lambda a: np.asarray(a)[reached:reached + 1], ys_out)
-        kept = ts_out[:reached]
+        ts_saved, t_final = np.asarray(ts_saved), float(np.asarray(ts_end)[-1])
+        keep = np.isfinite(ts_saved)  # diffrax leaves inf at save times never reached
+        kept = ts_saved[keep]
         # A run that stopped early also records where it stopped.
         append = name != "successful" and (kept.size == 0 or t_final > kept[-1])
-        keep = np.arange(reached)
         ts = np.concatenate([kept, [t_final]]) if append else kept
-        saved = _stack_time(ys_out, keep, ys_final if append else None)
+        if append and "w" not in ys_saved:
+            ys_final_saved = {"monitors": ys_final["monitors"]}
+        else:
+            ys_final_saved = ys_final
+        saved = _stack_time(ys_saved, keep, ys_final_saved if append else None)
 
         fired = [bool(m) for m in jax.tree.leaves(event_mask)] if event_mask is not None else []
         event = next((e for e, m in zip(events, fired, strict=True) if m), None)
