@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from ._problem import Problem
+from ._symmetries import rescaling
 from ._tree import leaves, sqnorm
 
 
@@ -78,3 +79,13 @@ class Function(AbstractMonitor):
     def __call__(self, t, w, v, problem):
         velocity = None if v is None else problem.params(v)
         return jnp.asarray(self.fn(t, problem.params(w), velocity))
+
+
+class RescalingCharges(AbstractMonitor):
+    """Per-neuron rescaling charges of an MLP (`dyn.charges.rescaling`), concatenated
+    over hidden layers: conserved by gradient flow, driven by ⟨ẇ, Aẇ⟩ otherwise."""
+
+    name: ClassVar[str] = "rescaling_charges"
+
+    def __call__(self, t, w, v, problem):
+        return jnp.concatenate(rescaling(problem.params(w)))

@@ -7,4 +7,5 @@ from ._monitors import (
     GradNorm as GradNorm,
     LayerNorms as LayerNorms,
     Loss as Loss,
+    RescalingCharges as RescalingCharges,
 )

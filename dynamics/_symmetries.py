@@ -1,0 +1,76 @@
+"""Symmetries of MLPs and the Noether charges they give.
+
+A symmetry is a generator ξ(w) with ⟨∇L(w), ξ(w)⟩ = 0 for every w. For a linear
+generator ξ(w) = A w with A symmetric, Q = ½⟨w, A w⟩ satisfies dQ/dt = −⟨ξ(w), ∇L⟩ = 0
+under gradient flow (Głuch & Urbanke eq. 17 with κ2 = 0, κ1 = 1; their Tables 2–4 and
+Du et al. 2018 for ReLU). The charges below are 2Q, per hidden neuron or per layer.
+"""
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from ._models import MLP, Identity, Swish
+
+
+def _check_mlp(model, name: str = "model") -> MLP:
+    if not isinstance(model, MLP):
+        raise ValueError(f"`{name}` must be a dyn.MLP, got {type(model).__name__}.")
+    return model
+
+
+def rescaling(model: MLP) -> tuple[Array, ...]:
+    """Per-neuron rescaling charges, one array per hidden layer h = 1..K−1:
+
+        Q_i = b_i² + ‖W_h[i, :]‖² − p ‖W_{h+1}[:, i]‖²   (− β_i² for trainable Swish)
+
+    from the generator in ×(1+ε), out ×(1+ε)^{−p} of a p-homogeneous unit (DESIGN.md,
+    "Symmetries and charges"; Głuch & Urbanke Table 2 for p = 1, Table 3 for x^p, and
+    Table 4 for Swish, where β_i scales by (1+ε)^{−1}). Conserved by gradient flow.
+    Leading batch axes on the weights (a saved trajectory) are kept.
+    """
+    model = _check_mlp(model)
+    activation = model.activation
+    trainable_swish = isinstance(activation, Swish) and model.betas is not None
+    if activation.degree is None and not trainable_swish:
+        raise ValueError(
+            f"`model` has activation {type(activation).__name__}, which is not positively "
+            "homogeneous, so rescaling is not a symmetry and has no charge; use ReLU, "
+            "LeakyReLU, RePU, Polynomial, Identity or Swish(trainable=True)."
+        )
+    p = 1.0 if trainable_swish else activation.degree
+    charges = []
+    for h in range(model.depth - 1):
+        q = jnp.sum(model.weights[h] ** 2, axis=-1) - p * jnp.sum(model.weights[h + 1] ** 2,
+                                                                 axis=-2)
+        if model.biases is not None:
+            q = q + model.biases[h] ** 2
+        if trainable_swish:
+            q = q - model.betas[h] ** 2
+        charges.append(q)
+    return tuple(charges)
+
+
+def linear_balance(model: MLP) -> tuple[Array, ...]:
+    """Layer balance matrices of a linear network, one per hidden layer h:
+
+        W_h W_hᵀ + b_h b_hᵀ − W_{h+1}ᵀ W_{h+1}
+
+    from W_h → (I+εA)W_h, b_h → (I+εA)b_h, W_{h+1} → W_{h+1}(I+εA)⁻¹ for any A
+    (Arora et al. 2018; Głuch & Urbanke Table 2, linear case). Conserved by gradient
+    flow when the activation is the identity.
+    """
+    model = _check_mlp(model)
+    if not isinstance(model.activation, Identity):
+        raise ValueError(
+            "`model` must be a linear network (activation=dyn.Identity()) for the "
+            f"layer balance matrices to be conserved; got {type(model.activation).__name__}."
+        )
+    out = []
+    for h in range(model.depth - 1):
+        w, w_next = model.weights[h], model.weights[h + 1]
+        q = w @ jnp.swapaxes(w, -1, -2) - jnp.swapaxes(w_next, -1, -2) @ w_next
+        if model.biases is not None:
+            b = model.biases[h]
+            q = q + b[..., :, None] * b[..., None, :]
+        out.append(q)
+    return tuple(out)

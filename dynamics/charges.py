@@ -1,0 +1,3 @@
+"""Noether charges of MLP symmetries: `dyn.charges.rescaling(model)`, ..."""
+
+from ._symmetries import linear_balance as linear_balance, rescaling as rescaling
