@@ -75,8 +75,12 @@ def _kinetic_plus_loss(w, v, loss, mass=1.0):
 
 def _float_array(x: Any) -> Array:
     # Numeric coefficients are stored as arrays, not Python floats: jit then traces
-    # them instead of hashing them, so a sweep over γ or κ compiles once.
-    return jnp.asarray(x, dtype=jnp.result_type(float))
+    # them instead of hashing them, so a sweep over γ or κ compiles once. NumPy float64
+    # rather than jnp: the precision is then the one in force when the flow runs, not
+    # when it was built. Traced values (a vmapped sweep) pass through.
+    if isinstance(x, jax.core.Tracer):
+        return x
+    return np.asarray(x, dtype=np.float64)
 
 
 class _Constant(eqx.Module):

@@ -1,7 +1,7 @@
 """Writing results: netCDF, atomically, so a crash never leaves a corrupt file."""
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import xarray as xr
@@ -27,8 +27,9 @@ def save(obj, path: str | os.PathLike) -> Path:
     if path.suffix not in (".nc", ".nc4", ".h5"):
         raise ValueError(f"`path` should end in .nc (netCDF), got {str(path)!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # A fresh name that the writer creates itself, so the file gets the usual permissions
+    # (umask) rather than mkstemp's 0600.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         obj.to_netcdf(tmp, engine="h5netcdf")
         os.replace(tmp, path)
@@ -38,7 +39,9 @@ def save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> xr.Dataset:
-    """Read a netCDF file written by `save` fully into memory."""
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()
+def load(path: str | os.PathLike) -> xr.Dataset | xr.DataTree:
+    """Read a netCDF file written by `save` fully into memory: an `xarray.Dataset`, or an
+    `xarray.DataTree` when the file has groups (several runs, as the studies write)."""
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        tree = tree.load()
+    return tree if tree.children else tree.to_dataset()

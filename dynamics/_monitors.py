@@ -70,15 +70,17 @@ class LayerNorms(AbstractMonitor):
 
 
 class Function(AbstractMonitor):
-    """A user monitor: `fn(t, params, velocity) -> array`, on the full model pytree
-    (`velocity` is None for first-order flows)."""
+    """A user monitor: `fn(t, params, velocity) -> array`, on the full model pytree.
+    For first-order flows the velocity is ẇ = f(t, w) from the vector field (XLA drops
+    that evaluation when `fn` does not use it)."""
 
     fn: Callable
     name: str = "function"
 
     def __call__(self, t, w, v, problem):
-        velocity = None if v is None else problem.params(v)
-        return jnp.asarray(self.fn(t, problem.params(w), velocity))
+        if v is None:
+            v = problem.flow.vector_field(t, w, problem.loss)
+        return jnp.asarray(self.fn(t, problem.params(w), problem.params(v)))
 
 
 class RescalingCharges(AbstractMonitor):

@@ -250,7 +250,7 @@ def simulate(
     events: Sequence[AbstractEvent] = (),
     projection: None = None,
     progress: bool = False,
-    max_steps: int | None = 4096,
+    max_steps: int | None = 100_000,
     throw: bool = True,
     save_params: bool = True,
 ) -> Trajectory:
@@ -276,8 +276,11 @@ def simulate(
     - `projection`: reserved for the balancing fix as a projection step (not yet
       available; must be None).
     - `progress`: show a tqdm progress bar.
-    - `max_steps`, `throw`: as in diffrax. With `throw=True` a failed solve (other than
-      an event) raises `RuntimeError`; with `throw=False` it is reported on the result.
+    - `max_steps`, `throw`: as in diffrax, but `max_steps` defaults to 100 000: flows
+      on ReLU networks cross kinks all the time and need more than diffrax's 4096, and
+      only save times are stored, so the bound costs no memory. With `throw=True` a
+      failed solve (other than an event) raises `RuntimeError`; with `throw=False` it is
+      reported on the result.
     - `save_params`: also store params (and velocities) at every save time; set False
       to keep memory proportional to the monitors only.
 

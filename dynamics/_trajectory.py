@@ -24,7 +24,7 @@ def provenance(flow, solver, controller, **settings) -> dict[str, Any]:
     """What produced a run, as netCDF-friendly attributes (str / float / int)."""
     meta: dict[str, Any] = {
         "flow": type(flow).__name__,
-        "flow_repr": repr(flow),
+        "flow_repr": eqx.tree_pformat(flow, short_arrays=False),
         "solver": type(solver).__name__,
         "stepsize_controller": type(controller).__name__,
         "rtol": float(getattr(controller, "rtol", np.nan)),
@@ -154,7 +154,7 @@ class Trajectory(eqx.Module):
             success=success,
             result=message or "successful",
             stats={k: int(np.asarray(v)) for k, v in stats.items()
-                   if np.ndim(np.asarray(v)) == 0},
+                   if v is not None and np.ndim(np.asarray(v)) == 0},
             meta=meta,
         )
 

@@ -106,3 +106,22 @@ def test_monitor_only_run_has_no_params():
     ds = traj.to_xarray()
     assert list(ds.data_vars) == ["loss"]
     np.testing.assert_allclose(ds["loss"], 3.0 * np.exp(-4.0 * np.linspace(0, 1, 4)), rtol=1e-6)
+
+
+def test_load_returns_tree_for_grouped_files(tmp_path):
+    runs = {"a": xr.Dataset({"x": ("t", np.arange(3.0))}),
+            "b": xr.Dataset({"x": ("t", np.arange(5.0))})}
+    path = dyn.save(xr.DataTree.from_dict(runs), tmp_path / "runs.nc")
+    back = dyn.load(path)
+    assert isinstance(back, xr.DataTree) and set(back.children) == {"a", "b"}
+    np.testing.assert_array_equal(back["b"]["x"], np.arange(5.0))
+
+
+def test_unbounded_max_steps_and_gf_velocity_in_function_monitor():
+    """`max_steps=None` works; a Function monitor under GF sees ẇ = −∇L = −2w."""
+    speed = dyn.monitors.Function(lambda t, w, v: v, "velocity")
+    traj = dyn.simulate(dyn.GradientFlow(), jnp.ones(2), lambda w: jnp.sum(w**2), t1=1.0,
+                        max_steps=None, monitors=(speed,),
+                        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10))
+    assert "max_steps" not in traj.stats
+    np.testing.assert_allclose(traj.monitors["velocity"], -2.0 * traj.params, rtol=1e-14)
