@@ -138,10 +138,10 @@ def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
     return jnp.asarray(arr)
 
 
-def _check_scalar_loss(loss: Callable, problem: Problem, w: PyTree) -> None:
+def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
     try:
         out = jax.eval_shape(problem.loss, w)
-    except ValueError:
+    except ValueError:  # already says what is wrong (e.g. an MLP given the wrong input)
         raise
     except Exception as exc:  # the user's loss failed on these params: say where
         raise ValueError(f"`loss` could not be evaluated on `params`: {exc}") from exc
@@ -180,7 +180,7 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     flow = problem.flow
     w0, v0 = _split(flow, y0)
     # Raised at trace time, so a second call with the same shapes never reaches it.
-    _check_scalar_loss(problem.user_loss, problem, w0)
+    _check_scalar_loss(problem, w0)
 
     def save(with_params):
         def fn(t, y, _):
