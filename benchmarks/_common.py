@@ -1,0 +1,158 @@
+"""Shared helpers for the benchmarks: timing, the reference problem, machine info, results.
+
+Timing rules (every script follows them): compilation is excluded by warm-up calls; each
+call is closed by `jax.block_until_ready`; the compared functions are run interleaved
+(A, B, A, B, ...) so that load from other processes hits both alike; we report
+min / median / max over >= 5 runs and compute ratios of medians in the same process.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(doc: str, repeat: int = 7, **extra: tuple[type, object, str]):
+    """Command line shared by all scripts: --repeat, --float32, --out, plus `extra`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=repeat, help="timed runs per function (>= 5)")
+    p.add_argument("--float32", action="store_true", help="measure in float32 (default float64)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
+    for name, (typ, default, help_) in extra.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=default, help=help_)
+    args = p.parse_args()
+    if args.repeat < 5:
+        p.error("--repeat must be >= 5 (we report medians)")
+    jax.config.update("jax_enable_x64", not args.float32)
+    args.dtype = "float32" if args.float32 else "float64"
+    return args
+
+
+def summary(times: list[float]) -> dict:
+    return {
+        "min": min(times),
+        "median": statistics.median(times),
+        "max": max(times),
+        "runs": len(times),
+        "all": times,
+    }
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict:
+    """Time each zero-argument function `repeat` times, interleaved, after `warmup` calls.
+
+    Returns wall-clock statistics per name, with the process CPU time (all threads) under
+    "cpu": a second view that other processes' load disturbs less than the wall clock.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: {**summary([w for w, _ in t]), "cpu": summary([c for _, c in t])}
+            for name, t in times.items()}
+
+
+def ratio(stats: dict, num: str, den: str, key: str | None = None) -> float:
+    """Ratio of medians, of wall time (default) or of `key` ("cpu")."""
+    a, b = (stats[num], stats[den]) if key is None else (stats[num][key], stats[den][key])
+    return a["median"] / b["median"]
+
+
+def mlp(widths, *, key=0):
+    """`dyn.MLP` with ReLU and biases (imported from `dynamics._models` until re-exported)."""
+    import dynamics as dyn
+
+    try:
+        MLP, ReLU = dyn.MLP, dyn.ReLU
+    except AttributeError:
+        from dynamics._models import MLP, ReLU
+    return MLP(tuple(widths), activation=ReLU(), bias=True, key=jax.random.key(key))
+
+
+def digits_problem(widths=(64, 128, 128, 10)):
+    """The reference problem: an MLP on all 1797 digits with cross-entropy."""
+    import dynamics.datasets
+    import dynamics.losses
+
+    data = dynamics.datasets.digits()
+    return mlp(widths), dynamics.losses.cross_entropy(data), data
+
+
+def num_params(tree) -> int:
+    import equinox as eqx
+
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array)))
+
+
+def machine() -> dict:
+    def ver(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        mem_gb = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gb,
+        "loadavg": os.getloadavg(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        **{p: ver(p) for p in ("jax", "jaxlib", "equinox", "diffrax", "scipy", "torch",
+                               "torchdiffeq", "numpy")},
+    }
+
+
+def save(name: str, result: dict, out: Path = RESULTS) -> Path:
+    """Write results/<name>.json (with machine info) and return its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    result = {"benchmark": name, "argv": sys.argv[1:], "machine": machine(), **result}
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def print_stats(stats: dict) -> None:
+    width = max(map(len, stats))
+    for name, s in stats.items():
+        cpu = f"; CPU median {fmt(s['cpu']['median'])}" if "cpu" in s else ""
+        print(f"  {name:<{width}}  median {fmt(s['median'])}  "
+              f"(min {fmt(s['min'])}, max {fmt(s['max'])}, n={s['runs']}){cpu}")

@@ -1,0 +1,149 @@
+"""Gradient flow with fixed Euler steps through `dyn.simulate` versus a hand-written GD loop.
+
+Problem: MLP 64-128-128-10 (ReLU, biases) on all 1797 digits with cross-entropy, 200 Euler
+steps of dt = 0.05 (explicit Euler on GF *is* GD with eta = dt, so both sides do exactly
+200 gradient evaluations and reach the same parameters; the script checks that).
+
+Compared, all jitted, same float dtype, compile excluded:
+
+- `simulate(..., save_params=False)`, timed two ways: the inner jitted solve alone, and
+  the whole `simulate` call (Python-side validation and `Trajectory` post-processing);
+- `scan`: `jax.lax.scan` of w <- w - eta * grad L(w).
+  Target: simulate / scan <= 1.10.
+
+Second variant, the loss recorded at every step (`monitors=(Loss(),)`, `ts` = every step
+time, 201 values) against (a) the plain scan, (b) a scan with `jax.value_and_grad`, the loss
+at w_k coming for free (plus one loss at the end), (c) a scan that evaluates L(w_{k+1})
+separately after each update (plus L(w_0)). Target: simulate / scan <= 1.25.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import compare, digits_problem, num_params, parse_args, print_stats, ratio, save
+
+import dynamics as dyn
+import dynamics._simulate as _simulate
+
+
+def inner_solve(call):
+    """Run `call()` once and return a thunk re-running the jitted solve it made, as is."""
+    seen, solve = {}, _simulate._solve
+
+    def spy(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        return solve(*args, **kwargs)
+
+    _simulate._solve = spy
+    try:
+        call()
+    finally:
+        _simulate._solve = solve
+    return lambda: solve(*seen["args"], **seen["kwargs"])
+
+
+def gd_loops(static, steps, eta):
+
+    def loss_of(loss, w):
+        return loss(eqx.combine(w, static))
+
+    def update(w, g):
+        return jax.tree.map(lambda a, b: a - eta * b, w, g)
+
+    @eqx.filter_jit
+    def plain(w, loss):
+        def step(w, _):
+            return update(w, jax.grad(loss_of, argnums=1)(loss, w)), None
+
+        return jax.lax.scan(step, w, length=steps)[0]
+
+    @eqx.filter_jit
+    def value_and_grad(w, loss):
+        def step(w, _):
+            value, g = jax.value_and_grad(loss_of, argnums=1)(loss, w)
+            return update(w, g), value
+
+        w, values = jax.lax.scan(step, w, length=steps)
+        return w, jnp.append(values, loss_of(loss, w))
+
+    @eqx.filter_jit
+    def separate(w, loss):
+        def step(w, _):
+            w = update(w, jax.grad(loss_of, argnums=1)(loss, w))
+            return w, loss_of(loss, w)
+
+        w_end, values = jax.lax.scan(step, w, length=steps)
+        return w_end, jnp.concatenate([loss_of(loss, w)[None], values])
+
+    return plain, value_and_grad, separate
+
+
+def main():
+    args = parse_args(__doc__, steps=(int, 200, "Euler steps"), dt=(float, 0.05, "step size"))
+    model, loss, _ = digits_problem()
+    steps, eta = args.steps, args.dt
+    w0, static = eqx.partition(model, eqx.is_inexact_array)
+    plain, value_and_grad, separate = gd_loops(static, steps, eta)
+    ts = jnp.arange(steps + 1) * eta
+    euler = dict(t1=steps * eta, solver=diffrax.Euler(), dt0=eta,
+                 stepsize_controller=diffrax.ConstantStepSize(), save_params=False)
+
+    def sim():
+        return dyn.simulate(dyn.GradientFlow(), model, loss, **euler)
+
+    def sim_loss():
+        return dyn.simulate(dyn.GradientFlow(), model, loss, ts=ts,
+                            monitors=(dyn.monitors.Loss(),), **euler)
+
+    # Same number of gradient evaluations, same result: check before timing.
+    # (`save_params=False` returns no final params, so this one check saves them.)
+    traj = dyn.simulate(dyn.GradientFlow(), model, loss, **{**euler, "save_params": True})
+    assert traj.stats["num_steps"] == steps, traj.stats
+    w_gd = plain(w0, loss)
+    w_sim = eqx.filter(traj.final_params, eqx.is_inexact_array)
+    traj_loss = sim_loss()
+    err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+              for a, b in zip(jax.tree.leaves(w_sim), jax.tree.leaves(w_gd), strict=True))
+    _, losses_vg = value_and_grad(w0, loss)
+    loss_err = float(np.max(np.abs(traj_loss.monitors["loss"] - np.asarray(losses_vg))))
+    print(f"{num_params(model)} parameters, {steps} steps, dt={eta}, {args.dtype}; "
+          f"max |w_sim - w_gd| = {err:.1e}, max |loss_sim - loss_gd| = {loss_err:.1e}")
+
+    fns = {
+        "scan": lambda: plain(w0, loss),
+        "simulate_solve": inner_solve(sim),
+        "simulate_call": lambda: sim().ts,
+        "scan_value_and_grad": lambda: value_and_grad(w0, loss),
+        "scan_separate_loss": lambda: separate(w0, loss),
+        "simulate_loss_solve": inner_solve(sim_loss),
+        "simulate_loss_call": lambda: sim_loss().monitors["loss"],
+    }
+    stats = compare(fns, args.repeat)
+    print_stats(stats)
+    floor = ratio(stats, "scan_separate_loss", "scan")
+    print(f"  a loss evaluation per step costs {floor - 1:.0%} of a plain GD step (one forward "
+          "pass next to a forward + backward pass)")
+    pairs = {
+        "plain: solve / scan (target <= 1.10)": ("simulate_solve", "scan"),
+        "plain: call / scan (target <= 1.10)": ("simulate_call", "scan"),
+        "loss: solve / scan (target <= 1.25)": ("simulate_loss_solve", "scan"),
+        "loss: call / scan (target <= 1.25)": ("simulate_loss_call", "scan"),
+        "loss: solve / scan_value_and_grad": ("simulate_loss_solve", "scan_value_and_grad"),
+        "loss: solve / scan_separate_loss": ("simulate_loss_solve", "scan_separate_loss"),
+        "loss: call / scan_separate_loss": ("simulate_loss_call", "scan_separate_loss"),
+    }
+    ratios = {name: ratio(stats, *pair) for name, pair in pairs.items()}
+    cpu = {name: ratio(stats, *pair, "cpu") for name, pair in pairs.items()}
+    for name, r in ratios.items():
+        print(f"  {name:<40} {r:.3f} (CPU time {cpu[name]:.3f})")
+    save(f"gf_euler_{args.dtype}", {
+        "dtype": args.dtype, "steps": steps, "dt": eta, "num_params": num_params(model),
+        "max_abs_param_diff": err, "max_abs_loss_diff": loss_err,
+        "times": stats, "ratios": ratios, "cpu_ratios": cpu, "loss_floor": floor,
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
