@@ -22,6 +22,18 @@ import jax
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other machines (all cores), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_START = (time.perf_counter(), _steal_seconds())
+
+
 def parse_args(doc: str, repeat: int = 7, **extra: tuple[type, object, str]):
     """Command line shared by all scripts: --repeat, --float32, --out, plus `extra`."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -124,9 +136,13 @@ def machine() -> dict:
         mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         mem_gb = None
+    wall, steal = time.perf_counter() - _START[0], _steal_seconds()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        # Share of the machine's CPU time stolen by the hypervisor while this script ran:
+        # above a few percent, trust the CPU-time ratios more than the wall-clock ones.
+        "steal_fraction": None if steal is None else (steal - _START[1]) / (wall * os.cpu_count()),
         "memory_gib": mem_gb,
         "loadavg": os.getloadavg(),
         "python": platform.python_version(),
@@ -142,7 +158,8 @@ def save(name: str, result: dict, out: Path = RESULTS) -> Path:
     path = out / f"{name}.json"
     result = {"benchmark": name, "argv": sys.argv[1:], "machine": machine(), **result}
     path.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(f"wrote {path}")
+    steal = result["machine"]["steal_fraction"]
+    print(f"wrote {path}" + ("" if steal is None else f" (hypervisor steal: {steal:.0%})"))
     return path
 
 

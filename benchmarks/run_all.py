@@ -37,13 +37,14 @@ def ms(s: float) -> str:
 
 
 def rows() -> list[str]:
-    out = ["| benchmark | measured (median) | against (median) | ratio | target |",
+    out = ["| benchmark | measured (median) | against (median) | ratio (CPU-time ratio) | target |",
            "| --- | --- | --- | --- | --- |"]
     for dtype in ("float64", "float32"):
         r = load(f"gf_euler_{dtype}")
         if r is None:
             continue
         t = {k: v["median"] for k, v in r["times"].items()}
+        cpu = {k: v["cpu"]["median"] for k, v in r["times"].items()}
         head = f"GF Euler {r['steps']} steps, {dtype}"
         for what, num, den, target in (
             ("solve", "simulate_solve", "scan", "<= 1.10"),
@@ -54,10 +55,11 @@ def rows() -> list[str]:
             ("+Loss every step, solve", "simulate_loss_solve", "scan_separate_loss", "-"),
         ):
             out.append(f"| {head}: {what} | {ms(t[num])} | {den} {ms(t[den])} | "
-                       f"{t[num] / t[den]:.2f} | {target} |")
+                       f"{t[num] / t[den]:.2f} ({cpu[num] / cpu[den]:.2f}) | {target} |")
     r = load("tsit5_float64")
     if r is not None:
         t = {k: v["median"] for k, v in r["times"].items()}
+        cpu = {k: v["cpu"]["median"] for k, v in r["times"].items()}
         w = r["work"]
         for ours, other, target in (
             ("simulate", "scipy", ">= 1.5x faster"),
@@ -72,7 +74,7 @@ def rows() -> list[str]:
                 f"| {solver} t1={r['t1']:g} rtol=atol={r['rtol']:g}: "
                 f"simulate vs {other} | {ms(t[ours])} ({w[ours]['nfev']} evals) | {other} "
                 f"{ms(t[other])} ({w[other]['nfev']} evals) | {t[other] / t[ours]:.2f}x"
-                f" faster | {target} |")
+                f" faster ({cpu[other] / cpu[ours]:.2f}x) | {target} |")
     r = load("compile")
     if r is not None:
         for flow, s in r["times"].items():
@@ -88,6 +90,11 @@ def rows() -> list[str]:
                        f"{run['peak_rss_gb']:.2f} GB ({run['peak_rss_after_solve_gb']:.2f} GB "
                        f"when the solve returns) | params at every step "
                        f"{r['params_every_step_estimate_gb']:.2f} GB | - | - |")
+    steal = {p.stem: json.loads(p.read_text())["machine"].get("steal_fraction")
+             for p in sorted(RESULTS.glob("*.json"))}
+    out.append("")
+    out.append("Hypervisor steal while each ran (share of CPU time): " + ", ".join(
+        f"{k} {v:.0%}" for k, v in steal.items() if v is not None))
     return out
 
 
