@@ -15,12 +15,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._models import MLP, AbstractActivation
+from ._tree import is_concrete
 
 __all__ = ["Dataset", "digits", "teacher_student", "rotational", "circles"]
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _positive_int(value, name: str, owner: str, low: int = 1) -> int:
@@ -80,7 +77,7 @@ class Dataset(eqx.Module):
                     f"use float targets of shape (n, k) for regression."
                 )
             # Value checks need concrete labels; NumPy does them without compiling anything.
-            y_np = np.asarray(y) if _is_concrete(y) else None
+            y_np = np.asarray(y) if is_concrete(y) else None
             if num_classes is None:
                 if y_np is None:
                     raise ValueError(

@@ -25,7 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from ._tree import axpy, scale, sqnorm, vdot
+from ._tree import axpy, is_concrete, scale, sqnorm, vdot
 
 Loss = Callable[[PyTree], Scalar]
 
@@ -78,7 +78,7 @@ def _float_array(x: Any) -> Array:
     # them instead of hashing them, so a sweep over γ or κ compiles once. NumPy float64
     # rather than jnp: the precision is then the one in force when the flow runs, not
     # when it was built. Traced values (a vmapped sweep) pass through.
-    if isinstance(x, jax.core.Tracer):
+    if not is_concrete(x):
         return x
     return np.asarray(x, dtype=np.float64)
 
@@ -108,7 +108,7 @@ def _as_schedule(name: str, k: Any) -> Callable:
 
 def _check_finite_nonneg(name: str, value: Any) -> None:
     # Only concrete values can be checked here; traced ones (a sweep under vmap) pass.
-    if not isinstance(value, jax.core.Tracer):
+    if is_concrete(value):
         arr = np.asarray(value)
         if not np.all(np.isfinite(arr)) or np.any(arr < 0):
             raise ValueError(f"`{name}` must be finite and >= 0, got {value}.")

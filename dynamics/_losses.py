@@ -19,6 +19,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
 from ._datasets import Dataset
 from ._models import MLP
+from ._tree import is_concrete
 
 __all__ = [
     "AbstractLoss",
@@ -41,10 +42,6 @@ __all__ = [
 ]
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _float_dtype():
     return jnp.result_type(float)
 
@@ -65,7 +62,7 @@ def _hyper(value, name: str, owner: str, *, positive: bool = False) -> Float[Arr
     arr = jnp.asarray(value, dtype=_float_dtype())
     if arr.shape != ():
         raise ValueError(f"{owner}: `{name}` must be a scalar, got shape {arr.shape}.")
-    if _is_concrete(arr):
+    if is_concrete(arr):
         v = float(arr)
         ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
         if not ok:
@@ -225,7 +222,7 @@ def _binary_signs(data: Dataset, owner: str) -> Float[Array, " n"]:
             f"use cross_entropy(data) for more than two classes."
         )
     y = y.astype(data.x.dtype)
-    if not _is_concrete(y):
+    if not is_concrete(y):
         # Under a trace the values cannot be inspected: assume labels {0, 1}.
         return 2 * y - 1
     values = set(np.unique(np.asarray(y)).tolist())

@@ -27,7 +27,7 @@ from ._flows import (
 from ._monitors import AbstractMonitor
 from ._problem import Problem
 from ._trajectory import Trajectory, provenance
-from ._tree import partition
+from ._tree import is_concrete, partition
 
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
 # solver tolerance a study uses, so the interpolant, not the root find, limits them.
@@ -44,12 +44,8 @@ def _float(name: str, value: Any) -> float:
     return out
 
 
-def _is_concrete(tree: PyTree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
 def _check_finite(name: str, tree: PyTree) -> None:
-    if not _is_concrete(tree):
+    if not is_concrete(tree):
         return
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if eqx.is_inexact_array(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
@@ -104,7 +100,7 @@ def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: flo
         v = jax.tree.map(lambda a, b: jnp.asarray(b, dtype=a.dtype), w, v)
         _check_finite("v0", v)
     if isinstance(flow, NesterovFlow):
-        nonzero = _is_concrete(v) and any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(v))
+        nonzero = is_concrete(v) and any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(v))
         if t0 < 0:
             raise ValueError(
                 f"`t0` = {t0} < 0 for NesterovFlow: its damping r/t is singular at t = 0; "

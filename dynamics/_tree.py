@@ -44,5 +44,10 @@ def zeros_like(x: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, x)
 
 
+def is_concrete(tree: PyTree) -> bool:
+    """True when no leaf is a tracer: values can be inspected for input validation."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 def all_finite(x: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves(x)]))
