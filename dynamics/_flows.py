@@ -49,6 +49,11 @@ class AbstractFirstOrderFlow(AbstractFlow):
     def vector_field(self, t: ArrayLike, w: PyTree, loss: Loss) -> PyTree:
         """The right-hand side f(t, w)."""
 
+    def vector_field_and_loss(self, t: ArrayLike, w: PyTree, loss: Loss) -> tuple[PyTree, Scalar]:
+        """(f(t, w), L(w)). Flows that take ∇L override this to get L from the same
+        `jax.value_and_grad`, which lets fixed-step Euler carry the loss for free."""
+        return self.vector_field(t, w, loss), loss(w)
+
 
 class AbstractSecondOrderFlow(AbstractFlow):
     """ẅ = a(t, w, ẇ), derived from a Lagrangian ℒ(t, w, ẇ)."""
@@ -146,6 +151,10 @@ class GradientFlow(AbstractFirstOrderFlow):
     def vector_field(self, t, w, loss):
         return scale(-1.0, jax.grad(loss)(w))
 
+    def vector_field_and_loss(self, t, w, loss):
+        value, grad = jax.value_and_grad(loss)(w)
+        return scale(-1.0, grad), value
+
     def energy(self, t, w, v, loss):
         return loss(w)
 
@@ -174,13 +183,16 @@ class MirrorFlow(AbstractFirstOrderFlow):
             raise ValueError("`phi` must be a function w -> scalar (the mirror potential).")
 
     def vector_field(self, t, w, loss):
-        grad = jax.grad(loss)(w)
+        return self.vector_field_and_loss(t, w, loss)[0]
+
+    def vector_field_and_loss(self, t, w, loss):
+        value, grad = jax.value_and_grad(loss)(w)
         hessian = lx.JacobianLinearOperator(
             lambda x, _: jax.grad(self.phi)(x),
             w,
             tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
         )
-        return scale(-1.0, lx.linear_solve(hessian, grad, self.linear_solver).value)
+        return scale(-1.0, lx.linear_solve(hessian, grad, self.linear_solver).value), value
 
     def energy(self, t, w, v, loss):
         return loss(w)

@@ -24,8 +24,9 @@ from ._flows import (
     AbstractSeparableFlow,
     NesterovFlow,
 )
-from ._monitors import AbstractMonitor
+from ._monitors import AbstractMonitor, Loss
 from ._problem import Problem
+from ._solvers import LossCarryingEuler
 from ._trajectory import Trajectory, provenance
 from ._tree import is_concrete, partition
 
@@ -150,6 +151,10 @@ def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
 
 
 def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver):
+    if isinstance(solver, LossCarryingEuler):
+        return diffrax.ODETerm(
+            lambda t, y, _: flow.vector_field_and_loss(t, y[0], problem.loss)
+        )
     if isinstance(flow, AbstractFirstOrderFlow):
         return diffrax.ODETerm(lambda t, w, _: flow.vector_field(t, w, problem.loss))
     if isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2:
@@ -166,22 +171,51 @@ def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver)
     return diffrax.ODETerm(vector_field)
 
 
-def _split(flow, y):
-    return (y, None) if isinstance(flow, AbstractFirstOrderFlow) else y
+def _carries_loss(flow: AbstractFlow, solver: diffrax.AbstractSolver, monitors) -> bool:
+    # Exactly diffrax.Euler (a subclass may step differently), a flow that evaluates the
+    # loss with its gradient, and a Loss monitor to use it: then `LossCarryingEuler`.
+    return (
+        type(solver) is diffrax.Euler
+        and isinstance(flow, AbstractFirstOrderFlow)
+        and any(isinstance(m, Loss) for m in monitors)
+    )
+
+
+def _unpack(flow, carry, y):
+    """The state as (w, v, carried loss or None)."""
+    if carry:
+        (w, loss) = y
+        return w, None, loss
+    if isinstance(flow, AbstractFirstOrderFlow):
+        return y, None, None
+    return (*y, None)
+
+
+def _monitor(m: AbstractMonitor, t, w, v, carried, problem: Problem):
+    if carried is not None and isinstance(m, Loss):
+        # The value the step computed with its gradient; NaN between step ends (see
+        # `_LossCarryingInterpolation`), where L(w) is evaluated after all.
+        return jax.lax.cond(jnp.isnan(carried), lambda: problem.loss(w), lambda: carried)
+    return m(t, w, v, problem)
 
 
 @eqx.filter_jit
 def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, save_params,
            max_steps, progress_meter):
     flow = problem.flow
-    w0, v0 = _split(flow, y0)
+    w0, _, _ = _unpack(flow, False, y0)
     # Raised at trace time, so a second call with the same shapes never reaches it.
     _check_scalar_loss(problem, w0)
+    carry = _carries_loss(flow, solver, monitors)
+    if carry:
+        solver = LossCarryingEuler()
+        y0 = (y0, problem.loss(y0))
 
     def save(with_params):
         def fn(t, y, _):
-            w, v = _split(flow, y)
-            out = {"monitors": {m.name: m(t, w, v, problem) for m in monitors}}
+            w, v, carried = _unpack(flow, carry, y)
+            out = {"monitors": {m.name: _monitor(m, t, w, v, carried, problem)
+                                for m in monitors}}
             if with_params:
                 out["w"], out["v"] = w, v
             return out
@@ -190,7 +224,7 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
 
     def cond(event):
         def fn(t, y, args, **kwargs):
-            w, v = _split(flow, y)
+            w, v, _ = _unpack(flow, carry, y)
             return event.condition(t, w, v, problem)
 
         return fn
@@ -263,6 +297,9 @@ def simulate(
       as `params`.
     - `solver`: any diffrax solver (default `diffrax.Tsit5()`); partitioned solvers
       such as `diffrax.SemiImplicitEuler()` need a separable flow (`NewtonianFlow`).
+      `diffrax.Euler()` on a first-order flow with the `Loss` monitor runs as
+      `LossCarryingEuler`: the same steps, with L(w) taken from each step's
+      `value_and_grad` instead of a second forward pass.
     - `dt0`, `stepsize_controller`: as in `diffrax.diffeqsolve` (default an adaptive
       `PIDController(rtol=1e-7, atol=1e-9)`; fixed steps need
       `diffrax.ConstantStepSize()` and `dt0`).

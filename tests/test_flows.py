@@ -155,6 +155,20 @@ def test_general_flow_approaches_gradient_flow_at_rate_eps():
     assert gaps[-1] < 5e-2
 
 
+@pytest.mark.parametrize("flow", [
+    dyn.GradientFlow(),
+    dyn.MirrorFlow(lambda w: sum(jnp.sum(jnp.cosh(x)) for x in jax.tree.leaves(w))),
+], ids=["GF", "mirror"])
+def test_vector_field_and_loss(flow):
+    """The pair fixed-step Euler carries equals the two computed apart."""
+    w, loss = mlp_setup()
+    field, value = flow.vector_field_and_loss(0.0, w, loss)
+    for a, b in zip(jax.tree.leaves(field), jax.tree.leaves(flow.vector_field(0.0, w, loss)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)  # same ops, roundoff
+    np.testing.assert_allclose(value, loss(w), rtol=1e-15)  # the forward pass of the grad
+
+
 def test_mirror_flow_with_half_square_is_gradient_flow():
     w0 = jnp.array([0.1, 0.2, 0.3])
     gf = dyn.simulate(dyn.GradientFlow(), w0, toy, t1=1.0, stepsize_controller=TIGHT)

@@ -1,0 +1,86 @@
+"""Solvers of our own, beside diffrax's.
+
+`LossCarryingEuler` is what `simulate` runs in place of `diffrax.Euler()` when a
+first-order flow is integrated with the loss monitored: the same Euler steps, but the
+loss value that the gradient evaluation computes anyway is kept in the state instead of
+being recomputed by the monitor. With the loss saved at every step this removes one
+forward pass per step (a quarter to a third of a GD step on an MLP).
+"""
+
+from typing import ClassVar
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from equinox.internal import ω
+
+
+class _LossCarryingInterpolation(diffrax.LocalLinearInterpolation):
+    """Linear interpolation of y = (w, ℓ), where ℓ = L(w) exactly at the step ends only.
+
+    Between the ends ℓ would be a straight line, not L(w), so it is NaN there: the Loss
+    monitor then evaluates L(w) itself. At (within a few ulps of) an end the state is
+    that end's, exactly, so the carried ℓ is L of the w that is saved. Save times given
+    as `k * dt` differ from the step ends `t0 + (t1 - t0) * k / n` by an ulp or so.
+    """
+
+    def evaluate(self, t0, t1=None, left=True):
+        y = super().evaluate(t0, t1, left)
+        if t1 is not None:  # an increment y(t1) - y(t0): diffrax's linear one
+            return y
+        (w_a, l_a), (w_b, l_b) = self.y0, self.y1
+        w, _ = y
+        eps = jnp.finfo(jnp.result_type(self.t0, self.t1)).eps
+        tol = 8 * eps * jnp.maximum(jnp.abs(self.t0), jnp.abs(self.t1))
+        at_a = jnp.abs(t0 - self.t0) <= tol
+        at_b = jnp.abs(t0 - self.t1) <= tol
+
+        def pick(a, b, between):
+            return jnp.where(at_b, b, jnp.where(at_a, a, between))
+
+        w = jax.tree.map(pick, w_a, w_b, w)
+        loss = pick(l_a, l_b, jnp.full_like(l_b, np.nan))
+        return w, loss
+
+
+class LossCarryingEuler(diffrax.AbstractSolver):
+    """Euler's method w_{n+1} = w_n + h f(t_n, w_n) on the state y = (w, L(w)).
+
+    The term's vector field returns the pair (f(t, w), L(w)), which a first-order flow
+    computes with one `jax.value_and_grad` (`vector_field_and_loss`). Like diffrax's
+    FSAL Runge–Kutta solvers, the evaluation at the end of a step is kept in the solver
+    state and starts the next step, so each step evaluates once, at w_{n+1}, and y_{n+1}
+    carries L(w_{n+1}) with it. The parameters are bit-for-bit those of
+    `diffrax.Euler()`; n steps cost n + 1 evaluations.
+
+    Fixed steps only: it has no error estimate.
+    """
+
+    term_structure: ClassVar = diffrax.AbstractTerm
+    interpolation_cls: ClassVar = _LossCarryingInterpolation
+
+    def order(self, terms):
+        return 1
+
+    def init(self, terms, t0, t1, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        if made_jump is False:
+            field_and_loss = solver_state
+        else:  # after a jump in the vector field the stored evaluation is stale
+            field_and_loss = jax.lax.cond(
+                made_jump, lambda: terms.vf(t0, y0, args), lambda: solver_state
+            )
+        w0, loss0 = y0
+        control = terms.contr(t0, t1)
+        field, _ = terms.prod(field_and_loss, control)
+        # The same sum as diffrax.Euler, so the parameters agree to the last bit.
+        w1 = (w0**ω + field**ω).ω
+        field_and_loss = terms.vf(t1, (w1, loss0), args)
+        y1 = (w1, field_and_loss[1])
+        return y1, None, dict(y0=y0, y1=y1), field_and_loss, diffrax.RESULTS.successful
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
