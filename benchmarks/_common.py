@@ -89,24 +89,22 @@ def ratio(stats: dict, num: str, den: str, key: str | None = None) -> float:
     return a["median"] / b["median"]
 
 
-def mlp(widths, *, key=0):
-    """`dyn.MLP` with ReLU and biases (imported from `dynamics._models` until re-exported)."""
+def mlp(widths, *, activation="relu", key=0):
+    """`dyn.MLP` with biases and the named activation (see `dyn.activation_from_name`)."""
     import dynamics as dyn
 
-    try:
-        MLP, ReLU = dyn.MLP, dyn.ReLU
-    except AttributeError:
-        from dynamics._models import MLP, ReLU
-    return MLP(tuple(widths), activation=ReLU(), bias=True, key=jax.random.key(key))
+    return dyn.MLP(tuple(widths), activation=dyn.activation_from_name(activation), bias=True,
+                   key=jax.random.key(key))
 
 
-def digits_problem(widths=(64, 128, 128, 10)):
-    """The reference problem: an MLP on all 1797 digits with cross-entropy."""
+def digits_problem(widths=(64, 128, 128, 10), activation="relu", examples=None):
+    """The reference problem: an MLP on the digits (all 1797 unless `examples` says
+    how many of the first) with cross-entropy."""
     import dynamics.datasets
     import dynamics.losses
 
-    data = dynamics.datasets.digits()
-    return mlp(widths), dynamics.losses.cross_entropy(data), data
+    data = dynamics.datasets.digits(examples)
+    return mlp(widths, activation=activation), dynamics.losses.cross_entropy(data), data
 
 
 def num_params(tree) -> int:

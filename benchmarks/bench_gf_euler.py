@@ -15,6 +15,8 @@ Second variant, the loss recorded at every step (`monitors=(Loss(),)`, `ts` = ev
 time, 201 values) against (a) the plain scan, (b) a scan with `jax.value_and_grad`, the loss
 at w_k coming for free (plus one loss at the end), (c) a scan that evaluates L(w_{k+1})
 separately after each update (plus L(w_0)). Target: simulate / scan <= 1.25.
+`simulate` runs this as `LossCarryingEuler`: the loss comes from the step's own
+`value_and_grad` (like (b)), at the cost of one extra evaluation at the last state.
 """
 
 import diffrax

@@ -12,6 +12,10 @@ initial step chosen by each library (Hairer's rule in all three), float64 on the
   and data, gradient by `torch.autograd.grad`, `torch.set_num_threads(os.cpu_count())`.
   Target: >= 2x faster.
 
+Options: `--activation tanh` (a smooth network; `tsit5_float64_tanh.json`) and
+`--examples N` (the first N digits; a smaller N makes each evaluation cheaper, so
+per-step overhead weighs more; `tsit5_float64_nN.json`).
+
 All three are 7-stage FSAL pairs of order 5(4) (6 new evaluations per step) with the same
 RMS error norm, so step counts should be close; the script counts the evaluations of each
 and prints the relative differences of the three final losses. On this ReLU network they
@@ -53,7 +57,10 @@ class Counted(eqx.Module):
         return self.loss(params)
 
 
-def torch_problem(model, data):
+TORCH_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+def torch_problem(model, data, activation):
     params = []
     for k, w in enumerate(model.weights):
         params += [torch.tensor(np.asarray(w)), torch.tensor(np.asarray(model.biases[k]))]
@@ -64,7 +71,7 @@ def torch_problem(model, data):
         for k in range(0, len(ps), 2):
             h = h @ ps[k].T + ps[k + 1]
             if k < len(ps) - 2:
-                h = torch.relu(h)
+                h = TORCH_ACTIVATIONS[activation](h)
         return torch.nn.functional.cross_entropy(h, y)
 
     return tuple(params), loss
@@ -72,10 +79,14 @@ def torch_problem(model, data):
 
 def main():
     args = parse_args(__doc__, repeat=5, t1=(float, 5.0, "end time"),
-                      tol=(float, 1e-6, "rtol = atol"))
+                      tol=(float, 1e-6, "rtol = atol"),
+                      activation=(str, "relu", "hidden activation: relu or tanh"),
+                      examples=(int, 1797, "how many digits (the first ones)"))
+    if args.activation not in TORCH_ACTIVATIONS:
+        raise SystemExit(f"--activation must be one of {sorted(TORCH_ACTIVATIONS)}")
     torch.set_num_threads(os.cpu_count())
     torch.set_default_dtype(torch.float32 if args.float32 else torch.float64)
-    model, loss, data = digits_problem()
+    model, loss, data = digits_problem(activation=args.activation, examples=args.examples)
     t1, tol = args.t1, args.tol
 
     def sim(loss=loss, solver=diffrax.Tsit5()):
@@ -102,7 +113,7 @@ def main():
         with threadpool_limits(limits=1, user_api="blas"):
             return scipy_default_blas()
 
-    p0, torch_loss = torch_problem(model, data)
+    p0, torch_loss = torch_problem(model, data, args.activation)
 
     def torch_rhs(t, ps):
         counts["torchdiffeq"] += 1
@@ -141,7 +152,8 @@ def main():
     rel = {f"{a} vs {b}": abs(final[a] - final[b]) / abs(final[b])
            for a, b in (("simulate", "scipy"), ("simulate", "torchdiffeq"),
                         ("scipy", "torchdiffeq"), ("simulate_dopri5", "scipy"))}
-    print(f"{num_params(model)} parameters, t1={t1}, rtol=atol={tol}, {args.dtype}, "
+    print(f"{num_params(model)} parameters, {args.examples} examples, {args.activation}, "
+          f"t1={t1}, rtol=atol={tol}, {args.dtype}, "
           f"torch threads={torch.get_num_threads()}, initial loss jax "
           f"{float(loss(model)):.12f} / torch {float(torch_loss(p0)):.12f}")
     for name in final:
@@ -173,8 +185,11 @@ def main():
           f"torch {stats['torch_rhs']['median'] * 1e3:.2f} ms; per evaluation within a solve:")
     for name, s in per_eval.items():
         print(f"  {name:<15} {s * 1e3:.2f} ms")
-    save(f"tsit5_{args.dtype}", {
-        "dtype": args.dtype, "t1": t1, "rtol": tol, "atol": tol,
+    suffix = "" if args.activation == "relu" else f"_{args.activation}"
+    suffix += "" if args.examples == 1797 else f"_n{args.examples}"
+    save(f"tsit5_{args.dtype}{suffix}", {
+        "dtype": args.dtype, "activation": args.activation,
+        "examples": args.examples, "t1": t1, "rtol": tol, "atol": tol,
         "num_params": num_params(model), "torch_threads": torch.get_num_threads(),
         "work": work, "final_loss": final, "final_loss_rel_diff": rel, "times": stats,
         "speedups": speedups, "cpu_speedups": cpu_speedups, "seconds_per_eval": per_eval,

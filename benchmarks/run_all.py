@@ -21,7 +21,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCRIPTS = {  # name -> [(script, flags, extra environment)]
     "gf_euler": [("bench_gf_euler.py", (), {}), ("bench_gf_euler.py", ("--float32",), {})],
-    "tsit5": [("bench_tsit5.py", (), {})],
+    "tsit5": [("bench_tsit5.py", (), {}),
+              ("bench_tsit5.py", ("--activation", "tanh"), {}),
+              ("bench_tsit5.py", ("--examples", "128"), {})],
     "compile": [("bench_compile.py", (), {})],
     "memory": [("bench_memory.py", (), {})],
 }
@@ -56,11 +58,15 @@ def rows() -> list[str]:
         ):
             out.append(f"| {head}: {what} | {ms(t[num])} | {den} {ms(t[den])} | "
                        f"{t[num] / t[den]:.2f} ({cpu[num] / cpu[den]:.2f}) | {target} |")
-    r = load("tsit5_float64")
-    if r is not None:
+    for variant in ("", "_tanh", "_n128"):
+        r = load(f"tsit5_float64{variant}")
+        if r is None:
+            continue
         t = {k: v["median"] for k, v in r["times"].items()}
         cpu = {k: v["cpu"]["median"] for k, v in r["times"].items()}
         w = r["work"]
+        setting = (f"t1={r['t1']:g} rtol=atol={r['rtol']:g}, {r.get('activation', 'relu')}, "
+                   f"{r.get('examples', 1797)} examples")
         for ours, other, target in (
             ("simulate", "scipy", ">= 1.5x faster"),
             ("simulate", "scipy_default_blas", "-"),
@@ -71,10 +77,10 @@ def rows() -> list[str]:
         ):
             solver = "Tsit5" if ours == "simulate" else "Dopri5"
             out.append(
-                f"| {solver} t1={r['t1']:g} rtol=atol={r['rtol']:g}: "
-                f"simulate vs {other} | {ms(t[ours])} ({w[ours]['nfev']} evals) | {other} "
-                f"{ms(t[other])} ({w[other]['nfev']} evals) | {t[other] / t[ours]:.2f}x"
-                f" faster ({cpu[other] / cpu[ours]:.2f}x) | {target} |")
+                f"| {solver} {setting}: simulate vs {other} | {ms(t[ours])} "
+                f"({w[ours]['nfev']} evals) | {other} {ms(t[other])} ({w[other]['nfev']} "
+                f"evals) | {t[other] / t[ours]:.2f}x faster ({cpu[other] / cpu[ours]:.2f}x) | "
+                f"{target if not variant else '-'} |")
     r = load("compile")
     if r is not None:
         for flow, s in r["times"].items():
