@@ -135,6 +135,21 @@ def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
     return jnp.asarray(arr)
 
 
+def _traced_tolerances(controller: diffrax.AbstractStepSizeController, dtype):
+    # PIDController keeps rtol and atol as given; Python floats would be static under
+    # jit, so every new tolerance would compile the solve again. As arrays they are
+    # traced: a tolerance sweep (a work-precision diagram) compiles once. They enter
+    # the controller only through arithmetic, never through Python control flow.
+    def convert(c):
+        if not isinstance(c, diffrax.PIDController):
+            return c
+        return eqx.tree_at(lambda c: (c.rtol, c.atol), c,
+                           (jnp.asarray(c.rtol, dtype), jnp.asarray(c.atol, dtype)))
+
+    return jax.tree.map(convert, controller,
+                        is_leaf=lambda x: isinstance(x, diffrax.PIDController))
+
+
 def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
     try:
         out = jax.eval_shape(problem.loss, w)
@@ -302,7 +317,8 @@ def simulate(
       `value_and_grad` instead of a second forward pass.
     - `dt0`, `stepsize_controller`: as in `diffrax.diffeqsolve` (default an adaptive
       `PIDController(rtol=1e-7, atol=1e-9)`; fixed steps need
-      `diffrax.ConstantStepSize()` and `dt0`).
+      `diffrax.ConstantStepSize()` and `dt0`). A `PIDController`'s rtol and atol are
+      passed as arrays, so runs that differ only in tolerance share one compiled solve.
     - `ts`: save times in [t0, t1], strictly increasing (default [t0, t1]).
     - `monitors`: quantities recorded at `ts`, computed inside the solve.
     - `events`: stopping conditions (`dyn.events.*`); a non-finite state always stops.
@@ -387,7 +403,7 @@ def simulate(
         problem,
         y0,
         solver,
-        stepsize_controller,
+        _traced_tolerances(stepsize_controller, dtype),
         jnp.asarray(t0, dtype),
         jnp.asarray(t1, dtype),
         None if dt0 is None else jnp.asarray(dt0, dtype),

@@ -278,6 +278,34 @@ def test_heavy_ball_sweep_compiles_once():
     assert len(traces) == n_first
 
 
+def test_tolerance_sweep_compiles_once():
+    """rtol and atol are traced: a work-precision sweep compiles one solve, and each
+    tolerance still gives its own accuracy (GF on L = ½w²: w(1) = e^{-1})."""
+    traces = []
+
+    def loss(w):
+        traces.append(1)
+        return 0.5 * jnp.sum(w**2)
+
+    errors, steps = [], []
+    for k, tol in enumerate((1e-4, 1e-6, 1e-8, 1e-10)):
+        controller = diffrax.PIDController(rtol=tol, atol=tol)
+        if k == 3:  # wrapped, as diffrax does for step_ts / jump_ts
+            controller = diffrax.ClipStepSizeController(controller)
+        traj = dyn.simulate(dyn.GradientFlow(), jnp.array([1.0]), loss, t1=1.0,
+                            stepsize_controller=controller)
+        errors.append(abs(traj.final_params[0] - np.exp(-1.0)))
+        steps.append(traj.stats["num_steps"])
+        assert traj.meta["rtol"] == tol or k == 3
+        if k == 0:
+            n_first = len(traces)
+        if k == 2:
+            assert len(traces) == n_first  # new tolerances, no new trace
+    assert steps == sorted(steps) and steps[0] < steps[-2]  # tighter: more steps
+    for tol, err in zip((1e-4, 1e-6, 1e-8, 1e-10), errors, strict=True):
+        assert err < 100 * tol, (tol, err)  # global error within a few rtol
+
+
 def test_progress_bar(capsys):
     traj = dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0, progress=True)
     assert traj.success
