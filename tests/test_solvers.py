@@ -99,3 +99,22 @@ def test_mirror_flow_and_divergence():
     small = np.abs(w) < 1e100  # the cube of the last finite w's overflows already
     assert small.sum() > 5
     np.testing.assert_allclose(blow_up.monitors["loss"][small], -w[small] ** 3 / 3, rtol=1e-14)
+
+
+def test_event_between_step_ends():
+    """LossBelow stops inside a step: the state there is Euler's straight line, and the
+    loss saved at the stop is L of that state (not a carried value)."""
+    loss = lambda w: 0.5 * jnp.sum(w**2)
+    traj = dyn.simulate(dyn.GradientFlow(), jnp.array([1.0, 2.0]), loss,
+                        ts=np.arange(STEPS + 1) * ETA, monitors=(dyn.monitors.Loss(),),
+                        events=(dyn.events.LossBelow(0.3),), **EULER)
+    assert traj.event == "loss_below"
+    # Euler on ẇ = −w: w_k = 0.9^k w0 at t_k = k/10, linear in between.
+    k = int(traj.t_final / ETA)
+    frac = traj.t_final / ETA - k
+    w = (0.9**k + frac * (0.9 ** (k + 1) - 0.9**k)) * np.array([1.0, 2.0])
+    assert 0 < frac < 1
+    np.testing.assert_allclose(0.5 * np.sum(w**2), 0.3, rtol=1e-10)  # root-find tolerance
+    np.testing.assert_allclose(traj.final_params, w, rtol=1e-12)  # roundoff only
+    np.testing.assert_allclose(traj.monitors["loss"][-1], 0.5 * np.sum(w**2), rtol=1e-12)
+    assert np.all(np.diff(traj.ts) > 0) and traj.ts[-1] == traj.t_final
