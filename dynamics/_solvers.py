@@ -33,6 +33,8 @@ class _LossCarryingInterpolation(diffrax.LocalLinearInterpolation):
         w, _ = y
         eps = jnp.finfo(jnp.result_type(self.t0, self.t1)).eps
         tol = 8 * eps * jnp.maximum(jnp.abs(self.t0), jnp.abs(self.t1))
+        # Steps of a few ulps of t (t far from 0): never snap from mid-step.
+        tol = jnp.minimum(tol, 0.25 * jnp.abs(self.t1 - self.t0))
         at_a = jnp.abs(t0 - self.t0) <= tol
         at_b = jnp.abs(t0 - self.t1) <= tol
 
