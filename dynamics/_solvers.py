@@ -53,8 +53,9 @@ class LossCarryingEuler(diffrax.AbstractSolver):
     computes with one `jax.value_and_grad` (`vector_field_and_loss`). Like diffrax's
     FSAL Runge–Kutta solvers, the evaluation at the end of a step is kept in the solver
     state and starts the next step, so each step evaluates once, at w_{n+1}, and y_{n+1}
-    carries L(w_{n+1}) with it. The parameters are bit-for-bit those of
-    `diffrax.Euler()`; n steps cost n + 1 evaluations.
+    carries L(w_{n+1}) with it. The steps are bit-for-bit those of `diffrax.Euler()`
+    (a value saved at a step end is that step's state, where diffrax's interpolant can
+    be an ulp off); n steps cost n + 1 evaluations.
 
     Fixed steps only: it has no error estimate.
     """
