@@ -26,6 +26,7 @@ SCRIPTS = {  # name -> [(script, flags, extra environment)]
               ("bench_tsit5.py", ("--examples", "128"), {})],
     "compile": [("bench_compile.py", (), {})],
     "memory": [("bench_memory.py", (), {})],
+    "gemm": [("bench_gemm.py", (), {})],
 }
 
 
@@ -96,6 +97,13 @@ def rows() -> list[str]:
                        f"{run['peak_rss_gb']:.2f} GB ({run['peak_rss_after_solve_gb']:.2f} GB "
                        f"when the solve returns) | params at every step "
                        f"{r['params_every_step_estimate_gb']:.2f} GB | - | - |")
+    r = load("gemm_float64")
+    if r is not None:
+        g = r["gflops"]
+        for shape in ("forward", "weight_grad"):
+            out.append(f"| float64 matrix product, {shape} | XLA {g[f'jax_{shape}']:.1f} GFLOP/s "
+                       f"| numpy {g[f'numpy_{shape}']:.1f}, torch {g[f'torch_{shape}']:.1f} "
+                       f"GFLOP/s | - | - |")
     steal = {p.stem: json.loads(p.read_text())["machine"].get("steal_fraction")
              for p in sorted(RESULTS.glob("*.json"))}
     out.append("")
