@@ -16,6 +16,7 @@ from . import (
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
     AbstractFlow as AbstractFlow,
+    AbstractKappaFlow as AbstractKappaFlow,
     AbstractSecondOrderFlow as AbstractSecondOrderFlow,
     AbstractSeparableFlow as AbstractSeparableFlow,
     GeneralFlow as GeneralFlow,
@@ -38,6 +39,12 @@ from ._models import (
     Swish as Swish,
     Tanh as Tanh,
     activation_from_name as activation_from_name,
+)
+from ._projection import (
+    AbstractProjection as AbstractProjection,
+    AbstractSchedule as AbstractSchedule,
+    Every as Every,
+    OnEvent as OnEvent,
 )
 from ._simulate import simulate as simulate
 from ._trajectory import Trajectory as Trajectory

@@ -28,6 +28,31 @@ class AbstractMonitor(eqx.Module):
         """Evaluate on the dynamic parameters `w` (and velocity `v` or None)."""
 
 
+class AbstractIntegralMonitor(AbstractMonitor):
+    """A monitor that needs a running integral I(t) = ∫_{t0}^t g(s, w, ẇ) ds.
+
+    `simulate` carries I as an extra component of the solver state, integrated by the
+    same solver at the same tolerance as the flow (so I is as accurate as w), and
+    records `value(t, w, v, problem, I)` at the save times. Charge laws in integrated
+    form use this, e.g. for Nesterov t³⟨w, Aẇ⟩ − ∫ t³⟨ẇ, Aẇ⟩ dt is constant.
+    """
+
+    @abc.abstractmethod
+    def integrand(self, t, w: PyTree, v: PyTree | None, problem: Problem) -> PyTree:
+        """g(t, w, ẇ): a pytree of arrays (the integral has the same structure)."""
+
+    @abc.abstractmethod
+    def value(self, t, w: PyTree, v: PyTree | None, problem: Problem,
+              integral: PyTree) -> Array:
+        """The recorded value, given the running integral I(t)."""
+
+    def __call__(self, t, w, v, problem):
+        raise TypeError(
+            f"{type(self).__name__} needs its running integral; it is evaluated by "
+            "`simulate`, which carries the integral in the solver state."
+        )
+
+
 class Loss(AbstractMonitor):
     """The loss L(w)."""
 

@@ -1,6 +1,7 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
 from ._monitors import (
+    AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,
     Energy as Energy,
     Function as Function,

@@ -1,19 +1,6 @@
-"""The Lagrangian catalogue: one final `eqx.Module` per flow.
+"""The classical entries of the catalogue: gradient, mirror, Newtonian, Nesterov,
+heavy-ball, general κ1/κ2 and Lagrangian flows (Głuch & Urbanke Table 1, eqs. 22–27)."""
 
-Every flow acts on parameters w (any pytree of arrays) under a loss L(w). First-order
-flows give ẇ = f(t, w); second-order flows give ẅ = a(t, w, ẇ) and carry the velocity
-v = ẇ in the state, which diffrax integrates as (w, v).
-
-The closed forms follow Głuch & Urbanke, *Noether: The More Things Change, the More Stay
-the Same*, Table 1 (eqs. 22–27); each second-order entry also states its Lagrangian, and
-`LagrangianFlow` of that Lagrangian reproduces it (the catalogue's self-test, see
-tests/test_flows.py). Every formula here was checked that way rather than trusted.
-
-Throughout, `loss` is a function of w alone (the driver closes over data and any static
-parts of the model), so flows are pure functions of (t, w, v).
-"""
-
-import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -23,125 +10,24 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, ArrayLike, PyTree, Scalar
+from jaxtyping import Array, PyTree, Scalar
 
-from ._tree import axpy, is_concrete, scale, sqnorm, vdot
-
-Loss = Callable[[PyTree], Scalar]
-
-
-class AbstractFlow(eqx.Module):
-    """Base of the catalogue. See `AbstractFirstOrderFlow`, `AbstractSecondOrderFlow`."""
-
-    @abc.abstractmethod
-    def energy(self, t: ArrayLike, w: PyTree, v: PyTree | None, loss: Loss) -> Scalar:
-        """The flow's energy-like quantity (DESIGN.md, catalogue table)."""
-
-    @abc.abstractmethod
-    def energy_rate(self, t: ArrayLike, w: PyTree, v: PyTree | None, loss: Loss) -> Scalar:
-        """dE/dt along a solution, in closed form: the flow's dissipation identity."""
+from .._tree import axpy, scale, sqnorm, vdot
+from ._base import (
+    AbstractFirstOrderFlow,
+    AbstractKappaFlow,
+    AbstractSecondOrderFlow,
+    AbstractSeparableFlow,
+    _as_schedule,
+    _check_finite_nonneg,
+    _Constant,
+    _float_array,
+    _integral,
+    _kinetic_plus_loss,
+)
 
 
-class AbstractFirstOrderFlow(AbstractFlow):
-    """ẇ = f(t, w)."""
-
-    @abc.abstractmethod
-    def vector_field(self, t: ArrayLike, w: PyTree, loss: Loss) -> PyTree:
-        """The right-hand side f(t, w)."""
-
-    def vector_field_and_loss(self, t: ArrayLike, w: PyTree, loss: Loss) -> tuple[PyTree, Scalar]:
-        """(f(t, w), L(w)). Flows that take ∇L override this to get L from the same
-        `jax.value_and_grad`, which lets fixed-step Euler carry the loss for free."""
-        return self.vector_field(t, w, loss), loss(w)
-
-
-class AbstractSecondOrderFlow(AbstractFlow):
-    """ẅ = a(t, w, ẇ), derived from a Lagrangian ℒ(t, w, ẇ)."""
-
-    @abc.abstractmethod
-    def acceleration(self, t: ArrayLike, w: PyTree, v: PyTree, loss: Loss) -> PyTree:
-        """ẅ as a function of time, position and velocity."""
-
-    @abc.abstractmethod
-    def lagrangian(self, t: ArrayLike, w: PyTree, v: PyTree, loss: Loss) -> Scalar:
-        """ℒ(t, w, v) whose Euler–Lagrange equations are this flow."""
-
-
-class AbstractSeparableFlow(AbstractSecondOrderFlow):
-    """Marker: the acceleration depends on w only (ẅ = −∇L(w)), so the flow splits into
-    ẇ = v, v̇ = F(w) and symplectic partitioned solvers (`diffrax.SemiImplicitEuler`,
-    velocity Verlet) apply."""
-
-
-def _kinetic_plus_loss(w, v, loss, mass=1.0):
-    # H = ½ m ‖v‖² + L(w), the energy of every second-order entry of the table.
-    return 0.5 * mass * sqnorm(v) + loss(w)
-
-
-def _float_array(x: Any) -> Array:
-    # Numeric coefficients are stored as arrays, not Python floats: jit then traces
-    # them instead of hashing them, so a sweep over γ or κ compiles once. NumPy float64
-    # rather than jnp: the precision is then the one in force when the flow runs, not
-    # when it was built. Traced values (a vmapped sweep) pass through.
-    if not is_concrete(x):
-        return x
-    return np.asarray(x, dtype=np.float64)
-
-
-class _Constant(eqx.Module):
-    """A constant coefficient t ↦ c."""
-
-    value: Array = eqx.field(converter=_float_array)
-
-    def __call__(self, t):
-        return self.value + 0.0 * t
-
-
-def _as_schedule(name: str, k: Any) -> Callable:
-    if callable(k):
-        return k
-    try:
-        value = float(k)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`{name}` must be a number or a function of time t, got {type(k).__name__}."
-        ) from None
-    if not np.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    return _Constant(value)
-
-
-def _check_finite_nonneg(name: str, value: Any) -> None:
-    # Only concrete values can be checked here; traced ones (a sweep under vmap) pass.
-    if is_concrete(value):
-        arr = np.asarray(value)
-        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise ValueError(f"`{name}` must be finite and >= 0, got {value}.")
-
-
-# Gauss–Legendre nodes for ∫ κ1/κ2 in `GeneralFlow.lagrangian`. The value only fixes a
-# constant factor of ℒ; the Euler–Lagrange equations see its exact derivative (custom_jvp).
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(64)
-
-
-def _integral(f: Callable, a: ArrayLike, b: ArrayLike) -> Array:
-    """∫_a^b f, with d/db exactly f(b) under autodiff."""
-
-    @jax.custom_jvp
-    def integral(b):
-        mid, half = 0.5 * (b + a), 0.5 * (b - a)
-        nodes = mid + half * jnp.asarray(_GL_X)
-        return half * jnp.sum(jnp.asarray(_GL_W) * jax.vmap(f)(nodes))
-
-    @integral.defjvp
-    def _(primals, tangents):
-        (b,), (db,) = primals, tangents
-        return integral(b), f(b) * db
-
-    return integral(jnp.asarray(b, dtype=jnp.result_type(float)))
-
-
-class GradientFlow(AbstractFirstOrderFlow):
+class GradientFlow(AbstractFirstOrderFlow, AbstractKappaFlow):
     """Gradient flow (GF), ẇ = −∇L(w).
 
     The massless limit κ2 → 0 of the general dynamics (Głuch & Urbanke Table 1, eq. 27);
@@ -154,6 +40,9 @@ class GradientFlow(AbstractFirstOrderFlow):
     def vector_field_and_loss(self, t, w, loss):
         value, grad = jax.value_and_grad(loss)(w)
         return scale(-1.0, grad), value
+
+    def kappas(self, t):
+        return jnp.ones(()), jnp.zeros(())
 
     def energy(self, t, w, v, loss):
         return loss(w)
@@ -201,7 +90,7 @@ class MirrorFlow(AbstractFirstOrderFlow):
         return vdot(jax.grad(loss)(w), self.vector_field(t, w, loss))
 
 
-class NewtonianFlow(AbstractSeparableFlow):
+class NewtonianFlow(AbstractSeparableFlow, AbstractKappaFlow):
     """Newtonian dynamics (ND), ẅ + ∇L(w) = 0 (Głuch & Urbanke eq. 25, κ1 = 0, κ2 = 1).
 
     ℒ = ½‖ẇ‖² − L(w); the energy H = ½‖ẇ‖² + L is conserved (time-translation symmetry).
@@ -213,6 +102,9 @@ class NewtonianFlow(AbstractSeparableFlow):
     def lagrangian(self, t, w, v, loss):
         return 0.5 * sqnorm(v) - loss(w)
 
+    def kappas(self, t):
+        return jnp.zeros(()), jnp.ones(())
+
     def energy(self, t, w, v, loss):
         return _kinetic_plus_loss(w, v, loss)
 
@@ -220,7 +112,7 @@ class NewtonianFlow(AbstractSeparableFlow):
         return jnp.zeros(())
 
 
-class NesterovFlow(AbstractSecondOrderFlow):
+class NesterovFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
     """Nesterov's accelerated gradient flow (NAGF), ẅ + (r/t) ẇ + ∇L(w) = 0.
 
     Su, Boyd & Candès (2014) with r = 3 by default; ℒ = t^r (½‖ẇ‖² − L(w))
@@ -249,6 +141,9 @@ class NesterovFlow(AbstractSecondOrderFlow):
     def lagrangian(self, t, w, v, loss):
         return t**self.r * (0.5 * sqnorm(v) - loss(w))
 
+    def kappas(self, t):
+        return self._damping(t), jnp.ones(())
+
     def energy(self, t, w, v, loss):
         return _kinetic_plus_loss(w, v, loss)
 
@@ -256,7 +151,7 @@ class NesterovFlow(AbstractSecondOrderFlow):
         return -self._damping(t) * sqnorm(v)
 
 
-class HeavyBallFlow(AbstractSecondOrderFlow):
+class HeavyBallFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
     """Heavy-ball (Polyak) flow, ẅ + γ ẇ + ∇L(w) = 0.
 
     ℒ = e^{γt}(½‖ẇ‖² − L(w)) (eq. 24 of Głuch & Urbanke with κ1 = γ, κ2 = 1);
@@ -274,6 +169,9 @@ class HeavyBallFlow(AbstractSecondOrderFlow):
     def lagrangian(self, t, w, v, loss):
         return jnp.exp(self.gamma * t) * (0.5 * sqnorm(v) - loss(w))
 
+    def kappas(self, t):
+        return jnp.asarray(self.gamma, jnp.result_type(float)), jnp.ones(())
+
     def energy(self, t, w, v, loss):
         return _kinetic_plus_loss(w, v, loss)
 
@@ -281,7 +179,7 @@ class HeavyBallFlow(AbstractSecondOrderFlow):
         return -self.gamma * sqnorm(v)
 
 
-class GeneralFlow(AbstractSecondOrderFlow):
+class GeneralFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
     """General κ1/κ2 dynamics, κ2(t) ẅ + κ1(t) ẇ + ∇L(w) = 0 (Głuch & Urbanke eq. 22).
 
     ℒ = exp(∫_{t_ref}^t κ1/κ2)(½‖ẇ‖² − L(w)/κ2(t)) (eq. 24; the paper integrates from 0,
@@ -313,6 +211,9 @@ class GeneralFlow(AbstractSecondOrderFlow):
     def lagrangian(self, t, w, v, loss):
         log_weight = _integral(lambda s: self.kappa1(s) / self.kappa2(s), self.t_ref, t)
         return jnp.exp(log_weight) * (0.5 * sqnorm(v) - loss(w) / self.kappa2(t))
+
+    def kappas(self, t):
+        return self.kappa1(t), self.kappa2(t)
 
     def energy(self, t, w, v, loss):
         return _kinetic_plus_loss(w, v, loss, mass=self.kappa2(t))

@@ -1,0 +1,27 @@
+"""The Lagrangian catalogue: one final `eqx.Module` per flow, split by family.
+
+- `_base`: the abstract bases (`AbstractFlow`, first/second order, the marker classes)
+  and the helpers every entry shares (coefficients stored as arrays, schedules).
+- `_classical`: gradient, mirror, Newtonian, Nesterov, heavy-ball, general κ1/κ2 and
+  Lagrangian flows (Głuch & Urbanke Table 1).
+
+Further families live in files of their own beside these and are re-exported here.
+"""
+
+from ._base import (
+    AbstractFirstOrderFlow as AbstractFirstOrderFlow,
+    AbstractFlow as AbstractFlow,
+    AbstractKappaFlow as AbstractKappaFlow,
+    AbstractSecondOrderFlow as AbstractSecondOrderFlow,
+    AbstractSeparableFlow as AbstractSeparableFlow,
+    Loss as Loss,
+)
+from ._classical import (
+    GeneralFlow as GeneralFlow,
+    GradientFlow as GradientFlow,
+    HeavyBallFlow as HeavyBallFlow,
+    LagrangianFlow as LagrangianFlow,
+    MirrorFlow as MirrorFlow,
+    NesterovFlow as NesterovFlow,
+    NewtonianFlow as NewtonianFlow,
+)

@@ -1,0 +1,115 @@
+"""Projections and the schedules on which `simulate` applies them.
+
+A projection maps a state (params, velocity) to a new state, e.g. a balancing fix that
+rescales the weights without changing the network function (Saul, Alg. 1; Baldi et al.
+sec. 2). `simulate` applies it on a schedule, then *continues* the solve from the new
+state: every k accepted steps, every Δt of time, or when an event fires. Diffrax has
+no post-step hook (its issues #277, #699) and its events only stop a solve, so the
+driver runs the schedule itself (see `_simulate`).
+
+The same mechanism serves any action that maps the state and goes on; the projection
+here is its most common user-facing form.
+"""
+
+import abc
+import numbers
+
+import equinox as eqx
+from jaxtyping import PyTree
+
+from ._events import AbstractEvent
+
+
+class AbstractProjection(eqx.Module):
+    """A map (params, velocity) -> (params, velocity) applied between solver steps.
+
+    `params` is the full model (an `MLP` or any pytree, static parts included), so a
+    projection can read e.g. the activation's homogeneity degree. `velocity` is None
+    for first-order flows; second-order flows get it and return the mapped velocity
+    (for a linear rescaling of the weights, the push-forward by the same map).
+
+    `init(params, velocity)` is called once with the initial state; whatever it returns
+    is handed back as `state` on every call (e.g. the initial charges that
+    `ChargeProjection` restores). Used on its own, `projection(params, velocity)` with
+    no state behaves as if `init` had been called on those params.
+    """
+
+    def init(self, params: PyTree, velocity: PyTree | None) -> PyTree:
+        """Reference data computed once from the initial state (default: none)."""
+        return None
+
+    @abc.abstractmethod
+    def __call__(
+        self, params: PyTree, velocity: PyTree | None, state: PyTree = None
+    ) -> tuple[PyTree, PyTree | None]:
+        """The projected (params, velocity)."""
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int (a number of steps), got {value!r}.")
+    return int(value)
+
+
+def _positive_float(name: str, value) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}.") from None
+    if not (out > 0 and out < float("inf")):
+        raise ValueError(f"`{name}` must be a positive, finite number, got {value!r}.")
+    return out
+
+
+def _check_projection(projection) -> None:
+    if not isinstance(projection, AbstractProjection):
+        raise ValueError(
+            "`projection` must be an AbstractProjection such as "
+            f"dyn.balance.MinNormFix(p=2, q=2), got {projection!r}."
+        )
+
+
+class AbstractSchedule(eqx.Module):
+    """When a projection is applied inside a solve (`Every`, `OnEvent`)."""
+
+    projection: eqx.AbstractVar[AbstractProjection]
+
+
+class Every(AbstractSchedule):
+    """Apply `projection` every `steps` accepted solver steps, or every `time` units of
+    time (at t0 + k·time), then continue the solve. Give exactly one of the two.
+    """
+
+    projection: AbstractProjection
+    steps: int | None = eqx.field(static=True)
+    time: float | None = eqx.field(static=True)
+
+    def __init__(self, projection: AbstractProjection, *, steps: int | None = None,
+                 time: float | None = None):
+        _check_projection(projection)
+        if (steps is None) == (time is None):
+            raise ValueError(
+                "Every: give exactly one of `steps` (apply every k accepted steps) or "
+                "`time` (apply every Δt of time), e.g. dyn.Every(fix, steps=50)."
+            )
+        self.projection = projection
+        self.steps = None if steps is None else _positive_int("steps", steps)
+        self.time = None if time is None else _positive_float("time", time)
+
+
+class OnEvent(AbstractSchedule):
+    """Apply `projection` whenever `event` fires (its condition crosses zero, or turns
+    True), then continue the solve instead of stopping it."""
+
+    projection: AbstractProjection
+    event: AbstractEvent
+
+    def __init__(self, projection: AbstractProjection, event: AbstractEvent):
+        _check_projection(projection)
+        if not isinstance(event, AbstractEvent):
+            raise ValueError(
+                "OnEvent: `event` must be a dyn.events object such as "
+                f"dyn.events.Condition(fn), got {event!r}."
+            )
+        self.projection = projection
+        self.event = event
