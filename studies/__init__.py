@@ -3,7 +3,8 @@
 The registry is the package itself: every public module here (name not starting with
 "_") is a study, described by the first line of its docstring. Listing reads the
 docstrings without importing the modules (no JAX start-up for `dynamics list`); a
-study is imported only when it is run. To add a study, add a module; nothing else.
+study is imported only when it is run. To add a study, add a module; nothing else. A study's name is its module name with
+"_" written "-" (`saul_minnorm.py` is `dynamics run saul-minnorm`); either spelling loads.
 """
 
 import ast
@@ -28,17 +29,18 @@ def available() -> dict[str, str]:
     for info in sorted(pkgutil.iter_modules([str(_HERE)]), key=lambda i: i.name):
         if info.name.startswith("_") or info.ispkg:
             continue
-        out[info.name] = _describe(_HERE / f"{info.name}.py")
+        out[info.name.replace("_", "-")] = _describe(_HERE / f"{info.name}.py")
     return out
 
 
 def load(name: str) -> ModuleType:
     """Import the study `name`; ValueError naming the valid studies if there is none."""
     studies = available()
+    name = name.replace("_", "-") if isinstance(name, str) else name
     if name not in studies:
         valid = ", ".join(studies) or "(none)"
         raise ValueError(f"unknown study {name!r}; valid studies are: {valid}.")
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
     if not callable(getattr(module, "run", None)):
         raise ValueError(f"study {name!r} has no run(out, quick) function.")
     return module
