@@ -104,6 +104,12 @@ class AbstractLoss(eqx.Module):
             return NotImplemented
         return total(self, other)
 
+    def __radd__(self, other) -> "AbstractLoss":
+        # `sum([l2(1.0), l2(2.0)])` starts from 0 + loss.
+        if isinstance(other, numbers.Number) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
 
 class MeanSquaredError(AbstractLoss):
     """L = (1/(2n)) Σ_i ‖f(x_i) − y_i‖², the squared error halved and averaged over examples.
