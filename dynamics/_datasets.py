@@ -110,7 +110,8 @@ class Dataset(eqx.Module):
             if y.ndim != 2:
                 raise ValueError(
                     f"Dataset: float targets `y` must have shape (n, k), got {y.shape}; "
-                    f"reshape a scalar target with y[:, None]."
+                    f"reshape a scalar target with y[:, None], or, for class labels "
+                    f"stored as floats, pass y.astype(int)."
                 )
             if num_classes is not None:
                 raise ValueError(
@@ -157,8 +158,9 @@ def digits(n: int | None = None, *, key: PRNGKeyArray | None = None) -> Dataset:
     population std); constant pixels are set to 0. Labels are ints 0..9.
 
     With `n`, return n of the images: a uniformly random subset (in random order) when
-    `key` is given, otherwise the first n. Standardization always uses the statistics
-    of the full set, so an image has the same features whatever `n` is.
+    `key` is given, otherwise the first n; `key` without `n` shuffles all of them.
+    Standardization always uses the statistics of the full set, so an image has the
+    same features whatever `n` is. `key` may be an int seed.
     """
     if n is not None:
         if (
@@ -172,6 +174,8 @@ def digits(n: int | None = None, *, key: PRNGKeyArray | None = None) -> Dataset:
             )
         n = int(n)
     x, y = _digits_numpy()
+    if n is None and key is not None:
+        n = _DIGITS_SIZE  # a key asks for a random order; it is never silently ignored
     if n is not None and key is None:
         x, y = x[:n], y[:n]
     x = jnp.asarray(x, dtype=jnp.result_type(float))

@@ -269,9 +269,12 @@ class MLP(eqx.Module):
         if isinstance(activation, str):
             activation = activation_from_name(activation)
         elif not isinstance(activation, AbstractActivation):
+            hint = (f" (did you mean {activation.__name__}()?)"
+                    if isinstance(activation, type) and issubclass(activation, AbstractActivation)
+                    else "")
             raise ValueError(
                 f"MLP: `activation` must be an AbstractActivation such as dyn.ReLU() or a "
-                f"name such as 'relu', got {activation!r}."
+                f"name such as 'relu', got {activation!r}{hint}."
             )
         if not isinstance(bias, bool):
             raise ValueError(f"MLP: `bias` must be True or False, got {bias!r}.")

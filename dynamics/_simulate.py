@@ -17,19 +17,25 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, PyTree, Scalar
 
-from ._events import AbstractDivergenceEvent, AbstractEvent, EventRootFinder, NonFinite
+from ._events import (
+    AbstractDivergenceEvent,
+    AbstractEvent,
+    Condition,
+    EventRootFinder,
+    NonFinite,
+)
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
     AbstractSeparableFlow,
     NesterovFlow,
 )
-from ._monitors import AbstractMonitor, Loss
+from ._monitors import AbstractMonitor, Function, Loss
 from ._problem import Problem
 from ._solvers import LossCarryingEuler
 from ._trajectory import Trajectory, check_variable_name, provenance
 from ._tree import is_concrete, partition
-from ._validate import as_tuple, check_tolerance, positive_int, real
+from ._validate import as_tuple, check_tolerance, class_hint, positive_int, real
 
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
 # solver tolerance a study uses, so the interpolant, not the root find, limits them;
@@ -159,6 +165,39 @@ def _traced_tolerances(controller: diffrax.AbstractStepSizeController, dtype):
 
     return jax.tree.map(convert, controller,
                         is_leaf=lambda x: isinstance(x, diffrax.PIDController))
+
+
+def _check_user_functions(problem: Problem, monitors, events, t0: float, w: PyTree,
+                          v: PyTree | None) -> None:
+    # A user's `Function` monitor or `Condition` event with the wrong signature or
+    # output fails deep inside diffrax otherwise. Checked on shapes alone (eval_shape:
+    # nothing runs) and on the user's function only, with a stand-in velocity, so the
+    # loss is not traced here.
+    params = problem.params(w)
+    velocity = problem.params(jax.tree.map(jnp.zeros_like, w) if v is None else v)
+    t = jnp.asarray(t0, jnp.result_type(float))
+    checks = [(f"the monitor {m.name!r}", m.fn, False) for m in monitors
+              if isinstance(m, Function)]
+    checks += [(f"the event {e.name!r}", e.fn, True) for e in events
+               if isinstance(e, Condition)]
+    for what, fn, scalar in checks:
+        try:
+            out = jax.eval_shape(fn, t, params, velocity)
+        except Exception as exc:
+            raise ValueError(
+                f"{what}: its function must take (t, params, velocity) and return an "
+                f"array; calling it failed with {type(exc).__name__}: {exc}"
+            ) from exc
+        ok_dtype = hasattr(out, "dtype") and (jnp.issubdtype(out.dtype, jnp.floating)
+                                              or jnp.issubdtype(out.dtype, jnp.bool_)
+                                              or (not scalar and jnp.issubdtype(
+                                                  out.dtype, jnp.integer)))
+        if not ok_dtype or (scalar and out.shape != ()):
+            want = "a scalar float (or bool)" if scalar else "a real array"
+            raise ValueError(
+                f"{what}: its function must return {want}, got "
+                f"{jax.tree.map(lambda x: (x.shape, x.dtype), out)!r}."
+            )
 
 
 def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
@@ -355,7 +394,8 @@ def simulate(
     """
     if not isinstance(flow, AbstractFlow):
         raise ValueError(
-            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got {flow!r}."
+            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got "
+            f"{flow!r}{class_hint(flow, AbstractFlow)}."
         )
     if not callable(loss):
         raise ValueError("`loss` must be a function params -> scalar.")
@@ -368,7 +408,10 @@ def simulate(
     ts = _validate_ts(ts, t0, t1)
     solver = diffrax.Tsit5() if solver is None else solver
     if not isinstance(solver, diffrax.AbstractSolver):
-        raise ValueError(f"`solver` must be a diffrax solver, got {solver!r}.")
+        raise ValueError(
+            f"`solver` must be a diffrax solver, got "
+            f"{solver!r}{class_hint(solver, diffrax.AbstractSolver)}."
+        )
     partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
     if partitioned and not isinstance(flow, AbstractSeparableFlow):
         raise ValueError(
@@ -383,7 +426,8 @@ def simulate(
     if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
         raise ValueError(
             f"`stepsize_controller` must be a diffrax step-size controller, got "
-            f"{stepsize_controller!r}."
+            f"{stepsize_controller!r}"
+            f"{class_hint(stepsize_controller, diffrax.AbstractStepSizeController)}."
         )
     if isinstance(stepsize_controller, diffrax.PIDController):
         check_tolerance(stepsize_controller.rtol, dtype)
@@ -438,6 +482,7 @@ def simulate(
 
     problem = Problem(flow, loss, static)
     y0 = w0 if v0 is None else (w0, v0)
+    _check_user_functions(problem, monitors, events, t0, w0, v0)
     progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
     out = _solve(
         problem,

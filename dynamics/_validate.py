@@ -29,6 +29,14 @@ def _where(owner: str | None) -> str:
     return f"{owner}: " if owner else ""
 
 
+def class_hint(value: Any, cls: type | tuple[type, ...]) -> str:
+    """" (did you mean Loss()?)" when `value` is a subclass of `cls` given uninstantiated,
+    the commonest slip with Equinox-style APIs; else ""."""
+    if isinstance(value, type) and issubclass(value, cls):
+        return f" (did you mean {value.__name__}()?)"
+    return ""
+
+
 def as_tuple(value: Any, name: str, cls: type | tuple[type, ...], example: str,
              owner: str | None = None) -> tuple:
     """`value` as a tuple of `cls` instances: one instance is wrapped, a list or tuple
@@ -38,12 +46,13 @@ def as_tuple(value: Any, name: str, cls: type | tuple[type, ...], example: str,
     if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
         raise ValueError(
             f"{_where(owner)}`{name}` must be one object or a list/tuple of them, e.g. "
-            f"{name}=({example},), got {value!r}."
+            f"{name}=({example},), got {value!r}{class_hint(value, cls)}."
         )
     for item in value:
         if not isinstance(item, cls):
             raise ValueError(
-                f"{_where(owner)}`{name}` must hold objects such as {example}, got {item!r}."
+                f"{_where(owner)}`{name}` must hold objects such as {example}, got "
+                f"{item!r}{class_hint(item, cls)}."
             )
     return tuple(value)
 

@@ -217,3 +217,39 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     assert main(["run", "quickstart", "--out", str(target)]) == 2
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "x"
+
+
+# ---- more new-user mistakes (issue 12, "a dozen more") ----------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(monitors=dyn.monitors.Loss), r"did you mean Loss\(\)"),
+    (dict(events=[dyn.events.NonFinite]), r"did you mean NonFinite\(\)"),
+    (dict(solver=diffrax.Tsit5), r"did you mean Tsit5\(\)"),
+    (dict(stepsize_controller=diffrax.ConstantStepSize), r"did you mean ConstantStepSize\(\)"),
+    (dict(monitors=dyn.monitors.Function(lambda t, w: t, "f")), "'f'.*(t, params, velocity)"),
+    (dict(monitors=dyn.monitors.Function(lambda t, w, v: {"a": t}, "f")), "real array"),
+    (dict(events=dyn.events.Condition(lambda t, w, v: w - 1.0, "c")), "scalar float"),
+])
+def test_more_bad_simulate_arguments(kwargs, match):
+    kw = dict(t1=1.0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        dyn.simulate(dyn.GradientFlow(), W0, quad, **kw)
+    with pytest.raises(ValueError, match=r"did you mean GradientFlow\(\)"):
+        dyn.simulate(dyn.GradientFlow, W0, quad, t1=1.0)
+
+
+def test_more_bad_model_and_data_arguments(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"did you mean ReLU\(\)"):
+        dyn.MLP((2, 3, 1), dyn.ReLU, key=0)
+    with pytest.raises(ValueError, match="astype\\(int\\)"):
+        dyn.datasets.Dataset(np.ones((3, 2)), np.array([0.0, 1.0, 1.0]))
+    # A key without n shuffles the whole set rather than being ignored.
+    shuffled = dyn.datasets.digits(key=0)
+    ordered = dyn.datasets.digits()
+    assert len(shuffled) == len(ordered) == 1797
+    assert not np.array_equal(shuffled.y, ordered.y)
+    np.testing.assert_array_equal(np.sort(shuffled.y), np.sort(ordered.y))  # a permutation
+    target = tmp_path / "a_file.txt"
+    target.write_text("x")
+    assert main(["run", "quickstart", "--out", str(target / "sub")]) == 2
+    assert "is a file" in capsys.readouterr().err
