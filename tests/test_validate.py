@@ -83,7 +83,7 @@ def test_complex_params_rejected():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(max_steps=True), "max_steps"),
+    (dict(max_steps=True), "`max_steps` must be an int >= 1, got True"),
     (dict(max_steps=10.0), "max_steps"),
     (dict(progress="yes"), "progress"),
     (dict(throw=0), "throw"),
