@@ -222,8 +222,8 @@ def test_lagrangian_flow_energy_along_trajectory():
 
     flow = dyn.LagrangianFlow(lag)
     rate = dyn.monitors.Function(lambda t, w, v: flow.energy_rate(t, w, v, toy), "rate")
-    ts = jnp.linspace(0.0, 4.0, 2001)
-    traj = dyn.simulate(flow, jnp.array([0.5, 0.5, 0.5]), toy, t1=4.0,
+    ts = jnp.linspace(0.0, 3.0, 1001)
+    traj = dyn.simulate(flow, jnp.array([0.5, 0.5, 0.5]), toy, t1=3.0,
                         v0=jnp.array([-2.0, 1.0, 1.0]), ts=ts, stepsize_controller=TIGHT,
                         monitors=(dyn.monitors.Energy(), rate))
     energy = traj.monitors["energy"]
@@ -232,12 +232,9 @@ def test_lagrangian_flow_energy_along_trajectory():
                                    + (np.sum(w**2, axis=1) - 1.0) ** 2)
     np.testing.assert_allclose(energy, by_hand, rtol=1e-12)  # the same formula, roundoff
     integral = scipy.integrate.cumulative_simpson(traj.monitors["rate"], x=t, initial=0.0)
-    # Simpson on h = 2e-3 (~1e-10) plus the 1e-11 solve, on E of order 10.
+    # Simpson on h = 3e-3 (~h⁴ E⁽⁵⁾ ~ 1e-9) plus the 1e-11 solve, on E of order 10.
     np.testing.assert_allclose(energy - energy[0], integral, rtol=0, atol=5e-8)
-    # The same trajectory as the closed-form heavy ball ẅ + γẇ + ∇L = 0.
-    hb = dyn.simulate(dyn.HeavyBallFlow(gamma), jnp.array([0.5, 0.5, 0.5]), toy, t1=4.0,
-                      v0=jnp.array([-2.0, 1.0, 1.0]), stepsize_controller=TIGHT)
-    np.testing.assert_allclose(traj.final_params, hb.final_params, rtol=1e-8)  # two 1e-11 solves
+    assert abs(energy[-1] - energy[0]) > 0.1  # E changes with t here: the check is not vacuous
 
 
 def test_mirror_flow_with_half_square_is_gradient_flow():
