@@ -99,8 +99,8 @@ def test_nesterov_from_positive_t0_ends_on_unit_sphere():
 
 def test_nesterov_from_zero_with_zero_velocity():
     """From t0 = 0, ẇ = 0, against SciPy started at t = ε on the series w(ε) = w0 + a ε²/2,
-    ẇ(ε) = a ε with a = ẅ(0) = −∇L/(1 + r) (error O(ε³)); a zero acceleration at t = 0
-    at t = 0 is not seen here (the adaptive solver absorbs one bad stage); the limit
+    ẇ(ε) = a ε with a = ẅ(0) = −∇L/(1 + r) (error O(ε³)). A wrong acceleration at t = 0
+    alone is not seen here (the adaptive solver absorbs one bad stage); the limit
     itself is asserted in test_flows.py::test_nesterov_limit_at_zero."""
     w0 = np.array([0.5, 0.2, -0.1])  # not radial: all three components differ
     ts = np.linspace(0.0, 3.0, 7)
