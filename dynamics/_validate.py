@@ -39,15 +39,16 @@ def class_hint(value: Any, cls: type | tuple[type, ...]) -> str:
 
 def as_tuple(value: Any, name: str, cls: type | tuple[type, ...], example: str,
              owner: str | None = None) -> tuple:
-    """`value` as a tuple of `cls` instances: one instance is wrapped, a list or tuple
-    is checked element by element, anything else is a ValueError."""
+    """`value` as a tuple of `cls` instances: one instance is wrapped, a list, tuple or
+    other iterable is checked element by element, anything else is a ValueError."""
     if isinstance(value, cls):
         return (value,)
-    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+    if isinstance(value, str | bytes | dict) or not hasattr(value, "__iter__"):
         raise ValueError(
             f"{_where(owner)}`{name}` must be one object or a list/tuple of them, e.g. "
             f"{name}=({example},), got {value!r}{class_hint(value, cls)}."
         )
+    value = tuple(value)  # a list, a tuple, a generator
     for item in value:
         if not isinstance(item, cls):
             raise ValueError(
