@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dynamics run quickstart --out .
 
+# The suite in float64, then the float32 subset (events, every flow, the quickstart in
+# quick mode) in JAX's default precision, as a new user runs it.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+	DYNAMICS_FLOAT32=1 $(VENV)/bin/python -m pytest -q -m float32 tests/test_float32.py
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e ".[test,bench]"

@@ -55,6 +55,13 @@ def _run(name: str, out: Path, quick: bool) -> int:
         print(f"dynamics: error: unknown study {name!r}; valid studies are: {valid}.",
               file=sys.stderr)
         return 2
+    # The first part of --out that exists must be a directory (the rest is created).
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        print(f"dynamics: error: --out {str(out)!r}: {str(existing)!r} is a file; give a "
+              "directory (it is created if missing), e.g. --out results-dir.",
+              file=sys.stderr)
+        return 2
     import jax
 
     # Studies integrate to tolerances near 1e-10, which float32 cannot reach. Set before

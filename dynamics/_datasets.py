@@ -5,7 +5,6 @@ datasets of the same shapes and dtypes go through the same compiled function.
 """
 
 import functools
-import math
 import numbers
 
 import equinox as eqx
@@ -16,29 +15,36 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._models import MLP, AbstractActivation
 from ._tree import is_concrete
+from ._validate import positive_int, prng_key, real
 
 __all__ = ["Dataset", "digits", "teacher_student", "rotational", "circles"]
 
 
 def _positive_int(value, name: str, owner: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{owner}: `{name}` must be an int >= {low}, got {value!r}.")
-    return int(value)
+    return positive_int(value, name, owner, low)
 
 
 def _nonnegative(value, name: str, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{owner}: `{name}` must be a real number >= 0, got {value!r}.")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{owner}: `{name}` must be finite and >= 0, got {value!r}.")
-    return value
+    return real(value, name, owner, low=0.0)
 
 
 def _require_key(key, owner: str):
-    if key is None:
-        raise ValueError(f"{owner}: a PRNG key is required; pass key=jax.random.key(0).")
-    return key
+    return prng_key(key, owner)
+
+
+def _as_array(value, name: str) -> Array:
+    if isinstance(value, jax.Array):
+        return value
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf" and arr.dtype.kind != "c":
+        hint = (" Encode class labels as ints 0..k-1, e.g. with np.unique(y, "
+                "return_inverse=True)[1]." if name == "y" else "")
+        raise ValueError(
+            f"Dataset: `{name}` must hold numbers, got dtype {arr.dtype}.{hint}"
+        )
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.int64 if name == "y" else np.float64)
+    return jnp.asarray(arr)
 
 
 class Dataset(eqx.Module):
@@ -59,12 +65,22 @@ class Dataset(eqx.Module):
         y: Int[ArrayLike, " n"] | Float[ArrayLike, "n k"],
         num_classes: int | None = None,
     ):
-        x = jnp.asarray(x)
-        y = jnp.asarray(y)
+        x = _as_array(x, "x")
+        y = _as_array(y, "y")
         if x.ndim != 2:
             raise ValueError(f"Dataset: `x` must have shape (n, d), got shape {x.shape}.")
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(jnp.result_type(float))
+        if jnp.iscomplexobj(x) or jnp.iscomplexobj(y):
+            raise ValueError("Dataset: `x` and `y` must be real, got a complex array.")
+        for name, arr in (("x", x), ("y", y)):
+            if (jnp.issubdtype(arr.dtype, jnp.inexact) and is_concrete(arr)
+                    and not np.all(np.isfinite(np.asarray(arr)))):
+                bad = int(np.sum(~np.isfinite(np.asarray(arr))))
+                raise ValueError(
+                    f"Dataset: `{name}` contains NaN or Inf ({bad} entries); drop or "
+                    "impute those examples first."
+                )
         if y.shape[:1] != x.shape[:1]:
             raise ValueError(
                 f"Dataset: `x` and `y` must have the same number of examples, got "
@@ -94,7 +110,8 @@ class Dataset(eqx.Module):
             if y.ndim != 2:
                 raise ValueError(
                     f"Dataset: float targets `y` must have shape (n, k), got {y.shape}; "
-                    f"reshape a scalar target with y[:, None]."
+                    f"reshape a scalar target with y[:, None], or, for class labels "
+                    f"stored as floats, pass y.astype(int)."
                 )
             if num_classes is not None:
                 raise ValueError(
@@ -141,8 +158,9 @@ def digits(n: int | None = None, *, key: PRNGKeyArray | None = None) -> Dataset:
     population std); constant pixels are set to 0. Labels are ints 0..9.
 
     With `n`, return n of the images: a uniformly random subset (in random order) when
-    `key` is given, otherwise the first n. Standardization always uses the statistics
-    of the full set, so an image has the same features whatever `n` is.
+    `key` is given, otherwise the first n; `key` without `n` shuffles all of them.
+    Standardization always uses the statistics of the full set, so an image has the
+    same features whatever `n` is. `key` may be an int seed.
     """
     if n is not None:
         if (
@@ -156,12 +174,14 @@ def digits(n: int | None = None, *, key: PRNGKeyArray | None = None) -> Dataset:
             )
         n = int(n)
     x, y = _digits_numpy()
+    if n is None and key is not None:
+        n = _DIGITS_SIZE  # a key asks for a random order; it is never silently ignored
     if n is not None and key is None:
         x, y = x[:n], y[:n]
     x = jnp.asarray(x, dtype=jnp.result_type(float))
     y = jnp.asarray(y, dtype=jnp.result_type(int))
     if n is not None and key is not None:
-        x, y = _random_rows(key, x, y, n)
+        x, y = _random_rows(prng_key(key, "digits"), x, y, n)
     return Dataset(x, y, num_classes=10)
 
 

@@ -12,12 +12,12 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._problem import Problem
 from ._tree import all_finite, sqnorm
+from ._validate import traced_scalar
 
 
 class AbstractEvent(eqx.Module):
@@ -36,43 +36,35 @@ class AbstractDivergenceEvent(AbstractEvent):
     """Marker: firing means the run diverged (`Trajectory.diverged` is set)."""
 
 
-def _check_threshold(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a number, got {type(value).__name__}.") from None
-    if not np.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    return value
-
-
 class LossBelow(AbstractEvent):
     """Stop when the loss falls to `value`: c = L(w) − value crosses zero downwards.
-    (A run that starts below `value` never crosses, and does not stop.)"""
+    (A run that starts below `value` never crosses, and does not stop.)
 
-    value: float
+    `value` is stored as an array: runs that differ only in the threshold share one
+    compiled solve."""
+
+    value: Array
     name: ClassVar[str] = "loss_below"
     direction: ClassVar[bool | None] = False
 
     def __init__(self, value: float):
-        self.value = _check_threshold("value", value)
+        self.value = traced_scalar(value, "value", "LossBelow")
 
     def condition(self, t, w, v, problem):
         # Relative units keep the root find's |c| < atol test meaningful at any scale.
-        return (problem.loss(w) - self.value) / max(abs(self.value), 1.0)
+        return (problem.loss(w) - self.value) / jnp.maximum(jnp.abs(self.value), 1.0)
 
 
 class NormAbove(AbstractDivergenceEvent):
-    """Divergence guard: stop when ‖w‖ (over all parameters) rises to `value`."""
+    """Divergence guard: stop when ‖w‖ (over all parameters) rises to `value` > 0
+    (stored as an array, like `LossBelow`'s)."""
 
-    value: float
+    value: Array
     name: ClassVar[str] = "norm_above"
     direction: ClassVar[bool | None] = True
 
     def __init__(self, value: float):
-        self.value = _check_threshold("value", value)
-        if self.value <= 0:
-            raise ValueError(f"`value` must be > 0 for NormAbove, got {self.value}.")
+        self.value = traced_scalar(value, "value", "NormAbove", low=0.0, strict=True)
 
     def condition(self, t, w, v, problem):
         return jnp.sqrt(sqnorm(w)) / self.value - 1.0
@@ -99,7 +91,12 @@ class Condition(AbstractEvent):
 
     def __check_init__(self):
         if not callable(self.fn):
-            raise ValueError("`fn` must be a function (t, params, velocity) -> scalar.")
+            raise ValueError(
+                f"Condition: `fn` must be a function (t, params, velocity) -> scalar, got "
+                f"{self.fn!r}."
+            )
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Condition: `name` must be a non-empty string, got {self.name!r}.")
         if self.direction not in (None, True, False):
             raise ValueError("`direction` must be None, True (up-crossing) or False.")
 
@@ -128,10 +125,15 @@ class EventRootFinder(optx.AbstractRootFinder):
     reach where the condition is steep (a blow-up guard crossing at ‖w‖ = 1e6 moves by
     1e-10 per ulp of t); bracketing in t alone always converges, to `atol + rtol·|t|`,
     and it returns the end of the bracket where the condition has crossed.
+
+    The tolerance never goes below `ulps` units in the last place of t in the dtype of
+    the solve: a bracket cannot be narrower than the floats between its ends, so 1e-13
+    asked for in float32 would never be met (the root find would run out of steps).
     """
 
     rtol: float
     atol: float
+    ulps: float = 4.0
     norm: ClassVar[Callable] = jnp.abs
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
@@ -153,7 +155,11 @@ class EventRootFinder(optx.AbstractRootFinder):
 
     def terminate(self, fn, y, args, options, state, tags):
         width = state.upper - state.lower
-        done = (width <= self.atol + self.rtol * jnp.abs(state.upper)) | (state.f_at_y == 0)
+        scale = jnp.maximum(jnp.abs(state.upper), jnp.abs(state.lower))
+        eps = jnp.finfo(width.dtype).eps
+        tol = jnp.maximum(self.atol + self.rtol * scale,
+                          self.ulps * eps * scale + jnp.finfo(width.dtype).tiny)
+        done = (width <= tol) | (state.f_at_y == 0)
         return done, optx.RESULTS.successful
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):

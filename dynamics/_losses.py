@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 from ._datasets import Dataset
 from ._models import MLP
 from ._tree import is_concrete
+from ._validate import real
 
 __all__ = [
     "AbstractLoss",
@@ -57,8 +58,9 @@ def _check_dataset(data, owner: str) -> Dataset:
 
 def _hyper(value, name: str, owner: str, *, positive: bool = False) -> Float[Array, ""]:
     """A scalar hyperparameter as a float array, checked when it is concrete."""
-    if isinstance(value, bool):
-        raise ValueError(f"{owner}: `{name}` must be a real number, got {value!r}.")
+    if is_concrete(value) and np.ndim(value) == 0:
+        # A bool, a string, None: the shared validator names the argument.
+        value = real(value, name, owner)
     arr = jnp.asarray(value, dtype=_float_dtype())
     if arr.shape != ():
         raise ValueError(f"{owner}: `{name}` must be a scalar, got shape {arr.shape}.")
@@ -103,6 +105,12 @@ class AbstractLoss(eqx.Module):
         if not isinstance(other, AbstractLoss):
             return NotImplemented
         return total(self, other)
+
+    def __radd__(self, other) -> "AbstractLoss":
+        # `sum([l2(1.0), l2(2.0)])` starts from 0 + loss.
+        if isinstance(other, numbers.Number) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
 
 
 class MeanSquaredError(AbstractLoss):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from ._validate import prng_key, real
+
 __all__ = [
     "AbstractActivation",
     "ReLU",
@@ -33,12 +35,7 @@ __all__ = [
 
 def _real(value, name: str, owner: str) -> float:
     """A finite Python float, or a ValueError that names the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{owner}: `{name}` must be a real number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: `{name}` must be finite, got {value!r}.")
-    return value
+    return real(value, name, owner)
 
 
 def _exponent(value: float) -> int | float:
@@ -272,16 +269,18 @@ class MLP(eqx.Module):
         if isinstance(activation, str):
             activation = activation_from_name(activation)
         elif not isinstance(activation, AbstractActivation):
+            hint = (f" (did you mean {activation.__name__}()?)"
+                    if isinstance(activation, type) and issubclass(activation, AbstractActivation)
+                    else "")
             raise ValueError(
                 f"MLP: `activation` must be an AbstractActivation such as dyn.ReLU() or a "
-                f"name such as 'relu', got {activation!r}."
+                f"name such as 'relu', got {activation!r}{hint}."
             )
         if not isinstance(bias, bool):
             raise ValueError(f"MLP: `bias` must be True or False, got {bias!r}.")
         if init not in _INITS:
             raise ValueError(f"MLP: `init` must be one of {sorted(_INITS)}, got {init!r}.")
-        if key is None:
-            raise ValueError("MLP: a PRNG key is required; pass key=jax.random.key(0).")
+        key = prng_key(key, "MLP")
 
         gain = _INITS[init]
         shapes = [(fan_out, fan_in) for fan_in, fan_out in zip(widths[:-1], widths[1:])]

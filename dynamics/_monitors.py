@@ -102,6 +102,17 @@ class Function(AbstractMonitor):
     fn: Callable
     name: str = "function"
 
+    def __check_init__(self):
+        if not callable(self.fn):
+            hint = (f" (did you mean Function(fn, name={self.fn!r})?)"
+                    if isinstance(self.fn, str) else "")
+            raise ValueError(
+                f"Function: `fn` must be a function (t, params, velocity) -> array, got "
+                f"{self.fn!r}{hint}."
+            )
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Function: `name` must be a non-empty string, got {self.name!r}.")
+
     def __call__(self, t, w, v, problem):
         if v is None:
             v = problem.flow.vector_field(t, w, problem.loss)

@@ -17,32 +17,39 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, PyTree, Scalar
 
-from ._events import AbstractDivergenceEvent, AbstractEvent, EventRootFinder, NonFinite
+from ._events import (
+    AbstractDivergenceEvent,
+    AbstractEvent,
+    Condition,
+    EventRootFinder,
+    NonFinite,
+)
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
     AbstractSeparableFlow,
     NesterovFlow,
 )
-from ._monitors import AbstractMonitor, Loss
+from ._monitors import AbstractMonitor, Function, Loss
 from ._problem import Problem
 from ._solvers import LossCarryingEuler
-from ._trajectory import Trajectory, provenance
+from ._trajectory import Trajectory, check_variable_name, provenance
 from ._tree import is_concrete, partition
+from ._validate import as_tuple, check_tolerance, class_hint, positive_int, real
 
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
-# solver tolerance a study uses, so the interpolant, not the root find, limits them.
-_EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13)
+# solver tolerance a study uses, so the interpolant, not the root find, limits them;
+# never below 4 ulps of t in the solve's dtype (float32: ~5e-7 relative), which is as
+# fine as a bracket in that dtype can get.
+_EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13, ulps=4.0)
+
+# The default controller: rtol = 1e-7 in float64; float32 resolves only ~1.2e-7, so
+# there the default is 100 eps (~1e-5), with atol two decades below rtol as in float64.
+_DEFAULT_RTOL = {8: (1e-7, 1e-9), 4: (1e-5, 1e-7), 2: (1e-2, 1e-4)}
 
 
 def _float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}.") from None
-    if not np.isfinite(out):
-        raise ValueError(f"`{name}` must be finite, got {out}.")
-    return out
+    return real(value, name)
 
 
 def _check_finite(name: str, tree: PyTree) -> None:
@@ -70,6 +77,16 @@ def _validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
             "`params` holds no floating-point arrays to evolve; pass a model (e.g. "
             "dyn.MLP) or a pytree of float arrays."
         )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(w):
+        if jnp.iscomplexobj(leaf):
+            # jax.grad of a real loss in complex z returns the conjugate of ∂L/∂z̄·2, so
+            # ẇ = −∇L would climb, not descend; rejected rather than silently wrong.
+            where = jax.tree_util.keystr(path) or "the array"
+            raise ValueError(
+                f"`params` has a complex leaf (at {where}, dtype {leaf.dtype}); flows act "
+                "on real parameters: split z into real and imaginary parts, e.g. "
+                "{'re': z.real, 'im': z.imag}."
+            )
     _check_finite("params", w)
     return w, static
 
@@ -148,6 +165,39 @@ def _traced_tolerances(controller: diffrax.AbstractStepSizeController, dtype):
 
     return jax.tree.map(convert, controller,
                         is_leaf=lambda x: isinstance(x, diffrax.PIDController))
+
+
+def _check_user_functions(problem: Problem, monitors, events, t0: float, w: PyTree,
+                          v: PyTree | None) -> None:
+    # A user's `Function` monitor or `Condition` event with the wrong signature or
+    # output fails deep inside diffrax otherwise. Checked on shapes alone (eval_shape:
+    # nothing runs) and on the user's function only, with a stand-in velocity, so the
+    # loss is not traced here.
+    params = problem.params(w)
+    velocity = problem.params(jax.tree.map(jnp.zeros_like, w) if v is None else v)
+    t = jnp.asarray(t0, jnp.result_type(float))
+    checks = [(f"the monitor {m.name!r}", m.fn, False) for m in monitors
+              if isinstance(m, Function)]
+    checks += [(f"the event {e.name!r}", e.fn, True) for e in events
+               if isinstance(e, Condition)]
+    for what, fn, scalar in checks:
+        try:
+            out = jax.eval_shape(fn, t, params, velocity)
+        except Exception as exc:
+            raise ValueError(
+                f"{what}: its function must take (t, params, velocity) and return an "
+                f"array; calling it failed with {type(exc).__name__}: {exc}"
+            ) from exc
+        ok_dtype = hasattr(out, "dtype") and (jnp.issubdtype(out.dtype, jnp.floating)
+                                              or jnp.issubdtype(out.dtype, jnp.bool_)
+                                              or (not scalar and jnp.issubdtype(
+                                                  out.dtype, jnp.integer)))
+        if not ok_dtype or (scalar and out.shape != ()):
+            want = "a scalar float (or bool)" if scalar else "a real array"
+            raise ValueError(
+                f"{what}: its function must return {want}, got "
+                f"{jax.tree.map(lambda x: (x.shape, x.dtype), out)!r}."
+            )
 
 
 def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
@@ -291,8 +341,8 @@ def simulate(
     dt0: float | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     ts: ArrayLike | None = None,
-    monitors: Sequence[AbstractMonitor] = (),
-    events: Sequence[AbstractEvent] = (),
+    monitors: AbstractMonitor | Sequence[AbstractMonitor] = (),
+    events: AbstractEvent | Sequence[AbstractEvent] = (),
     projection: None = None,
     progress: bool = False,
     max_steps: int | None = 100_000,
@@ -316,12 +366,19 @@ def simulate(
       `LossCarryingEuler`: the same steps, with L(w) taken from each step's
       `value_and_grad` instead of a second forward pass.
     - `dt0`, `stepsize_controller`: as in `diffrax.diffeqsolve` (default an adaptive
-      `PIDController(rtol=1e-7, atol=1e-9)`; fixed steps need
-      `diffrax.ConstantStepSize()` and `dt0`). A `PIDController`'s rtol and atol are
-      passed as arrays, so runs that differ only in tolerance share one compiled solve.
+      `PIDController(rtol=1e-7, atol=1e-9)`, in float32 `rtol=1e-5, atol=1e-7`; fixed
+      steps need `diffrax.ConstantStepSize()` and `dt0`, `diffrax.StepTo(ts)` steps to
+      the given times, from t0 to t1, and takes no `dt0`). A `PIDController`'s rtol and
+      atol are passed as arrays, so runs that differ only in tolerance share one
+      compiled solve; an rtol below the dtype's resolution warns.
+      Tight tolerances (conservation checks to ~1e-10) need float64
+      (`jax.config.update("jax_enable_x64", True)`); everything runs in float32.
     - `ts`: save times in [t0, t1], strictly increasing (default [t0, t1]).
-    - `monitors`: quantities recorded at `ts`, computed inside the solve.
-    - `events`: stopping conditions (`dyn.events.*`); a non-finite state always stops.
+    - `monitors`: quantities recorded at `ts`, computed inside the solve: one monitor
+      or a sequence; names must be unique, and not "time" or "param_…"/"velocity_…"
+      (those name the parameters in `to_xarray`).
+    - `events`: stopping conditions (`dyn.events.*`), one or a sequence; a non-finite
+      state always stops.
     - `projection`: reserved for the balancing fix as a projection step (not yet
       available; must be None).
     - `progress`: show a tqdm progress bar.
@@ -337,7 +394,8 @@ def simulate(
     """
     if not isinstance(flow, AbstractFlow):
         raise ValueError(
-            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got {flow!r}."
+            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got "
+            f"{flow!r}{class_hint(flow, AbstractFlow)}."
         )
     if not callable(loss):
         raise ValueError("`loss` must be a function params -> scalar.")
@@ -346,10 +404,14 @@ def simulate(
         raise ValueError(f"`t1` = {t1} must be greater than `t0` = {t0}.")
     w0, static = _validate_params(params)
     v0 = _validate_velocity(flow, w0, v0, t0)
+    ts_given = ts
     ts = _validate_ts(ts, t0, t1)
     solver = diffrax.Tsit5() if solver is None else solver
     if not isinstance(solver, diffrax.AbstractSolver):
-        raise ValueError(f"`solver` must be a diffrax solver, got {solver!r}.")
+        raise ValueError(
+            f"`solver` must be a diffrax solver, got "
+            f"{solver!r}{class_hint(solver, diffrax.AbstractSolver)}."
+        )
     partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
     if partitioned and not isinstance(flow, AbstractSeparableFlow):
         raise ValueError(
@@ -357,13 +419,18 @@ def simulate(
             f"force independent of the velocity; {type(flow).__name__} is not separable. "
             "Use dyn.NewtonianFlow() or a Runge–Kutta solver such as diffrax.Tsit5()."
         )
+    dtype = jnp.result_type(float)
     if stepsize_controller is None:
-        stepsize_controller = diffrax.PIDController(rtol=1e-7, atol=1e-9)
+        rtol, atol = _DEFAULT_RTOL[jnp.dtype(dtype).itemsize]
+        stepsize_controller = diffrax.PIDController(rtol=rtol, atol=atol)
     if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
         raise ValueError(
             f"`stepsize_controller` must be a diffrax step-size controller, got "
-            f"{stepsize_controller!r}."
+            f"{stepsize_controller!r}"
+            f"{class_hint(stepsize_controller, diffrax.AbstractStepSizeController)}."
         )
+    if isinstance(stepsize_controller, diffrax.PIDController):
+        check_tolerance(stepsize_controller.rtol, dtype)
     adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
     if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         raise ValueError(
@@ -371,22 +438,40 @@ def simulate(
             "`stepsize_controller`; pass stepsize_controller=diffrax.ConstantStepSize() "
             "and a `dt0`, or an adaptive solver such as diffrax.Tsit5()."
         )
-    if dt0 is None and not adaptive:
+    if isinstance(stepsize_controller, diffrax.StepTo):
+        if dt0 is not None:
+            raise ValueError(
+                "`dt0` must be None with diffrax.StepTo: the steps are its `ts`; drop dt0."
+            )
+        steps = np.asarray(stepsize_controller.ts, dtype=float)
+        if steps.ndim != 1 or steps.size < 2 or not np.allclose(steps[[0, -1]], [t0, t1]):
+            raise ValueError(
+                f"diffrax.StepTo(ts) must have ts[0] = t0 = {t0} and ts[-1] = t1 = {t1}, got "
+                f"ts from {steps[:1]} to {steps[-1:]}; e.g. StepTo(jnp.linspace(t0, t1, n))."
+            )
+        # diffrax compares t0, t1 with ts[0], ts[-1] exactly; hand it the same numbers.
+        t0, t1 = float(steps[0]), float(steps[-1])
+        ts = _validate_ts(None if ts_given is None else ts_given, t0, t1)
+    elif dt0 is None and not adaptive:
         raise ValueError("`dt0` is required with a constant step size; pass e.g. dt0=1e-2.")
-    if dt0 is not None and _float("dt0", dt0) <= 0:
-        raise ValueError(f"`dt0` must be > 0, got {dt0}.")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps <= 0):
-        raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}.")
-    monitors, events = tuple(monitors), tuple(events)
-    for m in monitors:
-        if not isinstance(m, AbstractMonitor):
-            raise ValueError(f"`monitors` must hold dyn.monitors objects, got {m!r}.")
+    if dt0 is not None:
+        # A plain float: provenance (netCDF attributes) must hold plain numbers.
+        dt0 = real(dt0, "dt0", low=0.0, strict=True)
+    if max_steps is not None:
+        max_steps = positive_int(max_steps, "max_steps")
+    if not isinstance(progress, bool):
+        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
+    if not isinstance(throw, bool):
+        raise ValueError(f"`throw` must be True or False, got {throw!r}.")
+    if not isinstance(save_params, bool):
+        raise ValueError(f"`save_params` must be True or False, got {save_params!r}.")
+    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
+    events = as_tuple(events, "events", AbstractEvent, "dyn.events.LossBelow(1e-3)")
     names = [m.name for m in monitors]
     if len(set(names)) != len(names):
         raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
-    for e in events:
-        if not isinstance(e, AbstractEvent):
-            raise ValueError(f"`events` must hold dyn.events objects, got {e!r}.")
+    for name in names:
+        check_variable_name(name, "monitors")
     if not any(isinstance(e, NonFinite) for e in events):
         events = events + (NonFinite(),)
     if projection is not None:
@@ -397,7 +482,7 @@ def simulate(
 
     problem = Problem(flow, loss, static)
     y0 = w0 if v0 is None else (w0, v0)
-    dtype = jnp.result_type(float)
+    _check_user_functions(problem, monitors, events, t0, w0, v0)
     progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
     out = _solve(
         problem,

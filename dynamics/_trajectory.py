@@ -61,6 +61,33 @@ def _stack_time(saved: PyTree, n_kept: int, final: PyTree | None) -> PyTree:
     return jax.tree.map(take, saved, final)
 
 
+def check_variable_name(name: Any, what: str) -> str:
+    """A monitor name that `to_xarray` can use as a variable: a non-empty string without
+    '/' (netCDF's group separator), and not `time`, the coordinate. A clash with a
+    parameter's `param_…` name is caught by `to_xarray` itself, before anything is
+    written."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(
+            f"`{what}`: a monitor name must be a non-empty string without '/', got {name!r}."
+        )
+    if name == "time":
+        raise ValueError(
+            f"`{what}`: the monitor name 'time' is reserved for the time coordinate of "
+            "to_xarray and dyn.save; rename it, e.g. Function(fn, name='my_time')."
+        )
+    return name
+
+
+def _plain(value: Any) -> Any:
+    # netCDF attributes: str, int, float (a JAX or NumPy scalar becomes a Python one).
+    if isinstance(value, str | bool | int | float):
+        return int(value) if isinstance(value, bool) else value
+    arr = np.asarray(value)
+    if arr.ndim == 0 and arr.dtype.kind in "biuf":
+        return arr.item()
+    return str(value)
+
+
 def _var_name(prefix: str, path) -> str:
     parts = [prefix]
     for key in path:
@@ -165,24 +192,38 @@ class Trajectory(eqx.Module):
         """The run as an `xarray.Dataset` on a `time` coordinate, with provenance attrs.
 
         Monitors become variables of their own name; parameters become
-        `param_<path>` / `velocity_<path>` (e.g. `param_weights_0`).
+        `param_<path>` / `velocity_<path>` (e.g. `param_weights_0`). Names that would
+        collide (params `{"w_0": a, "w": [b]}` both give `param_w_0`; a monitor named
+        `time`) raise a ValueError: no variable is ever silently dropped.
         """
         data: dict[str, Any] = {}
-        for name, values in self.monitors.items():
+        origin: dict[str, str] = {"time": "the time coordinate"}
+
+        def add(var: str, values, what: str):
             values = np.asarray(values)
-            dims = ("time",) + tuple(f"{name}_dim{i}" for i in range(1, values.ndim))
-            data[name] = (dims, values)
+            dims = ("time",) + tuple(f"{var}_dim{i}" for i in range(1, values.ndim))
+            for name in (var, *dims[1:]):
+                if name in origin:
+                    raise ValueError(
+                        f"to_xarray: {what} and {origin[name]} would both be named "
+                        f"{name!r}; rename one (a monitor's `name`, or a key of the "
+                        "params pytree) so that no data is lost."
+                    )
+                origin[name] = what
+            data[var] = (dims, values)
+
+        for name, values in self.monitors.items():
+            check_variable_name(name, "monitors")
+            add(name, values, f"the monitor {name!r}")
         for prefix, tree in (("param", self.params), ("velocity", self.velocities)):
             if tree is None:
                 continue
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
                 if not isinstance(leaf, (np.ndarray, Array)):
                     continue
-                var = _var_name(prefix, path)
-                leaf = np.asarray(leaf)
-                dims = ("time",) + tuple(f"{var}_dim{i}" for i in range(1, leaf.ndim))
-                data[var] = (dims, leaf)
-        attrs = dict(self.meta)
+                where = f"the {prefix} leaf {jax.tree_util.keystr(path) or '(root)'}"
+                add(_var_name(prefix, path), leaf, where)
+        attrs = {k: _plain(v) for k, v in self.meta.items()}
         attrs.update(
             t_final=self.t_final,
             event="none" if self.event is None else self.event,
@@ -192,4 +233,5 @@ class Trajectory(eqx.Module):
             result=self.result,
             **{f"stats_{k}": v for k, v in self.stats.items()},
         )
+        attrs = {k: _plain(v) for k, v in attrs.items()}
         return xr.Dataset(data, coords={"time": ("time", np.asarray(self.ts))}, attrs=attrs)

@@ -1,10 +1,17 @@
+import os
 import shutil
 import tempfile
 
 import jax
+import pytest
 
 # The numerical checks compare against NumPy/SciPy references at ~1e-12; that needs float64.
-jax.config.update("jax_enable_x64", True)
+# `DYNAMICS_FLOAT32=1 pytest -m float32` runs instead the float32 subset (tests marked
+# `float32`, tests/test_float32.py) in JAX's default precision, as a new user gets it;
+# the Makefile's `test` target runs both.
+FLOAT32 = os.environ.get("DYNAMICS_FLOAT32", "") not in ("", "0")
+if not FLOAT32:
+    jax.config.update("jax_enable_x64", True)
 
 # Most of the suite's time is XLA compilation, and many tests compile the same program
 # (the same flow, solver and monitors on a toy loss). A per-session on-disk cache lets a
@@ -13,6 +20,22 @@ _CACHE = tempfile.mkdtemp(prefix="dynamics-jax-cache-")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "float32: runs only in the float32 subset (DYNAMICS_FLOAT32=1)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    # Each test runs in the one precision it was written for.
+    for item in items:
+        marked = item.get_closest_marker("float32") is not None
+        if marked and not FLOAT32:
+            item.add_marker(pytest.mark.skip(reason="float32 subset: DYNAMICS_FLOAT32=1"))
+        elif FLOAT32 and not marked:
+            item.add_marker(pytest.mark.skip(reason="float64 test (DYNAMICS_FLOAT32 is set)"))
 
 
 def pytest_sessionfinish(session, exitstatus):

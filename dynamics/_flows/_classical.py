@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree, Scalar
 
 from .._tree import axpy, scale, sqnorm, vdot
+from .._validate import traced_scalar
 from ._base import (
     AbstractFirstOrderFlow,
     AbstractKappaFlow,
@@ -192,7 +193,7 @@ class GeneralFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
 
     kappa1: Callable
     kappa2: Callable
-    t_ref: float
+    t_ref: Array
 
     def __init__(self, kappa1: Any = 0.0, kappa2: Any = 1.0, *, t_ref: float = 1.0):
         self.kappa1 = _as_schedule("kappa1", kappa1)
@@ -202,7 +203,8 @@ class GeneralFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
                 "`kappa2` = 0 makes the flow first order; use dyn.GradientFlow() "
                 "(kappa1 = 1) or a small positive kappa2."
             )
-        self.t_ref = float(t_ref)
+        # An array, like the coefficients: a new t_ref does not compile the solve again.
+        self.t_ref = traced_scalar(t_ref, "t_ref", "GeneralFlow")
 
     def acceleration(self, t, w, v, loss):
         force = axpy(self.kappa1(t), v, jax.grad(loss)(w))
