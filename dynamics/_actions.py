@@ -158,15 +158,13 @@ class _ActingState(eqx.Module):
 
 
 class ActingSolver(diffrax.AbstractAdaptiveSolver):
-    """`solver`, with `action` applied at the end of each step on which `trigger` fires
-    (never at or after `t_end`, where it would change nothing but the final state).
+    """`solver`, with `action` applied at the end of each step on which `trigger` fires.
     The first `n_record` action times are kept in the solver state; `count` counts all.
     """
 
     solver: diffrax.AbstractSolver
     trigger: AbstractTrigger
     action: AbstractAction
-    t_end: Array
     n_record: int = eqx.field(static=True)
 
     @property
@@ -215,7 +213,7 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             terms, t0, t1, y0, args, solver_state.inner, made_jump
         )
         fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
-        fire = jnp.asarray(fire) & (t1 < self.t_end)
+        fire = jnp.asarray(fire)
 
         def act():
             y, aux = self.action(t1, y1, solver_state.aux)

@@ -256,7 +256,7 @@ def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
     def with_integrals(t, y, _):
         # dI/dt = g(t, w, ẇ): the running integrals ride along as state components.
         w, v, _, _ = layout.unpack(y)
-        return base(t, y[0]), tuple(m.integrand(t, w, v, problem) for m in integrals)
+        return base(t, y[0]), {m.name: m.integrand(t, w, v, problem) for m in integrals}
 
     return diffrax.ODETerm(with_integrals)
 
@@ -311,7 +311,7 @@ class _Project(AbstractAction):
         return self.layout.pack(y, w, v), aux
 
 
-def _acting(schedule, solver, controller, problem, layout, y0, t0, t1, max_steps):
+def _acting(schedule, solver, controller, problem, layout, y0, t0, max_steps):
     """The solver (and controller) that apply `schedule` inside the solve."""
     if isinstance(schedule, OnEvent):
         event = schedule.event
@@ -335,7 +335,7 @@ def _acting(schedule, solver, controller, problem, layout, y0, t0, t1, max_steps
         k = 1
     n_record = min(_MAX_RECORDED_ACTIONS, max(1, (max_steps or 10**9) // k))
     action = _Project(schedule.projection, problem, layout)
-    return ActingSolver(solver, trigger, action, t1, n_record), controller
+    return ActingSolver(solver, trigger, action, n_record), controller
 
 
 @eqx.filter_jit
@@ -360,7 +360,7 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     terms = _terms(flow, problem, solver, layout, integrals)
     if schedule is not None:
         solver, controller = _acting(schedule, solver, controller, problem, layout, y0,
-                                     t0, t1, max_steps)
+                                     t0, max_steps)
 
     def save(with_params):
         def fn(t, y, _):
