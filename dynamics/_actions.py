@@ -17,7 +17,9 @@ the trigger's counters live in that state.
 
 An action maps (t, y, aux) -> (y, aux), where `aux` is whatever discrete state the
 action carries (a projection's reference state; an activation pattern for a
-piecewise-smooth flow); `init(t0, y0)` gives its first value, once per solve.
+piecewise-smooth flow); `init(t0, y0)` gives its first value, once per solve. The
+wrapped solver's terms receive `aux` as diffrax's `args`, so a vector field that
+depends on a mode (a Filippov flow on one side of a kink) reads the current one.
 """
 
 import abc
@@ -189,20 +191,21 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         return self.solver.error_order(terms)
 
     def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)
+        return self.solver.func(terms, t0, y0, args)  # only for dt0 selection at t0
 
     def init(self, terms, t0, t1, y0, args):
         dtype = jnp.result_type(t0)
+        aux = self.action.init(t0, y0)
         return _ActingState(
-            inner=self.solver.init(terms, t0, t1, y0, args),
+            inner=self.solver.init(terms, t0, t1, y0, aux),
             trigger=self.trigger.init(t0, y0),
-            aux=self.action.init(t0, y0),
+            aux=aux,
             count=jnp.array(0),
             times=jnp.full(self.n_record, jnp.inf, dtype=dtype),
         )
 
-    def _fresh(self, terms, t0, t1, y, args):
-        inner = self.solver.init(terms, t1, t1 + (t1 - t0), y, args)
+    def _fresh(self, terms, t0, t1, y, aux):
+        inner = self.solver.init(terms, t1, t1 + (t1 - t0), y, aux)
         if isinstance(self.solver, LossCarryingEuler):
             # Its state is (f, L) at y; the carried loss must be the acted state's.
             y = (y[0], inner[1])
@@ -210,14 +213,14 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         y1, y_error, dense_info, inner, result = self.solver.step(
-            terms, t0, t1, y0, args, solver_state.inner, made_jump
+            terms, t0, t1, y0, solver_state.aux, solver_state.inner, made_jump
         )
         fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
         fire = jnp.asarray(fire)
 
         def act():
             y, aux = self.action(t1, y1, solver_state.aux)
-            y, fresh = self._fresh(terms, t0, t1, y, args)
+            y, fresh = self._fresh(terms, t0, t1, y, aux)
             return y, aux, fresh, self.trigger.reset(t1, y, trigger)
 
         def keep():
