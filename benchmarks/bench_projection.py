@@ -10,7 +10,7 @@ Compared in the same process, interleaved, compile excluded (whole `simulate` ca
   neuron's incoming weights and bias scaled by λ, its outgoing weights by 1/λ, with
   λ = sqrt(‖out‖/‖in‖), which balances ‖in‖ = ‖out‖ and leaves a ReLU network's
   function unchanged). Target: every_step / plain <= 1.2;
-- `fix_every_50`: `dyn.balance.MinNormFix()` every 50 steps when `dyn.balance` is
+- `fix_every_50`: `dyn.balance.MinNormFix(p=2, q=2)` every 50 steps when `dyn.balance` is
   importable (target <= 1.5), else `NeuronBalance` every 50 steps as a stand-in.
 """
 
@@ -51,7 +51,11 @@ def main():
     try:
         from dynamics.balance import MinNormFix
 
-        fix, fix_name = MinNormFix(), "MinNormFix"
+        try:
+            fix = MinNormFix(p=2, q=2)
+        except TypeError:  # its signature was not settled when this was written
+            fix = MinNormFix()
+        fix_name = "MinNormFix"
     except ImportError:
         fix, fix_name = NeuronBalance(), "NeuronBalance (stand-in: dyn.balance missing)"
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import dynamics as dyn
+from dynamics._actions import AbstractAction, ActingSolver, EveryTime
 from dynamics._tree import sqnorm
 
 C = jnp.array([2.0, -1.0, 0.5])
@@ -33,14 +34,17 @@ class Sphere(dyn.AbstractProjection):
         return params / norm, None if velocity is None else velocity / norm
 
 
-def _segments(flow, solver, dt0, t_cuts, w, v=None, project=True):
-    """The reference: one `simulate` per segment, the projection applied in between."""
+def _segments(flow, solver, dt0, t_cuts, w, v=None, **kw):
+    """The reference: one `simulate` per segment [a, b], each a fresh solve (so a fresh
+    FSAL derivative), projected at its end: `Every(time=b − a)` fires only at t1 = b,
+    and with `kw` as in the run under test it reuses that run's compiled solve."""
     for a, b in zip(t_cuts[:-1], t_cuts[1:], strict=True):
+        projection = dyn.Every(Sphere(), time=b - a)
         traj = dyn.simulate(flow, w, loss, t0=a, t1=b, v0=v, solver=solver, dt0=dt0,
-                            stepsize_controller=CONST)
+                            stepsize_controller=CONST, projection=projection,
+                            ts=np.linspace(a, b, 4), **kw)
+        assert traj.stats["num_actions"] == 1
         w, v = traj.final_params, traj.final_velocity
-        if project:
-            w, v = Sphere()(w, v)
     return np.asarray(w), None if v is None else np.asarray(v)
 
 
@@ -82,14 +86,15 @@ def test_every_time_gf_matches_closed_form_and_compiles_once():
 @pytest.mark.parametrize("solver", [diffrax.Tsit5(), diffrax.Euler()],
                          ids=["tsit5", "loss-carrying-euler"])
 def test_fsal_restarts_from_the_projected_state(solver):
-    # Every 5 steps of 0.05 = every 0.25. An FSAL solver (Tsit5, and LossCarryingEuler,
+    # Every 0.25 = every 5 steps of 0.05. An FSAL solver (Tsit5, and LossCarryingEuler,
     # which Euler + Loss becomes) reusing the derivative of the unprojected state would
     # be O(dt) = 1e-2 away from the segment loop, where each segment starts afresh.
+    kw = dict(monitors=(dyn.monitors.Loss(),))
     traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, solver=solver, dt0=0.05,
                         stepsize_controller=CONST, ts=[0.25, 0.5, 0.75, 1.0],
-                        monitors=(dyn.monitors.Loss(),),
-                        projection=dyn.Every(Sphere(), steps=5))
-    ref, _ = _segments(dyn.GradientFlow(), solver, 0.05, [0.0, 0.25, 0.5, 0.75, 1.0], W0)
+                        projection=dyn.Every(Sphere(), time=0.25), **kw)
+    cuts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    ref, _ = _segments(dyn.GradientFlow(), solver, 0.05, cuts, W0, **kw)
     # Same operations in another order of compilation: rounding only.
     np.testing.assert_allclose(traj.final_params, ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(traj.params[-1], ref, rtol=0, atol=1e-12)
@@ -104,7 +109,8 @@ def test_fsal_restarts_from_the_projected_state(solver):
     ("flow", "solver", "schedule"),
     [
         (dyn.HeavyBallFlow(0.5), diffrax.Tsit5(), dyn.Every(Sphere(), steps=5)),
-        (dyn.NewtonianFlow(), diffrax.SemiImplicitEuler(), dyn.Every(Sphere(), time=0.25)),
+        pytest.param(dyn.NewtonianFlow(), diffrax.SemiImplicitEuler(),
+                     dyn.Every(Sphere(), time=0.25), marks=pytest.mark.slow),
     ],
     ids=["heavy-ball-tsit5-steps", "newtonian-symplectic-time"],
 )
@@ -116,9 +122,8 @@ def test_second_order_flows_project_the_velocity_too(flow, solver, schedule):
     # Rounding only (the segment loop does the same steps).
     np.testing.assert_allclose(traj.final_params, ref_w, rtol=0, atol=1e-12)
     np.testing.assert_allclose(traj.final_velocity, ref_v, rtol=0, atol=1e-12)
-    # And the projection mattered: without it the end point is far away.
-    free, _ = _segments(flow, solver, 0.05, [0.0, 1.0], W0, v0, project=False)
-    assert np.linalg.norm(free - ref_w) > 0.1
+    # The last action is at t1 = 1.0: the end point is on the sphere, to rounding.
+    assert abs(np.linalg.norm(traj.final_params) - 1.0) < 1e-12
 
 
 def test_projection_every_step_and_records():
@@ -204,8 +209,9 @@ def least_squares(w):
     return 0.5 * sqnorm(A @ w - B)
 
 
-@pytest.mark.parametrize("flow", [dyn.GradientFlow(), dyn.HeavyBallFlow(0.7)],
-                         ids=["gf", "heavy-ball"])
+@pytest.mark.parametrize(
+    "flow", [dyn.GradientFlow(), pytest.param(dyn.HeavyBallFlow(0.7), marks=pytest.mark.slow)],
+    ids=["gf", "heavy-ball"])
 def test_integral_monitor_matches_energy_drop(flow):
     # GF: ∫‖ẇ‖² dt = L(0) − L(t); heavy ball: ∫γ‖v‖² dt = E(0) − E(t).
     ts = np.linspace(0.0, 2.0, 11)
@@ -217,3 +223,27 @@ def test_integral_monitor_matches_energy_drop(flow):
     # The integral is solved at the same tolerance as the flow: 1e-10 relative, with margin.
     np.testing.assert_allclose(traj.monitors["dissipated"], energy[0] - energy, rtol=0,
                                atol=1e-8)
+
+
+class _Doubling(AbstractAction):
+    """A generic action with discrete state: the rate `aux` doubles at every firing."""
+
+    def init(self, t0, y0):
+        return jnp.asarray(1.0)
+
+    def __call__(self, t, y, aux):
+        return y, 2.0 * aux
+
+
+def test_action_state_reaches_the_vector_field():
+    # ẏ = aux (diffrax `args`), aux doubled at t = 0.25, 0.5, 0.75: a mode switch as the
+    # piecewise-smooth flows will use it. y(1) = 0.25 (1 + 2 + 4 + 8) = 3.75 exactly, and
+    # the Tsit5 restart after each switch must use the new rate from the first stage.
+    solver = ActingSolver(diffrax.Tsit5(), EveryTime(jnp.asarray(0.0), jnp.asarray(0.25),
+                                                       exact=False), _Doubling(), 16)
+    def rate(t, y, args):  # diffrax's own structure check calls it with args=None
+        return jnp.zeros_like(y) + (0.0 if args is None else args)
+
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(rate), solver, 0.0, 1.0, 0.05,
+                              jnp.asarray(0.0), saveat=diffrax.SaveAt(t1=True))
+    np.testing.assert_allclose(sol.ys[-1], 3.75, rtol=1e-14)  # rounding only
