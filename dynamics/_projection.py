@@ -5,7 +5,11 @@ rescales the weights without changing the network function (Saul, Alg. 1; Baldi 
 sec. 2). `simulate` applies it on a schedule, then *continues* the solve from the new
 state: every k accepted steps, every Δt of time, or when an event fires. Diffrax has
 no post-step hook (its issues #277, #699) and its events only stop a solve, so the
-driver runs the schedule itself (see `_simulate`).
+driver wraps the solver: the projection is applied at the end of the step on which the
+schedule fires, and the wrapped solver restarts from the projected state (see
+`_actions`). Every schedule fires at step ends: `Every(time=Δt)` makes an adaptive
+controller land on t0 + jΔt (with constant steps it fires at the nearest step end), and
+`OnEvent` fires at the end of the step in which the event's condition crossed zero.
 
 The same mechanism serves any action that maps the state and goes on; the projection
 here is its most common user-facing form.
