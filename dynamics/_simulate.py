@@ -566,6 +566,7 @@ def simulate(
     )
     meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
                       max_steps=max_steps,
-                      projection=None if schedule is None else eqx.tree_pformat(schedule))
+                      projection=None if schedule is None
+                      else eqx.tree_pformat(schedule, short_arrays=False))
     return Trajectory.from_solve(problem, events, out, throw=throw, meta=meta,
                                  divergence=AbstractDivergenceEvent)
