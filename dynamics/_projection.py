@@ -5,7 +5,11 @@ rescales the weights without changing the network function (Saul, Alg. 1; Baldi 
 sec. 2). `simulate` applies it on a schedule, then *continues* the solve from the new
 state: every k accepted steps, every Δt of time, or when an event fires. Diffrax has
 no post-step hook (its issues #277, #699) and its events only stop a solve, so the
-driver runs the schedule itself (see `_simulate`).
+driver wraps the solver: the projection is applied at the end of the step on which the
+schedule fires, and the wrapped solver restarts from the projected state (see
+`_actions`). Every schedule fires at step ends: `Every(time=Δt)` makes an adaptive
+controller land on t0 + jΔt (with constant steps it fires at the nearest step end), and
+`OnEvent` fires at the end of the step in which the event's condition crossed zero.
 
 The same mechanism serves any action that maps the state and goes on; the projection
 here is its most common user-facing form.
@@ -15,7 +19,8 @@ import abc
 import numbers
 
 import equinox as eqx
-from jaxtyping import PyTree
+import numpy as np
+from jaxtyping import Array, PyTree
 
 from ._events import AbstractEvent
 
@@ -78,11 +83,14 @@ class AbstractSchedule(eqx.Module):
 class Every(AbstractSchedule):
     """Apply `projection` every `steps` accepted solver steps, or every `time` units of
     time (at t0 + k·time), then continue the solve. Give exactly one of the two.
+
+    `time` is stored as an array, so runs that differ only in the period share one
+    compiled solve; `steps` is static (it decides the control flow).
     """
 
     projection: AbstractProjection
     steps: int | None = eqx.field(static=True)
-    time: float | None = eqx.field(static=True)
+    time: Array | None
 
     def __init__(self, projection: AbstractProjection, *, steps: int | None = None,
                  time: float | None = None):
@@ -94,7 +102,7 @@ class Every(AbstractSchedule):
             )
         self.projection = projection
         self.steps = None if steps is None else _positive_int("steps", steps)
-        self.time = None if time is None else _positive_float("time", time)
+        self.time = None if time is None else np.asarray(_positive_float("time", time))
 
 
 class OnEvent(AbstractSchedule):
