@@ -12,6 +12,7 @@ from . import (
     events as events,
     losses as losses,
     monitors as monitors,
+    solvers as solvers,
 )
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,

@@ -26,7 +26,7 @@ from ._flows import (
 )
 from ._monitors import AbstractMonitor, Loss
 from ._problem import Problem
-from ._solvers import LossCarryingEuler
+from ._solvers import AbstractFlowSolver, LossCarryingEuler
 from ._trajectory import Trajectory, provenance
 from ._tree import is_concrete, partition
 
@@ -166,6 +166,8 @@ def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
 
 
 def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver):
+    if isinstance(solver, AbstractFlowSolver):  # it needs more of the flow (e.g. κ1, κ2)
+        return solver.make_terms(flow, problem.loss)
     if isinstance(solver, LossCarryingEuler):
         return diffrax.ODETerm(
             lambda t, y, _: flow.vector_field_and_loss(t, y[0], problem.loss)
