@@ -14,6 +14,10 @@ from . import (
     monitors as monitors,
     solvers as solvers,
 )
+from ._convergence import (
+    ConvergenceOrder as ConvergenceOrder,
+    convergence_order as convergence_order,
+)
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
     AbstractFlow as AbstractFlow,

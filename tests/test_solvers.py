@@ -229,7 +229,8 @@ def _charges_drift(solver, activation):
     return np.abs(q - q[0]).max()
 
 
-@pytest.mark.parametrize("activation", [dyn.RePU(2), dyn.Polynomial(2)])
+@pytest.mark.parametrize("activation", [
+    dyn.RePU(2), pytest.param(dyn.Polynomial(2), marks=pytest.mark.slow)])  # same claim
 def test_gauss_legendre_conserves_gf_charges_where_tsit5_drifts(activation):
     """The rescaling charges are quadratic invariants of GF: under GaussLegendre they hold
     to the stage solve's tolerance at h = 0.05; Tsit5 at the same fixed step drifts."""
