@@ -53,6 +53,10 @@ from ._projection import (
 )
 from ._simulate import simulate as simulate
 from ._trajectory import Trajectory as Trajectory
+from ._work_precision import (
+    ScipyMethod as ScipyMethod,
+    work_precision as work_precision,
+)
 
 try:
     __version__ = importlib.metadata.version("dynamics")

@@ -87,3 +87,53 @@ def test_stops_at_the_floor_and_bad_input():
         dyn.convergence_order(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
                               solver=diffrax.Dopri8(), t1=1.0, reference=closed_form,
                               dts=[1e-3, 5e-4, 2.5e-4])
+
+
+def test_work_precision_against_independent_runs(tmp_path):
+    """Errors, evaluation counts and drifts against the closed form, a hand count and a
+    direct scipy call; the figure has one line per method on log-log axes."""
+    from scipy.integrate import solve_ivp
+
+    from dynamics.plot import plot_work_precision
+
+    methods = {"Euler": diffrax.Euler(), "Tsit5": diffrax.Tsit5(),
+               "scipy RK45": dyn.ScipyMethod("RK45")}
+    ds = dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=2.0,
+                            tolerances=(1e-5, 1e-8), dts=(0.1, 0.05), reference=closed_form,
+                            monitors=(dyn.monitors.Loss(),), repeats=1)
+    assert ds.error.dims == ("solver", "setting") and list(ds.solver.values) == list(methods)
+    exact = closed_form(2.0)
+    # Euler: n = t1/dt steps, one gradient each; its error recomputed by a numpy loop.
+    by_hand = []
+    for dt in (0.1, 0.05):
+        w = np.zeros(3)
+        for _ in range(round(2.0 / dt)):
+            w = w - dt * (H @ w - X.T @ Y)
+        by_hand.append(np.abs(w - exact).max())
+    euler = ds.sel(solver="Euler")
+    np.testing.assert_allclose(euler.error.values, by_hand, rtol=1e-9)  # ulps in step times
+    np.testing.assert_array_equal(euler.grad_evals.values, [20, 40])
+    # scipy: the same call made directly.
+    f = lambda t, w: -(H @ w - X.T @ Y)  # noqa: E731
+    direct = solve_ivp(f, (0.0, 2.0), np.zeros(3), method="RK45", rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(ds.error.sel(solver="scipy RK45").values[1],
+                               np.abs(direct.y[:, -1] - exact).max(), rtol=1e-6)  # roundoff
+    assert ds.grad_evals.sel(solver="scipy RK45").values[1] == direct.nfev
+    # Tighter tolerance, smaller error; the loss drift is L(w(0)) − min L over the run.
+    tsit = ds.error.sel(solver="Tsit5").values
+    assert tsit[1] < 1e-2 * tsit[0]
+    drop = float(linear_loss(jnp.zeros(3)) - linear_loss(jnp.asarray(exact)))
+    np.testing.assert_allclose(ds.drift_loss.sel(solver="Tsit5").values[1], drop, rtol=1e-6)
+    assert np.all(ds.compile_time.values >= 0) and np.all(ds.wall_time.values > 0)
+    fig = plot_work_precision(ds, cost="grad_evals")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3 and ax.get_xscale() == ax.get_yscale() == "log"
+    fig.savefig(tmp_path / "wp.png")
+    with pytest.raises(ValueError, match="tolerances"):
+        dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=1.0,
+                           tolerances=(1e-4, 0.0), dts=(0.1,))
+    with pytest.raises(ValueError, match="dts"):
+        dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
+                           {"Euler": diffrax.Euler()}, t1=1.0)
+    with pytest.raises(ValueError, match="RK45"):
+        dyn.ScipyMethod("rk4")
