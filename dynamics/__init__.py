@@ -12,6 +12,11 @@ from . import (
     events as events,
     losses as losses,
     monitors as monitors,
+    solvers as solvers,
+)
+from ._convergence import (
+    ConvergenceOrder as ConvergenceOrder,
+    convergence_order as convergence_order,
 )
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
@@ -48,6 +53,10 @@ from ._projection import (
 )
 from ._simulate import simulate as simulate
 from ._trajectory import Trajectory as Trajectory
+from ._work_precision import (
+    ScipyMethod as ScipyMethod,
+    work_precision as work_precision,
+)
 
 try:
     __version__ = importlib.metadata.version("dynamics")

@@ -41,7 +41,7 @@ from ._flows import (
 from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Function, Loss
 from ._problem import Problem
 from ._projection import AbstractProjection, AbstractSchedule, Every, OnEvent
-from ._solvers import LossCarryingEuler
+from ._solvers import AbstractFlowSolver, LossCarryingEuler
 from ._trajectory import Trajectory, check_variable_name, provenance
 from ._tree import is_concrete, partition
 from ._validate import as_tuple, check_tolerance, class_hint, positive_int, real
@@ -282,6 +282,9 @@ class _Layout(eqx.Module):
 
 def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
            layout: _Layout, integrals: tuple):
+    if isinstance(solver, AbstractFlowSolver):  # it needs more of the flow (e.g. κ1, κ2)
+        # (its own state layout: integral monitors are refused for it in `_prepare`)
+        return solver.make_terms(flow, problem.loss)
     if isinstance(solver, LossCarryingEuler):
         return diffrax.ODETerm(
             lambda t, y, _: flow.vector_field_and_loss(t, y[0], problem.loss)
@@ -622,11 +625,13 @@ def simulate(
     if not any(isinstance(e, NonFinite) for e in events):
         events = events + (NonFinite(),)
     schedule = _validate_projection(projection, stepsize_controller, dt0)
-    if partitioned and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
+    own_terms = partitioned or isinstance(solver, AbstractFlowSolver)
+    if own_terms and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
         raise ValueError(
-            f"integral monitors carry their integral in the state, which the partitioned "
-            f"`solver` {type(solver).__name__} cannot; use a Runge–Kutta solver such as "
-            "diffrax.Tsit5(), or drop the integral monitor."
+            f"integral monitors carry their integral in the state, which the "
+            f"`solver` {type(solver).__name__} (a partitioned or flow-specific scheme) "
+            "cannot; use a Runge–Kutta solver such as diffrax.Tsit5(), or drop the "
+            "integral monitor."
         )
 
     problem = Problem(flow, loss, static)

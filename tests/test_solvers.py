@@ -118,3 +118,154 @@ def test_event_between_step_ends():
     np.testing.assert_allclose(traj.final_params, w, rtol=1e-12)  # roundoff only
     np.testing.assert_allclose(traj.monitors["loss"][-1], 0.5 * np.sum(w**2), rtol=1e-12)
     assert np.all(np.diff(traj.ts) > 0) and traj.ts[-1] == traj.t_final
+
+
+# ---------------------------------------------------------------------------------------
+# Structure-preserving solvers (dyn.solvers).
+# ---------------------------------------------------------------------------------------
+
+FIXED = diffrax.ConstantStepSize()
+TOY = dyn.losses.rotational_toy()
+W0, V0 = jnp.array([1.3, 0.2, -0.1]), jnp.array([0.0, 0.8, 0.1])
+
+
+def _observed_order(hs, errors):
+    # Least-squares slope of log error against log h.
+    return np.polyfit(np.log(hs), np.log(errors), 1)[0]
+
+
+def test_gauss_legendre_tableaus_are_hairer_wanners():
+    """Table IV.5.1 of Hairer & Wanner II (s = 2, 3), written out in closed form."""
+    from dynamics._solvers._gauss_legendre import tableau
+
+    r3, r15 = np.sqrt(3.0), np.sqrt(15.0)
+    A, b, c, _ = tableau(2)
+    np.testing.assert_allclose(c, [0.5 - r3 / 6, 0.5 + r3 / 6], rtol=1e-14)  # roundoff
+    np.testing.assert_allclose(b, [0.5, 0.5], rtol=1e-14)
+    np.testing.assert_allclose(A, [[0.25, 0.25 - r3 / 6], [0.25 + r3 / 6, 0.25]], atol=1e-14)
+    A, b, c, _ = tableau(3)
+    np.testing.assert_allclose(c, [0.5 - r15 / 10, 0.5, 0.5 + r15 / 10], rtol=1e-14)
+    np.testing.assert_allclose(b, [5 / 18, 4 / 9, 5 / 18], rtol=1e-14)
+    np.testing.assert_allclose(
+        A,
+        [[5 / 36, 2 / 9 - r15 / 15, 5 / 36 - r15 / 30],
+         [5 / 36 + r15 / 24, 2 / 9, 5 / 36 - r15 / 24],
+         [5 / 36 + r15 / 30, 2 / 9 + r15 / 15, 5 / 36]],
+        atol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("solver, order, hs", [
+    (dyn.solvers.VelocityVerlet(), 2, (0.04, 0.02, 0.01)),
+    (dyn.solvers.Yoshida4(), 4, (0.04, 0.02, 0.01)),
+    (dyn.solvers.ConformalSymplectic(), 2, (0.04, 0.02, 0.01)),
+    (dyn.solvers.GaussLegendre(1), 2, (0.04, 0.02, 0.01)),
+    (dyn.solvers.GaussLegendre(2), 4, (0.08, 0.04, 0.02)),
+    (dyn.solvers.GaussLegendre(3), 6, (0.1, 0.05, 0.025)),  # h = 0.01 reaches the float floor
+])
+def test_orders_on_newtonian_flow(solver, order, hs):
+    """Final-state error on the rotational toy against Dopri8 at rtol 1e-13."""
+    ref = dyn.simulate(dyn.NewtonianFlow(), W0, TOY, v0=V0, t1=2.0, solver=diffrax.Dopri8(),
+                       stepsize_controller=diffrax.PIDController(rtol=1e-13, atol=1e-13))
+    errors = []
+    for h in hs:
+        traj = dyn.simulate(dyn.NewtonianFlow(), W0, TOY, v0=V0, t1=2.0, dt0=h, solver=solver,
+                            stepsize_controller=FIXED)
+        errors.append(np.linalg.norm(np.concatenate([
+            traj.final_params - ref.final_params, traj.final_velocity - ref.final_velocity])))
+    assert abs(_observed_order(hs, errors) - order) < 0.1  # the issue's ±0.1
+
+
+def _energy_halves(solver, t1, h=0.05):
+    traj = dyn.simulate(dyn.NewtonianFlow(), W0, TOY, v0=V0, t1=t1, dt0=h, solver=solver,
+                        stepsize_controller=FIXED, ts=np.arange(0.0, t1, 1.0),
+                        monitors=(dyn.monitors.Energy(),), save_params=False, max_steps=None)
+    e0 = 0.5 * float(V0 @ V0) + float(TOY(W0))
+    drift = np.abs(traj.monitors["energy"] - e0)
+    half = len(drift) // 2
+    return drift[:half].max(), drift[half:].max()
+
+
+@pytest.mark.parametrize("t1", [200.0, pytest.param(2000.0, marks=pytest.mark.slow)])
+def test_energy_bounded_for_verlet_secular_for_runge_kutta(t1):
+    """h = 0.05 on the rotational toy: Verlet's energy error oscillates at O(h²) with no
+    growth from the first half of the run to the second; Heun's (2nd order, not
+    symplectic) grows."""
+    first, second = _energy_halves(dyn.solvers.VelocityVerlet(), t1)
+    assert second < 1.2 * first  # no growth: the second half's maximum within 20%
+    assert first < 1e-2  # O(h²) with h = 0.05
+    rk_first, rk_second = _energy_halves(diffrax.Heun(), t1)
+    assert rk_second > 1.5 * rk_first  # secular drift
+
+
+def test_conformal_symplectic_matches_the_dissipation_law_to_second_order():
+    """Heavy ball ẅ + γẇ + w = 0 (L = ½w²) has the closed form of a damped oscillator;
+    the energy ½ẇ² + ½w² at T = 5 is matched to order 2, and with γ = 0 the scheme is
+    velocity Verlet."""
+    gamma, T = 0.3, 5.0
+    a, om = -gamma / 2, np.sqrt(1 - gamma**2 / 4)
+    w_t = np.exp(a * T) * (np.cos(om * T) - a / om * np.sin(om * T))
+    v_t = np.exp(a * T) * (-(a**2 + om**2) / om * np.sin(om * T))
+    exact = 0.5 * (w_t**2 + v_t**2)
+    hs, errors = (0.1, 0.05, 0.025), []
+    for h in hs:
+        traj = dyn.simulate(dyn.HeavyBallFlow(gamma), jnp.array([1.0]),
+                            lambda w: 0.5 * jnp.sum(w**2), t1=T, dt0=h,
+                            solver=dyn.solvers.ConformalSymplectic(), stepsize_controller=FIXED,
+                            monitors=(dyn.monitors.Energy(),))
+        errors.append(abs(traj.monitors["energy"][-1] - exact))
+    assert abs(_observed_order(hs, errors) - 2) < 0.1  # the issue's ±0.1
+
+
+def _charges_drift(solver, activation):
+    x = 0.7 * jax.random.normal(jax.random.key(0), (16, 3))
+    y = jnp.sin(x[:, :2])
+    model = dyn.MLP((3, 4, 2), activation, key=jax.random.key(1), init="lecun")
+    loss = lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+    traj = dyn.simulate(dyn.GradientFlow(), model, loss, t1=10.0, dt0=0.05, solver=solver,
+                        stepsize_controller=FIXED, ts=np.linspace(0.0, 10.0, 5),
+                        monitors=(dyn.monitors.RescalingCharges(),), save_params=False)
+    q = traj.monitors["rescaling_charges"]
+    return np.abs(q - q[0]).max()
+
+
+@pytest.mark.parametrize("activation", [
+    dyn.RePU(2), pytest.param(dyn.Polynomial(2), marks=pytest.mark.slow)])  # same claim
+def test_gauss_legendre_conserves_gf_charges_where_tsit5_drifts(activation):
+    """The rescaling charges are quadratic invariants of GF: under GaussLegendre they hold
+    to the stage solve's tolerance at h = 0.05; Tsit5 at the same fixed step drifts."""
+    assert _charges_drift(dyn.solvers.GaussLegendre(2), activation) < 1e-12  # the issue's bound
+    assert _charges_drift(diffrax.Tsit5(), activation) > 1e-11  # 10× above it
+
+
+def test_gauss_legendre_adaptive_meets_tolerance():
+    """With a PIDController the embedded estimate controls the error: tighter tolerance,
+    smaller final error (against Dopri8 at rtol 1e-13), and below the tolerance."""
+    ref = dyn.simulate(dyn.NewtonianFlow(), W0, TOY, v0=V0, t1=2.0, solver=diffrax.Dopri8(),
+                       stepsize_controller=diffrax.PIDController(rtol=1e-13, atol=1e-13))
+    errors = []
+    for tol in (1e-5, 1e-8):
+        traj = dyn.simulate(dyn.NewtonianFlow(), W0, TOY, v0=V0, t1=2.0,
+                            solver=dyn.solvers.GaussLegendre(2),
+                            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol))
+        errors.append(np.abs(traj.final_params - ref.final_params).max())
+        assert errors[-1] < 10 * tol  # the estimate is conservative (order s+1 for 2s)
+    assert errors[1] < 1e-2 * errors[0]
+
+
+def test_structure_preserving_solvers_bad_input():
+    for s in (0, 4, 2.5, True):
+        with pytest.raises(ValueError, match="1 .*, 2 or 3"):
+            dyn.solvers.GaussLegendre(s)
+    with pytest.raises(ValueError, match="root_finder"):
+        dyn.solvers.GaussLegendre(2, root_finder="newton")
+    gf = dict(t1=1.0, dt0=0.1, stepsize_controller=FIXED)
+    for solver in (dyn.solvers.VelocityVerlet(), dyn.solvers.Yoshida4()):
+        with pytest.raises(ValueError, match="NewtonianFlow"):  # a first-order flow
+            dyn.simulate(dyn.GradientFlow(), W0, TOY, solver=solver, **gf)
+        with pytest.raises(ValueError, match="NewtonianFlow"):  # velocity-dependent force
+            dyn.simulate(dyn.HeavyBallFlow(0.5), W0, TOY, solver=solver, **gf)
+    with pytest.raises(ValueError, match="HeavyBallFlow"):  # a first-order flow
+        dyn.simulate(dyn.GradientFlow(), W0, TOY, solver=dyn.solvers.ConformalSymplectic(), **gf)
+    with pytest.raises(ValueError, match="no error estimate"):
+        dyn.simulate(dyn.NewtonianFlow(), W0, TOY, solver=dyn.solvers.VelocityVerlet(), t1=1.0)

@@ -1,6 +1,4 @@
-"""Solvers of our own, beside diffrax's.
-
-`LossCarryingEuler` is what `simulate` runs in place of `diffrax.Euler()` when a
+"""`LossCarryingEuler` is what `simulate` runs in place of `diffrax.Euler()` when a
 first-order flow is integrated with the loss monitored: the same Euler steps, but the
 loss value that the gradient evaluation computes anyway is kept in the state instead of
 being recomputed by the monitor. With the loss saved at every step this removes one

@@ -1,0 +1,267 @@
+"""`work_precision`: error against cost for methods × tolerances or fixed steps, in the
+manner of DifferentialEquations.jl's work-precision diagrams."""
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from jax.flatten_util import ravel_pytree
+from jaxtyping import PyTree, Scalar
+
+from ._convergence import REFERENCE_TOLERANCE
+from ._flows import AbstractFirstOrderFlow, AbstractFlow
+from ._monitors import AbstractMonitor
+from ._problem import Problem
+from ._simulate import simulate
+from ._tree import partition
+
+_SCIPY_METHODS = ("RK45", "DOP853", "LSODA", "RK23", "Radau", "BDF")
+
+
+class ScipyMethod(eqx.Module):
+    """`scipy.integrate.solve_ivp` with `method` (RK45, DOP853, LSODA, ...) as a method of
+    `work_precision`: the flow's vector field is one jitted JAX function on the flat
+    state, called from SciPy's Python loop (what a user of solve_ivp would write).
+    Adaptive only: swept over the tolerances."""
+
+    method: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.method not in _SCIPY_METHODS:
+            raise ValueError(
+                f"ScipyMethod: `method` must be one of {_SCIPY_METHODS}, got {self.method!r}."
+            )
+
+
+def _flat_field(flow: AbstractFlow, problem: Problem, y0: PyTree):
+    flat0, unravel = ravel_pytree(y0)
+    first_order = isinstance(flow, AbstractFirstOrderFlow)
+
+    @jax.jit
+    def field(t, y):
+        y = unravel(y)
+        if first_order:
+            return ravel_pytree(flow.vector_field(t, y, problem.loss))[0]
+        w, v = y
+        return ravel_pytree((v, flow.acceleration(t, w, v, problem.loss)))[0]
+
+    return np.asarray(flat0), unravel, field
+
+
+def _monitor_values(monitors, problem, flow, ts, states, unravel):
+    out = {}
+    first_order = isinstance(flow, AbstractFirstOrderFlow)
+    for m in monitors:
+        values = []
+        for t, y in zip(ts, states, strict=True):
+            y = unravel(jnp.asarray(y))
+            w, v = (y, None) if first_order else y
+            values.append(np.asarray(m(t, w, v, problem)))
+        out[m.name] = np.stack(values)
+    return out
+
+
+def _drift(values: np.ndarray) -> float:
+    return float(np.max(np.abs(values - values[0])))
+
+
+def _final(traj, first_order):
+    tree = traj.final_params if first_order else (traj.final_params, traj.final_velocity)
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+def _count_evaluations(loss):
+    calls = []
+
+    def counted(params):
+        jax.debug.callback(lambda: calls.append(1))
+        return loss(params)
+
+    return counted, calls
+
+
+def work_precision(
+    flow: AbstractFlow,
+    params: PyTree,
+    loss: Callable[[PyTree], Scalar],
+    methods: Mapping[str, Any],
+    *,
+    t1: float,
+    t0: float = 0.0,
+    v0: PyTree | None = None,
+    tolerances: Sequence[float] = (1e-4, 1e-6, 1e-8, 1e-10),
+    dts: Sequence[float] | None = None,
+    reference: Callable[[float], Any] | None = None,
+    monitors: Sequence[AbstractMonitor] = (),
+    n_save: int = 11,
+    repeats: int = 3,
+) -> xr.Dataset:
+    """Error against cost for each method at each tolerance (or fixed step).
+
+    **Arguments:**
+
+    - `flow`, `params`, `loss`, `t0`, `t1`, `v0`: as in `simulate`.
+    - `methods`: name -> a diffrax solver or one of `dyn.solvers` (adaptive ones are
+      swept over `tolerances` with `PIDController(rtol=tol, atol=tol)`, the others
+      over `dts` with fixed steps), or `ScipyMethod("RK45" | "DOP853" | "LSODA")`.
+    - `tolerances`: rtol = atol values, each > 0.
+    - `dts`: fixed step sizes for solvers without an error estimate (required then).
+    - `reference`: t1 -> exact final state (`params`, or `(params, velocity)` for a
+      second-order flow); default Dopri8 at rtol = atol = 1e-13.
+    - `monitors`: each gives a drift max_t |m(t) − m(t0)| over `n_save` save times,
+      e.g. `Energy()` on Newtonian flow or `RescalingCharges()` on gradient flow.
+    - `repeats`: timed runs per setting after a first, compiling one; the minimum is kept.
+
+    **Returns:** an `xarray.Dataset` on dims (solver, setting), one `solver` per
+    method, with `error` (max norm of the final state against the reference),
+    `wall_time` (s, min over repeats),
+    `grad_evals` (loss-gradient evaluations, counted in a separate run), `tolerance` or
+    `dt` (NaN where the other applies), `drift_<monitor>`, and per solver
+    `compile_time` (s; first call minus the fastest: a tolerance or step sweep of a
+    diffrax solver compiles once, as `simulate` traces both).
+    """
+    if not isinstance(flow, AbstractFlow):
+        raise ValueError(
+            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got {flow!r}."
+        )
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError("`methods` must be a non-empty mapping name -> solver or ScipyMethod.")
+    tolerances = np.asarray(tolerances, dtype=float)
+    if tolerances.ndim != 1 or tolerances.size == 0 or np.any(~(tolerances > 0)):
+        raise ValueError(
+            f"`tolerances` must be a non-empty list of numbers > 0, got {tolerances}."
+        )
+    if dts is not None:
+        dts = np.asarray(dts, dtype=float)
+        if dts.ndim != 1 or dts.size == 0 or np.any(~(dts > 0)):
+            raise ValueError(f"`dts` must be a non-empty list of step sizes > 0, got {dts}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be a positive int, got {repeats!r}.")
+    for name, m in methods.items():
+        if not isinstance(m, (diffrax.AbstractSolver, ScipyMethod)):
+            raise ValueError(
+                f"`methods[{name!r}]` must be a diffrax solver, a dyn.solvers one or "
+                f"dyn.ScipyMethod(...), got {m!r}."
+            )
+        if (isinstance(m, diffrax.AbstractSolver)
+                and not isinstance(m, diffrax.AbstractAdaptiveSolver) and dts is None):
+            raise ValueError(
+                f"`methods[{name!r}]` has no error estimate and runs at fixed steps: "
+                "pass `dts`, e.g. dts=[0.1, 0.05, 0.025]."
+            )
+    monitors = tuple(monitors)
+    first_order = isinstance(flow, AbstractFirstOrderFlow)
+    ts = np.linspace(t0, t1, n_save)
+    run = dict(t0=t0, t1=t1, v0=v0, ts=ts, save_params=False, max_steps=None)
+
+    if reference is None:
+        exact = _final(simulate(flow, params, loss, solver=diffrax.Dopri8(), **run,
+                                stepsize_controller=diffrax.PIDController(
+                                    rtol=REFERENCE_TOLERANCE, atol=REFERENCE_TOLERANCE)),
+                       first_order)
+    else:
+        exact = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(reference(t1))])
+
+    n_settings = max(len(tolerances), 0 if dts is None else len(dts))
+    shape = (len(methods), n_settings)
+    data = {k: np.full(shape, np.nan) for k in ("error", "wall_time", "grad_evals",
+                                                 "tolerance", "dt")}
+    drifts = {m.name: np.full(shape, np.nan) for m in monitors}
+    compile_time = np.full(len(methods), np.nan)
+
+    for i, (name, method) in enumerate(methods.items()):
+        if isinstance(method, ScipyMethod):
+            settings = [("tolerance", tol) for tol in tolerances]
+            runner = _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method)
+        else:
+            adaptive = isinstance(method, diffrax.AbstractAdaptiveSolver)
+            settings = ([("tolerance", tol) for tol in tolerances] if adaptive
+                        else [("dt", dt) for dt in dts])
+            runner = _diffrax_runner(flow, params, loss, run, monitors, method, first_order)
+        first = None
+        for j, (kind, value) in enumerate(settings):
+            # Timed runs compute the solution only; monitors and the evaluation count
+            # come from separate runs, so neither is charged to the method.
+            start = time.perf_counter()
+            runner(kind, value, "time")
+            elapsed = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                runner(kind, value, "time")
+                times.append(time.perf_counter() - start)
+            if first is None:
+                first = elapsed - min(times)
+            state, monitor_values, ok = runner(kind, value, "measure")
+            data[kind][i, j] = value
+            data["wall_time"][i, j] = min(times)
+            data["grad_evals"][i, j] = runner(kind, value, "count")
+            data["error"][i, j] = float(np.max(np.abs(state - exact))) if ok else np.nan
+            for m in monitors:
+                drifts[m.name][i, j] = _drift(monitor_values[m.name]) if ok else np.nan
+        compile_time[i] = max(first, 0.0)
+
+    # "solver", not "method": ds.sel(method=...) is xarray's own `method` argument.
+    dims = ("solver", "setting")
+    variables = {k: (dims, v) for k, v in data.items()}
+    variables.update({f"drift_{k}": (dims, v) for k, v in drifts.items()})
+    variables["compile_time"] = (("solver",), compile_time)
+    return xr.Dataset(
+        variables,
+        coords={"solver": list(methods), "setting": np.arange(n_settings)},
+        attrs=dict(flow=type(flow).__name__, t0=float(t0), t1=float(t1), repeats=repeats,
+                   reference="Dopri8 rtol=atol=1e-13" if reference is None else "given"),
+    )
+
+
+def _diffrax_runner(flow, params, loss, run, monitors, solver, first_order):
+    counted, calls = _count_evaluations(loss)
+
+    def runner(kind, value, mode):
+        if kind == "tolerance":
+            settings = dict(stepsize_controller=diffrax.PIDController(rtol=value, atol=value))
+        else:
+            settings = dict(stepsize_controller=diffrax.ConstantStepSize(), dt0=value)
+        if mode == "count":
+            calls.clear()
+            simulate(flow, params, counted, solver=solver, throw=False, **run, **settings)
+            return len(calls)
+        traj = simulate(flow, params, loss, solver=solver, throw=False, **run, **settings,
+                        monitors=monitors if mode == "measure" else ())
+        values = {m.name: np.asarray(traj.monitors[m.name]) for m in monitors} \
+            if mode == "measure" else {}
+        return _final(traj, first_order), values, traj.success
+
+    return runner
+
+
+def _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
+    from scipy.integrate import solve_ivp
+
+    w, static = partition(params)
+    problem = Problem(flow, loss, static)
+    first_order = isinstance(flow, AbstractFirstOrderFlow)
+    y0 = w if first_order else (w, jax.tree.map(jnp.zeros_like, w) if v0 is None
+                                else partition(v0)[0])
+    flat0, unravel, field = _flat_field(flow, problem, y0)
+
+    def rhs(t, y):
+        return np.asarray(field(t, y))
+
+    def runner(kind, tol, mode):
+        sol = solve_ivp(rhs, (t0, t1), flat0, method=method.method, rtol=tol, atol=tol,
+                        t_eval=ts)
+        if mode == "count":
+            return sol.nfev
+        values = {}
+        if mode == "measure" and sol.success:
+            values = _monitor_values(monitors, problem, flow, sol.t, sol.y.T, unravel)
+        return sol.y[:, -1], values, bool(sol.success)
+
+    return runner
