@@ -335,6 +335,21 @@ def simulate(
 
     **Returns:** a `Trajectory`.
     """
+    problem, events, args, meta = _prepare(
+        flow, params, loss, t1=t1, t0=t0, v0=v0, solver=solver, dt0=dt0,
+        stepsize_controller=stepsize_controller, ts=ts, monitors=monitors, events=events,
+        projection=projection, progress=progress, max_steps=max_steps,
+        save_params=save_params,
+    )
+    return Trajectory.from_solve(problem, events, _solve(*args), throw=throw, meta=meta,
+                                 divergence=AbstractDivergenceEvent)
+
+
+def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
+             monitors, events, projection, progress, max_steps, save_params):
+    """`simulate`'s validation, apart from the solve: returns the Problem, the events
+    (with NonFinite), the positional arguments of `_solve` and the provenance. `dyn.sweep`
+    calls it per cell and runs `_solve` under `jax.vmap` over cells of one structure."""
     if not isinstance(flow, AbstractFlow):
         raise ValueError(
             f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got {flow!r}."
@@ -399,7 +414,7 @@ def simulate(
     y0 = w0 if v0 is None else (w0, v0)
     dtype = jnp.result_type(float)
     progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
-    out = _solve(
+    args = (
         problem,
         y0,
         solver,
@@ -416,5 +431,4 @@ def simulate(
     )
     meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
                       max_steps=max_steps)
-    return Trajectory.from_solve(problem, events, out, throw=throw, meta=meta,
-                                 divergence=AbstractDivergenceEvent)
+    return problem, events, args, meta
