@@ -47,6 +47,7 @@ from ._projection import (
     OnEvent as OnEvent,
 )
 from ._simulate import simulate as simulate
+from ._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory
 
 try:
