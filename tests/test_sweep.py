@@ -5,7 +5,6 @@ constant step, 5 save times, the Loss monitor, chunks of 16 cells), so the file 
 the batched solve once in process; the references are numpy Euler / Heun loops.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -218,7 +217,7 @@ _SHARDED = textwrap.dedent("""
 
 def test_sharded_sweep_equals_in_process(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", PYTHONPATH=_pythonpath())
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s.nc"),
@@ -236,19 +235,29 @@ def jax_device():
     return jax.local_devices()[0]
 
 
-def test_dask_local_cluster_equals_in_process():
+def _pythonpath():
+    # This tree's `dynamics` first, in processes started from here as in this one.
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+@pytest.mark.parametrize("processes", [
+    False,  # worker threads: no new process to start and compile in, so the default run
+    pytest.param(True, marks=pytest.mark.slow),  # covers it; the full round trip is slow
+])
+def test_dask_local_cluster_equals_in_process(monkeypatch, processes):
     distributed = pytest.importorskip(
         "distributed", reason="Dask distributed is not installed (pip install dynamics[dist])")
-    axes = {"seed": range(3), "dt": [0.25, 0.125]}
+    monkeypatch.setenv("PYTHONPATH", _pythonpath())  # the worker processes inherit it
+    axes = {"seed": range(12), "dt": [0.05, 0.25]}  # two tasks of 16 cells (the 2nd padded)
     local = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=processes,
                                   dashboard_address=None) as cluster:
         with distributed.Client(cluster) as client:
-            # chunks of 3 cells: two tasks, one per worker
-            res = dyn.sweep(simulation, axes, executor=client, chunk_size=3, progress=False)
-            workers = json.dumps(sorted(client.scheduler_info()["workers"]))
-    assert workers
+            res = dyn.sweep(simulation, axes, executor=client, chunk_size=CHUNK,
+                            progress=False)
+            assert len(client.scheduler_info()["workers"]) == 2
     cells_equal(res.dataset, local)
+    assert res.solved == 24
 
 
 def test_unreachable_scheduler(monkeypatch):
