@@ -258,7 +258,6 @@ def _solve_group(items: list, size: int, devices: Sequence) -> list:
     results = []
     for i, it in enumerate(items):
         ts, ys, result, mask, stats = jax.tree.map(lambda a, i=i: a[i], out)
-        result = jax.tree.map(jnp.asarray, result)  # diffrax compares results as arrays
         traj = Trajectory.from_solve(it["problem"], it["events"], (ts, ys, result, mask, stats),
                                      throw=False, meta=it["meta"],
                                      divergence=AbstractDivergenceEvent)
