@@ -615,7 +615,8 @@ def sweep(
       as it finishes; a sweep started again with the same `out` skips those cells, and
       when every cell is done the whole grid is written to `out` (also atomically). A
       sweep whose `out` already holds this grid returns it without solving anything.
-      Delete `<out>.cells/` to start over.
+      Files are matched by the grid (axis names and labels), not by what `run_fn` does:
+      after changing `run_fn`, delete `out` and `<out>.cells/` to start over.
     - `executor`: None runs in this process. A `distributed.Client`, 'dask' (the current
       client) or a scheduler address 'tcp://host:port' runs chunks of cells as Dask
       tasks (each worker vmaps its chunk); an unreachable address raises ConnectionError.
