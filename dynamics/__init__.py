@@ -52,6 +52,7 @@ from ._projection import (
     OnEvent as OnEvent,
 )
 from ._simulate import simulate as simulate
+from ._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory
 from ._work_precision import (
     ScipyMethod as ScipyMethod,

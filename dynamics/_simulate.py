@@ -542,6 +542,23 @@ def simulate(
 
     **Returns:** a `Trajectory`.
     """
+    if not isinstance(throw, bool):
+        raise ValueError(f"`throw` must be True or False, got {throw!r}.")
+    problem, events, args, meta = _prepare(
+        flow, params, loss, t1=t1, t0=t0, v0=v0, solver=solver, dt0=dt0,
+        stepsize_controller=stepsize_controller, ts=ts, monitors=monitors, events=events,
+        projection=projection, progress=progress, max_steps=max_steps,
+        save_params=save_params,
+    )
+    return Trajectory.from_solve(problem, events, _solve(*args), throw=throw, meta=meta,
+                                 divergence=AbstractDivergenceEvent)
+
+
+def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
+             monitors, events, projection, progress, max_steps, save_params):
+    """`simulate`'s validation, apart from the solve: returns the Problem, the events
+    (with NonFinite), the positional arguments of `_solve` and the provenance. `dyn.sweep`
+    calls it per cell and runs `_solve` under `jax.vmap` over cells of one structure."""
     if not isinstance(flow, AbstractFlow):
         raise ValueError(
             f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got "
@@ -611,8 +628,6 @@ def simulate(
         max_steps = positive_int(max_steps, "max_steps")
     if not isinstance(progress, bool):
         raise ValueError(f"`progress` must be True or False, got {progress!r}.")
-    if not isinstance(throw, bool):
-        raise ValueError(f"`throw` must be True or False, got {throw!r}.")
     if not isinstance(save_params, bool):
         raise ValueError(f"`save_params` must be True or False, got {save_params!r}.")
     monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
@@ -638,7 +653,7 @@ def simulate(
     y0 = w0 if v0 is None else (w0, v0)
     _check_user_functions(problem, monitors, events, t0, w0, v0)
     progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
-    out = _solve(
+    args = (
         problem,
         y0,
         solver,
@@ -658,5 +673,4 @@ def simulate(
                       max_steps=max_steps,
                       projection=None if schedule is None
                       else eqx.tree_pformat(schedule, short_arrays=False))
-    return Trajectory.from_solve(problem, events, out, throw=throw, meta=meta,
-                                 divergence=AbstractDivergenceEvent)
+    return problem, events, args, meta

@@ -1,6 +1,7 @@
 """The result of a run: save times, parameters, monitors, how it ended, provenance."""
 
 import datetime
+import functools
 import importlib.metadata
 import platform
 from typing import Any
@@ -13,6 +14,7 @@ import xarray as xr
 from jaxtyping import Array, PyTree
 
 
+@functools.cache  # reading package metadata costs ~10 ms, on every simulate call
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

@@ -1,0 +1,267 @@
+"""dyn.sweep: grids of runs, vmapped and sharded, resumable, on Dask.
+
+Every sweep here shares one structure (gradient flow on the rotational toy, Euler at a
+constant step, 5 save times, the Loss monitor, chunks of 16 cells), so the file compiles
+the batched solve once in process; the references are numpy Euler / Heun loops.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import diffrax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import xarray as xr
+
+import dynamics as dyn
+from dynamics import _sweep
+
+LOSS = dyn.losses.rotational_toy()  # L(w) = (|w|^2 - 1)^2, grad L = 4 (|w|^2 - 1) w
+T1 = 4.0
+TS = np.linspace(0.0, T1, 5)  # integer times: step ends for every dt = 1/k below
+CHUNK = 16
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def w0_of(seed):
+    return np.random.default_rng(seed).normal(size=2)
+
+
+def simulation(seed, dt, solver=None):
+    return dyn.Simulation(
+        dyn.GradientFlow(), jnp.asarray(w0_of(seed)), LOSS, t1=T1, dt0=dt,
+        solver=diffrax.Euler() if solver is None else solver,
+        stepsize_controller=diffrax.ConstantStepSize(), ts=TS,
+        monitors=(dyn.monitors.Loss(),),
+    )
+
+
+def grad(w):
+    return 4.0 * (w @ w - 1.0) * w
+
+
+def reference(seed, dt, method="euler"):
+    """numpy loop: the loss at TS and the final w (NaN/inf once it blew up)."""
+    w = w0_of(seed)
+    n = round(T1 / dt)
+    losses = [(w @ w - 1.0) ** 2]
+    with np.errstate(all="ignore"):
+        for k in range(1, n + 1):
+            g = grad(w)
+            if method == "euler":
+                w = w - dt * g
+            else:  # Heun: the trapezoid over an Euler predictor
+                w = w - 0.5 * dt * (g + grad(w - dt * g))
+            if abs(k * dt - round(k * dt)) < 1e-9:
+                losses.append((w @ w - 1.0) ** 2)
+    return np.asarray(losses), w
+
+
+def cells_equal(a: xr.Dataset, b: xr.Dataset):
+    # Everything but the creation time stamp: values, coordinates, provenance.
+    xr.testing.assert_equal(a, b)
+    keys = set(a.attrs) | set(b.attrs)
+    for key in keys - {"sweep_created"}:
+        # NaN attributes (rtol of a constant step size) count as equal
+        np.testing.assert_array_equal(a.attrs.get(key), b.attrs.get(key), err_msg=key)
+
+
+def test_step_size_sweep_compiles_once_and_matches_numpy():
+    dts = [1.0 / k for k in range(5, 21)]
+    before = _sweep._TRACES
+    res = dyn.sweep(lambda dt: simulation(0, dt), {"dt": dts}, chunk_size=CHUNK,
+                    progress=False)
+    # One trace for 16 step sizes (0 if an earlier test compiled this structure).
+    assert _sweep._TRACES - before <= 1
+    ds = res.dataset
+    assert ds["loss"].dims == ("dt", "time") and np.allclose(ds["dt"], dts)
+    np.testing.assert_array_equal(ds["time"], TS)
+    for k, dt in zip(range(5, 21), dts, strict=True):
+        losses, w = reference(0, dt)
+        # Round-off only: the same Euler steps in another order of operations.
+        np.testing.assert_allclose(ds["loss"].sel(dt=dt), losses, rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(ds["param"].sel(dt=dt).isel(time=-1), w, rtol=1e-11)
+        assert int(ds["stats_num_steps"].sel(dt=dt)) == 4 * k
+    assert not ds["diverged"].any() and ds["success"].all()
+    assert res.solved == 16 and res.loaded == 0
+    table = res.table
+    assert list(table["dt"]) == dts and "final_loss" in table and "diverged" in table
+    # A second sweep of the same structure reuses the compiled call.
+    before = _sweep._TRACES
+    dyn.sweep(lambda dt: simulation(1, dt), {"dt": dts[:3]}, chunk_size=CHUNK, progress=False)
+    assert _sweep._TRACES == before
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_and_equals_uninterrupted(tmp_path):
+    axes = {"seed": range(12), "dt": [0.05, 0.25]}  # 24 cells: two chunks of 16
+    calls = []
+
+    def run(seed, dt, fail_at=None):
+        if len(calls) == fail_at:
+            raise Interrupt("killed")
+        calls.append((seed, dt))
+        return simulation(seed, dt)
+
+    full = dyn.sweep(run, axes, out=tmp_path / "full.nc", chunk_size=CHUNK, progress=False)
+    calls.clear()
+    out = tmp_path / "resumed.nc"
+    with pytest.raises(Interrupt):
+        dyn.sweep(lambda seed, dt: run(seed, dt, fail_at=20), axes, out=out,
+                  chunk_size=CHUNK, progress=False)
+    # The first chunk finished and is on disk (one file per chunk); nothing else is.
+    (part,) = (tmp_path / "resumed.nc.cells").glob("*.nc")
+    assert dyn.load(part).sizes["cell"] == 16 and not out.exists()
+    calls.clear()
+    resumed = dyn.sweep(run, axes, out=out, chunk_size=CHUNK, progress=False)
+    assert len(calls) == 8 and resumed.solved == 8 and resumed.loaded == 16
+    cells_equal(resumed.dataset, full.dataset)
+    cells_equal(dyn.load(out), dyn.load(tmp_path / "full.nc"))
+    # A finished sweep run again does no solves (run_fn is not even called).
+    calls.clear()
+    again = dyn.sweep(run, axes, out=out, chunk_size=CHUNK, progress=False)
+    assert calls == [] and again.solved == 0
+    cells_equal(again.dataset, full.dataset)
+
+    # The numbers, and the diverged cells, against numpy.
+    ds = full.dataset
+    n_diverged = 0
+    for seed in range(12):
+        for dt in (0.05, 0.25):
+            losses, w = reference(seed, dt)
+            blew_up = not np.all(np.isfinite(w))
+            n_diverged += blew_up
+            assert bool(ds["diverged"].sel(seed=seed, dt=dt)) == blew_up
+            if not blew_up:
+                np.testing.assert_allclose(ds["loss"].sel(seed=seed, dt=dt), losses,
+                                           rtol=1e-10, atol=1e-14)  # round-off
+    assert 0 < n_diverged < 24  # the sweep went on past the diverged cells
+
+
+def test_structural_axis_loops_and_other_return_types():
+    def run(solver, dt):
+        return simulation(3, dt, solver)
+
+    solvers = [diffrax.Euler(), diffrax.Heun()]
+    ds = dyn.sweep(run, {"solver": solvers, "dt": [0.25, 0.125]}, chunk_size=CHUNK,
+                   progress=False).dataset
+    assert list(ds["solver"].values) == ["Euler", "Heun"]
+    for name, method in (("Euler", "euler"), ("Heun", "heun")):
+        for dt in (0.25, 0.125):
+            losses, _ = reference(3, dt, method)
+            np.testing.assert_allclose(ds["loss"].sel(solver=name, dt=dt), losses,
+                                       rtol=1e-10, atol=1e-14)  # round-off
+    assert list(ds["meta_solver"].values[:, 0]) == ["Euler", "Heun"]
+
+    # run_fn returning a dict of arrays, with a width axis: shapes differ, NaN-padded.
+    res = dyn.sweep(lambda width, scale: {"norm": scale * np.arange(width), "s": scale},
+                    {"width": [2, 3], "scale": [1.0, 2.0]}, progress=False)
+    np.testing.assert_array_equal(res.dataset["norm"].sel(width=2, scale=2.0), [0, 2, np.nan])
+    np.testing.assert_array_equal(res.table["s"], [1.0, 2.0, 1.0, 2.0])
+
+
+def test_bad_input():
+    def run(seed, rtol=1e-6):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match=r"unknown axis name 'sed'.*\['seed', 'rtol'\]"):
+        dyn.sweep(run, {"sed": [0]})
+    with pytest.raises(ValueError, match="axis 'seed' is empty"):
+        dyn.sweep(run, {"seed": []})
+    with pytest.raises(ValueError, match=r"'rtol' holds 0.0.*> 0"):
+        dyn.sweep(run, {"seed": [0], "rtol": [1e-6, 0.0]})
+    with pytest.raises(ValueError, match=r"needs \['seed'\]"):
+        dyn.sweep(run, {"rtol": [1e-6]})
+    with pytest.raises(ValueError, match="`axes` must be a non-empty dict"):
+        dyn.sweep(run, {})
+    with pytest.raises(ValueError, match="should end in .nc"):
+        dyn.sweep(run, {"seed": [0]}, out="results/sweep.csv")
+    with pytest.raises(ValueError, match="`stepsize_controller.rtol` must be > 0"):
+        dyn.Simulation(dyn.GradientFlow(), jnp.ones(2), LOSS, t1=1.0,
+                       stepsize_controller=diffrax.PIDController(rtol=-1e-6, atol=1e-9)).prepare()
+    with pytest.raises(ValueError, match="accepts dyn.simulate's keyword arguments"):
+        dyn.Simulation(dyn.GradientFlow(), jnp.ones(2), LOSS, t1=1.0, progress=True)
+    with pytest.raises(ValueError, match="must be None .in this process."):
+        dyn.sweep(lambda seed: {"x": seed}, {"seed": [0]}, executor=4)
+
+
+_SHARDED = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    sys.path.insert(0, sys.argv[2])
+    import test_sweep as t
+    import dynamics as dyn
+    from dynamics import _sweep
+    assert len(jax.local_devices()) == 2
+    seen = []
+    shard = _sweep._shard
+    def spy(tree, devices):
+        out = shard(tree, devices)
+        seen.extend(len(x.sharding.device_set) for x in jax.tree.leaves(out))
+        return out
+    _sweep._shard = spy
+    res = dyn.sweep(t.simulation, {"seed": range(3), "dt": [0.25, 0.125]},
+                    chunk_size=t.CHUNK, progress=False)
+    assert seen and set(seen) == {2}, seen
+    dyn.save(res.dataset, sys.argv[1])
+""")
+
+
+def test_sharded_sweep_equals_in_process(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=_pythonpath())
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s.nc"),
+                           str(Path(__file__).parent)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = dyn.sweep(simulation, {"seed": range(3), "dt": [0.25, 0.125]}, chunk_size=CHUNK,
+                      progress=False, devices=[jax_device()]).dataset
+    cells_equal(dyn.load(tmp_path / "s.nc"), local)
+
+
+def jax_device():
+    import jax
+
+    return jax.local_devices()[0]
+
+
+def _pythonpath():
+    # This tree's `dynamics` first, in processes started from here as in this one.
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+@pytest.mark.parametrize("processes", [
+    False,  # worker threads: no new process to start and compile in, so the default run
+    pytest.param(True, marks=pytest.mark.slow),  # covers it; the full round trip is slow
+])
+def test_dask_local_cluster_equals_in_process(monkeypatch, processes):
+    distributed = pytest.importorskip(
+        "distributed", reason="Dask distributed is not installed (pip install dynamics[dist])")
+    monkeypatch.setenv("PYTHONPATH", _pythonpath())  # the worker processes inherit it
+    axes = {"seed": range(12), "dt": [0.05, 0.25]}  # two tasks of 16 cells (the 2nd padded)
+    local = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=processes,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            res = dyn.sweep(simulation, axes, executor=client, chunk_size=CHUNK,
+                            progress=False)
+            assert len(client.scheduler_info()["workers"]) == 2
+    cells_equal(res.dataset, local)
+    assert res.solved == 24
+
+
+def test_unreachable_scheduler(monkeypatch):
+    pytest.importorskip("distributed", reason="Dask distributed is not installed")
+    monkeypatch.setattr(_sweep, "_CONNECT_TIMEOUT", "1s")
+    with pytest.raises(ConnectionError, match="could not reach a Dask scheduler at"):
+        dyn.sweep(lambda seed: {"x": seed}, {"seed": [0]}, executor="tcp://127.0.0.1:1")
