@@ -9,6 +9,7 @@ import importlib.metadata
 from . import (
     charges as charges,
     datasets as datasets,
+    discrete as discrete,
     events as events,
     losses as losses,
     monitors as monitors,
@@ -24,8 +25,12 @@ from ._flows import (
     HeavyBallFlow as HeavyBallFlow,
     LagrangianFlow as LagrangianFlow,
     MirrorFlow as MirrorFlow,
+    ModifiedGradientFlow as ModifiedGradientFlow,
+    ModifiedHeavyBallFlow as ModifiedHeavyBallFlow,
+    ModifiedNesterovMomentumFlow as ModifiedNesterovMomentumFlow,
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
+    modified_second_order_flow as modified_second_order_flow,
 )
 from ._io import load as load, save as save
 from ._models import (
