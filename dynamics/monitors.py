@@ -10,3 +10,4 @@ from ._monitors import (
     Loss as Loss,
     RescalingCharges as RescalingCharges,
 )
+from ._discrete._laws import GDChargeDrift as GDChargeDrift
