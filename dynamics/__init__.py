@@ -32,6 +32,7 @@ from ._flows import (
     NewtonianFlow as NewtonianFlow,
     modified_second_order_flow as modified_second_order_flow,
 )
+from ._gap import gap as gap, gap_order as gap_order
 from ._io import load as load, save as save
 from ._models import (
     MLP as MLP,

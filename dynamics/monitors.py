@@ -1,5 +1,6 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
+from ._discrete._laws import GDChargeDrift as GDChargeDrift
 from ._monitors import (
     AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,
@@ -10,4 +11,3 @@ from ._monitors import (
     Loss as Loss,
     RescalingCharges as RescalingCharges,
 )
-from ._discrete._laws import GDChargeDrift as GDChargeDrift

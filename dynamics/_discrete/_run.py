@@ -1,7 +1,7 @@
 """`dyn.discrete.run`: a discrete optimizer on its flow's time axis.
 
-One `jax.lax.scan` under `eqx.filter_jit` (an outer scan over save points, an inner
-one over the `save_every` steps between them), with the same monitors as `simulate` and
+One `jax.lax.scan` over the save points under `eqx.filter_jit` (with a loop over the
+`save_every` steps between them), with the same monitors as `simulate` and
 a `Trajectory` of the same shape, so a discrete run and its flow share one time axis.
 """
 
@@ -97,7 +97,7 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
         v = None if velocity is None else partition(velocity)[0]
         return alg.init(w, v, value_and_grad)
 
-    def one_step(carry, _):
+    def one_step(_, carry):
         k, state, diverged_at, pstate = carry
         new = alg.step(k, state, value_and_grad)
         if projection is not None:
@@ -114,10 +114,13 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
         # (its length is static) but nothing changes after that.
         state = _where(ok, new, state)
         diverged_at = jnp.where(alive & ~finite, k + 1, diverged_at)
-        return (k + 1, state, diverged_at, pstate), None
+        return k + 1, state, diverged_at, pstate
 
     def outer(carry, _):
-        carry, _ = jax.lax.scan(one_step, carry, None, length=save_every)
+        # `save_every` is traced (a while loop inside the scan over save points), so runs
+        # that differ only in their number of steps between saves, such as the runs of
+        # `gap_order` (start and end saved, steps = t1/Δt), share one compilation.
+        carry = jax.lax.fori_loop(0, save_every, one_step, carry)
         k, state, diverged_at, _ = carry
         return carry, record(k, state)
 
@@ -265,7 +268,7 @@ def run(
     if check_stability:
         edge_of_stability(alg, problem, w0)
     saved, final, diverged_at = _run(
-        alg, problem, w0, v, steps // save_every, save_every, monitors,
+        alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
         None if projection is None else projection.projection, proj_every,
     )
     return _trajectory(alg, problem, saved, final, int(diverged_at), steps, save_every)
@@ -292,7 +295,8 @@ def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> T
     meta = provenance(problem.flow, alg, alg, algorithm=type(alg).__name__,
                       algorithm_repr=eqx.tree_pformat(alg, short_arrays=False),
                       learning_rate=float(alg.learning_rate), time_step=dt, steps=steps,
-                      save_every=save_every, diverged_step=diverged_at if diverged else -1)
+                      save_every=save_every, stability_limit=float(alg.stability_limit),
+                      diverged_step=diverged_at if diverged else -1)
     meta["stepsize_controller"] = "none (discrete iteration)"
     t_final = last_good * dt
     return Trajectory(
