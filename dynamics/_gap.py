@@ -74,14 +74,6 @@ def _check_pairing(traj: Trajectory, flow: AbstractFlow) -> str:
     return algorithm
 
 
-def _check_structure(traj: Trajectory, params0: PyTree, flow_params: PyTree) -> None:
-    a = jax.tree.structure(partition(params0)[0])
-    b = jax.tree.structure(partition(flow_params)[0])
-    if a != b:
-        raise ValueError("`params` and the trajectory's parameters have different structures; "
-                         "pass the model the discrete run started from.")
-
-
 def sharpness_warning(traj: Trajectory, loss: Callable, params0: PyTree) -> float:
     """η·λ_max(∇²L) at the run's start, with a RuntimeWarning past the algorithm's limit."""
     w, static = partition(params0)
