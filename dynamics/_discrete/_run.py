@@ -74,7 +74,8 @@ def _where(ok, new, old):
 
 
 @eqx.filter_jit
-def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_every):
+def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_every,
+         save_params):
     _check_scalar_loss(problem, w0)
     value_and_grad = jax.value_and_grad(problem.loss)
     dt = alg.time_step
@@ -87,6 +88,8 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
                 out[m.name] = state.loss  # the step's own value_and_grad
             else:
                 out[m.name] = m(t, state.w, state.v, problem)
+        if not save_params:
+            return {"monitors": out, "k": k}
         return {"monitors": out, "w": state.w, "v": state.v, "k": k}
 
     def project(state, pstate):
@@ -135,7 +138,9 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
     carry, saved = jax.lax.scan(outer, carry, None, length=n_saves)
     saved = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, saved)
     _, final, diverged_at, _ = carry
-    return saved, record(carry[0], final), diverged_at
+    end = {"monitors": record(carry[0], final)["monitors"], "w": final.w, "v": final.v,
+           "k": carry[0]}
+    return saved, end, diverged_at
 
 
 def _check_steps(name, value):
@@ -205,6 +210,7 @@ def run(
     projection: AbstractSchedule | None = None,
     *,
     check_stability: bool = True,
+    save_params: bool = True,
 ) -> Trajectory:
     """Run `alg` for `steps` iterations from `params` and record a `Trajectory`.
 
@@ -224,6 +230,8 @@ def run(
       multiple of it.
     - `projection`: `dyn.Every(projection, steps=k)`: apply the projection to
       (params, velocity) after every k-th step (Baldi et al.'s interleaved balancing).
+    - `save_params`: also store params (and velocities) at every save point (False:
+      only the monitors, and the final state).
     - `check_stability`: estimate η·λ_max at `params` by power iteration and warn past
       the edge of stability.
 
@@ -269,7 +277,7 @@ def run(
         edge_of_stability(alg, problem, w0)
     saved, final, diverged_at = _run(
         alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
-        None if projection is None else projection.projection, proj_every,
+        None if projection is None else projection.projection, proj_every, bool(save_params),
     )
     return _trajectory(alg, problem, saved, final, int(diverged_at), steps, save_every)
 
@@ -284,7 +292,8 @@ def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> T
     take = jax.tree.map(lambda a: np.asarray(a)[:n_kept], saved)
     if diverged and ks[n_kept - 1] < last_good:
         # Append the last finite iterate, as `simulate` appends where a run stopped.
-        end = jax.tree.map(lambda a: np.asarray(a)[None], final)
+        end = jax.tree.map(lambda a: np.asarray(a)[None],
+                           {k: final[k] for k in take if k != "k"})
         end["k"] = np.asarray([last_good])
         take = jax.tree.map(lambda a, b: np.concatenate([a, b]), take, end)
     ts = np.asarray(take["k"], dtype=float) * dt
@@ -301,8 +310,8 @@ def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> T
     t_final = last_good * dt
     return Trajectory(
         ts=ts,
-        params=model(take["w"]),
-        velocities=model(take["v"]),
+        params=model(take.get("w")),
+        velocities=model(take.get("v")),
         monitors=dict(take["monitors"]),
         t_final=t_final,
         final_params=model(jax.tree.map(np.asarray, final["w"])),
