@@ -170,3 +170,18 @@ def test_bad_gap_input():
         dyn.gap_order(discrete.GD, W0, loss, [0.1, 0.0, 0.2], T1)
     with pytest.raises(ValueError, match="eta"):
         dyn.modified_second_order_flow(-0.1)
+
+
+@pytest.mark.slow  # ~20 s of compilation; test_gap and test_discrete cover its claims
+def test_discrete_gap_study_quick(tmp_path):
+    from studies import discrete_gap
+
+    written = discrete_gap.run(tmp_path, quick=True)
+    for key in ("orders", "charges", "edge"):
+        assert written[key].stat().st_size > 10_000
+    tree = dyn.load(written["results"])
+    order = tree["orders/GD_vs_modified_flow"].attrs["order"]
+    assert abs(order - 2) < 0.2  # the bound for GD → modified flow
+    charges = tree["charges"].to_dataset()
+    # The exact law: measured and summed predicted drift agree to rounding (~1e-15 |Q|).
+    np.testing.assert_allclose(charges["measured"], charges["predicted"], rtol=0, atol=1e-12)
