@@ -14,5 +14,10 @@ from ._discrete._algorithms import (
     NesterovMomentum as NesterovMomentum,
     State as State,
 )
-from ._discrete._laws import GDChargeDrift as GDChargeDrift, gd_charge_drift as gd_charge_drift
+from ._discrete._laws import (
+    GDChargeDrift as GDChargeDrift,
+    HeavyBallChargeDrift as HeavyBallChargeDrift,
+    gd_charge_drift as gd_charge_drift,
+    heavy_ball_charge_drift as heavy_ball_charge_drift,
+)
 from ._discrete._run import edge_of_stability as edge_of_stability, run as run

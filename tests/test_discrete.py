@@ -225,6 +225,27 @@ def test_exact_gd_charge_law(activation):
     np.testing.assert_allclose(drift[0][:5], eta**2 * (g_in - p * g_out), rtol=1e-12)
 
 
+def test_exact_heavy_ball_charge_law():
+    model = dyn.MLP([3, 5, 4, 1], dyn.RePU(2), key=jax.random.key(1))
+
+    def loss(m):
+        return jnp.mean((jax.vmap(m)(jnp.asarray(X))[:, 0] - jnp.asarray(Y)) ** 2)
+
+    eta, beta = 0.01, 0.7
+    v0 = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), model)  # momentum from step 0
+    traj = discrete.run(discrete.HeavyBall(eta, beta), model, loss, 15, v0=v0,
+                        monitors=(dyn.monitors.RescalingCharges(),
+                                  dyn.monitors.HeavyBallChargeDrift(eta, beta)),
+                        check_stability=False)
+    q = traj.monitors["rescaling_charges"]
+    predicted = traj.monitors["heavy_ball_charge_drift"][:-1]
+    # Algebraic identity again: rounding of Q only.
+    np.testing.assert_allclose(np.diff(q, axis=0), predicted, rtol=0,
+                               atol=1e-12 * np.max(np.abs(q)))
+    # The drift is resolved, not trivially zero.
+    assert np.max(np.abs(predicted)) > 1e-6 * np.max(np.abs(q))
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

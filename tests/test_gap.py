@@ -101,6 +101,16 @@ def test_momentum_orders_against_modified_flows(make, flow):
     assert abs(_order(ds)[0] - 2) < 0.2
 
 
+@pytest.mark.slow  # one more flow to compile; the first-order modified flow is in the default run
+def test_gd_order_against_second_order_modified_flow():
+    # (η/2)ẅ + ẇ + ∇L = 0 from the slow manifold v(0) = −∇L(w0): order 2 like its
+    # first-order reduction (measured 2.02).
+    ds = dyn.gap_order(discrete.GD, W0, loss, [0.2, 0.1, 0.05], T1,
+                       flow=lambda a: dyn.modified_second_order_flow(a.eta),
+                       check_stability=False)
+    assert abs(_order(ds)[0] - 2) < 0.2
+
+
 def test_nagd_and_leapfrog_orders():
     sizes = [0.1**2, 0.05**2, 0.025**2]  # √s = Δt = 0.1, 0.05, 0.025 divide T1
     nagd = dyn.gap_order(discrete.NAGD, W0, loss, sizes, T1, check_stability=False)

@@ -71,3 +71,68 @@ class GDChargeDrift(AbstractMonitor):
         grad = jax.grad(problem.loss)(w)
         grad_model = eqx.combine(grad, problem.static)
         return jnp.concatenate(gd_charge_drift(grad_model, self.eta, degree))
+
+
+def heavy_ball_charge_drift(params: MLP, velocity: MLP, grad: MLP, eta, beta,
+                            degree) -> tuple[Array, ...]:
+    """The exact change of each rescaling charge in one heavy-ball step.
+
+    With v_k = (w_k − w_{k−1})/η the step is θ_{k+1} = θ_k + Δ, Δ = η(βv − g); the
+    ⟨θ, g⟩ terms cancel by the symmetry identity as for GD, leaving
+
+        Q_{k+1} − Q_k = 2βη(⟨θ_in, v_in⟩ − p⟨θ_out, v_out⟩)
+                        + η²(‖βv_in − g_in‖² − p‖βv_out − g_out‖²),
+
+    which is GD's law at β = 0 (module docstring).
+    """
+    out = []
+    for h in range(len(grad.weights) - 1):
+        def rows(tree, h=h):
+            blocks = [tree.weights[h]]
+            if tree.biases is not None:
+                blocks.append(tree.biases[h][:, None])
+            return jnp.concatenate(blocks, axis=1)  # (neurons, in-weights and bias)
+
+        def cols(tree, h=h):
+            return tree.weights[h + 1].T  # (neurons, out-weights)
+
+        th_in, th_out = rows(params), cols(params)
+        v_in, v_out = rows(velocity), cols(velocity)
+        d_in, d_out = beta * v_in - rows(grad), beta * v_out - cols(grad)
+        linear = jnp.sum(th_in * v_in, -1) - degree * jnp.sum(th_out * v_out, -1)
+        quadratic = jnp.sum(d_in**2, -1) - degree * jnp.sum(d_out**2, -1)
+        out.append(2 * beta * eta * linear + eta**2 * quadratic)
+    return tuple(out)
+
+
+class HeavyBallChargeDrift(AbstractMonitor):
+    """The exact change Q_i(w_{k+1}) − Q_i(w_k) of every per-neuron rescaling charge in
+    the next heavy-ball step (`heavy_ball_charge_drift`), from the iterate and its
+    velocity v_k = (w_k − w_{k−1})/η as `dyn.discrete.run(HeavyBall(eta, beta), ...)`
+    records them."""
+
+    eta: Array
+    beta: Array
+    name: ClassVar[str] = "heavy_ball_charge_drift"
+
+    def __init__(self, eta, beta):
+        eta = jnp.asarray(eta, dtype=jnp.result_type(float))
+        beta = jnp.asarray(beta, dtype=jnp.result_type(float))
+        if eta.shape != () or not bool(jnp.isfinite(eta) & (eta > 0)):
+            raise ValueError(f"`eta` must be a positive, finite step size, got {eta!r}.")
+        if beta.shape != () or not bool((beta >= 0) & (beta < 1)):
+            raise ValueError(f"`beta` must lie in [0, 1), got {beta!r}.")
+        self.eta, self.beta = eta, beta
+
+    def __call__(self, t, w, v, problem):
+        model = _check_mlp(problem.params(w), "params")
+        degree = model.activation.degree
+        if degree is None or model.betas is not None or v is None:
+            raise ValueError(
+                "HeavyBallChargeDrift needs a heavy-ball run (with velocities) of an MLP "
+                "with a positively homogeneous activation."
+            )
+        grad = eqx.combine(jax.grad(problem.loss)(w), problem.static)
+        velocity = eqx.combine(v, problem.static)
+        return jnp.concatenate(heavy_ball_charge_drift(model, velocity, grad, self.eta,
+                                                       self.beta, degree))
