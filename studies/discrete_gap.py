@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 import dynamics as dyn
 from dynamics import datasets, discrete, losses
@@ -173,6 +174,8 @@ def _fig_charges(ds) -> Figure:
     bx.lines[-1].set_label(f"{bx.lines[-1].get_label()}, slope {slope:.2f}")
     ref = ds["max_final_drift"].values[-1] * (eta / eta[-1]) ** 2
     bx.loglog(eta, ref, "k--", label="∝ η² (drift of one step)")
+    bx.xaxis.set_minor_formatter(NullFormatter())  # the minor labels overlap
+    bx.set_xticks(eta, [f"{e:g}" for e in eta])
     bx.set_xlabel("learning rate η")
     bx.set_ylabel(f"charge drift after {ds.sizes['step'] - 1} steps")
     bx.legend(fontsize=8)
