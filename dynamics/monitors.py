@@ -1,5 +1,9 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
+from ._discrete._laws import (
+    GDChargeDrift as GDChargeDrift,
+    HeavyBallChargeDrift as HeavyBallChargeDrift,
+)
 from ._monitors import (
     AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,

@@ -25,3 +25,10 @@ from ._classical import (
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
 )
+from ._modified import (
+    AbstractModifiedFlow as AbstractModifiedFlow,
+    ModifiedGradientFlow as ModifiedGradientFlow,
+    ModifiedHeavyBallFlow as ModifiedHeavyBallFlow,
+    ModifiedNesterovMomentumFlow as ModifiedNesterovMomentumFlow,
+    modified_second_order_flow as modified_second_order_flow,
+)
