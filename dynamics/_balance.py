@@ -276,8 +276,8 @@ def min_norm_fix(model: MLP, p: float = 2, q: float = 2, tol: float = 1e-8,
     tol = _check_tol(tol, "min_norm_fix")
     max_iter = _check_count("max_iter", max_iter, "min_norm_fix")
     u, it, values, conv = _min_norm_scales(
-        tuple(jnp.abs(w) for w in model.weights), jnp.asarray(p), jnp.asarray(q),
-        jnp.asarray(d), jnp.asarray(tol), max_iter)
+        tuple(jnp.abs(w) for w in model.weights), _float_array(p), _float_array(q),
+        _float_array(d), _float_array(tol), max_iter)
     new, _ = _apply(model, None, u, d, "keep")
     return new, BalanceInfo(it, values, conv, u)
 
@@ -322,12 +322,11 @@ def _neuron_log_scales(x, y, p, d, g, wx=1.0, wy=1.0):
     return _g_log_scale(g, x, y, d)
 
 
-def _objective(abs_w, abs_b, p, g, coef=None):
+def _objective(abs_w, abs_b, p, g, coef):
     f = (lambda a: a**p) if g is None else (lambda a: jax.vmap(g)(a.ravel()))
     total = 0.0
     for k, a in enumerate(abs_w):
-        c = 1.0 if coef is None else coef**k
-        total = total + c * jnp.sum(f(a))
+        total = total + coef**k * jnp.sum(f(a))
     if abs_b is not None:
         total = total + sum(jnp.sum(f(b)) for b in abs_b[:-1])
     return total
@@ -335,7 +334,7 @@ def _objective(abs_w, abs_b, p, g, coef=None):
 
 @eqx.filter_jit
 def _balance_scales(abs_w, abs_b, p, d, g, schedule: str, tol, max_sweeps: int, key,
-                    coef=None):
+                    coef):
     depth = len(abs_w)
     dtype = abs_w[0].dtype
     sizes = [a.shape[0] for a in abs_w[:-1]]
@@ -363,7 +362,8 @@ def _balance_scales(abs_w, abs_b, p, d, g, schedule: str, tol, max_sweeps: int, 
         return tuple(w), None if b is None else tuple(b)
 
     def weights_of(h):
-        return (1.0, 1.0) if coef is None else (coef**h, coef ** (h + 1))
+        # ENorm's asymmetry: layer k's weights count c^k (c = 1 for neuron balancing).
+        return coef**h, coef ** (h + 1)
 
     def one_neuron(state, h, i):
         w, b, u, delta = state
@@ -483,8 +483,9 @@ def neuron_balance(model: MLP, p: float = 2, schedule: str = "sequential",
     if include_bias and model.biases is not None:
         abs_b = tuple(jnp.abs(b) for b in model.biases)
     u, it, values, conv = _balance_scales(
-        tuple(jnp.abs(w) for w in model.weights), abs_b, jnp.asarray(p), jnp.asarray(d), g,
-        schedule, jnp.asarray(tol), max_sweeps, key if schedule == "stochastic" else None)
+        tuple(jnp.abs(w) for w in model.weights), abs_b, _float_array(p), _float_array(d), g,
+        schedule, _float_array(tol), max_sweeps, key if schedule == "stochastic" else None,
+        _float_array(1.0))
     new, _ = _apply(model, None, u, d, "keep")
     return new, BalanceInfo(it, values, conv, u)
 
@@ -507,8 +508,8 @@ def enorm(model: MLP, p: float = 2, c: float = 1.0, tol: float = 1e-10,
     tol = _check_tol(tol, "enorm")
     max_sweeps = _check_count("max_sweeps", max_sweeps, "enorm")
     u, it, values, conv = _balance_scales(
-        tuple(jnp.abs(w) for w in model.weights), None, jnp.asarray(p), jnp.asarray(d), None,
-        "layer", jnp.asarray(tol), max_sweeps, None, jnp.asarray(float(c)))
+        tuple(jnp.abs(w) for w in model.weights), None, _float_array(p), _float_array(d), None,
+        "layer", _float_array(tol), max_sweeps, None, _float_array(c))
     new, _ = _apply(model, None, u, d, "keep")
     return new, BalanceInfo(it, values, conv, u)
 
@@ -542,7 +543,7 @@ class MinNormFix(AbstractProjection):
     def __call__(self, params, velocity=None, state=None):
         d = _check_model(params, "MinNormFix")
         u, *_ = _min_norm_scales(tuple(jnp.abs(w) for w in params.weights), self.p, self.q,
-                                 jnp.asarray(d), self.tol, self.max_iter)
+                                 _float_array(d), self.tol, self.max_iter)
         return _apply(params, velocity, u, d, self.velocity)
 
 
@@ -586,8 +587,8 @@ class NeuronBalance(AbstractProjection):
         if self.include_bias and params.biases is not None:
             abs_b = tuple(jnp.abs(b) for b in params.biases)
         u, *_ = _balance_scales(tuple(jnp.abs(w) for w in params.weights), abs_b, self.p,
-                                jnp.asarray(d), self.regularizer, self.schedule, self.tol,
-                                self.max_sweeps, self.key)
+                                _float_array(d), self.regularizer, self.schedule, self.tol,
+                                self.max_sweeps, self.key, _float_array(1.0))
         return _apply(params, velocity, u, d, self.velocity)
 
 
@@ -613,7 +614,7 @@ class ENorm(AbstractProjection):
     def __call__(self, params, velocity=None, state=None):
         d = _check_model(params, "ENorm")
         u, *_ = _balance_scales(tuple(jnp.abs(w) for w in params.weights), None, self.p,
-                                jnp.asarray(d), None, "layer", self.tol, self.max_sweeps,
+                                _float_array(d), None, "layer", self.tol, self.max_sweeps,
                                 None, self.c)
         return _apply(params, velocity, u, d, self.velocity)
 
