@@ -190,7 +190,8 @@ def _fig_emergence(res, cfg) -> Figure:
     depth = cfg["depths"][-1]
     for reg, color in (("plain", "tab:blue"), ("L2", "tab:green"), ("L1", "tab:purple")):
         imb = res[(depth, reg, False)][2]
-        ax.plot(ep, imb.mean(0), color=color, label=f"GD on E{'' if reg == 'plain' else ' + ' + reg}")
+        label = "GD on E" + ("" if reg == "plain" else f" + {reg}")
+        ax.plot(ep, imb.mean(0), color=color, label=label)
     ax.set_yscale("log")
     ax.set_xlabel(f"epoch ({cfg['k']} GD steps)")
     ax.set_ylabel(r"mean$_i\,|\log(\|out_i\|^2/\|in_i\|^2)|$")
