@@ -263,6 +263,10 @@ def test_charge_projection_restores_charges_and_pushes_velocity():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12 * scale)
     y0, y1 = _out(moved), _out(new)
     np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-12 * np.abs(y0).max())
+    # Idempotent: on the level set already, Newton stays at u = 0 (to rounding).
+    again, _ = proj(new, None, state)
+    for a, b in zip(again.weights, new.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
     # Push-forward: V_ij scales exactly as W_ij does (the rescaling is linear).
     for w, w_new, v, v_new_k in zip(moved.weights, new.weights, velocity.weights,
                                     v_new.weights):
