@@ -636,13 +636,17 @@ def _charges_of(model: MLP, d, u):
 class ChargeProjection(AbstractProjection):
     """Back along the rescaling orbit to the initial gradient-flow charges.
 
-    Finds log-scales u with Q_i(u) = Q_i(0 at init) for every hidden unit, Q the charges
-    of `dyn.charges.rescaling`. Q(u) = ∇Φ(u) for the convex Φ(u) = ½ Σ w(u)² − … (the
-    squared weights and biases as functions of u, the out-weights counted with d), so
-    the coupled system (a unit's out-weights are the next layer's in-weights) has a
-    unique solution, found by Newton's method on all hidden log-scales at once
-    (optimistix, dense lineax solve). Units with all in- or all out-weights zero are
-    held at u = 0. The velocity follows `velocity` as for the other fixes.
+    Finds log-scales u with Q_i(u) = Q_i(init) for every hidden unit, Q the charges of
+    `dyn.charges.rescaling` (b_i² + ‖W_h[i,:]‖² − d‖W_{h+1}[:,i]‖²). With
+
+        Φ(u) = ½ Σ_k Σ_ij W_k,ij² e^{2(u_i − d u_j)} + ½ Σ_i b_i² e^{2 u_i},
+
+    Q(u) = ∇Φ(u) and Φ is convex, so the coupled system (a unit's out-weights are the
+    next layer's in-weights) has a unique solution, found by Newton's method on all
+    hidden log-scales at once (optimistix; dense lineax solve of the Hessian of Φ, so
+    meant for networks with up to a few thousand hidden units). Units with all in- or
+    all out-weights zero are held at u = 0. The velocity follows `velocity` as for the
+    other fixes. `init` returns the charges to restore.
     """
 
     rtol: float = eqx.field(static=True)
