@@ -10,7 +10,7 @@
     + λΣ|w| / + λΣw² (λ = 1e-2), full-batch GD on 1400 images (test: the other 397), full balance
     (`neuron_balance` for the regularizer's p; p = 2 for plain) before training
     against none; seeds vmapped; test accuracy and training loss per epoch.
-(c) Does balance emerge? (their Figs. 18–19) The imbalance
+(c) Does balance emerge? (their Figs. 18–19, Thm 31) The imbalance
     mean_i |log(‖out_i‖₂² / ‖in_i‖₂²)| along GD on E alone and on E + L2, from the same
     unbalanced start: E alone keeps it (GD nearly conserves the charges), E + R drives
     it to 0.

@@ -100,7 +100,7 @@ def test_fix_properties(arch, act, bias, p, q, fix, seed):
     n = int(info.num_steps)
     vals = np.asarray(info.values[: n + 1])
     assert np.all(np.isfinite(vals)) and np.all(np.isnan(np.asarray(info.values[n + 1:])))
-    # Never increases (Saul Thm 1; Baldi Thm 10): up to rounding of the sums.
+    # Never increases (Saul Thm 1; Baldi et al. Thm 34): up to rounding of the sums.
     assert np.all(np.diff(vals) <= 1e-12 * vals[0])
     assert bool(info.converged)
     again, _ = run(new)
@@ -158,7 +158,7 @@ def test_all_schedules_reach_min_norm(p, act):
     runs.append(balance.enorm(model, p, tol=1e-13, max_sweeps=5000)[0])
     for new in runs:
         for a, b in zip(new.weights, ref.weights):
-            # Unique optimum (Baldi Thm 10); both stopped at |λ − 1| < 1e-13.
+            # Unique optimum (Baldi et al. Thms 34, 42); both stopped at |λ − 1| < 1e-13.
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
 
 
@@ -197,8 +197,9 @@ def test_tied_layer_closed_form(act):
     p(s_k − d s_{k−1}) the objective is Σ_k N_k e^{t_k}, N_k = ‖W_k‖_p^p, under the one
     constraint Σ_k d^{K−1−k} t_k = 0 (s_{−1} = s_{K−1} = 0). Lagrange: N_k' = μ d^{K−1−k}
     with log μ = Σ c_k (log N_k − log c_k) / Σ c_k, c_k = d^{K−1−k}; for d = 1 every layer
-    ends at the geometric mean of the initial layer norms (derived here; Baldi App. B's
-    printed form is not used)."""
+    ends at the geometric mean of the initial layer norms, which is Baldi et al.'s
+    eq. (49) for p = 2 (their "M_i = λ_i/Λ_{i−1}" before eq. 46 should read Λ_i/Λ_{i−1});
+    the d ≠ 1 weights c_k are derived here."""
     p, d = 2.0, float(act.degree)
     model = _net((3, 5, 4, 2), act, bias=False, seed=7)
     new, _ = balance.neuron_balance(model, p, "tied", tol=1e-13)

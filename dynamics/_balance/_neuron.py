@@ -39,7 +39,7 @@ def _g_log_scale(g, x, y, d):
     """log λ* minimizing Σ g(λ x) + Σ g(λ^{-d} y) by Newton on s = log λ (optimistix).
 
     The stationarity condition Σ g'(e^s x) e^s x − d Σ g'(e^{-ds} y) e^{-ds} y = 0 is
-    increasing in s when g is convex and increasing on [0, ∞) (Baldi et al., Thm 9).
+    increasing in s when g is convex and increasing on [0, ∞) (Baldi et al., Thm 26).
     """
     dg = jax.vmap(jax.grad(g))
 
@@ -201,8 +201,9 @@ def neuron_balance(model: MLP, p: float = 2, schedule: str = "sequential",
     Schedules: "sequential" (each unit in order, layer by layer), "stochastic" (units
     drawn uniformly at random; needs `key`), "layer" (all units of a layer at once),
     "tied" (one λ per layer). A sweep visits every unit (or layer) once; sweeps repeat
-    until every |λ − 1| < `tol`. By Baldi's Thm 10 every schedule but "tied" reaches the
-    same unique balanced network, which for L_p without bias is `min_norm_fix` with q = p.
+    until every |λ − 1| < `tol`. By Baldi et al.'s Thms 34 and 42 every schedule but
+    "tied" reaches the same unique balanced network, which for L_p without bias is
+    `min_norm_fix` with q = p; "tied" reaches the layer balance of their Thm 45.
     The biases always rescale with their unit.
     """
     d = _check_model(model, "neuron_balance")
