@@ -7,6 +7,7 @@ with Diffrax (with events) through `simulate`, and records monitors along the wa
 import importlib.metadata
 
 from . import (
+    balance as balance,
     charges as charges,
     datasets as datasets,
     discrete as discrete,

@@ -1,0 +1,158 @@
+"""Shared pieces of the balancing fixes: argument checks, the rescaling map and its
+push-forward of the velocity, the ℓ_{p,q} norm and `BalanceInfo`."""
+
+import math
+import numbers
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from .._models import MLP
+
+_VELOCITY_RULES = ("pushforward", "keep", "zero")
+_SCHEDULES = ("sequential", "stochastic", "layer", "tied")
+
+
+
+# checks
+
+
+def _check_model(model, owner: str) -> float:
+    """The homogeneity degree d of `model`'s hidden units, or a ValueError."""
+    if not isinstance(model, MLP):
+        raise ValueError(f"{owner}: `model` must be a dyn.MLP, got {type(model).__name__}.")
+    d = model.activation.degree
+    if d is None:
+        raise ValueError(
+            f"{owner}: `model` has activation {type(model.activation).__name__}, which is not "
+            "positively homogeneous, so rescaling hidden units changes the network function; "
+            "use ReLU, LeakyReLU, RePU, Polynomial or Identity."
+        )
+    return float(d)
+
+
+def _check_exponent(name: str, value, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{owner}: `{name}` must be a real number >= 1, got {value!r}.")
+    value = float(value)
+    if not (value >= 1 and math.isfinite(value)):
+        raise ValueError(
+            f"{owner}: `{name}` must be a finite number >= 1 (ℓ_{name} with {name} < 1 is not "
+            f"a norm and the minimization is not convex), got {value!r}."
+        )
+    return value
+
+
+def _check_tol(tol, owner: str) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0 < tol < 1):
+        raise ValueError(f"{owner}: `tol` must be a number in (0, 1), got {tol!r}.")
+    return float(tol)
+
+
+def _check_count(name: str, value, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: `{name}` must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def _check_velocity_rule(rule, owner: str) -> str:
+    if rule not in _VELOCITY_RULES:
+        raise ValueError(
+            f"{owner}: `velocity` must be one of {_VELOCITY_RULES} (push the velocity forward "
+            f"by the same rescaling, keep it, or zero it), got {rule!r}."
+        )
+    return rule
+
+
+# rescaling
+
+
+def _multipliers(log_scales, depth: int, d) -> tuple[list[Array], list[Array]]:
+    """Per-entry factors a_i/a_j^d of every weight matrix and a_i of every bias."""
+    w_mult, b_mult = [], []
+    for k in range(depth):
+        e = 0.0
+        if k < depth - 1:
+            e = e + log_scales[k][:, None]
+        if k > 0:
+            e = e - d * log_scales[k - 1][None, :]
+        w_mult.append(jnp.exp(e))
+        b_mult.append(jnp.exp(log_scales[k]) if k < depth - 1 else None)
+    return w_mult, b_mult
+
+
+def _rescale(tree, w_mult, b_mult):
+    """Apply the factors to anything with MLP-shaped `weights` (and maybe `biases`)."""
+    weights = tuple(w * m for w, m in zip(tree.weights, w_mult))
+    tree = eqx.tree_at(lambda t: t.weights, tree, weights)
+    if getattr(tree, "biases", None) is not None:
+        biases = tuple(b if m is None else b * m for b, m in zip(tree.biases, b_mult))
+        tree = eqx.tree_at(lambda t: t.biases, tree, biases)
+    return tree
+
+
+def _apply(model: MLP, velocity, log_scales, d, rule: str):
+    """The rescaled (model, velocity); the velocity follows `rule`.
+
+    The rescaling is linear in the weights, W -> D W, so a velocity V = dW/dt is pushed
+    forward as V -> D V ("pushforward"); "keep" leaves it, "zero" restarts from rest.
+    """
+    w_mult, b_mult = _multipliers(log_scales, model.depth, d)
+    new_model = _rescale(model, w_mult, b_mult)
+    if velocity is None:
+        return new_model, None
+    if rule == "keep":
+        return new_model, velocity
+    if rule == "zero":
+        return new_model, jax.tree.map(jnp.zeros_like, velocity)
+    return new_model, _rescale(velocity, w_mult, b_mult)
+
+
+def _zeros_log_scales(model: MLP):
+    return tuple(jnp.zeros(w, model.weights[0].dtype) for w in model.widths[1:-1])
+
+
+# norms
+
+
+def lpq_norm(model: MLP, p: float = 2, q: float = 2) -> Array:
+    """Entry-wise ℓ_{p,q} norm of the weights (Saul, eq. 1), biases excluded:
+
+        ‖W‖_{p,q} = ( Σ_i ( Σ_j |W_ij|^p )^{q/p} )^{1/q},
+
+    i running over all non-input units (rows of every weight matrix), j over a unit's
+    incoming weights.
+    """
+    if not isinstance(model, MLP):
+        raise ValueError(f"lpq_norm: `model` must be a dyn.MLP, got {type(model).__name__}.")
+    p = _check_exponent("p", p, "lpq_norm")
+    q = _check_exponent("q", q, "lpq_norm")
+    total = sum(jnp.sum(jnp.sum(jnp.abs(w) ** p, axis=-1) ** (q / p)) for w in model.weights)
+    return total ** (1.0 / q)
+
+
+class BalanceInfo(eqx.Module):
+    """What a balancing run did.
+
+    - `num_steps`: iterations (min_norm_fix) or sweeps (neuron_balance, enorm) taken.
+    - `values`: the objective before each step and after the last, in a fixed-size
+      buffer of length max_steps + 1 (NaN beyond `num_steps`); for `min_norm_fix` the
+      norm ‖W‖_{p,q}, for neuron balancing the regularizer Σ g(|w|).
+    - `converged`: whether the tolerance was met before the step limit.
+    - `log_scales`: the total log-rescaling u, one array per hidden layer.
+    """
+
+    num_steps: Array
+    values: Array
+    converged: Array
+    log_scales: tuple[Array, ...]
+
+
+
+
+def _float_array(x):
+    return jnp.asarray(x, dtype=float)
+
+
