@@ -12,6 +12,7 @@ from . import (
     events as events,
     losses as losses,
     monitors as monitors,
+    regularizers as regularizers,
 )
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
@@ -19,6 +20,7 @@ from ._flows import (
     AbstractKappaFlow as AbstractKappaFlow,
     AbstractSecondOrderFlow as AbstractSecondOrderFlow,
     AbstractSeparableFlow as AbstractSeparableFlow,
+    BregmanLagrangianFlow as BregmanLagrangianFlow,
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
     HeavyBallFlow as HeavyBallFlow,
@@ -26,6 +28,7 @@ from ._flows import (
     MirrorFlow as MirrorFlow,
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
+    WeightBalancingFlow as WeightBalancingFlow,
 )
 from ._io import load as load, save as save
 from ._models import (

@@ -1,5 +1,6 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
+from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
 from ._monitors import (
     AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,
