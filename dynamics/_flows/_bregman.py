@@ -24,7 +24,11 @@ class _LogAffine(eqx.Module):
     s: Array = eqx.field(converter=_float_array)
 
     def __call__(self, t):
-        return self.c + self.k * jnp.log(t) + self.s * t
+        # k = 0 schedules (exponential, mirror limit) are defined at t <= 0 too; the
+        # double `where` keeps log's NaN out of both the value and its derivative.
+        positive = t > 0
+        log_t = jnp.where(positive, jnp.log(jnp.where(positive, t, 1.0)), -jnp.inf)
+        return self.c + jnp.where(self.k == 0, 0.0, self.k * log_t) + self.s * t
 
 
 def bregman_divergence(h: Callable, y: PyTree, x: PyTree) -> Scalar:
@@ -105,6 +109,19 @@ class BregmanLagrangianFlow(AbstractSecondOrderFlow):
         lc = math.log(float(c))
         return cls(h, _LogAffine(lc, 0.0, 0.0), _LogAffine(0.0, 0.0, float(c)),
                    _LogAffine(0.0, 0.0, float(c)), **kwargs)
+
+    @classmethod
+    def mirror_limit(cls, h, eps: float, **kwargs):
+        """α = −log ε, β = log ε, γ = t/ε (ideal scaling, e^{α+β} = 1): the flow
+        d/dt ∇h(w + ε ẇ) = −∇L(w), whose massless limit ε → 0 is the mirror flow
+        d/dt ∇h(w) = −∇L(w). With h = R(sign(W) e^ω) in ω = log|W| this limit is
+        Saul's weight-balancing flow in the form of his eq. 22: the "top-down" route
+        from a Bregman Lagrangian (Tanaka & Kunin 2021) to eq. 16."""
+        if not float(eps) > 0:
+            raise ValueError(f"`eps` must be > 0, got {eps}.")
+        le = math.log(float(eps))
+        return cls(h, _LogAffine(-le, 0.0, 0.0), _LogAffine(le, 0.0, 0.0),
+                   _LogAffine(0.0, 0.0, 1.0 / float(eps)), **kwargs)
 
     def _y(self, t, w, v):
         return axpy(jnp.exp(-self.alpha(t)), v, w)
