@@ -277,7 +277,7 @@ def _fig_bregman(p, q, epsilons, gaps) -> Figure:
     ax.loglog(epsilons, gaps, "o-", label="Bregman (mirror_limit) vs WBF")
     ax.loglog(epsilons, gaps[0] * np.asarray(epsilons) / epsilons[0], "k--", lw=1,
               label="slope 1")
-    ax.set(xlabel="mass ε = e^{−α}", ylabel="max relative gap in W over t ∈ [0, t1]",
+    ax.set(xlabel=r"mass ε = $e^{-\alpha}$", ylabel="max relative gap in W over t ∈ [0, t1]",
            title=f"(e) massless limit → WeightBalancingFlow, p={p:g}, q={q:g}")
     ax.legend(fontsize=8)
     fig.suptitle(f"ReLU 5-4-1 net, λ = {LAM:g}; {SOLVER_NOTE}", fontsize=9)
