@@ -19,6 +19,7 @@ from . import (
 from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,
     convergence_order as convergence_order,
+    regularizers as regularizers,
 )
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
@@ -26,6 +27,7 @@ from ._flows import (
     AbstractKappaFlow as AbstractKappaFlow,
     AbstractSecondOrderFlow as AbstractSecondOrderFlow,
     AbstractSeparableFlow as AbstractSeparableFlow,
+    BregmanLagrangianFlow as BregmanLagrangianFlow,
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
     HeavyBallFlow as HeavyBallFlow,
@@ -37,6 +39,7 @@ from ._flows import (
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
     modified_second_order_flow as modified_second_order_flow,
+    WeightBalancingFlow as WeightBalancingFlow,
 )
 from ._gap import gap as gap, gap_order as gap_order
 from ._io import load as load, save as save

@@ -4,6 +4,7 @@ from ._discrete._laws import (
     GDChargeDrift as GDChargeDrift,
     HeavyBallChargeDrift as HeavyBallChargeDrift,
 )
+from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
 from ._monitors import (
     AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,

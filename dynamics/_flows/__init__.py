@@ -8,6 +8,7 @@
 Further families live in files of their own beside these and are re-exported here.
 """
 
+from ._balancing import WeightBalancingFlow as WeightBalancingFlow
 from ._base import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
     AbstractFlow as AbstractFlow,
@@ -16,6 +17,7 @@ from ._base import (
     AbstractSeparableFlow as AbstractSeparableFlow,
     Loss as Loss,
 )
+from ._bregman import BregmanLagrangianFlow as BregmanLagrangianFlow
 from ._classical import (
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
