@@ -21,11 +21,15 @@ from ._flows import (
     AbstractSeparableFlow as AbstractSeparableFlow,
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
+    HalpernFlow as HalpernFlow,
     HeavyBallFlow as HeavyBallFlow,
+    LagrangeMultiplierFlow as LagrangeMultiplierFlow,
     LagrangianFlow as LagrangianFlow,
     MirrorFlow as MirrorFlow,
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
+    PowerDecay as PowerDecay,
+    WeightNormFlow as WeightNormFlow,
 )
 from ._io import load as load, save as save
 from ._models import (
@@ -46,6 +50,7 @@ from ._projection import (
     Every as Every,
     OnEvent as OnEvent,
 )
+from ._reparam import NormCoordinates as NormCoordinates
 from ._simulate import simulate as simulate
 from ._trajectory import Trajectory as Trajectory
 

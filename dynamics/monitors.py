@@ -1,5 +1,10 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
+from ._margin_monitors import (
+    Margin as Margin,
+    NormProduct as NormProduct,
+    NullSpaceComponent as NullSpaceComponent,
+)
 from ._monitors import (
     AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,
