@@ -3,8 +3,9 @@
 The registry is the package itself: every public module here (name not starting with
 "_") is a study, described by the first line of its docstring. Listing reads the
 docstrings without importing the modules (no JAX start-up for `dynamics list`); a
-study is imported only when it is run. To add a study, add a module; nothing else. A study's name is its module name with
-"_" written "-" (`saul_minnorm.py` is `dynamics run saul-minnorm`); either spelling loads.
+study is imported only when it is run. To add a study, add a module; nothing else.
+A study's name is its module name with "_" written "-" (`saul_minnorm.py` is
+`dynamics run saul-minnorm`); either spelling loads.
 """
 
 import ast
