@@ -9,6 +9,7 @@ import importlib.metadata
 from . import (
     charges as charges,
     datasets as datasets,
+    discrete as discrete,
     events as events,
     losses as losses,
     monitors as monitors,
@@ -26,11 +27,16 @@ from ._flows import (
     LagrangeMultiplierFlow as LagrangeMultiplierFlow,
     LagrangianFlow as LagrangianFlow,
     MirrorFlow as MirrorFlow,
+    ModifiedGradientFlow as ModifiedGradientFlow,
+    ModifiedHeavyBallFlow as ModifiedHeavyBallFlow,
+    ModifiedNesterovMomentumFlow as ModifiedNesterovMomentumFlow,
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
     PowerDecay as PowerDecay,
     WeightNormFlow as WeightNormFlow,
+    modified_second_order_flow as modified_second_order_flow,
 )
+from ._gap import gap as gap, gap_order as gap_order
 from ._io import load as load, save as save
 from ._models import (
     MLP as MLP,

@@ -1,5 +1,6 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
+from ._discrete._laws import GDChargeDrift as GDChargeDrift
 from ._margin_monitors import (
     Margin as Margin,
     NormProduct as NormProduct,

@@ -26,6 +26,13 @@ from ._classical import (
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
 )
+from ._modified import (
+    AbstractModifiedFlow as AbstractModifiedFlow,
+    ModifiedGradientFlow as ModifiedGradientFlow,
+    ModifiedHeavyBallFlow as ModifiedHeavyBallFlow,
+    ModifiedNesterovMomentumFlow as ModifiedNesterovMomentumFlow,
+    modified_second_order_flow as modified_second_order_flow,
+)
 from ._normalized import (
     HalpernFlow as HalpernFlow,
     LagrangeMultiplierFlow as LagrangeMultiplierFlow,

@@ -1,0 +1,319 @@
+"""`dyn.discrete.run`: a discrete optimizer on its flow's time axis.
+
+One `jax.lax.scan` over the save points under `eqx.filter_jit` (with a loop over the
+`save_every` steps between them), with the same monitors as `simulate` and
+a `Trajectory` of the same shape, so a discrete run and its flow share one time axis.
+"""
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PyTree, Scalar
+
+from .._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
+from .._problem import Problem
+from .._projection import AbstractSchedule, Every
+from .._simulate import _check_scalar_loss, _validate_params
+from .._trajectory import Trajectory, provenance
+from .._tree import all_finite, partition, sqnorm
+from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
+
+# Power iteration for λ_max(∇²L): enough iterations to tell η·λ > limit from η·λ well
+# below it; the warning is a diagnostic, not a measurement.
+_POWER_ITERATIONS = 30
+
+
+@eqx.filter_jit
+def _top_eigenvalue(problem: Problem, w: PyTree, key) -> Scalar:
+    """|λ|_max of the Hessian of L at w, by power iteration on Hessian-vector products."""
+    grad = jax.grad(problem.loss)
+
+    def hvp(u):
+        return jax.jvp(grad, (w,), (u,))[1]
+
+    leaves, treedef = jax.tree.flatten(w)
+    keys = jax.random.split(key, len(leaves))
+    u0 = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype)
+                                      for k, x in zip(keys, leaves, strict=True)])
+
+    def body(_, carry):
+        u, _ = carry
+        u = jax.tree.map(lambda x: x / jnp.sqrt(sqnorm(u) + 1e-300), u)
+        hu = hvp(u)
+        return hu, jnp.sqrt(sqnorm(hu))
+
+    _, lam = jax.lax.fori_loop(0, _POWER_ITERATIONS, body, (u0, jnp.zeros(())))
+    return lam
+
+
+def edge_of_stability(alg: AbstractDiscreteAlgorithm, problem: Problem, w: PyTree,
+                      *, warn: bool = True) -> float:
+    """η·λ_max(∇²L(w)) for `alg` at `w`, warning when it exceeds `alg.stability_limit`:
+    there the iteration is unstable along the top eigenvector and the modified
+    equations (an expansion in η·λ) no longer describe it."""
+    lam = float(_top_eigenvalue(problem, w, jax.random.key(0)))
+    sharpness = float(alg.learning_rate) * lam
+    if warn and sharpness > alg.stability_limit:
+        warnings.warn(
+            f"{type(alg).__name__}: η·λ_max = {sharpness:.3g} exceeds "
+            f"{alg.stability_limit:.3g} at the initial parameters (edge of stability): "
+            "the iteration is unstable along the top Hessian eigenvector and the flow "
+            "and modified equations need not describe it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return sharpness
+
+
+def _where(ok, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+@eqx.filter_jit
+def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_every):
+    _check_scalar_loss(problem, w0)
+    value_and_grad = jax.value_and_grad(problem.loss)
+    dt = alg.time_step
+
+    def record(k, state: State):
+        t = k * dt
+        out = {}
+        for m in monitors:
+            if isinstance(m, Loss) and state.loss is not None:
+                out[m.name] = state.loss  # the step's own value_and_grad
+            else:
+                out[m.name] = m(t, state.w, state.v, problem)
+        return {"monitors": out, "w": state.w, "v": state.v, "k": k}
+
+    def project(state, pstate):
+        params = problem.params(state.w)
+        velocity = None if state.v is None else problem.params(state.v)
+        params, velocity = projection(params, velocity, pstate)
+        w, _ = partition(params)
+        v = None if velocity is None else partition(velocity)[0]
+        return alg.init(w, v, value_and_grad)
+
+    def one_step(_, carry):
+        k, state, diverged_at, pstate = carry
+        new = alg.step(k, state, value_and_grad)
+        if projection is not None:
+            due = (k + 1) % proj_every == 0
+            new = jax.lax.cond(due, lambda s: project(s, pstate), lambda s: s, new)
+        finite = all_finite(new.w)
+        if new.v is not None:
+            finite = finite & all_finite(new.v)
+        if new.loss is not None:
+            finite = finite & jnp.isfinite(new.loss)
+        alive = diverged_at < 0
+        ok = finite & alive
+        # A non-finite iterate freezes the run at the last finite one; the scan goes on
+        # (its length is static) but nothing changes after that.
+        state = _where(ok, new, state)
+        diverged_at = jnp.where(alive & ~finite, k + 1, diverged_at)
+        return k + 1, state, diverged_at, pstate
+
+    def outer(carry, _):
+        # `save_every` is traced (a while loop inside the scan over save points), so runs
+        # that differ only in their number of steps between saves, such as the runs of
+        # `gap_order` (start and end saved, steps = t1/Δt), share one compilation.
+        carry = jax.lax.fori_loop(0, save_every, one_step, carry)
+        k, state, diverged_at, _ = carry
+        return carry, record(k, state)
+
+    state0 = alg.init(w0, v0, value_and_grad)
+    pstate = None
+    if projection is not None:
+        pstate = projection.init(problem.params(w0),
+                                 None if v0 is None else problem.params(v0))
+    k0 = jnp.zeros((), jnp.int32)
+    first = record(k0, state0)
+    carry = (k0, state0, jnp.full((), -1, jnp.int32), pstate)
+    carry, saved = jax.lax.scan(outer, carry, None, length=n_saves)
+    saved = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, saved)
+    _, final, diverged_at, _ = carry
+    return saved, record(carry[0], final), diverged_at
+
+
+def _check_steps(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def _validate_v0(alg, w, v0):
+    if alg.first_order:
+        if v0 is not None:
+            raise ValueError(
+                f"`v0` was given but {type(alg).__name__} is a first-order algorithm with "
+                "no velocity; drop `v0`."
+            )
+        return None
+    if v0 is None:
+        return jax.tree.map(jnp.zeros_like, w)
+    v, _ = partition(v0)
+    if jax.tree.structure(v) != jax.tree.structure(w) or any(
+        jnp.shape(a) != jnp.shape(b)
+        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(v), strict=True)
+    ):
+        raise ValueError(
+            "`v0` must have the same structure and shapes as `params` (one velocity, in "
+            "the flow's time units, per parameter)."
+        )
+    v = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), w, v)
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(v)):
+        raise ValueError("`v0` contains NaN or Inf; initialise it with finite values.")
+    if type(alg).__name__ == "NAGD" and any(np.any(np.asarray(x) != 0)
+                                            for x in jax.tree.leaves(v)):
+        raise ValueError(
+            "NAGD starts at rest (y_0 = x_0, Su, Boyd & Candès); its flow's damping 3/t "
+            "is singular at t = 0 with a non-zero velocity. Pass v0=None."
+        )
+    return v
+
+
+def _projection_steps(projection, alg) -> int | None:
+    if projection is None:
+        return None
+    if not isinstance(projection, Every):
+        raise ValueError(
+            "`projection` must be dyn.Every(projection, steps=k) (or time=Δt, a whole "
+            f"number of steps) for a discrete run, got {projection!r}."
+        )
+    if projection.steps is not None:
+        return projection.steps
+    ratio = projection.time / float(alg.time_step)
+    if abs(ratio - round(ratio)) > 1e-9 * max(1.0, ratio) or round(ratio) < 1:
+        raise ValueError(
+            f"`projection` time={projection.time} is not a whole number of steps of "
+            f"Δt = {float(alg.time_step)}; use dyn.Every(projection, steps=k)."
+        )
+    return int(round(ratio))
+
+
+def run(
+    alg: AbstractDiscreteAlgorithm,
+    params: PyTree,
+    loss: Callable[[PyTree], Scalar],
+    steps: int,
+    v0: PyTree | None = None,
+    monitors: Sequence[AbstractMonitor] = (),
+    save_every: int = 1,
+    projection: AbstractSchedule | None = None,
+    *,
+    check_stability: bool = True,
+) -> Trajectory:
+    """Run `alg` for `steps` iterations from `params` and record a `Trajectory`.
+
+    **Arguments:**
+
+    - `alg`: `GD(eta)`, `Leapfrog(eta)`, `NAGD(s)`, `HeavyBall(eta, beta)`,
+      `NesterovMomentum(eta, beta)`, `ExponentiatedGD(eta)`.
+    - `params`, `loss`: as for `simulate`.
+    - `steps`: the number of iterations; iterate k is recorded at flow time
+      t_k = k·`alg.time_step` (kη, or k√η for Leapfrog and NAGD).
+    - `v0`: initial velocity in the flow's time units, for momentum algorithms
+      (default zero: w_{−1} = w_0).
+    - `monitors`: the monitors of `simulate`, evaluated with the counterpart flow
+      (`alg.flow`); `Loss` is the value from the step's own `value_and_grad` where the
+      gradient is taken at the iterate (GD, Leapfrog, HeavyBall, ExponentiatedGD).
+    - `save_every`: record every k-th iterate (and iterate 0); `steps` must be a
+      multiple of it.
+    - `projection`: `dyn.Every(projection, steps=k)`: apply the projection to
+      (params, velocity) after every k-th step (Baldi et al.'s interleaved balancing).
+    - `check_stability`: estimate η·λ_max at `params` by power iteration and warn past
+      the edge of stability.
+
+    A non-finite iterate stops the run: the trajectory keeps the iterates up to the
+    last finite one, `diverged` is True, and `event_time` / `meta["diverged_step"]`
+    say at which step it happened.
+    """
+    if not isinstance(alg, AbstractDiscreteAlgorithm):
+        raise ValueError(
+            f"`alg` must be a discrete algorithm such as dyn.discrete.GD(eta=0.1), got {alg!r}."
+        )
+    if not callable(loss):
+        raise ValueError("`loss` must be a function params -> scalar.")
+    steps = _check_steps("steps", steps)
+    save_every = _check_steps("save_every", save_every)
+    if steps % save_every:
+        raise ValueError(
+            f"`steps` = {steps} must be a multiple of `save_every` = {save_every}."
+        )
+    w0, static = _validate_params(params)
+    if isinstance(alg, ExponentiatedGD) and any(np.any(np.asarray(x) == 0)
+                                                for x in jax.tree.leaves(w0)):
+        raise ValueError(
+            "ExponentiatedGD multiplies each weight by a positive factor, so a zero weight "
+            "(e.g. a zero-initialised bias) never moves; initialise all of `params` non-zero "
+            "or use dyn.MLP(..., bias=False)."
+        )
+    v = _validate_v0(alg, w0, v0)
+    monitors = tuple(monitors)
+    for m in monitors:
+        if not isinstance(m, AbstractMonitor) or isinstance(m, AbstractIntegralMonitor):
+            raise ValueError(
+                f"`monitors` must hold dyn.monitors objects (integral monitors need a "
+                f"solver; use `simulate`), got {m!r}."
+            )
+    names = [m.name for m in monitors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
+    proj_every = _projection_steps(projection, alg)
+    flow = alg.flow
+    problem = Problem(flow, loss, static)
+    if check_stability:
+        edge_of_stability(alg, problem, w0)
+    saved, final, diverged_at = _run(
+        alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
+        None if projection is None else projection.projection, proj_every,
+    )
+    return _trajectory(alg, problem, saved, final, int(diverged_at), steps, save_every)
+
+
+def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> Trajectory:
+    """A `Trajectory` with the fields `Trajectory.from_solve` fills, for a discrete run."""
+    dt = float(alg.time_step)
+    ks = np.asarray(saved["k"])
+    diverged = diverged_at >= 0
+    last_good = diverged_at - 1 if diverged else steps
+    n_kept = int(np.sum(ks <= last_good))
+    take = jax.tree.map(lambda a: np.asarray(a)[:n_kept], saved)
+    if diverged and ks[n_kept - 1] < last_good:
+        # Append the last finite iterate, as `simulate` appends where a run stopped.
+        end = jax.tree.map(lambda a: np.asarray(a)[None], final)
+        end["k"] = np.asarray([last_good])
+        take = jax.tree.map(lambda a, b: np.concatenate([a, b]), take, end)
+    ts = np.asarray(take["k"], dtype=float) * dt
+
+    def model(tree):
+        return None if tree is None else eqx.combine(tree, problem.static)
+
+    meta = provenance(problem.flow, alg, alg, algorithm=type(alg).__name__,
+                      algorithm_repr=eqx.tree_pformat(alg, short_arrays=False),
+                      learning_rate=float(alg.learning_rate), time_step=dt, steps=steps,
+                      save_every=save_every, stability_limit=float(alg.stability_limit),
+                      diverged_step=diverged_at if diverged else -1)
+    meta["stepsize_controller"] = "none (discrete iteration)"
+    t_final = last_good * dt
+    return Trajectory(
+        ts=ts,
+        params=model(take["w"]),
+        velocities=model(take["v"]),
+        monitors=dict(take["monitors"]),
+        t_final=t_final,
+        final_params=model(jax.tree.map(np.asarray, final["w"])),
+        final_velocity=model(None if final["v"] is None
+                             else jax.tree.map(np.asarray, final["v"])),
+        event="non_finite" if diverged else None,
+        event_time=diverged_at * dt if diverged else None,
+        diverged=diverged,
+        success=not diverged,
+        result=(f"diverged: iterate {diverged_at} is not finite; kept iterates 0..{last_good}"
+                if diverged else "successful"),
+        stats={"num_steps": steps, "num_accepted_steps": last_good},
+        meta=meta,
+    )

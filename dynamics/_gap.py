@@ -1,0 +1,269 @@
+"""The discrete-versus-continuous gap: how far an optimizer strays from its flow.
+
+`gap` integrates a flow from a discrete run's initial state to the run's own save times
+(by `simulate` at a tight tolerance) and compares; `gap_order` repeats that over step
+sizes at a fixed flow time and fits the order p of ‖w_k − w(t_k)‖ = C hᵖ with a 95%
+confidence interval. Backward-error analysis (DESIGN.md, "Discrete versus continuous")
+predicts p = 1 for GD against gradient flow and p = 2 against its modified flow.
+"""
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import diffrax
+import equinox as eqx
+import jax
+import numpy as np
+import scipy.stats
+import xarray as xr
+from jaxtyping import PyTree, Scalar
+
+from ._discrete._algorithms import AbstractDiscreteAlgorithm
+from ._discrete._run import _top_eigenvalue, run as discrete_run
+from ._flows import AbstractFirstOrderFlow, AbstractFlow, AbstractKappaFlow
+from ._monitors import AbstractMonitor
+from ._problem import Problem
+from ._simulate import simulate
+from ._trajectory import Trajectory
+from ._tree import partition
+
+# Algorithms that have no first-order limit: Leapfrog's flow conserves energy and NAGD's
+# damping 3/t vanishes, so pairing them with a first-order flow compares unlike things.
+_SECOND_ORDER_ONLY = ("Leapfrog", "NAGD")
+# Algorithms without a velocity can be paired with a second-order flow only if it has
+# friction (κ1 ≠ 0), which has a slow manifold to start on.
+
+
+def _flat(tree: PyTree) -> np.ndarray:
+    """Leaves with a leading time axis → (n, d)."""
+    w, _ = partition(tree)
+    arrays = [np.asarray(x) for x in jax.tree.leaves(w)]
+    return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
+
+
+def _first(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, tree)
+
+
+def _check_pairing(traj: Trajectory, flow: AbstractFlow) -> str:
+    algorithm = traj.meta.get("algorithm")
+    if algorithm is None:
+        raise ValueError(
+            "`discrete_trajectory` must come from dyn.discrete.run (it records the "
+            "algorithm and step size), got a trajectory without meta['algorithm']."
+        )
+    if not isinstance(flow, AbstractFlow):
+        raise ValueError(
+            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got {flow!r}."
+        )
+    first_order_flow = isinstance(flow, AbstractFirstOrderFlow)
+    if algorithm in _SECOND_ORDER_ONLY and first_order_flow:
+        raise ValueError(
+            f"{algorithm} discretises a second-order flow; pair it with one "
+            f"(dyn.NewtonianFlow() for Leapfrog, dyn.NesterovFlow() for NAGD), not "
+            f"{type(flow).__name__}."
+        )
+    if traj.velocities is None and not first_order_flow:
+        kappa1 = flow.kappas(0.0)[0] if isinstance(flow, AbstractKappaFlow) else 0.0
+        if not np.all(np.asarray(kappa1) > 0):
+            raise ValueError(
+                f"{algorithm} is a first-order algorithm; a second-order flow must have "
+                f"friction κ1 > 0 to be its modified flow (e.g. "
+                f"dyn.modified_second_order_flow(eta)), not {type(flow).__name__}."
+            )
+    return algorithm
+
+
+def _check_structure(traj: Trajectory, params0: PyTree, flow_params: PyTree) -> None:
+    a = jax.tree.structure(partition(params0)[0])
+    b = jax.tree.structure(partition(flow_params)[0])
+    if a != b:
+        raise ValueError("`params` and the trajectory's parameters have different structures; "
+                         "pass the model the discrete run started from.")
+
+
+def sharpness_warning(traj: Trajectory, loss: Callable, params0: PyTree) -> float:
+    """η·λ_max(∇²L) at the run's start, with a RuntimeWarning past the algorithm's limit."""
+    w, static = partition(params0)
+    lam = float(_top_eigenvalue(Problem(None, loss, static), w, jax.random.key(0)))
+    lr = float(traj.meta["learning_rate"])
+    limit = float(traj.meta.get("stability_limit", 2.0))
+    if lr * lam > limit:
+        warnings.warn(
+            f"{traj.meta['algorithm']}: η·λ_max = {lr * lam:.3g} exceeds {limit:.3g} "
+            "(edge of stability): the flow and the modified equations, expansions in "
+            "η·λ, do not describe this run; its gap has no order.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return lr * lam
+
+
+def gap(
+    discrete_trajectory: Trajectory,
+    flow: AbstractFlow,
+    loss: Callable[[PyTree], Scalar],
+    *,
+    monitors: Sequence[AbstractMonitor] = (),
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    solver: diffrax.AbstractSolver | None = None,
+    check_stability: bool = True,
+) -> xr.Dataset:
+    """Integrate `flow` from the discrete run's first iterate to its save times and
+    compare.
+
+    **Arguments:**
+
+    - `discrete_trajectory`: from `dyn.discrete.run` with `params` saved.
+    - `flow`: the continuous flow to compare with (e.g. `alg.flow`, or a modified flow).
+      A second-order flow starts from the run's first velocity, or, after a first-order
+      algorithm, on its slow manifold v(0) = −∇L(w_0)/κ1.
+    - `loss`: the loss the run used.
+    - `monitors`: the monitors the run recorded (by name) to difference as well.
+    - `rtol`, `atol`, `solver`: the flow's integration (default Tsit5, adaptive).
+
+    **Returns:** an `xarray.Dataset` on `time` with `distance` = ‖w_k − w(t_k)‖ (all
+    parameters flattened) and, for every monitor m, `m_discrete`, `m_flow` and
+    `m_gap` = discrete − flow; attrs name the algorithm, flow and tolerances.
+    """
+    if not isinstance(discrete_trajectory, Trajectory):
+        raise ValueError(
+            "`discrete_trajectory` must be a dyn.Trajectory from dyn.discrete.run, got "
+            f"{type(discrete_trajectory).__name__}."
+        )
+    traj = discrete_trajectory
+    algorithm = _check_pairing(traj, flow)
+    if traj.params is None or len(traj.ts) < 2:
+        raise ValueError("`discrete_trajectory` must hold params at two or more save times.")
+    monitors = tuple(monitors)
+    for m in monitors:
+        if not isinstance(m, AbstractMonitor) or m.name not in traj.monitors:
+            raise ValueError(
+                f"`monitors` must be the dyn.monitors objects the run recorded "
+                f"({sorted(traj.monitors)}), got {m!r}."
+            )
+    params0 = _first(traj.params)
+    if check_stability:
+        sharpness_warning(traj, loss, params0)
+    v0 = None
+    if not isinstance(flow, AbstractFirstOrderFlow):
+        if traj.velocities is not None:
+            v0 = _first(traj.velocities)
+        else:
+            # The slow manifold of κ2ẅ + κ1ẇ + ∇L = 0 to leading order: ẇ = −∇L/κ1.
+            # The O(η) mismatch in velocity moves w by κ2/κ1 · O(η) = O(η²).
+            kappa1 = flow.kappas(0.0)[0]
+            w0, static = partition(params0)
+            grad = jax.grad(lambda w: loss(eqx.combine(w, static)))(w0)
+            v0 = eqx.combine(jax.tree.map(lambda g: -g / kappa1, grad), static)
+    ts = np.asarray(traj.ts, dtype=float)
+    ref = simulate(
+        flow, params0, loss, t1=float(ts[-1]), ts=ts, v0=v0, monitors=monitors,
+        solver=diffrax.Tsit5() if solver is None else solver,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=1_000_000,
+    )
+    distance = np.linalg.norm(_flat(traj.params) - _flat(ref.params), axis=1)
+    data = {"distance": ("time", distance)}
+    for m in monitors:
+        a, b = np.asarray(traj.monitors[m.name]), np.asarray(ref.monitors[m.name])
+        dims = ("time",) + tuple(f"{m.name}_dim{i}" for i in range(1, a.ndim))
+        data[f"{m.name}_discrete"] = (dims, a)
+        data[f"{m.name}_flow"] = (dims, b)
+        data[f"{m.name}_gap"] = (dims, a - b)
+    attrs = {
+        "algorithm": algorithm,
+        "learning_rate": float(traj.meta["learning_rate"]),
+        "time_step": float(traj.meta["time_step"]),
+        "flow": type(flow).__name__,
+        "flow_repr": eqx.tree_pformat(flow, short_arrays=False),
+        "solver": type(solver or diffrax.Tsit5()).__name__,
+        "rtol": rtol,
+        "atol": atol,
+    }
+    return xr.Dataset(data, coords={"time": ts}, attrs=attrs)
+
+
+def fit_order(h: np.ndarray, error: np.ndarray, confidence: float = 0.95):
+    """Least-squares slope of log(error) on log(h) with its two-sided `confidence`
+    interval from Student's t with n − 2 degrees of freedom: (slope, low, high)."""
+    h, error = np.asarray(h, float), np.asarray(error, float)
+    fit = scipy.stats.linregress(np.log(h), np.log(error))
+    n = len(h)
+    half = scipy.stats.t.ppf(0.5 + confidence / 2, n - 2) * fit.stderr if n > 2 else np.inf
+    return float(fit.slope), float(fit.slope - half), float(fit.slope + half)
+
+
+def gap_order(
+    algorithm: Callable[[float], AbstractDiscreteAlgorithm],
+    params: PyTree,
+    loss: Callable[[PyTree], Scalar],
+    step_sizes: Sequence[float],
+    t1: float,
+    *,
+    flow: Callable[[AbstractDiscreteAlgorithm], AbstractFlow] | None = None,
+    v0: PyTree | None = None,
+    against: str = "learning_rate",
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    check_stability: bool = True,
+) -> xr.Dataset:
+    """The gap at flow time `t1` over `step_sizes`, and its fitted order.
+
+    **Arguments:**
+
+    - `algorithm`: step size → algorithm, e.g. `dyn.discrete.GD` or
+      `lambda eta: dyn.discrete.HeavyBall(eta, 0.5)`.
+    - `params`, `loss`, `v0`: the start and loss of every run.
+    - `step_sizes`: three or more learning rates; t1 must be a whole number of steps
+      of each (t1 = k·η, or k·√η for Leapfrog and NAGD).
+    - `flow`: algorithm → flow to compare with (default `alg.flow`), e.g.
+      `lambda a: dyn.ModifiedGradientFlow(a.eta)`. Coefficients are arrays, so the
+      flow compiles once for all step sizes.
+    - `against`: fit against the "learning_rate" (η, s) or the "time_step" (Δt).
+    - `check_stability`: warn if the largest step size is past the edge of stability.
+
+    **Returns:** an `xarray.Dataset` on `step_size` with `gap` (‖w_K − w(t1)‖) and
+    `time_step`; attrs `order`, `order_ci_low`, `order_ci_high` (95%).
+    """
+    if not callable(algorithm):
+        raise ValueError("`algorithm` must be a function step size -> discrete algorithm.")
+    if against not in ("learning_rate", "time_step"):
+        raise ValueError(f"`against` must be 'learning_rate' or 'time_step', got {against!r}.")
+    sizes = np.asarray(step_sizes, dtype=float)
+    if sizes.ndim != 1 or sizes.size < 3 or np.any(~(sizes > 0)) or len(set(sizes)) != sizes.size:
+        raise ValueError(
+            "`step_sizes` must be three or more distinct positive numbers (a fit with a "
+            f"confidence interval needs n >= 3), got {step_sizes!r}."
+        )
+    gaps, dts = [], []
+    for i, eta in enumerate(sizes):
+        alg = algorithm(float(eta))
+        if not isinstance(alg, AbstractDiscreteAlgorithm):
+            raise ValueError(f"`algorithm` must return a discrete algorithm, got {alg!r}.")
+        dt = float(alg.time_step)
+        steps = int(round(t1 / dt))
+        if steps < 1 or abs(steps * dt - t1) > 1e-9 * t1:
+            raise ValueError(
+                f"`t1` = {t1} is not a whole number of steps Δt = {dt} (step size {eta}); "
+                "choose step sizes that divide it."
+            )
+        # Save only the start and the end: the flow's save times then have one shape
+        # for every step size, and the flow compiles once.
+        traj = discrete_run(alg, params, loss, steps, v0=v0, save_every=steps,
+                            check_stability=check_stability and i == int(np.argmax(sizes)))
+        target = alg.flow if flow is None else flow(alg)
+        ds = gap(traj, target, loss, rtol=rtol, atol=atol, check_stability=False)
+        gaps.append(float(ds["distance"][-1]))
+        dts.append(dt)
+    x = sizes if against == "learning_rate" else np.asarray(dts)
+    order, low, high = fit_order(x, np.asarray(gaps))
+    return xr.Dataset(
+        {"gap": ("step_size", np.asarray(gaps)), "time_step": ("step_size", np.asarray(dts))},
+        coords={"step_size": sizes},
+        attrs={"order": order, "order_ci_low": low, "order_ci_high": high, "t1": float(t1),
+               "against": against, "algorithm": type(alg).__name__,
+               "flow": type(target).__name__, "rtol": rtol, "atol": atol},
+    )
+

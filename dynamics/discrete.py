@@ -1,0 +1,18 @@
+"""Discrete optimizers on the flow's time axis: `dyn.discrete.run(dyn.discrete.GD(0.1), ...)`.
+
+Each algorithm knows its continuous counterpart (`alg.flow`) and time map
+(`alg.time_step`), so `dyn.gap` can measure how far the iterates stray from the flow.
+"""
+
+from ._discrete._algorithms import (
+    GD as GD,
+    NAGD as NAGD,
+    AbstractDiscreteAlgorithm as AbstractDiscreteAlgorithm,
+    ExponentiatedGD as ExponentiatedGD,
+    HeavyBall as HeavyBall,
+    Leapfrog as Leapfrog,
+    NesterovMomentum as NesterovMomentum,
+    State as State,
+)
+from ._discrete._laws import GDChargeDrift as GDChargeDrift, gd_charge_drift as gd_charge_drift
+from ._discrete._run import edge_of_stability as edge_of_stability, run as run
