@@ -209,7 +209,8 @@ class HalpernFlow(AbstractFirstOrderFlow):
                     "HalpernFlow: `schedule` must be a function t -> λ(t) or a number a in "
                     f"(0, 1] for λ(t) = (1 + t)^(-a); got {schedule!r} ({exc})."
                 ) from None
-        elif not isinstance(schedule, PowerDecay):
+        elif not isinstance(schedule, PowerDecay) and is_concrete(schedule):
+            # (a schedule holding traced values, e.g. inside a vmapped sweep, is trusted)
             _check_halpern_schedule(schedule)
         self.schedule = schedule
 
