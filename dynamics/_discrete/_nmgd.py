@@ -27,7 +27,8 @@ def _exponent(value) -> np.ndarray:
 
 
 def _first_index(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) \
+            or value < 1 or int(value) != value:
         raise ValueError(f"NMGD: `n0` must be an int >= 1 (λ_n = n^(-a)), got {value!r}.")
     return int(value)
 
@@ -66,7 +67,8 @@ class NMGD(AbstractDiscreteAlgorithm):
 
     gamma: Array = eqx.field(converter=lambda x: _positive("gamma", x))
     a: Array = eqx.field(converter=_exponent)
-    n0: int = eqx.field(default=1, converter=_first_index, static=True)
+    # An array, not a static int: continuing a run from step n (n0 = n) reuses the compiled loop.
+    n0: Array = eqx.field(default=1, converter=lambda v: np.float64(_first_index(v)))
     first_order: ClassVar[bool] = True
 
     @property
@@ -79,7 +81,7 @@ class NMGD(AbstractDiscreteAlgorithm):
 
     @property
     def flow(self):
-        return HalpernFlow(_ShiftedPowerDecay(self.a, self.gamma, np.float64(self.n0)))
+        return HalpernFlow(_ShiftedPowerDecay(self.a, self.gamma, self.n0))
 
     @property
     def stability_limit(self):
@@ -90,7 +92,7 @@ class NMGD(AbstractDiscreteAlgorithm):
 
     def step(self, k, state, value_and_grad):
         dtype = jnp.result_type(float)
-        lam = (jnp.asarray(self.n0, dtype) + jnp.asarray(k, dtype)) ** (-self.a)
+        lam = (self.n0 + jnp.asarray(k, dtype)) ** (-self.a)
         w = jax.tree.map(lambda x, g: x - (1.0 - lam) * self.gamma * g - lam * x,
                          state.w, state.grad)
         return _carried_init(w, None, value_and_grad)
