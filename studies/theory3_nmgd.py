@@ -55,6 +55,9 @@ RC = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 11, "legend.fonts
 DPI = 120
 COLORS = {"GD": "tab:blue", "NMGD n0=1": "tab:red", "NMGD n0=100": "tab:orange",
           "NMGD": "tab:red", "Halpern flow": "k"}
+# The Halpern flow shares NMGD's λ(t) = (n0 + t/γ)^(-a) but pulls toward 0 at the rate
+# λ, where a step of NMGD pulls by λ_n (a rate λ_n/γ): it forgets the start more slowly.
+LABELS = {"Halpern flow": r"Halpern flow, $\lambda(t) = (100 + t/\gamma)^{-a}$"}
 
 
 def _say(message: str) -> None:
@@ -182,7 +185,8 @@ def _fig_least_squares(runs, pinv_norm) -> Figure:
     ax_d, ax_n = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for (name, seed), traj in runs.items():
         it = np.asarray(traj.ts) / GAMMA
-        kw = dict(color=COLORS[name], alpha=0.8, label=name if seed == 0 else None,
+        kw = dict(color=COLORS[name], alpha=0.8,
+                  label=LABELS.get(name, name) if seed == 0 else None,
                   ls="--" if name == "Halpern flow" else "-")
         ax_d.plot(it[1:], traj.monitors["distance_to_pinv"][1:] / pinv_norm, **kw)
         ax_n.plot(it[1:], np.maximum(traj.monitors["null_space"][1:], 1e-17), **kw)
