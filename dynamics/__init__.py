@@ -30,7 +30,9 @@ from ._flows import (
     BregmanLagrangianFlow as BregmanLagrangianFlow,
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
+    HalpernFlow as HalpernFlow,
     HeavyBallFlow as HeavyBallFlow,
+    LagrangeMultiplierFlow as LagrangeMultiplierFlow,
     LagrangianFlow as LagrangianFlow,
     MirrorFlow as MirrorFlow,
     ModifiedGradientFlow as ModifiedGradientFlow,
@@ -38,6 +40,8 @@ from ._flows import (
     ModifiedNesterovMomentumFlow as ModifiedNesterovMomentumFlow,
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
+    PowerDecay as PowerDecay,
+    WeightNormFlow as WeightNormFlow,
     modified_second_order_flow as modified_second_order_flow,
     WeightBalancingFlow as WeightBalancingFlow,
 )
@@ -61,6 +65,7 @@ from ._projection import (
     Every as Every,
     OnEvent as OnEvent,
 )
+from ._reparam import NormCoordinates as NormCoordinates
 from ._simulate import simulate as simulate
 from ._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory

@@ -5,6 +5,12 @@ from ._discrete._laws import (
     HeavyBallChargeDrift as HeavyBallChargeDrift,
 )
 from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
+from ._discrete._laws import GDChargeDrift as GDChargeDrift
+from ._margin_monitors import (
+    Margin as Margin,
+    NormProduct as NormProduct,
+    NullSpaceComponent as NullSpaceComponent,
+)
 from ._monitors import (
     AbstractIntegralMonitor as AbstractIntegralMonitor,
     AbstractMonitor as AbstractMonitor,

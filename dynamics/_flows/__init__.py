@@ -4,6 +4,7 @@
   and the helpers every entry shares (coefficients stored as arrays, schedules).
 - `_classical`: gradient, mirror, Newtonian, Nesterov, heavy-ball, general κ1/κ2 and
   Lagrangian flows (Głuch & Urbanke Table 1).
+- `_normalized`: Theory III's weight-normalization, Lagrange-multiplier and Halpern flows.
 
 Further families live in files of their own beside these and are re-exported here.
 """
@@ -33,4 +34,10 @@ from ._modified import (
     ModifiedHeavyBallFlow as ModifiedHeavyBallFlow,
     ModifiedNesterovMomentumFlow as ModifiedNesterovMomentumFlow,
     modified_second_order_flow as modified_second_order_flow,
+)
+from ._normalized import (
+    HalpernFlow as HalpernFlow,
+    LagrangeMultiplierFlow as LagrangeMultiplierFlow,
+    PowerDecay as PowerDecay,
+    WeightNormFlow as WeightNormFlow,
 )
