@@ -41,9 +41,9 @@ from ._flows import (
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
     PowerDecay as PowerDecay,
+    WeightBalancingFlow as WeightBalancingFlow,
     WeightNormFlow as WeightNormFlow,
     modified_second_order_flow as modified_second_order_flow,
-    WeightBalancingFlow as WeightBalancingFlow,
 )
 from ._gap import gap as gap, gap_order as gap_order
 from ._io import load as load, save as save

@@ -20,6 +20,5 @@ from ._discrete._laws import (
     gd_charge_drift as gd_charge_drift,
     heavy_ball_charge_drift as heavy_ball_charge_drift,
 )
-from ._discrete._laws import GDChargeDrift as GDChargeDrift, gd_charge_drift as gd_charge_drift
 from ._discrete._nmgd import NMGD as NMGD
 from ._discrete._run import edge_of_stability as edge_of_stability, run as run

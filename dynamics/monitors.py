@@ -1,11 +1,10 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
+from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
 from ._discrete._laws import (
     GDChargeDrift as GDChargeDrift,
     HeavyBallChargeDrift as HeavyBallChargeDrift,
 )
-from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
-from ._discrete._laws import GDChargeDrift as GDChargeDrift
 from ._margin_monitors import (
     Margin as Margin,
     NormProduct as NormProduct,
