@@ -14,12 +14,12 @@ from . import (
     events as events,
     losses as losses,
     monitors as monitors,
+    regularizers as regularizers,
     solvers as solvers,
 )
 from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,
     convergence_order as convergence_order,
-    regularizers as regularizers,
 )
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
