@@ -69,7 +69,7 @@ def _run_grid(cfg):
     return ratio, iters, min_ratio, converged, widths
 
 
-def _fig_ratio(ratio, min_ratio, quick) -> Figure:
+def _fig_ratio(ratio, min_ratio, quick, max_iter) -> Figure:
     fig = Figure(figsize=(11, 9.5), layout="constrained")
     axes = fig.subplots(len(GRID), len(GRID), sharex=True)
     ks = np.arange(UPDATES + 1)
@@ -87,7 +87,8 @@ def _fig_ratio(ratio, min_ratio, quick) -> Figure:
                 ax.set_ylabel(r"$\|W\|_{p,q}\,/\,\|W_0\|_{p,q}$")
     axes[0, 0].legend(title="dotted: global minimum")
     fig.suptitle("Saul Alg. 1 (dyn.balance.min_norm_fix), He-initialised ReLU nets, zero "
-                 "biases" + (" — quick mode: hidden widths / 50" if quick else ""))
+                 "biases, float64" + (" — quick mode: hidden widths / 50" if quick else "")
+                 + f"\nglobal minimum (dotted): max|a_i − 1| < {TOL:g} or {max_iter} updates")
     return fig
 
 
@@ -121,7 +122,7 @@ def run(out: Path, quick: bool = False) -> dict[str, Path]:
     ratio, iters, min_ratio, converged, widths = _run_grid(cfg)
     written = {}
     with matplotlib.rc_context({"font.size": 10}):
-        for key, fig in (("ratio", _fig_ratio(ratio, min_ratio, quick)),
+        for key, fig in (("ratio", _fig_ratio(ratio, min_ratio, quick, cfg["max_iter"])),
                          ("iterations", _fig_iterations(iters, converged, quick))):
             path = out / "figures" / f"saul_minnorm_{key}.png"
             fig.savefig(path, dpi=110)
