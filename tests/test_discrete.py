@@ -110,8 +110,7 @@ def test_save_every_and_mlp_params():
 
     # The stability check compiles a Hessian power iteration; test_edge_of_stability has it.
     traj = discrete.run(discrete.GD(0.1), model, loss, 12, save_every=4,
-                        monitors=(dyn.monitors.Loss(), dyn.monitors.GradNorm()),
-                        check_stability=False)
+                        monitors=(dyn.monitors.Loss(),), check_stability=False)
     np.testing.assert_allclose(traj.ts, [0.0, 0.4, 0.8, 1.2], rtol=1e-14)
     assert traj.params.weights[0].shape == (4, 4, 3)
     # The saved model at index 2 is GD's 8th iterate: check it by 8 plain steps.
@@ -197,8 +196,10 @@ def test_edge_of_stability_warns():
                                       warn=False) == pytest.approx(1.5, rel=1e-8)
 
 
-@pytest.mark.parametrize("activation", [dyn.RePU(2), dyn.ReLU()], ids=["repu2", "relu"])
-def test_exact_gd_charge_law(activation):
+def test_exact_gd_charge_law():
+    # RePU(2) (p = 2) exercises the degree factor; the law holds on ReLU alike (the
+    # discrete-gap study checks it there, under -m slow).
+    activation = dyn.RePU(2)
     model = dyn.MLP([3, 5, 4, 1], activation, key=jax.random.key(1))
 
     def loss(m):
