@@ -55,7 +55,7 @@ def _tanh_problem():
 
 @pytest.mark.parametrize("solver, order, dts", [
     (diffrax.Dopri8(), 8, 8.0 * 2.0 ** -np.arange(2, 7)),
-    (diffrax.Tsit5(), 5, None),
+    pytest.param(diffrax.Tsit5(), 5, None, marks=pytest.mark.slow),  # a lower bound only
 ])
 def test_high_orders_on_nonlinear_least_squares(solver, order, dts):
     model, loss = _tanh_problem()
