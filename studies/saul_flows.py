@@ -305,9 +305,11 @@ def run(out: Path, quick: bool = False) -> dict:
     mn_runs, reason = _minnorm_study(model, loss, t1, dt)
     if reason:
         _say(f"(d) skipped: {reason}")
-    epsilons = [0.2, 0.1] if quick else [0.2, 0.1, 0.05, 0.025]
+    epsilons = [0.2, 0.1] if quick else [0.2, 0.1, 0.05]
     bp, bq = 1.0, 2.0
-    bgaps = _bregman_study(bp, bq, 1.0 if quick else 3.0, epsilons)
+    # t1 = 1 in both modes: with t1 = 3 the WBF reference solve on this tiny ReLU net
+    # exceeded max_steps (not investigated; a ReLU kink is the likely cause).
+    bgaps = _bregman_study(bp, bq, 1.0, epsilons)
 
     figures = out / "figures"
     paths = [
