@@ -274,7 +274,8 @@ class _Layout(eqx.Module):
     def pack(self, y, w, v):
         """`y` with its (w, v) replaced (the carried loss is left to the caller)."""
         if self.integrals:
-            return self.pack(y[0], w, v), y[1]
+            inner = _Layout(self.first_order, self.carry, False)
+            return inner.pack(y[0], w, v), y[1]
         if self.carry:
             return w, y[1]
         return w if self.first_order else (w, v)

@@ -126,11 +126,23 @@ def test_second_order_flows_project_the_velocity_too(flow, solver, schedule):
     assert abs(np.linalg.norm(traj.final_params) - 1.0) < 1e-12
 
 
+class Elapsed(dyn.monitors.AbstractIntegralMonitor):
+    """∫_0^t 1 ds = t."""
+
+    name: ClassVar[str] = "elapsed"
+
+    def integrand(self, t, w, v, problem):
+        return jnp.ones(())
+
+    def value(self, t, w, v, problem, integral):
+        return integral
+
+
 def test_projection_every_step_and_records():
     dt0 = 0.01
     traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=0.5, solver=diffrax.Euler(),
                         dt0=dt0, stepsize_controller=CONST, ts=np.linspace(0.0, 0.5, 51),
-                        projection=Sphere())
+                        projection=Sphere(), monitors=(Elapsed(),))
     # A numpy Euler loop that normalises after each step.
     w, ref = np.asarray(W0), [np.asarray(W0)]
     for _ in range(50):
@@ -143,6 +155,8 @@ def test_projection_every_step_and_records():
     np.testing.assert_allclose(np.linalg.norm(traj.params, axis=1), 1.0, atol=1e-12)
     assert traj.stats["num_actions"] == traj.stats["num_accepted_steps"] == 50
     np.testing.assert_allclose(traj.actions, dt0 * np.arange(1, 51), atol=1e-12)
+    # An integral in the state goes through the projections untouched: ∫1 dt = t.
+    np.testing.assert_allclose(traj.monitors["elapsed"], traj.ts, atol=1e-13)  # rounding
     ds = traj.to_xarray()
     assert ds["action_time"].dims == ("action",)
     np.testing.assert_array_equal(ds["action_time"].values, traj.actions)
