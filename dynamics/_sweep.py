@@ -262,8 +262,9 @@ def _solve_group(items: list, size: int, devices: Sequence) -> list:
     out = jax.tree.map(np.asarray, out)
     results = []
     for i, it in enumerate(items):
-        ts, ys, result, mask, stats = jax.tree.map(lambda a, i=i: a[i], out)
-        traj = Trajectory.from_solve(it["problem"], it["events"], (ts, ys, result, mask, stats),
+        # (ts, ys, result, event mask, stats, actions) of cell i, as `_solve` returns them
+        cell = jax.tree.map(lambda a, i=i: a[i], out)
+        traj = Trajectory.from_solve(it["problem"], it["events"], cell,
                                      throw=False, meta=it["meta"],
                                      divergence=AbstractDivergenceEvent)
         results.append(_trajectory_record(traj, it["ts"]))
