@@ -12,6 +12,7 @@ from . import (
     events as events,
     losses as losses,
     monitors as monitors,
+    symmetries as symmetries,
 )
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
