@@ -15,7 +15,8 @@ import abc
 import numbers
 
 import equinox as eqx
-from jaxtyping import PyTree
+import numpy as np
+from jaxtyping import Array, PyTree
 
 from ._events import AbstractEvent
 
@@ -78,11 +79,14 @@ class AbstractSchedule(eqx.Module):
 class Every(AbstractSchedule):
     """Apply `projection` every `steps` accepted solver steps, or every `time` units of
     time (at t0 + k·time), then continue the solve. Give exactly one of the two.
+
+    `time` is stored as an array, so runs that differ only in the period share one
+    compiled solve; `steps` is static (it decides the control flow).
     """
 
     projection: AbstractProjection
     steps: int | None = eqx.field(static=True)
-    time: float | None = eqx.field(static=True)
+    time: Array | None
 
     def __init__(self, projection: AbstractProjection, *, steps: int | None = None,
                  time: float | None = None):
@@ -94,7 +98,7 @@ class Every(AbstractSchedule):
             )
         self.projection = projection
         self.steps = None if steps is None else _positive_int("steps", steps)
-        self.time = None if time is None else _positive_float("time", time)
+        self.time = None if time is None else np.asarray(_positive_float("time", time))
 
 
 class OnEvent(AbstractSchedule):

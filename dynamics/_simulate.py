@@ -17,6 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, PyTree, Scalar
 
+from ._actions import (
+    AbstractAction,
+    ActingSolver,
+    EverySteps,
+    EveryTime,
+    LandOnGrid,
+    OnCondition,
+)
 from ._events import AbstractDivergenceEvent, AbstractEvent, EventRootFinder, NonFinite
 from ._flows import (
     AbstractFirstOrderFlow,
@@ -24,8 +32,9 @@ from ._flows import (
     AbstractSeparableFlow,
     NesterovFlow,
 )
-from ._monitors import AbstractMonitor, Loss
+from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ._problem import Problem
+from ._projection import AbstractProjection, AbstractSchedule, Every, OnEvent
 from ._solvers import LossCarryingEuler
 from ._trajectory import Trajectory, provenance
 from ._tree import is_concrete, partition
@@ -33,6 +42,10 @@ from ._tree import is_concrete, partition
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
 # solver tolerance a study uses, so the interpolant, not the root find, limits them.
 _EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13)
+
+# Action times kept on the Trajectory (the solver state holds them; an adaptive
+# controller copies that buffer on every step). `stats["num_actions"]` counts all.
+_MAX_RECORDED_ACTIONS = 10_000
 
 
 def _float(name: str, value: Any) -> float:
@@ -135,6 +148,28 @@ def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
     return jnp.asarray(arr)
 
 
+def _validate_projection(projection, controller, dt0):
+    if projection is None:
+        return None
+    if isinstance(projection, AbstractProjection):
+        return Every(projection, steps=1)  # a bare projection: after every step
+    if not isinstance(projection, AbstractSchedule):
+        raise ValueError(
+            "`projection` must be a projection (dyn.AbstractProjection, applied every "
+            "step) or a schedule dyn.Every(proj, steps=k | time=dt) / "
+            f"dyn.OnEvent(proj, event), got {projection!r}."
+        )
+    if isinstance(projection, Every) and projection.time is not None:
+        adaptive = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
+        if not adaptive and dt0 is not None and float(dt0) > projection.time:
+            raise ValueError(
+                f"`projection` Every(time={projection.time}) is shorter than the constant "
+                f"step dt0={dt0}: it would be late; use dt0 <= time (ideally time a "
+                "multiple of dt0) or Every(steps=k)."
+            )
+    return projection
+
+
 def _traced_tolerances(controller: diffrax.AbstractStepSizeController, dtype):
     # PIDController keeps rtol and atol as given; Python floats would be static under
     # jit, so every new tolerance would compile the solve again. As arrays they are
@@ -165,48 +200,82 @@ def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
         )
 
 
-def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver):
+class _Layout(eqx.Module):
+    """How the solver's state y is laid out around the flow's (w, v):
+    w or (w, v); (w, L(w)) when Euler carries the loss; (that, integrals) when
+    integral monitors carry their running integrals in the state."""
+
+    first_order: bool = eqx.field(static=True)
+    carry: bool = eqx.field(static=True)
+    integrals: bool = eqx.field(static=True)
+
+    def unpack(self, y):
+        """(w, v, carried loss or None, integrals or None)."""
+        integrals = None
+        if self.integrals:
+            y, integrals = y
+        if self.carry:
+            (w, loss) = y
+            return w, None, loss, integrals
+        if self.first_order:
+            return y, None, None, integrals
+        return (*y, None, integrals)
+
+    def pack(self, y, w, v):
+        """`y` with its (w, v) replaced (the carried loss is left to the caller)."""
+        if self.integrals:
+            return self.pack(y[0], w, v), y[1]
+        if self.carry:
+            return w, y[1]
+        return w if self.first_order else (w, v)
+
+
+def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
+           layout: _Layout, integrals: tuple):
     if isinstance(solver, LossCarryingEuler):
         return diffrax.ODETerm(
             lambda t, y, _: flow.vector_field_and_loss(t, y[0], problem.loss)
         )
     if isinstance(flow, AbstractFirstOrderFlow):
-        return diffrax.ODETerm(lambda t, w, _: flow.vector_field(t, w, problem.loss))
-    if isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2:
+        def base(t, w):
+            return flow.vector_field(t, w, problem.loss)
+    elif isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2:
         # Partitioned (symplectic) solvers take ẇ = v and v̇ = F(w) as two terms.
         return (
             diffrax.ODETerm(lambda t, v, _: v),
             diffrax.ODETerm(lambda t, w, _: flow.acceleration(t, w, None, problem.loss)),
         )
+    else:
+        def base(t, y):
+            w, v = y
+            return v, flow.acceleration(t, w, v, problem.loss)
 
-    def vector_field(t, y, _):
-        w, v = y
-        return v, flow.acceleration(t, w, v, problem.loss)
+    if not integrals:
+        return diffrax.ODETerm(lambda t, y, _: base(t, y))
 
-    return diffrax.ODETerm(vector_field)
+    def with_integrals(t, y, _):
+        # dI/dt = g(t, w, ẇ): the running integrals ride along as state components.
+        w, v, _, _ = layout.unpack(y)
+        return base(t, y[0]), {m.name: m.integrand(t, w, v, problem) for m in integrals}
+
+    return diffrax.ODETerm(with_integrals)
 
 
 def _carries_loss(flow: AbstractFlow, solver: diffrax.AbstractSolver, monitors) -> bool:
     # Exactly diffrax.Euler (a subclass may step differently), a flow that evaluates the
     # loss with its gradient, and a Loss monitor to use it: then `LossCarryingEuler`.
+    # Integral monitors need their own state components, so they turn this off.
     return (
         type(solver) is diffrax.Euler
         and isinstance(flow, AbstractFirstOrderFlow)
         and any(isinstance(m, Loss) for m in monitors)
+        and not any(isinstance(m, AbstractIntegralMonitor) for m in monitors)
     )
 
 
-def _unpack(flow, carry, y):
-    """The state as (w, v, carried loss or None)."""
-    if carry:
-        (w, loss) = y
-        return w, None, loss
-    if isinstance(flow, AbstractFirstOrderFlow):
-        return y, None, None
-    return (*y, None)
-
-
-def _monitor(m: AbstractMonitor, t, w, v, carried, problem: Problem):
+def _monitor(m: AbstractMonitor, t, w, v, carried, integrals, problem: Problem):
+    if isinstance(m, AbstractIntegralMonitor):
+        return m.value(t, w, v, problem, integrals[m.name])
     if carried is not None and isinstance(m, Loss):
         # The value the step computed with its gradient; NaN between step ends (see
         # `_LossCarryingInterpolation`), where L(w) is evaluated after all.
@@ -214,22 +283,89 @@ def _monitor(m: AbstractMonitor, t, w, v, carried, problem: Problem):
     return m(t, w, v, problem)
 
 
+class _Project(AbstractAction):
+    """A projection as an action on the solver state: it sees the full model (static
+    parts combined back) and the velocity, and leaves everything else in y alone."""
+
+    projection: AbstractProjection
+    problem: Problem
+    layout: _Layout
+
+    def _full(self, y):
+        w, v, _, _ = self.layout.unpack(y)
+        return self.problem.params(w), None if v is None else self.problem.params(v)
+
+    def init(self, t0, y0):
+        return self.projection.init(*self._full(y0))
+
+    def __call__(self, t, y, aux):
+        w, v, _, _ = self.layout.unpack(y)
+        params, velocity = self.projection(*self._full(y), aux)
+
+        def dynamic(new, old):
+            new, _ = partition(new)
+            return jax.tree.map(lambda a, b: jnp.asarray(a, dtype=b.dtype), new, old)
+
+        w = dynamic(params, w)
+        v = None if v is None else dynamic(velocity, v)
+        return self.layout.pack(y, w, v), aux
+
+
+def _acting(schedule, solver, controller, problem, layout, y0, t0, max_steps):
+    """The solver (and controller) that apply `schedule` inside the solve."""
+    if isinstance(schedule, OnEvent):
+        event = schedule.event
+
+        def condition(t, y):
+            w, v, _, _ = layout.unpack(y)
+            return event.condition(t, w, v, problem)
+
+        real = jnp.issubdtype(jax.eval_shape(condition, t0, y0).dtype, jnp.floating)
+        trigger = OnCondition(condition, event.direction, bool(real))
+        k = 1
+    elif schedule.steps is not None:
+        trigger = EverySteps(schedule.steps)
+        k = schedule.steps
+    else:
+        exact = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
+        period = jnp.asarray(schedule.time, t0.dtype)
+        trigger = EveryTime(t0, period, exact)
+        if exact:
+            controller = LandOnGrid(controller, t0, period)
+        k = 1
+    n_record = min(_MAX_RECORDED_ACTIONS, max(1, (max_steps or 10**9) // k))
+    action = _Project(schedule.projection, problem, layout)
+    return ActingSolver(solver, trigger, action, n_record), controller
+
+
 @eqx.filter_jit
-def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, save_params,
-           max_steps, progress_meter):
+def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, schedule,
+           save_params, max_steps, progress_meter):
     flow = problem.flow
-    w0, _, _ = _unpack(flow, False, y0)
+    first_order = isinstance(flow, AbstractFirstOrderFlow)
+    w0 = y0 if first_order else y0[0]
     # Raised at trace time, so a second call with the same shapes never reaches it.
     _check_scalar_loss(problem, w0)
+    integrals = tuple(m for m in monitors if isinstance(m, AbstractIntegralMonitor))
     carry = _carries_loss(flow, solver, monitors)
+    layout = _Layout(first_order, carry, bool(integrals))
     if carry:
         solver = LossCarryingEuler()
         y0 = (y0, problem.loss(y0))
+    if integrals:
+        v0 = None if first_order else y0[1]
+        shapes = {m.name: eqx.filter_eval_shape(m.integrand, t0, w0, v0, problem)
+                  for m in integrals}
+        y0 = (y0, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    terms = _terms(flow, problem, solver, layout, integrals)
+    if schedule is not None:
+        solver, controller = _acting(schedule, solver, controller, problem, layout, y0,
+                                     t0, max_steps)
 
     def save(with_params):
         def fn(t, y, _):
-            w, v, carried = _unpack(flow, carry, y)
-            out = {"monitors": {m.name: _monitor(m, t, w, v, carried, problem)
+            w, v, carried, ints = layout.unpack(y)
+            out = {"monitors": {m.name: _monitor(m, t, w, v, carried, ints, problem)
                                 for m in monitors}}
             if with_params:
                 out["w"], out["v"] = w, v
@@ -239,7 +375,7 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
 
     def cond(event):
         def fn(t, y, args, **kwargs):
-            w, v, _ = _unpack(flow, carry, y)
+            w, v, _, _ = layout.unpack(y)
             return event.condition(t, w, v, problem)
 
         return fn
@@ -260,10 +396,11 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     # and the final state, always, at t1 or wherever the run stopped.
     saveat = diffrax.SaveAt(
         subs=(diffrax.SubSaveAt(ts=ts, fn=save(save_params)),
-              diffrax.SubSaveAt(t1=True, fn=save(True)))
+              diffrax.SubSaveAt(t1=True, fn=save(True))),
+        solver_state=schedule is not None,
     )
     sol = diffrax.diffeqsolve(
-        _terms(flow, problem, solver),
+        terms,
         solver,
         t0,
         t1,
@@ -276,7 +413,10 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
         throw=False,  # failures are reported on the Trajectory (and raised if asked)
         progress_meter=progress_meter,
     )
-    return sol.ts, sol.ys, sol.result, sol.event_mask, sol.stats
+    actions = None
+    if schedule is not None:
+        actions = (sol.solver_state.count, sol.solver_state.times)
+    return sol.ts, sol.ys, sol.result, sol.event_mask, sol.stats, actions
 
 
 def simulate(
@@ -293,7 +433,7 @@ def simulate(
     ts: ArrayLike | None = None,
     monitors: Sequence[AbstractMonitor] = (),
     events: Sequence[AbstractEvent] = (),
-    projection: None = None,
+    projection: AbstractProjection | AbstractSchedule | None = None,
     progress: bool = False,
     max_steps: int | None = 100_000,
     throw: bool = True,
@@ -322,8 +462,15 @@ def simulate(
     - `ts`: save times in [t0, t1], strictly increasing (default [t0, t1]).
     - `monitors`: quantities recorded at `ts`, computed inside the solve.
     - `events`: stopping conditions (`dyn.events.*`); a non-finite state always stops.
-    - `projection`: reserved for the balancing fix as a projection step (not yet
-      available; must be None).
+    - `projection`: an action applied inside the solve, after which the solve goes on
+      from the new state: `dyn.Every(proj, steps=k)` (after every k-th accepted step),
+      `dyn.Every(proj, time=Δt)` (at t0 + jΔt; an adaptive controller is made to step
+      there exactly, a constant step size acts at the step end nearest to it), or
+      `dyn.OnEvent(proj, event)` (at the end of the step in which the event's
+      condition crosses zero, or turns True). A bare `AbstractProjection` means every
+      step. The solver restarts from the projected state (an FSAL solver re-evaluates
+      its derivative there); a save at an action time records the state after the
+      action. `Trajectory.actions` holds the action times.
     - `progress`: show a tqdm progress bar.
     - `max_steps`, `throw`: as in diffrax, but `max_steps` defaults to 100 000: flows
       on ReLU networks cross kinks all the time and need more than diffrax's 4096, and
@@ -389,10 +536,12 @@ def simulate(
             raise ValueError(f"`events` must hold dyn.events objects, got {e!r}.")
     if not any(isinstance(e, NonFinite) for e in events):
         events = events + (NonFinite(),)
-    if projection is not None:
+    schedule = _validate_projection(projection, stepsize_controller, dt0)
+    if partitioned and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
         raise ValueError(
-            "`projection` is not supported yet (the balancing fix as a projection step "
-            "is its own issue); pass projection=None."
+            f"integral monitors carry their integral in the state, which the partitioned "
+            f"`solver` {type(solver).__name__} cannot; use a Runge–Kutta solver such as "
+            "diffrax.Tsit5(), or drop the integral monitor."
         )
 
     problem = Problem(flow, loss, static)
@@ -410,11 +559,13 @@ def simulate(
         ts.astype(dtype),
         monitors,
         events,
+        schedule,
         save_params,
         max_steps,
         progress_meter,
     )
     meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
-                      max_steps=max_steps)
+                      max_steps=max_steps,
+                      projection=None if schedule is None else eqx.tree_pformat(schedule))
     return Trajectory.from_solve(problem, events, out, throw=throw, meta=meta,
                                  divergence=AbstractDivergenceEvent)

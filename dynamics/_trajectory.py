@@ -84,8 +84,10 @@ class Trajectory(eqx.Module):
     - `diverged`: a divergence event fired or the state went non-finite.
     - `success`: reached t1 or stopped by an event (False for max_steps and the like);
       `result`: diffrax's message for the way the run ended.
-    - `stats`: diffrax's step counts; `meta`: provenance (flow, solver, tolerances,
-      package versions).
+    - `stats`: diffrax's step counts (plus `num_actions` with a projection); `meta`:
+      provenance (flow, solver, tolerances, package versions).
+    - `actions`: the times at which `simulate`'s projection (or any action) fired, in
+      order (empty without one; the first 10 000 are kept).
     """
 
     ts: np.ndarray
@@ -102,10 +104,18 @@ class Trajectory(eqx.Module):
     result: str
     stats: dict[str, int]
     meta: dict[str, Any]
+    actions: np.ndarray = eqx.field(default_factory=lambda: np.zeros(0))
 
     @classmethod
-    def from_solve(cls, problem, events, out, *, throw, meta, divergence) -> "Trajectory":
-        (ts_saved, ts_end), (ys_saved, ys_final), result, event_mask, stats = out
+    def from_solve(cls, problem, events, out, *, throw, meta,
+                   divergence) -> "Trajectory":
+        (ts_saved, ts_end), (ys_saved, ys_final), result, event_mask, stats, acted = out
+        stats = dict(stats)
+        actions = np.zeros(0)
+        if acted is not None:
+            count, times = int(np.asarray(acted[0])), np.asarray(acted[1])
+            actions = times[: min(count, times.size)]
+            stats["num_actions"] = count
         name = _result_name(result)
         message = diffrax.RESULTS[result]
         success = name in ("successful", "event_occurred")
@@ -159,6 +169,7 @@ class Trajectory(eqx.Module):
             stats={k: int(np.asarray(v)) for k, v in stats.items()
                    if v is not None and np.ndim(np.asarray(v)) == 0},
             meta=meta,
+            actions=actions,
         )
 
     def to_xarray(self) -> xr.Dataset:
@@ -182,6 +193,8 @@ class Trajectory(eqx.Module):
                 leaf = np.asarray(leaf)
                 dims = ("time",) + tuple(f"{var}_dim{i}" for i in range(1, leaf.ndim))
                 data[var] = (dims, leaf)
+        if self.actions.size:
+            data["action_time"] = (("action",), np.asarray(self.actions))
         attrs = dict(self.meta)
         attrs.update(
             t_final=self.t_final,

@@ -1,0 +1,279 @@
+"""Actions inside a solve: map the state at the end of an accepted step, then go on.
+
+Diffrax has no post-step hook (its issues #277, #699) and its events only stop a
+solve. `_ActingSolver` wraps any diffrax solver: after each step it asks a trigger
+whether an action is due (every k accepted steps, on a time grid, when a condition
+crosses zero); if so it maps y1 to the acted state and *re-initialises* the wrapped
+solver there, so an FSAL solver (Tsit5, Dopri5, `LossCarryingEuler`) starts the next
+step from the derivative of the acted state, never the one of the state before it.
+
+Everything else stays diffrax's: one `diffeqsolve`, its saving, its events, its
+statistics. The dense interpolant of a step is the wrapped solver's, except at the end
+of a step that acted, where it gives the acted state: a save at an action time records
+the state *after* the action (the path is right-continuous, as a jump process is), so
+with a projection every step, every save at a step end satisfies the constraint.
+A rejected step never acts: diffrax drops the solver state of a rejected step, and
+the trigger's counters live in that state.
+
+An action maps (t, y, aux) -> (y, aux), where `aux` is whatever discrete state the
+action carries (a projection's reference state; an activation pattern for a
+piecewise-smooth flow); `init(t0, y0)` gives its first value, once per solve.
+"""
+
+import abc
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from ._solvers import LossCarryingEuler
+
+
+class AbstractAction(eqx.Module):
+    """y -> y' applied by `_ActingSolver` at the end of a step, with carried `aux`."""
+
+    def init(self, t0, y0: PyTree) -> PyTree:
+        return None
+
+    @abc.abstractmethod
+    def __call__(self, t, y: PyTree, aux: PyTree) -> tuple[PyTree, PyTree]:
+        """The acted state and the new `aux`."""
+
+
+class AbstractTrigger(eqx.Module):
+    """When an action is due, judged at the end of each step."""
+
+    def init(self, t0, y0: PyTree) -> PyTree:
+        return None
+
+    @abc.abstractmethod
+    def fires(self, t0, t1, y0, y1, state) -> tuple[Any, PyTree]:
+        """(fire now?, new trigger state) for the step [t0, t1] from y0 to y1."""
+
+    def reset(self, t1, y1, state) -> PyTree:
+        """The trigger state after an action moved the state to y1."""
+        return state
+
+
+class EverySteps(AbstractTrigger):
+    """Every `k` accepted steps (k = 1: every step, decided at trace time)."""
+
+    k: int = eqx.field(static=True)
+
+    def init(self, t0, y0):
+        return jnp.array(0)
+
+    def fires(self, t0, t1, y0, y1, state):
+        if self.k == 1:
+            return True, state
+        count = state + 1
+        fire = count >= self.k
+        return fire, jnp.where(fire, 0, count)
+
+
+class EveryTime(AbstractTrigger):
+    """At the grid times start + j·period, j = 1, 2, ...
+
+    `exact`: the controller lands on the grid (`LandOnGrid`), and the action fires on the
+    step that ends there. Otherwise (constant steps) it fires on the step end nearest to
+    the grid time, within half a step.
+    """
+
+    start: Array
+    period: Array
+    exact: bool = eqx.field(static=True)
+
+    def init(self, t0, y0):
+        return jnp.array(1)
+
+    def fires(self, t0, t1, y0, y1, state):
+        due = self.start + state * self.period
+        slack = 0.0 if self.exact else 0.5 * (t1 - t0)
+        fire = t1 >= due - slack
+        return fire, state + jnp.where(fire, 1, 0)
+
+
+class OnCondition(AbstractTrigger):
+    """When a condition c(t, y) crosses zero during a step (real c, in `direction`:
+    True upwards, False downwards, None either way), or is True at its end (boolean c).
+    The crossing is judged at the step ends: the action fires at the end of the step in
+    which c changed sign."""
+
+    condition: Callable
+    direction: bool | None = eqx.field(static=True)
+    real: bool = eqx.field(static=True)
+
+    def init(self, t0, y0):
+        return self.condition(t0, y0)
+
+    def fires(self, t0, t1, y0, y1, state):
+        c0, c1 = state, self.condition(t1, y1)
+        if not self.real:
+            return c1, c1
+        up = (c0 < 0) & (c1 >= 0)
+        down = (c0 > 0) & (c1 <= 0)
+        fire = {True: up, False: down, None: up | down}[self.direction]
+        return fire, c1
+
+    def reset(self, t1, y1, state):
+        return self.condition(t1, y1)
+
+
+class _ActedInterpolation(diffrax.AbstractLocalInterpolation):
+    """The wrapped solver's interpolant on [t0, t1], and the acted state at t1 (to a
+    few ulps, so that save times k·dt hit step ends accumulated as t0 + dt + dt ...)."""
+
+    t0: Array
+    t1: Array
+    inner: diffrax.AbstractLocalInterpolation
+    y_acted: PyTree
+    fired: Array
+
+    def evaluate(self, t0, t1=None, left=True):
+        if t1 is not None:  # an increment: the wrapped solver's
+            return self.inner.evaluate(t0, t1, left)
+        y = self.inner.evaluate(t0, left=left)
+        eps = jnp.finfo(jnp.result_type(self.t0, self.t1)).eps
+        tol = 8 * eps * jnp.maximum(jnp.abs(self.t0), jnp.abs(self.t1))
+        tol = jnp.minimum(tol, 0.25 * jnp.abs(self.t1 - self.t0))
+        at_end = self.fired & (t0 >= self.t1 - tol)
+        return jax.tree.map(lambda a, b: jnp.where(at_end, a, b), self.y_acted, y)
+
+
+def _acted_interpolation(inner_cls, *, t0, t1, inner, y_acted, fired):
+    return _ActedInterpolation(t0, t1, inner_cls(t0=t0, t1=t1, **inner), y_acted, fired)
+
+
+class _ActingState(eqx.Module):
+    inner: PyTree
+    trigger: PyTree
+    aux: PyTree
+    count: Array
+    times: Array
+
+
+class ActingSolver(diffrax.AbstractAdaptiveSolver):
+    """`solver`, with `action` applied at the end of each step on which `trigger` fires.
+    The first `n_record` action times are kept in the solver state; `count` counts all.
+    """
+
+    solver: diffrax.AbstractSolver
+    trigger: AbstractTrigger
+    action: AbstractAction
+    n_record: int = eqx.field(static=True)
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return functools.partial(_acted_interpolation, self.solver.interpolation_cls)
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def init(self, terms, t0, t1, y0, args):
+        dtype = jnp.result_type(t0)
+        return _ActingState(
+            inner=self.solver.init(terms, t0, t1, y0, args),
+            trigger=self.trigger.init(t0, y0),
+            aux=self.action.init(t0, y0),
+            count=jnp.array(0),
+            times=jnp.full(self.n_record, jnp.inf, dtype=dtype),
+        )
+
+    def _fresh(self, terms, t0, t1, y, args):
+        inner = self.solver.init(terms, t1, t1 + (t1 - t0), y, args)
+        if isinstance(self.solver, LossCarryingEuler):
+            # Its state is (f, L) at y; the carried loss must be the acted state's.
+            y = (y[0], inner[1])
+        return y, inner
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, y_error, dense_info, inner, result = self.solver.step(
+            terms, t0, t1, y0, args, solver_state.inner, made_jump
+        )
+        fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
+        fire = jnp.asarray(fire)
+
+        def act():
+            y, aux = self.action(t1, y1, solver_state.aux)
+            y, fresh = self._fresh(terms, t0, t1, y, args)
+            return y, aux, fresh, self.trigger.reset(t1, y, trigger)
+
+        def keep():
+            return y1, solver_state.aux, inner, trigger
+
+        y_out, aux, inner, trigger = jax.lax.cond(fire, act, keep)
+        # Out-of-range indices are dropped: past `n_record` only `count` goes on.
+        index = jnp.where(fire, solver_state.count, self.n_record)
+        times = solver_state.times.at[index].set(t1, mode="drop")
+        state = _ActingState(inner, trigger, aux, solver_state.count + fire, times)
+        dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire)
+        return y_out, y_error, dense_info, state, result
+
+
+class LandOnGrid(diffrax.AbstractAdaptiveStepSizeController):
+    """An adaptive controller whose steps also end exactly on start + j·period, so
+    that an `EveryTime(exact=True)` action fires at its scheduled time. `start` and
+    `period` are arrays: a new period does not compile the solve again (diffrax's
+    `ClipStepSizeController` takes the grid as an array whose length is static)."""
+
+    controller: diffrax.AbstractAdaptiveStepSizeController
+    start: Array
+    period: Array
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):  # pyright: ignore
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
+
+    def _clip(self, t_prev, t_next, j):
+        due = self.start + j * self.period
+        # Past the grid time already (t_prev == due): aim at the next one.
+        j = jnp.where(t_prev >= due, j + 1, j)
+        due = self.start + j * self.period
+        return jnp.minimum(t_next, due), j
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        t_next, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        t_next, j = self._clip(t0, t_next, jnp.array(1))
+        return t_next, (inner, j)
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
+                        controller_state):
+        inner, j = controller_state
+        keep, t_prev, t_next, made_jump, inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner
+        )
+        t_next, j = self._clip(t_prev, t_next, j)
+        return keep, t_prev, t_next, made_jump, (inner, j), result

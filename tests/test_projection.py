@@ -1,0 +1,219 @@
+"""Projections and actions inside `simulate`, and integral monitors.
+
+The projection used throughout rescales the state onto the unit sphere ‖w‖ = 1 (and
+the velocity by the same factor): its result is known in closed form, and a loop of
+separate `simulate` calls, one per segment, with the projection applied in between, is
+an independent reference for the driver's single compiled solve.
+"""
+
+from typing import ClassVar
+
+import diffrax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dynamics as dyn
+from dynamics._tree import sqnorm
+
+C = jnp.array([2.0, -1.0, 0.5])
+W0 = jnp.array([1.0, 0.0, 0.0])
+CONST = diffrax.ConstantStepSize()
+
+
+def loss(w):
+    return 0.5 * jnp.sum((w - C) ** 2)
+
+
+class Sphere(dyn.AbstractProjection):
+    """w -> w/‖w‖, v -> v/‖w‖ (the push-forward of the rescaling)."""
+
+    def __call__(self, params, velocity, state=None):
+        norm = jnp.linalg.norm(params)
+        return params / norm, None if velocity is None else velocity / norm
+
+
+def _segments(flow, solver, dt0, t_cuts, w, v=None, project=True):
+    """The reference: one `simulate` per segment, the projection applied in between."""
+    for a, b in zip(t_cuts[:-1], t_cuts[1:], strict=True):
+        traj = dyn.simulate(flow, w, loss, t0=a, t1=b, v0=v, solver=solver, dt0=dt0,
+                            stepsize_controller=CONST)
+        w, v = traj.final_params, traj.final_velocity
+        if project:
+            w, v = Sphere()(w, v)
+    return np.asarray(w), None if v is None else np.asarray(v)
+
+
+def test_every_time_gf_matches_closed_form_and_compiles_once():
+    traces = []
+
+    def counted(w):
+        traces.append(1)  # runs only while tracing
+        return loss(w)
+
+    ts = np.linspace(0.0, 1.0, 9)
+    kw = dict(t1=1.0, ts=ts, solver=diffrax.Tsit5(),
+              stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-13))
+    traj = dyn.simulate(dyn.GradientFlow(), W0, counted,
+                        projection=dyn.Every(Sphere(), time=0.25), **kw)
+    # GF of ½|w − c|² is w(t) = c + (w(a) − c) e^{−(t−a)}: solve, then normalise at
+    # 0.25, 0.5, 0.75 and 1.0 (t1 is on the grid); saves at those times come after it.
+    ref, w, a = [], np.asarray(W0), 0.0
+    for t in ts:
+        x = np.asarray(C) + (w - np.asarray(C)) * np.exp(-(t - a))
+        if t > 0 and np.isclose(t % 0.25, 0.0):
+            x, w, a = x / np.linalg.norm(x), x / np.linalg.norm(x), t
+        ref.append(x)
+    # rtol 1e-11 per step over ~20 steps: 1e-9 leaves a factor ~10 of margin.
+    np.testing.assert_allclose(traj.params, np.array(ref), rtol=0, atol=1e-9)
+    # Adaptive steps land exactly on the grid (LandOnGrid), so the times are exact.
+    np.testing.assert_array_equal(traj.actions, [0.25, 0.5, 0.75, 1.0])
+    assert traj.stats["num_actions"] == 4
+    # After each projection the constraint holds to rounding.
+    np.testing.assert_allclose(np.linalg.norm(traj.params[2::2], axis=1), 1.0, atol=1e-12)
+
+    n = len(traces)
+    other = dyn.simulate(dyn.GradientFlow(), 2.0 * W0, counted,
+                         projection=dyn.Every(Sphere(), time=0.5), **kw)
+    assert len(traces) == n  # new params and a new period: the same compiled solve
+    np.testing.assert_array_equal(other.actions, [0.5, 1.0])
+
+
+@pytest.mark.parametrize("solver", [diffrax.Tsit5(), diffrax.Euler()],
+                         ids=["tsit5", "loss-carrying-euler"])
+def test_fsal_restarts_from_the_projected_state(solver):
+    # Every 5 steps of 0.05 = every 0.25. An FSAL solver (Tsit5, and LossCarryingEuler,
+    # which Euler + Loss becomes) reusing the derivative of the unprojected state would
+    # be O(dt) = 1e-2 away from the segment loop, where each segment starts afresh.
+    traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, solver=solver, dt0=0.05,
+                        stepsize_controller=CONST, ts=[0.25, 0.5, 0.75, 1.0],
+                        monitors=(dyn.monitors.Loss(),),
+                        projection=dyn.Every(Sphere(), steps=5))
+    ref, _ = _segments(dyn.GradientFlow(), solver, 0.05, [0.0, 0.25, 0.5, 0.75, 1.0], W0)
+    # Same operations in another order of compilation: rounding only.
+    np.testing.assert_allclose(traj.final_params, ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(traj.params[-1], ref, rtol=0, atol=1e-12)
+    # The loss saved at an action time is the projected state's (LossCarryingEuler
+    # refreshes its carried loss there): rounding only.
+    expected = [float(loss(w)) for w in traj.params]
+    np.testing.assert_allclose(traj.monitors["loss"], expected, rtol=1e-14)
+    np.testing.assert_allclose(traj.actions, [0.25, 0.5, 0.75, 1.0], atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("flow", "solver", "schedule"),
+    [
+        (dyn.HeavyBallFlow(0.5), diffrax.Tsit5(), dyn.Every(Sphere(), steps=5)),
+        (dyn.NewtonianFlow(), diffrax.SemiImplicitEuler(), dyn.Every(Sphere(), time=0.25)),
+    ],
+    ids=["heavy-ball-tsit5-steps", "newtonian-symplectic-time"],
+)
+def test_second_order_flows_project_the_velocity_too(flow, solver, schedule):
+    v0 = jnp.array([0.0, 0.5, 0.0])
+    traj = dyn.simulate(flow, W0, loss, t1=1.0, v0=v0, solver=solver, dt0=0.05,
+                        stepsize_controller=CONST, projection=schedule)
+    ref_w, ref_v = _segments(flow, solver, 0.05, [0.0, 0.25, 0.5, 0.75, 1.0], W0, v0)
+    # Rounding only (the segment loop does the same steps).
+    np.testing.assert_allclose(traj.final_params, ref_w, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(traj.final_velocity, ref_v, rtol=0, atol=1e-12)
+    # And the projection mattered: without it the end point is far away.
+    free, _ = _segments(flow, solver, 0.05, [0.0, 1.0], W0, v0, project=False)
+    assert np.linalg.norm(free - ref_w) > 0.1
+
+
+def test_projection_every_step_and_records():
+    dt0 = 0.01
+    traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=0.5, solver=diffrax.Euler(),
+                        dt0=dt0, stepsize_controller=CONST, ts=np.linspace(0.0, 0.5, 51),
+                        projection=Sphere())
+    # A numpy Euler loop that normalises after each step.
+    w, ref = np.asarray(W0), [np.asarray(W0)]
+    for _ in range(50):
+        w = w - dt0 * (w - np.asarray(C))
+        w = w / np.linalg.norm(w)
+        ref.append(w)
+    # Rounding over 50 steps.
+    np.testing.assert_allclose(traj.params, np.array(ref), rtol=0, atol=1e-13)
+    # Every saved state (all step ends) is on the sphere, to rounding.
+    np.testing.assert_allclose(np.linalg.norm(traj.params, axis=1), 1.0, atol=1e-12)
+    assert traj.stats["num_actions"] == traj.stats["num_accepted_steps"] == 50
+    np.testing.assert_allclose(traj.actions, dt0 * np.arange(1, 51), atol=1e-12)
+    ds = traj.to_xarray()
+    assert ds["action_time"].dims == ("action",)
+    np.testing.assert_array_equal(ds["action_time"].values, traj.actions)
+
+
+def test_on_event_projects_when_the_norm_crosses_a_threshold():
+    dt0, limit = 0.01, 1.2
+    event = dyn.events.Condition(lambda t, p, v: jnp.linalg.norm(p) - limit,
+                                 name="too_long", direction=True)
+    traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, solver=diffrax.Euler(),
+                        dt0=dt0, stepsize_controller=CONST,
+                        projection=dyn.OnEvent(Sphere(), event))
+    # numpy: Euler; at the end of a step on which ‖w‖ rose through the limit, normalise.
+    w, times = np.asarray(W0), []
+    for n in range(1, 101):
+        before = np.linalg.norm(w) - limit
+        w = w - dt0 * (w - np.asarray(C))
+        if before < 0 <= np.linalg.norm(w) - limit:
+            w, _ = w / np.linalg.norm(w), times.append(n * dt0)
+    assert len(times) >= 2  # the test exercises repeated firing
+    # Rounding only.
+    np.testing.assert_allclose(traj.actions, times, atol=1e-12)
+    np.testing.assert_allclose(traj.final_params, w, rtol=0, atol=1e-12)
+    assert traj.event is None and traj.success  # acting does not stop the run
+
+
+def test_bad_schedules_raise():
+    with pytest.raises(ValueError, match="steps"):
+        dyn.Every(Sphere(), steps=0)
+    with pytest.raises(ValueError, match="time"):
+        dyn.Every(Sphere(), time=-1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        dyn.Every(Sphere())
+    with pytest.raises(ValueError, match="exactly one"):
+        dyn.Every(Sphere(), steps=2, time=0.1)
+    with pytest.raises(ValueError, match="AbstractProjection"):
+        dyn.Every(lambda p, v: (p, v), steps=1)
+    with pytest.raises(ValueError, match="event"):
+        dyn.OnEvent(Sphere(), "norm")
+    with pytest.raises(ValueError, match="projection"):
+        dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, projection=object())
+    with pytest.raises(ValueError, match="dt0"):
+        dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, solver=diffrax.Euler(), dt0=0.1,
+                     stepsize_controller=CONST, projection=dyn.Every(Sphere(), time=0.05))
+
+
+class Dissipated(dyn.monitors.AbstractIntegralMonitor):
+    """∫ −dE/dt dt: by the flow's dissipation identity it equals E(0) − E(t)."""
+
+    name: ClassVar[str] = "dissipated"
+
+    def integrand(self, t, w, v, problem):
+        return -problem.flow.energy_rate(t, w, v, problem.loss)
+
+    def value(self, t, w, v, problem, integral):
+        return integral
+
+
+A = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
+B = jnp.array([1.0, -2.0, 0.5, 3.0])
+
+
+def least_squares(w):
+    return 0.5 * sqnorm(A @ w - B)
+
+
+@pytest.mark.parametrize("flow", [dyn.GradientFlow(), dyn.HeavyBallFlow(0.7)],
+                         ids=["gf", "heavy-ball"])
+def test_integral_monitor_matches_energy_drop(flow):
+    # GF: ∫‖ẇ‖² dt = L(0) − L(t); heavy ball: ∫γ‖v‖² dt = E(0) − E(t).
+    ts = np.linspace(0.0, 2.0, 11)
+    traj = dyn.simulate(flow, jnp.zeros(3), least_squares, t1=2.0, ts=ts,
+                        monitors=(Dissipated(), dyn.monitors.Energy()),
+                        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12))
+    energy = traj.monitors["energy"]
+    assert energy[0] - energy[-1] > 1.0  # a real drop, not a trivial identity
+    # The integral is solved at the same tolerance as the flow: 1e-10 relative, with margin.
+    np.testing.assert_allclose(traj.monitors["dissipated"], energy[0] - energy, rtol=0,
+                               atol=1e-8)
