@@ -213,3 +213,10 @@ def test_count_bad_input():
     bad = jax.tree.map(lambda a: a * jnp.nan, model)
     with pytest.raises(ValueError, match="NaN"):
         dyn.symmetries.count_conservation_laws(bad, jnp.ones((4, 2)), key=jax.random.key(0))
+
+
+def test_time_translation_charge_is_the_energy():
+    w, v = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
+    loss = lambda p: jnp.sum(p**4)  # noqa: E731
+    h = dyn.symmetries.TimeTranslation().charge(dyn.NewtonianFlow(), 0.0, w, v, loss)
+    np.testing.assert_allclose(h, 0.5 * (0.25 + 0.0625) + 17.0, rtol=1e-15)  # ½‖v‖² + L

@@ -109,9 +109,10 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
       the rank stalls (a level adds no direction) or reaches D; the rank history shows
       which.
     - `threshold`: relative singular-value threshold in float64. Directions are
-      normalised, so the singular values of a rank-r stack fall from O(1) to O(ε·√D)
-      ≈ 1e-14 at the gap; measured gaps on the benchmark architectures are > 1e-6 on
-      the non-zero side, so 1e-9 sits well inside it on both sides.
+      normalised, so a rank-r stack has r singular values O(1)…O(gap) and the rest at
+      round-off, O(ε√D) ≈ 1e-15. Measured on linear and ReLU nets of depth 2–4, widths
+      2–9: the smallest kept value was ≥ 8e-4 and the largest dropped ≤ 6e-16, so 1e-9 sits
+      five decades from both sides. `singular_values` lets a user see the gap.
     - `samples`: random bracket tuples per level (default D + 4).
     - `forward`: `forward(model, x) -> outputs` (default `jax.vmap(model)(x)`).
 

@@ -255,7 +255,7 @@ def check(generator: AbstractGenerator, loss, params: PyTree, *, key: PRNGKeyArr
                                                                                   x.dtype)
                  for x, kk in zip(flat, keys)]
         point = eqx.combine(jax.tree.unflatten(treedef, moved), static)
-        grad = jax.grad(loss)(point)
+        grad = eqx.filter_grad(loss)(point)
         xi = generator(point)
         denom = jnp.sqrt(vdot(grad, grad) * vdot(xi, xi))
         return jnp.abs(vdot(grad, xi)) / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
