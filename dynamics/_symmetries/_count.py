@@ -81,6 +81,23 @@ def _level_fn(fn: Callable, level: int, samples: int):
     return evaluate
 
 
+def _default_forward(model, xs):
+    return jax.vmap(model)(xs)
+
+
+@eqx.filter_jit
+def _level_values(w, static, x, key, level: int, samples: int, forward: Callable):
+    # Module-level and filter-jitted: the cache is keyed on the model's structure, the
+    # shapes, the level and `forward`, so a second call on the same architecture shape
+    # compiles nothing.
+    theta, unravel = ravel_pytree(w)
+
+    def fn(th):
+        return jnp.ravel(forward(eqx.combine(unravel(th), static), x))
+
+    return _level_fn(fn, level, samples)(theta, key)
+
+
 def _rank(rows: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
     norms = np.linalg.norm(rows, axis=1)
     rows = rows[norms > 0] / norms[norms > 0, None]
@@ -137,19 +154,12 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
     if not 0 < threshold < 1:
         raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}.")
     w, static = partition(model)
-    theta, unravel = ravel_pytree(w)
-    theta = theta.astype(jnp.float64)
-    d = theta.size
+    w = jax.tree.map(lambda a: a.astype(jnp.float64), w)
+    d = ravel_pytree(w)[0].size
     samples = d + 4 if samples is None else int(samples)
     if samples < 1:
         raise ValueError(f"`samples` must be positive, got {samples!r}.")
-    if forward is None:
-        def forward(m, xs):
-            return jax.vmap(m)(xs)
-
-    def fn(th):
-        return jnp.ravel(forward(eqx.combine(unravel(th), static), x))
-
+    forward = _default_forward if forward is None else forward
     # Level by level, stopping when the rank stalls (or reaches D): each level is one
     # compiled function, and deep levels (whose compile time doubles per level) are only
     # built when the shallower ones still add directions.
@@ -157,7 +167,8 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
     history, rows = [], np.zeros((0, d))
     s = np.zeros(0)
     for level in range(1, max_level + 1):
-        block = np.asarray(jax.jit(_level_fn(fn, level, samples))(theta, keys[level - 1]))
+        block = np.asarray(_level_values(w, static, x, keys[level - 1], level, samples,
+                                         forward))
         rows = np.concatenate([rows, block])
         r, s = _rank(rows, threshold)
         history.append(r)
