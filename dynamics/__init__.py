@@ -16,6 +16,7 @@ from . import (
     monitors as monitors,
     regularizers as regularizers,
     solvers as solvers,
+    symmetries as symmetries,
 )
 from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,

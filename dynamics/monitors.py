@@ -20,3 +20,11 @@ from ._monitors import (
     Loss as Loss,
     RescalingCharges as RescalingCharges,
 )
+from ._symmetry_monitors import (
+    AngularMomentum as AngularMomentum,
+    ChargeLaw as ChargeLaw,
+    EnergyLaw as EnergyLaw,
+    LinearBalance as LinearBalance,
+    NDBound as NDBound,
+    SymmetryResidual as SymmetryResidual,
+)

@@ -27,7 +27,7 @@ from jaxtyping import Array
 
 from .._models import MLP
 from .._monitors import AbstractMonitor
-from .._symmetries import _check_mlp
+from .._symmetries._charges import _check_mlp
 
 
 def gd_charge_drift(grad: MLP, eta, degree) -> tuple[Array, ...]:

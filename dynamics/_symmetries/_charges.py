@@ -9,7 +9,7 @@ Du et al. 2018 for ReLU). The charges below are 2Q, per hidden neuron or per lay
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ._models import MLP, Identity, Swish
+from .._models import MLP, Identity, Swish
 
 
 def _check_mlp(model, name: str = "model") -> MLP:

@@ -1,0 +1,17 @@
+"""Symmetries of MLPs: generators, the charges they give, the conservation-law count."""
+
+from ._charges import linear_balance as linear_balance, rescaling as rescaling
+from ._count import (
+    ConservationLawCount as ConservationLawCount,
+    count_conservation_laws as count_conservation_laws,
+    independent_functions as independent_functions,
+)
+from ._generators import (
+    AbstractGenerator as AbstractGenerator,
+    AbstractLinearGenerator as AbstractLinearGenerator,
+    InputRotation as InputRotation,
+    LinearLayer as LinearLayer,
+    Rescaling as Rescaling,
+    TimeTranslation as TimeTranslation,
+    check as check,
+)

@@ -1,0 +1,264 @@
+"""Symmetry generators of MLPs (Głuch & Urbanke, Tables 2–5) as Equinox modules.
+
+A generator is a map w ↦ ξ(w) (a pytree shaped like the model, zero on the parameters it
+does not move) with ⟨∇L(w), ξ(w)⟩ = 0 for every w when it is a symmetry of L. All the
+generators here are linear, ξ(w) = A w, which is what the charge laws need (`ChargeLaw`).
+For A symmetric the gradient-flow charge is ⟨w, A w⟩ (twice Q = ½⟨w, A w⟩ of DESIGN.md,
+to match `dyn.charges.rescaling`).
+"""
+
+import abc
+import numbers
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
+
+from .._flows import AbstractFlow
+from .._models import MLP, Identity, Swish
+from .._tree import is_concrete, leaves, partition, vdot
+from ._charges import _check_mlp
+
+
+def _zeros(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else x,
+                        params)
+
+
+def _index(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _hidden_layer(model: MLP, layer: int, owner: str) -> None:
+    if layer > model.depth - 1:
+        raise ValueError(
+            f"{owner}: `layer` = {layer} but the model has hidden layers 1..{model.depth - 1} "
+            f"(widths {model.widths}); hidden layer h sits between W_h and W_(h+1)."
+        )
+
+
+class AbstractGenerator(eqx.Module):
+    """An infinitesimal symmetry ξ(w) of an MLP's loss (Głuch & Urbanke eq. 17)."""
+
+    @abc.abstractmethod
+    def __call__(self, params: PyTree) -> PyTree:
+        """ξ(params): a pytree shaped like `params`."""
+
+    def charge(self, params: PyTree) -> Array:
+        """The gradient-flow charge, when the generator has one."""
+        raise ValueError(
+            f"{type(self).__name__} has no gradient-flow charge (its generator is not "
+            "symmetric); use dyn.monitors.ChargeLaw for its law along second-order flows."
+        )
+
+
+class AbstractLinearGenerator(AbstractGenerator):
+    """Marker: ξ is linear in w, ξ(w) = A w, so it applies to velocities as well and the
+    charge law κ2 Q̈ + κ1 Q̇ = κ2 ⟨ẇ, A ẇ⟩ of Q = ½⟨w, A w⟩ holds (DESIGN.md)."""
+
+
+class Rescaling(AbstractLinearGenerator):
+    """Rescaling of hidden neuron `neuron` of hidden layer h = `layer` (1..K−1):
+
+        W_h[i, :], b_h[i] ↦ ×(1+ε),  W_{h+1}[:, i] ↦ ×(1+ε)^{−p},  β_h[i] ↦ ×(1+ε)^{−1}
+
+    so ξ = (W_h[i,:], b_h[i], −p W_{h+1}[:,i], −β_h[i]) on those entries, zero elsewhere
+    (Głuch & Urbanke Table 2 for p = 1, Table 3 for p-homogeneous units, Table 4 for Swish
+    with trainable β, where p = 1). Charge ⟨w, ξ(w)⟩ =
+    b_i² + ‖W_h[i,:]‖² − p‖W_{h+1}[:,i]‖² − β_i².
+
+    `degree` = None takes p from the model's activation and raises on a non-homogeneous
+    one; a number forces p (e.g. to test a false symmetry with `check`).
+    """
+
+    layer: int = eqx.field(static=True)
+    neuron: int = eqx.field(static=True)
+    degree: float | None = eqx.field(static=True, default=None)
+
+    def __init__(self, layer: int, neuron: int, degree: float | None = None):
+        self.layer = _index("layer", layer, 1)
+        self.neuron = _index("neuron", neuron, 0)
+        if degree is not None:
+            if isinstance(degree, bool) or not isinstance(degree, numbers.Real):
+                raise ValueError(f"`degree` must be a number or None, got {degree!r}.")
+            degree = float(degree)
+        self.degree = degree
+
+    def _p(self, model: MLP) -> tuple[float, bool]:
+        trainable_swish = isinstance(model.activation, Swish) and model.betas is not None
+        if self.degree is not None:
+            return self.degree, trainable_swish
+        if trainable_swish:
+            return 1.0, True
+        if model.activation.degree is None:
+            raise ValueError(
+                f"Rescaling: the activation {type(model.activation).__name__} is not "
+                "positively homogeneous, so neuron rescaling is not a symmetry; use ReLU, "
+                "LeakyReLU, RePU, Polynomial, Identity or Swish(trainable=True), or pass "
+                "`degree=` explicitly to test it with dyn.symmetries.check."
+            )
+        return float(model.activation.degree), False
+
+    def __call__(self, params):
+        model = _check_mlp(params, "params")
+        _hidden_layer(model, self.layer, "Rescaling")
+        if self.neuron >= model.widths[self.layer]:
+            raise ValueError(
+                f"Rescaling: `neuron` = {self.neuron} but hidden layer {self.layer} has "
+                f"{model.widths[self.layer]} neurons (numbered from 0)."
+            )
+        p, swish = self._p(model)
+        h, i = self.layer - 1, self.neuron
+        xi = _zeros(model)
+        xi = eqx.tree_at(lambda m: m.weights[h], xi,
+                         xi.weights[h].at[..., i, :].set(model.weights[h][..., i, :]))
+        xi = eqx.tree_at(lambda m: m.weights[h + 1], xi,
+                         xi.weights[h + 1].at[..., :, i].set(
+                             -p * model.weights[h + 1][..., :, i]))
+        if model.biases is not None:
+            xi = eqx.tree_at(lambda m: m.biases[h], xi,
+                             xi.biases[h].at[..., i].set(model.biases[h][..., i]))
+        if swish:
+            xi = eqx.tree_at(lambda m: m.betas[h], xi,
+                             xi.betas[h].at[..., i].set(-model.betas[h][..., i]))
+        return xi
+
+    def charge(self, params):
+        return vdot(params, self(params))
+
+
+def _square(name: str, a) -> np.ndarray | Array:
+    arr = jnp.asarray(a) if not is_concrete(a) else np.asarray(a, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"`{name}` must be a square matrix, got shape {arr.shape}.")
+    if is_concrete(a) and not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite.")
+    return arr
+
+
+class LinearLayer(AbstractLinearGenerator):
+    """The GL(d_h) action on linear hidden layer h = `layer` for any matrix `A`:
+
+        W_h ↦ (I+εA) W_h,  b_h ↦ (I+εA) b_h,  W_{h+1} ↦ W_{h+1}(I+εA)^{−1}
+
+    so ξ = (A W_h, A b_h, −W_{h+1} A) (Głuch & Urbanke Table 4; Arora et al. 2018). A
+    symmetry when the activation is the identity. Charge ⟨w, ξ(w)⟩ =
+    ⟨A, W_h W_hᵀ + b_h b_hᵀ − W_{h+1}ᵀ W_{h+1}⟩: only the symmetric part of A contributes.
+    """
+
+    layer: int = eqx.field(static=True)
+    A: Array
+
+    def __init__(self, layer: int, A: ArrayLike):
+        self.layer = _index("layer", layer, 1)
+        self.A = _square("A", A)
+
+    def __call__(self, params):
+        model = _check_mlp(params, "params")
+        _hidden_layer(model, self.layer, "LinearLayer")
+        if not isinstance(model.activation, Identity):
+            raise ValueError(
+                "LinearLayer: the GL action is a symmetry of linear layers only; the model's "
+                f"activation is {type(model.activation).__name__}, use dyn.Identity()."
+            )
+        n = model.widths[self.layer]
+        if self.A.shape != (n, n):
+            raise ValueError(
+                f"LinearLayer: `A` must be {n}x{n} for hidden layer {self.layer}, got "
+                f"{self.A.shape}."
+            )
+        h, a = self.layer - 1, jnp.asarray(self.A)
+        xi = _zeros(model)
+        xi = eqx.tree_at(lambda m: m.weights[h], xi, a @ model.weights[h])
+        xi = eqx.tree_at(lambda m: m.weights[h + 1], xi, -model.weights[h + 1] @ a)
+        if model.biases is not None:
+            xi = eqx.tree_at(lambda m: m.biases[h], xi, model.biases[h] @ a.T)
+        return xi
+
+    def charge(self, params):
+        return vdot(params, self(params))
+
+
+class InputRotation(AbstractLinearGenerator):
+    """Rotation of the input data by P ∈ so(d_x), acting on the first layer:
+
+        W_1 ↦ W_1 (I + εP),  ξ = (W_1 P, 0, …)
+
+    (Głuch & Urbanke Table 5). A symmetry when the data distribution is rotation
+    invariant (e.g. rotation-augmented data). ξ is antisymmetric, so there is no
+    gradient-flow charge; along second-order flows the Noether charge is the angular
+    momentum ⟨ẇ, ξ(w)⟩ = ⟨P, W_1ᵀẆ_1⟩, conserved by ND (μ⟨ẇ, ξ(w)⟩ in general, see
+    `dyn.monitors.ChargeLaw`).
+    """
+
+    P: Array
+
+    def __init__(self, P: ArrayLike):
+        P = _square("P", P)
+        if is_concrete(P) and not np.allclose(P, -P.T, rtol=0, atol=1e-12 * (1 + np.abs(P).max())):
+            raise ValueError("InputRotation: `P` must be antisymmetric (P = −Pᵀ, in so(d_x)).")
+        self.P = P
+
+    def __call__(self, params):
+        model = _check_mlp(params, "params")
+        if self.P.shape[0] != model.widths[0]:
+            raise ValueError(
+                f"InputRotation: `P` must be {model.widths[0]}x{model.widths[0]} (the input "
+                f"width), got {self.P.shape}."
+            )
+        xi = _zeros(model)
+        return eqx.tree_at(lambda m: m.weights[0], xi, model.weights[0] @ jnp.asarray(self.P))
+
+
+class TimeTranslation(eqx.Module):
+    """Time translation t ↦ t + ε: not a map of w, so it has no ξ(w); for a flow whose
+    Lagrangian does not depend on t (ND) its Noether charge is the energy
+    H = ½‖ẇ‖² + L (Głuch & Urbanke sec. 7; for other flows see their energy laws)."""
+
+    def charge(self, flow: AbstractFlow, t, params, velocity, loss) -> Array:
+        """The flow's energy (its `energy`) at (t, params, velocity)."""
+        if not isinstance(flow, AbstractFlow):
+            raise ValueError(f"`flow` must be a catalogue entry, got {flow!r}.")
+        w, static = partition(params)
+        v = None if velocity is None else partition(velocity)[0]
+        return flow.energy(t, w, v, lambda u: loss(eqx.combine(u, static)))
+
+
+def check(generator: AbstractGenerator, loss, params: PyTree, *, key: PRNGKeyArray,
+          num_points: int = 8, scale: float = 0.5) -> float:
+    """Worst relative violation max |⟨∇L(w), ξ(w)⟩| / (‖∇L(w)‖ ‖ξ(w)‖) over `num_points`
+    random points w = params + scale·rms(leaf)·N(0, 1) (Głuch & Urbanke eq. 17 with the
+    loss: a symmetry gives 0, i.e. ~1e-16 in float64; a broken one gives O(0.1–1)).
+    """
+    if not isinstance(generator, AbstractGenerator):
+        raise ValueError(
+            f"`generator` must be a dyn.symmetries generator such as Rescaling(layer=1, "
+            f"neuron=0), got {generator!r}."
+        )
+    if not callable(loss):
+        raise ValueError(f"`loss` must be a function params -> scalar, got {loss!r}.")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+        raise ValueError(f"`num_points` must be a positive int, got {num_points!r}.")
+    if not leaves(params):
+        raise ValueError("`params` has no floating-point arrays to move.")
+    generator(params)  # validate the generator against the model before tracing
+    w, static = partition(params)
+
+    def violation(k):
+        keys = jax.random.split(k, len(jax.tree.leaves(w)))
+        flat, treedef = jax.tree.flatten(w)
+        moved = [x + scale * jnp.sqrt(jnp.mean(x**2) + 1e-30) * jax.random.normal(kk, x.shape,
+                                                                                  x.dtype)
+                 for x, kk in zip(flat, keys)]
+        point = eqx.combine(jax.tree.unflatten(treedef, moved), static)
+        grad = eqx.filter_grad(loss)(point)
+        xi = generator(point)
+        denom = jnp.sqrt(vdot(grad, grad) * vdot(xi, xi))
+        return jnp.abs(vdot(grad, xi)) / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
+
+    values = jax.jit(jax.vmap(violation))(jax.random.split(key, num_points))
+    return float(jnp.max(values))
