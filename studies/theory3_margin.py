@@ -10,7 +10,8 @@ through the origin, which the hard-margin SVM confirms):
     rises to the SVM's (scikit-learn `LinearSVC`, hinge loss, no intercept, large C).
     Weight normalization (tangent and standard, `dyn.WeightNormFlow`) and the
     Lagrange-multiplier flow with ‖V‖ = 1 (`dyn.LagrangeMultiplierFlow("unit")`) from
-    the same start reach the same margin.
+    the same start reach the same margin; gradient descent (η = 0.05, on the flow's time
+    axis t = kη) follows gradient flow.
 (b) Bias-free ReLU networks of depth K = 1…4 (64-16-…-16-1) under gradient flow: the
     product of the layer norms ρ = Π_k ‖W_k‖ grows faster than ln t for K > 1 while each
     layer grows more slowly (their sec. 22, Fig. 11).
@@ -38,11 +39,12 @@ import dynamics as dyn
 __all__ = ["run"]
 
 CLASSES = (3, 8)
-FULL = {"examples": None, "t1_linear": 1e6, "t1_deep": 1e4, "n": 61, "hidden": 16,
-        "depths": (1, 2, 3, 4), "relu_normalized": True}
+GD_ETA = 0.05  # stable: η·λ_max(∇²L(w0)) = 0.55 (40 examples), 0.38 (all); it falls after
+FULL = {"examples": None, "t1_linear": 1e6, "gd_steps": 200_000, "t1_deep": 1e4, "n": 61,
+        "hidden": 16, "depths": (1, 2, 3, 4), "relu_normalized": True}
 # Quick mode (the test's) compiles each flow once, on the linear model; the ReLU panel
 # then shows GF alone (each extra flow there is one more compile, ~4 s).
-QUICK = {"examples": 40, "t1_linear": 1e3, "t1_deep": 30.0, "n": 9, "hidden": 4,
+QUICK = {"examples": 40, "t1_linear": 1e3, "gd_steps": 2_000, "t1_deep": 30.0, "n": 9, "hidden": 4,
          "depths": (1, 2), "relu_normalized": False}
 LINEAR_TOL = (1e-9, 1e-12)  # rtol, atol: a smooth vector field
 # ReLU: ∇L jumps at every kink and the flow slides along some of them (a Filippov
@@ -58,7 +60,8 @@ DPI = 120
 STYLES = {"GF": dict(color="tab:blue", lw=3.0, alpha=0.6),
           "WN tangent": dict(color="tab:orange", ls="--"),
           "WN standard": dict(color="tab:green", lw=3.0, alpha=0.6),
-          "LM (‖V‖ = 1)": dict(color="tab:red", ls="--")}
+          "LM (‖V‖ = 1)": dict(color="tab:red", ls="--"),
+          "GD": dict(color="k", ls=":", lw=1.5, label=f"GD, η = {GD_ETA:g} (t = kη)")}
 
 
 def _say(message: str) -> None:
@@ -162,7 +165,7 @@ def _fig_linear(runs, svm_margin) -> Figure:
     ax.grid(True, alpha=0.3)
     ax = fig.add_subplot(1, 2, 2)
     for name, traj in runs.items():
-        ax.plot(traj.ts, traj.monitors["margin"], label=name, **STYLES[name])
+        ax.plot(traj.ts[1:], traj.monitors["margin"][1:], **({"label": name} | STYLES[name]))
     ax.axhline(svm_margin, color="k", ls="--", lw=1, label="hard-margin SVM (sklearn)")
     ax.set_xscale("log")
     ax.set_xlabel("time $t$")
@@ -250,6 +253,13 @@ def run(out: Path, quick: bool = False) -> dict[str, Path]:
                            key=jax.random.key(0))
     linear = _normalized_runs(linear_model, loss, data, cfg["t1_linear"], cfg["n"],
                               LINEAR_TOL, "linear")
+    start = time.perf_counter()
+    linear["GD"] = dyn.discrete.run(  # the discrete algorithm, on the flow's time axis
+        dyn.discrete.GD(GD_ETA), linear_model, loss, cfg["gd_steps"],
+        save_every=cfg["gd_steps"] // 50,
+        monitors=(dyn.monitors.Loss(), dyn.monitors.Margin(data), dyn.monitors.LayerNorms(),
+                  dyn.monitors.NormProduct()))
+    _say(f"{'linear GD':<28}{cfg['gd_steps']:>7} steps {time.perf_counter() - start:6.1f} s")
     deep = _deep_runs(loss, data, cfg)
     relu = _normalized_runs(_relu_net(2, cfg["hidden"]), loss, data, cfg["t1_deep"],
                             cfg["n"], RELU_TOL, "ReLU depth 2", diffrax.Dopri5(), gf=deep[2],
