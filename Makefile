@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dynamics run quickstart --out .
 
-# The suite in float64, then the float32 subset (events, every flow, the quickstart in
-# quick mode) in JAX's default precision, as a new user runs it.
+# The suite in float64 on two worker processes (pytest-xdist; compilation dominates and is
+# single-threaded), then the float32 subset (events, every flow, the quickstart in quick
+# mode) in JAX's default precision, as a new user runs it.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2
 	DYNAMICS_FLOAT32=1 $(VENV)/bin/python -m pytest -q -m float32 tests/test_float32.py
 
 bench: $(STAMP)
