@@ -4,6 +4,10 @@
   and the helpers every entry shares (coefficients stored as arrays, schedules).
 - `_classical`: gradient, mirror, Newtonian, Nesterov, heavy-ball, general κ1/κ2 and
   Lagrangian flows (Głuch & Urbanke Table 1).
+- `_modified`: modified equations of GD, heavy ball and Nesterov momentum (backward
+  error analysis; the counterparts of `dyn.discrete`).
+- `_balancing`: Saul's weight-balancing flows.
+- `_bregman`: the Bregman Lagrangian flows of Wibisono, Wilson & Jordan.
 - `_normalized`: Theory III's weight-normalization, Lagrange-multiplier and Halpern flows.
 
 Further families live in files of their own beside these and are re-exported here.
