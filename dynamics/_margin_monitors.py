@@ -3,7 +3,6 @@ and the null-space component of a linear model (Banburski et al., secs. 6, 14, 2
 
 from typing import ClassVar
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +10,7 @@ from jaxtyping import Array, Float
 
 from ._datasets import Dataset
 from ._losses import _binary_signs, _check_dataset
-from ._monitors import AbstractMonitor
-
-
-def _weights(params) -> tuple[Array, ...]:
-    weights = getattr(params, "weights", None)
-    if weights is None:
-        return tuple(x for x in jax.tree.leaves(params) if eqx.is_inexact_array(x))
-    return tuple(weights)
-
-
-def _norms(params) -> Array:
-    return jnp.stack([jnp.sqrt(jnp.sum(w**2)) for w in _weights(params)])
+from ._monitors import AbstractMonitor, layer_arrays, layer_norms
 
 
 class Margin(AbstractMonitor):
@@ -50,7 +38,7 @@ class Margin(AbstractMonitor):
             out = jax.vmap(params)(self.x).reshape(self.x.shape[0])
         else:  # a bare weight vector: the linear model x ↦ wᵀx
             out = self.x @ jnp.ravel(jnp.asarray(params))
-        return jnp.min(self.signs * out) / jnp.prod(_norms(params))
+        return jnp.min(self.signs * out) / jnp.prod(layer_norms(params))
 
 
 class NormProduct(AbstractMonitor):
@@ -61,7 +49,7 @@ class NormProduct(AbstractMonitor):
     name: ClassVar[str] = "norm_product"
 
     def __call__(self, t, w, v, problem):
-        return jnp.prod(_norms(problem.params(w)))
+        return jnp.prod(layer_norms(problem.params(w)))
 
 
 class NullSpaceComponent(AbstractMonitor):
@@ -85,7 +73,7 @@ class NullSpaceComponent(AbstractMonitor):
         self.projector = np.eye(x.shape[1]) - np.linalg.pinv(x) @ x
 
     def __call__(self, t, w, v, problem):
-        weights = _weights(problem.params(w))
+        weights = layer_arrays(problem.params(w))
         d = self.projector.shape[0]
         if len(weights) != 1 or weights[0].size != d:
             raise ValueError(

@@ -82,6 +82,17 @@ class GradNorm(AbstractMonitor):
         return jnp.sqrt(sqnorm(jax.grad(problem.loss)(w)))
 
 
+def layer_arrays(params) -> list:
+    """The weight matrices of an MLP-like model (anything with `weights`), else every
+    array leaf in flattening order."""
+    return list(params.weights) if hasattr(params, "weights") else leaves(params)
+
+
+def layer_norms(params):
+    """Frobenius norms ‖W_k‖ of `layer_arrays(params)`, stacked."""
+    return jnp.stack([jnp.sqrt(jnp.sum(a**2)) for a in layer_arrays(params)])
+
+
 class LayerNorms(AbstractMonitor):
     """Frobenius norms ‖W_k‖ of each weight matrix of an MLP (one entry per layer);
     for any other pytree, the norm of each array leaf in flattening order."""
@@ -89,9 +100,7 @@ class LayerNorms(AbstractMonitor):
     name: ClassVar[str] = "layer_norms"
 
     def __call__(self, t, w, v, problem):
-        params = problem.params(w)
-        arrays = params.weights if hasattr(params, "weights") else leaves(params)
-        return jnp.stack([jnp.sqrt(jnp.sum(a**2)) for a in arrays])
+        return layer_norms(problem.params(w))
 
 
 class Function(AbstractMonitor):
