@@ -2,19 +2,17 @@
 
 It joins the rooms: a flow from the catalogue, a model and a loss, a diffrax solver and
 step-size controller, monitors evaluated inside the solve, and events. Validation
-happens here, in Python, before anything is traced; the solve itself is one
+happens in `_prepare`, in Python, before anything is traced; the solve itself is one
 `eqx.filter_jit`-compiled function, so a second call with the same flow, loss, solver
 and shapes reuses the compiled code (studies and sweeps depend on it).
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import ArrayLike, PyTree, Scalar
 
 from ._actions import (
@@ -28,23 +26,19 @@ from ._actions import (
 from ._events import (
     AbstractDivergenceEvent,
     AbstractEvent,
-    Condition,
     EventRootFinder,
-    NonFinite,
 )
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
-    AbstractSeparableFlow,
-    NesterovFlow,
 )
-from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Function, Loss
+from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
+from ._prepare import _check_scalar_loss, _prepare
 from ._problem import Problem
-from ._projection import AbstractProjection, AbstractSchedule, Every, OnEvent
+from ._projection import AbstractProjection, AbstractSchedule, OnEvent
 from ._solvers import AbstractFlowSolver, LossCarryingEuler
-from ._trajectory import Trajectory, check_variable_name, provenance
-from ._tree import is_concrete, partition
-from ._validate import as_tuple, check_tolerance, class_hint, positive_int, real
+from ._trajectory import Trajectory
+from ._tree import partition
 
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
 # solver tolerance a study uses, so the interpolant, not the root find, limits them;
@@ -52,202 +46,9 @@ from ._validate import as_tuple, check_tolerance, class_hint, positive_int, real
 # fine as a bracket in that dtype can get.
 _EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13, ulps=4.0)
 
-# The default controller: rtol = 1e-7 in float64; float32 resolves only ~1.2e-7, so
-# there the default is 100 eps (~1e-5), with atol two decades below rtol as in float64.
-_DEFAULT_RTOL = {8: (1e-7, 1e-9), 4: (1e-5, 1e-7), 2: (1e-2, 1e-4)}
-
 # Action times kept on the Trajectory (the solver state holds them; an adaptive
 # controller copies that buffer on every step). `stats["num_actions"]` counts all.
 _MAX_RECORDED_ACTIONS = 10_000
-
-
-def _float(name: str, value: Any) -> float:
-    return real(value, name)
-
-
-def _check_finite(name: str, tree: PyTree) -> None:
-    if not is_concrete(tree):
-        return
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if eqx.is_inexact_array(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
-            where = jax.tree_util.keystr(path) or "the array"
-            raise ValueError(
-                f"`{name}` contains NaN or Inf (at {where}); initialise it with finite values."
-            )
-
-
-def _strong(tree: PyTree) -> PyTree:
-    # `jnp.full(3, 2.0)` is weakly typed and `jnp.zeros(3)` is not: without this the
-    # two would compile separately although they are the same problem.
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
-
-
-def _validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
-    w, static = partition(params)
-    w = _strong(w)
-    if not jax.tree.leaves(w):
-        raise ValueError(
-            "`params` holds no floating-point arrays to evolve; pass a model (e.g. "
-            "dyn.MLP) or a pytree of float arrays."
-        )
-    for path, leaf in jax.tree_util.tree_leaves_with_path(w):
-        if jnp.iscomplexobj(leaf):
-            # jax.grad of a real loss in complex z returns the conjugate of ∂L/∂z̄·2, so
-            # ẇ = −∇L would climb, not descend; rejected rather than silently wrong.
-            where = jax.tree_util.keystr(path) or "the array"
-            raise ValueError(
-                f"`params` has a complex leaf (at {where}, dtype {leaf.dtype}); flows act "
-                "on real parameters: split z into real and imaginary parts, e.g. "
-                "{'re': z.real, 'im': z.imag}."
-            )
-    _check_finite("params", w)
-    return w, static
-
-
-def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: float):
-    if isinstance(flow, AbstractFirstOrderFlow):
-        if v0 is not None:
-            raise ValueError(
-                f"`v0` was given but {type(flow).__name__} is a first-order flow with no "
-                "velocity; drop `v0` or use a second-order flow (e.g. dyn.NewtonianFlow())."
-            )
-        return None
-    if v0 is None:
-        v = jax.tree.map(jnp.zeros_like, w)
-    else:
-        v, _ = partition(v0)
-        w_struct = jax.tree.structure(w)
-        if jax.tree.structure(v) != w_struct:
-            raise ValueError(
-                "`v0` must have the same structure as the parameters (e.g. a model of "
-                "the same shape, or a pytree of arrays matching `params`)."
-            )
-        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(v), strict=True):
-            if jnp.shape(a) != jnp.shape(b):
-                raise ValueError(
-                    f"`v0` has a leaf of shape {jnp.shape(b)} where the parameters have "
-                    f"shape {jnp.shape(a)}; give one velocity per parameter."
-                )
-        v = jax.tree.map(lambda a, b: jnp.asarray(b, dtype=a.dtype), w, v)
-        _check_finite("v0", v)
-    if isinstance(flow, NesterovFlow):
-        nonzero = is_concrete(v) and any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(v))
-        if t0 < 0:
-            raise ValueError(
-                f"`t0` = {t0} < 0 for NesterovFlow: its damping r/t is singular at t = 0; "
-                "start at t0 >= 0."
-            )
-        if t0 == 0 and nonzero:
-            raise ValueError(
-                "NesterovFlow started at t0 = 0 with a non-zero `v0`: the damping 3/t is "
-                "singular there (Głuch & Urbanke footnote 2). Start at t0 > 0, or pass "
-                "v0=None (zero velocity)."
-            )
-    return v
-
-
-def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
-    if ts is None:
-        return jnp.asarray([t0, t1])
-    arr = np.asarray(ts, dtype=float)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(
-            f"`ts` must be a non-empty 1-D array of save times, got shape {arr.shape}."
-        )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("`ts` contains NaN or Inf.")
-    if np.any(np.diff(arr) <= 0):
-        raise ValueError("`ts` must be strictly increasing; sort it (and drop repeats).")
-    if arr[0] < t0 or arr[-1] > t1:
-        raise ValueError(
-            f"`ts` must lie in [t0, t1] = [{t0}, {t1}], got [{arr[0]}, {arr[-1]}]."
-        )
-    return jnp.asarray(arr)
-
-
-def _validate_projection(projection, controller, dt0):
-    if projection is None:
-        return None
-    if isinstance(projection, AbstractProjection):
-        return Every(projection, steps=1)  # a bare projection: after every step
-    if not isinstance(projection, AbstractSchedule):
-        raise ValueError(
-            "`projection` must be a projection (dyn.AbstractProjection, applied every "
-            "step) or a schedule dyn.Every(proj, steps=k | time=dt) / "
-            f"dyn.OnEvent(proj, event), got {projection!r}."
-        )
-    if isinstance(projection, Every) and projection.time is not None:
-        adaptive = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
-        if not adaptive and dt0 is not None and float(dt0) > projection.time:
-            raise ValueError(
-                f"`projection` Every(time={projection.time}) is shorter than the constant "
-                f"step dt0={dt0}: it would be late; use dt0 <= time (ideally time a "
-                "multiple of dt0) or Every(steps=k)."
-            )
-    return projection
-
-
-def _traced_tolerances(controller: diffrax.AbstractStepSizeController, dtype):
-    # PIDController keeps rtol and atol as given; Python floats would be static under
-    # jit, so every new tolerance would compile the solve again. As arrays they are
-    # traced: a tolerance sweep (a work-precision diagram) compiles once. They enter
-    # the controller only through arithmetic, never through Python control flow.
-    def convert(c):
-        if not isinstance(c, diffrax.PIDController):
-            return c
-        return eqx.tree_at(lambda c: (c.rtol, c.atol), c,
-                           (jnp.asarray(c.rtol, dtype), jnp.asarray(c.atol, dtype)))
-
-    return jax.tree.map(convert, controller,
-                        is_leaf=lambda x: isinstance(x, diffrax.PIDController))
-
-
-def _check_user_functions(problem: Problem, monitors, events, t0: float, w: PyTree,
-                          v: PyTree | None) -> None:
-    # A user's `Function` monitor or `Condition` event with the wrong signature or
-    # output fails deep inside diffrax otherwise. Checked on shapes alone (eval_shape:
-    # nothing runs) and on the user's function only, with a stand-in velocity, so the
-    # loss is not traced here.
-    params = problem.params(w)
-    velocity = problem.params(jax.tree.map(jnp.zeros_like, w) if v is None else v)
-    t = jnp.asarray(t0, jnp.result_type(float))
-    checks = [(f"the monitor {m.name!r}", m.fn, False) for m in monitors
-              if isinstance(m, Function)]
-    checks += [(f"the event {e.name!r}", e.fn, True) for e in events
-               if isinstance(e, Condition)]
-    for what, fn, scalar in checks:
-        try:
-            out = jax.eval_shape(fn, t, params, velocity)
-        except Exception as exc:
-            raise ValueError(
-                f"{what}: its function must take (t, params, velocity) and return an "
-                f"array; calling it failed with {type(exc).__name__}: {exc}"
-            ) from exc
-        ok_dtype = hasattr(out, "dtype") and (jnp.issubdtype(out.dtype, jnp.floating)
-                                              or jnp.issubdtype(out.dtype, jnp.bool_)
-                                              or (not scalar and jnp.issubdtype(
-                                                  out.dtype, jnp.integer)))
-        if not ok_dtype or (scalar and out.shape != ()):
-            want = "a scalar float (or bool)" if scalar else "a real array"
-            raise ValueError(
-                f"{what}: its function must return {want}, got "
-                f"{jax.tree.map(lambda x: (x.shape, x.dtype), out)!r}."
-            )
-
-
-def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
-    try:
-        out = jax.eval_shape(problem.loss, w)
-    except ValueError:  # already says what is wrong (e.g. an MLP given the wrong input)
-        raise
-    except Exception as exc:  # the user's loss failed on these params: say where
-        raise ValueError(f"`loss` could not be evaluated on `params`: {exc}") from exc
-    shape = getattr(out, "shape", None)
-    if shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(
-            f"`loss` must return a real scalar, got shape {shape} and dtype "
-            f"{getattr(out, 'dtype', type(out).__name__)}; reduce it, e.g. with jnp.mean."
-        )
 
 
 class _Layout(eqx.Module):
@@ -553,125 +354,3 @@ def simulate(
     )
     return Trajectory.from_solve(problem, events, _solve(*args), throw=throw, meta=meta,
                                  divergence=AbstractDivergenceEvent)
-
-
-def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
-             monitors, events, projection, progress, max_steps, save_params):
-    """`simulate`'s validation, apart from the solve: returns the Problem, the events
-    (with NonFinite), the positional arguments of `_solve` and the provenance. `dyn.sweep`
-    calls it per cell and runs `_solve` under `jax.vmap` over cells of one structure."""
-    if not isinstance(flow, AbstractFlow):
-        raise ValueError(
-            f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got "
-            f"{flow!r}{class_hint(flow, AbstractFlow)}."
-        )
-    if not callable(loss):
-        raise ValueError("`loss` must be a function params -> scalar.")
-    t0, t1 = _float("t0", t0), _float("t1", t1)
-    if t1 <= t0:
-        raise ValueError(f"`t1` = {t1} must be greater than `t0` = {t0}.")
-    w0, static = _validate_params(params)
-    v0 = _validate_velocity(flow, w0, v0, t0)
-    ts_given = ts
-    ts = _validate_ts(ts, t0, t1)
-    solver = diffrax.Tsit5() if solver is None else solver
-    if not isinstance(solver, diffrax.AbstractSolver):
-        raise ValueError(
-            f"`solver` must be a diffrax solver, got "
-            f"{solver!r}{class_hint(solver, diffrax.AbstractSolver)}."
-        )
-    partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
-    if partitioned and not isinstance(flow, AbstractSeparableFlow):
-        raise ValueError(
-            f"`solver` {type(solver).__name__} integrates ẇ = v, v̇ = F(w) and needs a "
-            f"force independent of the velocity; {type(flow).__name__} is not separable. "
-            "Use dyn.NewtonianFlow() or a Runge–Kutta solver such as diffrax.Tsit5()."
-        )
-    dtype = jnp.result_type(float)
-    if stepsize_controller is None:
-        rtol, atol = _DEFAULT_RTOL[jnp.dtype(dtype).itemsize]
-        stepsize_controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
-        raise ValueError(
-            f"`stepsize_controller` must be a diffrax step-size controller, got "
-            f"{stepsize_controller!r}"
-            f"{class_hint(stepsize_controller, diffrax.AbstractStepSizeController)}."
-        )
-    if isinstance(stepsize_controller, diffrax.PIDController):
-        check_tolerance(stepsize_controller.rtol, dtype)
-    adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
-    if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
-        raise ValueError(
-            f"`solver` {type(solver).__name__} has no error estimate for the adaptive "
-            "`stepsize_controller`; pass stepsize_controller=diffrax.ConstantStepSize() "
-            "and a `dt0`, or an adaptive solver such as diffrax.Tsit5()."
-        )
-    if isinstance(stepsize_controller, diffrax.StepTo):
-        if dt0 is not None:
-            raise ValueError(
-                "`dt0` must be None with diffrax.StepTo: the steps are its `ts`; drop dt0."
-            )
-        steps = np.asarray(stepsize_controller.ts, dtype=float)
-        if steps.ndim != 1 or steps.size < 2 or not np.allclose(steps[[0, -1]], [t0, t1]):
-            raise ValueError(
-                f"diffrax.StepTo(ts) must have ts[0] = t0 = {t0} and ts[-1] = t1 = {t1}, got "
-                f"ts from {steps[:1]} to {steps[-1:]}; e.g. StepTo(jnp.linspace(t0, t1, n))."
-            )
-        # diffrax compares t0, t1 with ts[0], ts[-1] exactly; hand it the same numbers.
-        t0, t1 = float(steps[0]), float(steps[-1])
-        ts = _validate_ts(None if ts_given is None else ts_given, t0, t1)
-    elif dt0 is None and not adaptive:
-        raise ValueError("`dt0` is required with a constant step size; pass e.g. dt0=1e-2.")
-    if dt0 is not None:
-        # A plain float: provenance (netCDF attributes) must hold plain numbers.
-        dt0 = real(dt0, "dt0", low=0.0, strict=True)
-    if max_steps is not None:
-        max_steps = positive_int(max_steps, "max_steps")
-    if not isinstance(progress, bool):
-        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
-    if not isinstance(save_params, bool):
-        raise ValueError(f"`save_params` must be True or False, got {save_params!r}.")
-    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
-    events = as_tuple(events, "events", AbstractEvent, "dyn.events.LossBelow(1e-3)")
-    names = [m.name for m in monitors]
-    if len(set(names)) != len(names):
-        raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
-    for name in names:
-        check_variable_name(name, "monitors")
-    if not any(isinstance(e, NonFinite) for e in events):
-        events = events + (NonFinite(),)
-    schedule = _validate_projection(projection, stepsize_controller, dt0)
-    own_terms = partitioned or isinstance(solver, AbstractFlowSolver)
-    if own_terms and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
-        raise ValueError(
-            f"integral monitors carry their integral in the state, which the "
-            f"`solver` {type(solver).__name__} (a partitioned or flow-specific scheme) "
-            "cannot; use a Runge–Kutta solver such as diffrax.Tsit5(), or drop the "
-            "integral monitor."
-        )
-
-    problem = Problem(flow, loss, static)
-    y0 = w0 if v0 is None else (w0, v0)
-    _check_user_functions(problem, monitors, events, t0, w0, v0)
-    progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
-    args = (
-        problem,
-        y0,
-        solver,
-        _traced_tolerances(stepsize_controller, dtype),
-        jnp.asarray(t0, dtype),
-        jnp.asarray(t1, dtype),
-        None if dt0 is None else jnp.asarray(dt0, dtype),
-        ts.astype(dtype),
-        monitors,
-        events,
-        schedule,
-        save_params,
-        max_steps,
-        progress_meter,
-    )
-    meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
-                      max_steps=max_steps,
-                      projection=None if schedule is None
-                      else eqx.tree_pformat(schedule, short_arrays=False))
-    return problem, events, args, meta

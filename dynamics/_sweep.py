@@ -30,7 +30,8 @@ import xarray as xr
 
 from ._events import AbstractDivergenceEvent
 from ._io import load, save
-from ._simulate import _prepare, _solve, simulate
+from ._prepare import _prepare
+from ._simulate import _solve, simulate
 from ._sweep_records import (
     _combine,
     _dict_record,

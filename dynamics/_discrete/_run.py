@@ -15,9 +15,9 @@ import numpy as np
 from jaxtyping import PyTree, Scalar
 
 from .._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
+from .._prepare import _check_scalar_loss, _validate_params
 from .._problem import Problem
 from .._projection import AbstractSchedule, Every
-from .._simulate import _check_scalar_loss, _validate_params
 from .._trajectory import Trajectory, provenance
 from .._tree import all_finite, partition, sqnorm
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
