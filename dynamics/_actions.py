@@ -31,6 +31,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from ._solvers import LossCarryingEuler
@@ -45,6 +46,12 @@ class AbstractAction(eqx.Module):
     @abc.abstractmethod
     def __call__(self, t, y: PyTree, aux: PyTree) -> tuple[PyTree, PyTree]:
         """The acted state and the new `aux`."""
+
+    def at_event(self, t, y: PyTree, aux: PyTree, t_event, info: PyTree):
+        """The action at the end `t` of a step in which an exact trigger located its
+        crossing at `t_event` (<= t, within `_END_MARGIN` of the step); `info` is the
+        trigger's state before the step. By default the same as `__call__`."""
+        return self(t, y, aux)
 
 
 class AbstractTrigger(eqx.Module):
@@ -126,6 +133,82 @@ class OnCondition(AbstractTrigger):
         return self.condition(t1, y1)
 
 
+# An exact trigger's crossing is acted on at the end of a step only if it lies within
+# this fraction of the step from the end; earlier, the step is retried to end just past
+# it. The action may use the gap t1 − t_event ≤ margin·h for a first-order correction
+# (the Filippov action does), whose error is O((margin·h)²): below 1e-12·h².
+_END_MARGIN = 1e-6
+
+
+class AbstractExactTrigger(AbstractTrigger):
+    """A trigger whose switching functions φ(t, y) are root-found inside the step.
+
+    A component fires when it goes from φ ≥ 0 to φ < 0. The step's dense output is
+    sampled at `samples` points, the first sample interval where an eligible component
+    went negative is bisected to ~1e-13 in t (`_root_finder`), and the step is then
+    either retried to end just past the crossing (`LandOnEvent` reads the request) or,
+    when the crossing lies within `_END_MARGIN` of its end, acted on there. Components
+    negative at the start of a step (just switched, a few ulps on the wrong side) are
+    not eligible in it: the state carries the eligibility mask.
+    """
+
+    samples: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def values(self, t, y, state) -> Array:
+        """φ(t, y), a vector (or scalar) of switching values."""
+
+    def init(self, t0, y0):
+        return jnp.atleast_1d(self.values(t0, y0, None)) >= 0
+
+    def fires(self, t0, t1, y0, y1, state):
+        raise NotImplementedError("an exact trigger is located, not polled")
+
+    def reset(self, t1, y1, state):
+        return jnp.atleast_1d(self.values(t1, y1, state)) >= 0
+
+    def locate(self, t0, t1, interp, state, root_finder):
+        """(t_c, next state): the earliest crossing in (t0, t1] (inf if none) and the
+        eligibility for the next step if the step is accepted without an action."""
+        frac = jnp.arange(1, self.samples + 1, dtype=jnp.result_type(t0)) / self.samples
+        ts = t0 + (t1 - t0) * frac
+        phi = jax.vmap(lambda t: jnp.atleast_1d(self.values(t, interp.evaluate(t), state)))(ts)
+        crossed = (phi < 0) & state
+        any_j = crossed.any(axis=1)
+        j = jnp.argmax(any_j)
+        lo = jnp.where(j == 0, t0, ts[jnp.maximum(j - 1, 0)])
+        hi = ts[j]
+        which = crossed[j]
+
+        def psi(t, _):
+            vals = jnp.atleast_1d(self.values(t, interp.evaluate(t), state))
+            return jnp.min(jnp.where(which, vals, jnp.inf)), None
+
+        def find():
+            sol = optx.root_find(psi, root_finder, hi, has_aux=True,
+                                 options=dict(lower=lo, upper=hi), throw=False,
+                                 max_steps=256)
+            return sol.value
+
+        found = any_j.any()
+        t_c = jax.lax.cond(found, find, lambda: jnp.asarray(jnp.inf, hi.dtype))
+        return t_c, phi[-1] >= 0
+
+
+class CrossingTrigger(AbstractExactTrigger):
+    """When a real condition c(t, y) crosses zero, at the root-found time: upwards
+    (`direction` True), downwards (False) or either way (None)."""
+
+    condition: Callable
+    direction: bool | None = eqx.field(static=True)
+    samples: int = eqx.field(static=True, default=4)
+
+    def values(self, t, y, state):
+        c = jnp.asarray(self.condition(t, y))
+        # -c fires when c goes up through 0, c when it goes down.
+        return {True: -c[None], False: c[None], None: jnp.stack([c, -c])}[self.direction]
+
+
 class _ActedInterpolation(diffrax.AbstractLocalInterpolation):
     """The wrapped solver's interpolant on [t0, t1], and the acted state at t1 (to a
     few ulps, so that save times k·dt hit step ends accumulated as t0 + dt + dt ...)."""
@@ -168,6 +251,7 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
     trigger: AbstractTrigger
     action: AbstractAction
     n_record: int = eqx.field(static=True)
+    root_finder: Any = None  # an optimistix bracketing root finder, for exact triggers
 
     @property
     def term_structure(self):
@@ -215,11 +299,26 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         y1, y_error, dense_info, inner, result = self.solver.step(
             terms, t0, t1, y0, solver_state.aux, solver_state.inner, made_jump
         )
-        fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
-        fire = jnp.asarray(fire)
+        exact = isinstance(self.trigger, AbstractExactTrigger)
+        if exact:
+            interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+            t_c, trigger = self.trigger.locate(t0, t1, interp, solver_state.trigger,
+                                               self.root_finder)
+            margin = _END_MARGIN * (t1 - t0)
+            retry = t_c < t1 - margin
+            fire = (t_c <= t1) & ~retry
+            # Retried steps end just past the crossing, so that the retry (a shorter,
+            # more accurate step) finds it within the margin of its end.
+            t_hit = jnp.where(retry, jnp.minimum(t_c + 0.5 * margin, t1), jnp.inf)
+            y_error = (y_error, t_hit)
+        else:
+            t_c = t1
+            fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
+            fire = jnp.asarray(fire)
 
         def act():
-            y, aux = self.action(t1, y1, solver_state.aux)
+            y, aux = self.action.at_event(t1, y1, solver_state.aux, t_c,
+                                          solver_state.trigger)
             y, fresh = self._fresh(terms, t0, t1, y, aux)
             return y, aux, fresh, self.trigger.reset(t1, y, trigger)
 
@@ -229,10 +328,75 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         y_out, aux, inner, trigger = jax.lax.cond(fire, act, keep)
         # Out-of-range indices are dropped: past `n_record` only `count` goes on.
         index = jnp.where(fire, solver_state.count, self.n_record)
-        times = solver_state.times.at[index].set(t1, mode="drop")
+        times = solver_state.times.at[index].set(t_c, mode="drop")
         state = _ActingState(inner, trigger, aux, solver_state.count + fire, times)
         dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire)
         return y_out, y_error, dense_info, state, result
+
+
+class LandOnEvent(diffrax.AbstractAdaptiveStepSizeController):
+    """The adaptive controller of a solve with an exact trigger: when the step found a
+    crossing inside it (the solver's error output carries the time `t_hit` just past
+    it), the step is retried to end there; otherwise `controller` decides as usual.
+
+    The wrapped controller does not see the retry (its error history is that of the
+    steps it judged), and after the short step that ends at the crossing the next step
+    is at least as long as the remainder of the step that found it: without this a PID
+    controller, which grows steps by at most 10x, would need several small steps to
+    recover from every crossing.
+
+    `split`: the state is (y, mode) with a discrete `mode` that has no error (the
+    Filippov mode): only y is shown to `controller`, so that the mode's entries do not
+    dilute its RMS error norm; the steps are then those of the same solve without it.
+    """
+
+    controller: diffrax.AbstractAdaptiveStepSizeController
+    split: bool = eqx.field(static=True, default=False)
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):  # pyright: ignore
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        if self.split:
+            mode = y0[1]
+            inner_func = func
+            y0 = y0[0]
+
+            def func(terms, t, y, args):
+                return inner_func(terms, t, (y, mode), args)[0]
+
+        t_next, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        return t_next, (inner, jnp.asarray(-jnp.inf, jnp.result_type(t_next)))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
+                        controller_state):
+        inner, resume = controller_state
+        y_error, t_hit = y_error
+        if self.split:
+            y0, y1_candidate, y_error = y0[0], y1_candidate[0], y_error[0]
+        keep, t_prev, t_next, made_jump, new_inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner
+        )
+        # A crossing is trusted only in a step the error control accepts.
+        retry = keep & (t_hit < t1)
+        keep = keep & ~retry
+        t_prev = jnp.where(retry, t0, t_prev)
+        t_next = jnp.where(retry, t_hit, jnp.where(keep, jnp.maximum(t_next, resume), t_next))
+        new_inner = jax.tree.map(lambda a, b: jnp.where(retry, a, b), inner, new_inner)
+        resume = jnp.where(retry, t1, jnp.where(keep, -jnp.inf, resume))
+        return keep, t_prev, t_next, made_jump, (new_inner, resume), result
 
 
 class LandOnGrid(diffrax.AbstractAdaptiveStepSizeController):

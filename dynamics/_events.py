@@ -164,3 +164,43 @@ class EventRootFinder(optx.AbstractRootFinder):
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         return state.upper, aux, {}
+
+
+class _IllinoisState(eqx.Module):
+    lower: Array
+    upper: Array
+    f_lower: Array
+    f_upper: Array
+    f_at_y: Array
+    side: Array  # which end moved last: +1 lower, -1 upper, 0 none yet
+
+
+class IllinoisRootFinder(EventRootFinder):
+    """`EventRootFinder`'s bracket and stopping rule, with the Illinois variant of
+    regula falsi (Dowell & Jarratt 1971) for the new point: superlinear (order ~1.44)
+    on a smooth crossing where bisection is linear, so a switching time to 1e-13 costs
+    ~10 evaluations instead of ~45; a point that is not strictly inside the bracket is
+    replaced by the midpoint."""
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        state = super().init(fn, y, args, options, f_struct, aux_struct, tags)
+        return _IllinoisState(state.lower, state.upper, state.f_lower, state.f_at_y,
+                              state.f_at_y, jnp.asarray(0))
+
+    def step(self, fn, y, args, options, state, tags):
+        lo, hi, flo, fhi = state.lower, state.upper, state.f_lower, state.f_upper
+        denom = fhi - flo
+        t = hi - fhi * (hi - lo) / jnp.where(denom != 0, denom, 1.0)
+        inside = (denom != 0) & (t > lo) & (t < hi)
+        t = jnp.where(inside, t, lo + 0.5 * (hi - lo))
+        f_t, aux = fn(t, args)
+        f_t = _scalar(f_t)
+        same_side = (jnp.sign(f_t) == jnp.sign(flo)) & (f_t != 0)
+        # Illinois: the end kept for a second step in a row has its value halved (the
+        # halving accumulates), which stops regula falsi from stalling on one side.
+        fhi = jnp.where(same_side & (state.side == 1), 0.5 * fhi, fhi)
+        flo = jnp.where(~same_side & (state.side == -1), 0.5 * flo, flo)
+        new = _IllinoisState(jnp.where(same_side, t, lo), jnp.where(same_side, hi, t),
+                             jnp.where(same_side, f_t, flo), jnp.where(same_side, fhi, f_t),
+                             f_t, jnp.where(same_side, 1, -1))
+        return new.upper, new, aux

@@ -5,6 +5,7 @@ Everything here runs in Python before anything is traced, and fails with a
 positional arguments of `_simulate._solve`; `dyn.sweep` calls it once per cell.
 """
 
+import warnings
 from typing import Any
 
 import diffrax
@@ -15,12 +16,14 @@ import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
 from ._events import AbstractEvent, Condition, NonFinite
+from ._filippov import Filippov, data_term_index, is_piecewise_linear
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
     AbstractSeparableFlow,
     NesterovFlow,
 )
+from ._models import MLP
 from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
 from ._problem import Problem
 from ._projection import AbstractProjection, AbstractSchedule, Every
@@ -223,8 +226,95 @@ def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
         )
 
 
+# Monitors a Filippov solve adds (see `_simulate._mode_record`).
+_MODE_MONITORS = ("crossings", "sliding_entries", "sliding_exits", "sliding_overflow",
+                  "sliding_pairs")
+
+# A run rejecting more than this fraction of its steps on a piecewise-linear network is
+# chattering at kinks.
+_CHATTER_FRACTION = 1.0 / 3.0
+
+
+def warn_if_chattering(traj, params) -> None:
+    """Warn when a run on a ReLU / LeakyReLU MLP rejected more than a third of its
+    steps without `nonsmooth`: the adaptive solver is chattering at the kinks."""
+    if not is_piecewise_linear(params):
+        return
+    steps = traj.stats.get("num_steps", 0)
+    rejected = traj.stats.get("num_rejected_steps", 0)
+    if steps and rejected / steps > _CHATTER_FRACTION:
+        warnings.warn(
+            f"simulate: {rejected} of {steps} steps ({100 * rejected / steps:.0f}%) were "
+            f"rejected on a network with {type(params.activation).__name__} activations: "
+            "the solver is chattering at the kinks of the loss (its gradient is "
+            "discontinuous there). Pass nonsmooth=dyn.Filippov() to integrate through "
+            "the kinks exactly, or loosen the tolerance.",
+            stacklevel=3,
+        )
+
+
+def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, schedule, monitors,
+                        flow):
+    if nonsmooth is None:
+        return None
+    if not isinstance(nonsmooth, Filippov):
+        raise ValueError(
+            f"`nonsmooth` must be dyn.Filippov(...) or None, got "
+            f"{nonsmooth!r}{class_hint(nonsmooth, Filippov)}."
+        )
+    if not isinstance(params, MLP):
+        raise ValueError(
+            "`nonsmooth`: the Filippov mode reads its switching surfaces from a dyn.MLP "
+            f"with ReLU or LeakyReLU activations; `params` is a {type(params).__name__}."
+        )
+    if not is_piecewise_linear(params):
+        raise ValueError(
+            f"`nonsmooth`: the Filippov mode is for piecewise-linear activations (ReLU, "
+            f"LeakyReLU); {type(params.activation).__name__} is smooth, so its flow needs "
+            "no switching: drop `nonsmooth`."
+        )
+    if data_term_index(loss) is None:
+        raise ValueError(
+            "`nonsmooth`: the switching surfaces are the pre-activations on the loss's "
+            "inputs, which the package can only see in its own data losses: "
+            "dyn.losses.mse, cross_entropy, exponential or logistic, alone or plus "
+            f"dyn.losses.l2 / lp penalties; got {type(loss).__name__}."
+        )
+    partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
+    if (not isinstance(solver, diffrax.AbstractAdaptiveSolver) or partitioned
+            or isinstance(solver, AbstractFlowSolver)):
+        raise ValueError(
+            f"`nonsmooth`: the crossings are root-found on the dense output of an adaptive "
+            f"Runge–Kutta step; `solver` {type(solver).__name__} has none (or its own "
+            "terms). Use diffrax.Tsit5(), Dopri5() or Dopri8()."
+        )
+    if not isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
+        raise ValueError(
+            "`nonsmooth`: steps must end at the crossings, which needs an adaptive "
+            "`stepsize_controller` such as diffrax.PIDController(rtol=1e-8, atol=1e-8)."
+        )
+    if schedule is not None:
+        raise ValueError(
+            "`nonsmooth` and `projection` cannot be combined yet: both act inside the "
+            "solve; run the projection as a separate stage."
+        )
+    if any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
+        raise ValueError(
+            "`nonsmooth`: integral monitors evaluate the network's own activation, not "
+            "the Filippov field of the frozen pattern; drop them for this run."
+        )
+    clash = [m.name for m in monitors if m.name in _MODE_MONITORS]
+    if clash:
+        raise ValueError(
+            f"`monitors` {clash}: these names are the Filippov mode's own records "
+            f"{_MODE_MONITORS}; rename your monitor."
+        )
+    return nonsmooth
+
+
 def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
-             monitors, events, projection, progress, max_steps, save_params):
+             monitors, events, projection, progress, max_steps, save_params,
+             nonsmooth=None):
     """`simulate`'s validation, apart from the solve: returns the Problem, the events
     (with NonFinite), the positional arguments of `_solve` and the provenance. `dyn.sweep`
     calls it per cell and runs `_solve` under `jax.vmap` over cells of one structure."""
@@ -318,6 +408,8 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
             "integral monitor."
         )
 
+    nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver, stepsize_controller,
+                                    schedule, monitors, flow)
     problem = Problem(flow, loss, static)
     y0 = w0 if v0 is None else (w0, v0)
     _check_user_functions(problem, monitors, events, t0, w0, v0)
@@ -336,10 +428,12 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
         schedule,
         save_params,
         max_steps,
+        nonsmooth,
         progress_meter,
     )
     meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
                       max_steps=max_steps,
                       projection=None if schedule is None
-                      else eqx.tree_pformat(schedule, short_arrays=False))
+                      else eqx.tree_pformat(schedule, short_arrays=False),
+                      nonsmooth=None if nonsmooth is None else repr(nonsmooth))
     return problem, events, args, meta

@@ -13,13 +13,16 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, PyTree, Scalar
 
 from ._actions import (
     AbstractAction,
     ActingSolver,
+    CrossingTrigger,
     EverySteps,
     EveryTime,
+    LandOnEvent,
     LandOnGrid,
     OnCondition,
 )
@@ -27,13 +30,22 @@ from ._events import (
     AbstractDivergenceEvent,
     AbstractEvent,
     EventRootFinder,
+    IllinoisRootFinder,
+)
+from ._filippov import (
+    Filippov,
+    FilippovAction,
+    FilippovState,
+    FilippovTrigger,
+    Surfaces,
+    Switching,
 )
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
 )
 from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
-from ._prepare import _check_scalar_loss, _prepare
+from ._prepare import _MODE_MONITORS, _check_scalar_loss, _prepare, warn_if_chattering
 from ._problem import Problem
 from ._projection import AbstractProjection, AbstractSchedule, OnEvent
 from ._solvers import AbstractFlowSolver, LossCarryingEuler
@@ -45,6 +57,9 @@ from ._tree import partition
 # never below 4 ulps of t in the solve's dtype (float32: ~5e-7 relative), which is as
 # fine as a bracket in that dtype can get.
 _EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13, ulps=4.0)
+# The same accuracy for the exact triggers of actions (and the Filippov mode), found by
+# Illinois steps: a solve may locate thousands of crossings.
+_ACTION_ROOT_FINDER = IllinoisRootFinder(rtol=1e-13, atol=1e-13, ulps=4.0)
 
 # Action times kept on the Trajectory (the solver state holds them; an adaptive
 # controller copies that buffer on every step). `stats["num_actions"]` counts all.
@@ -59,9 +74,12 @@ class _Layout(eqx.Module):
     first_order: bool = eqx.field(static=True)
     carry: bool = eqx.field(static=True)
     integrals: bool = eqx.field(static=True)
+    mode: bool = eqx.field(static=True, default=False)  # (that, Filippov mode)
 
     def unpack(self, y):
         """(w, v, carried loss or None, integrals or None)."""
+        if self.mode:
+            y = y[0]
         integrals = None
         if self.integrals:
             y, integrals = y
@@ -74,6 +92,8 @@ class _Layout(eqx.Module):
 
     def pack(self, y, w, v):
         """`y` with its (w, v) replaced (the carried loss is left to the caller)."""
+        if self.mode:
+            return _Layout(self.first_order, self.carry, self.integrals).pack(y[0], w, v), y[1]
         if self.integrals:
             inner = _Layout(self.first_order, self.carry, False)
             return inner.pack(y[0], w, v), y[1]
@@ -83,7 +103,14 @@ class _Layout(eqx.Module):
 
 
 def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
-           layout: _Layout, integrals: tuple):
+           layout: _Layout, integrals: tuple, switching: Switching | None = None):
+    if switching is not None:  # y = (w or (w, v), mode): the mode has no derivative
+        def piecewise(t, y, _):
+            rest, mode = y
+            w, v = (rest, None) if layout.first_order else rest
+            return switching.rate(t, w, v, mode), jax.tree.map(jnp.zeros_like, mode)
+
+        return diffrax.ODETerm(piecewise)
     if isinstance(solver, AbstractFlowSolver):  # it needs more of the flow (e.g. κ1, κ2)
         # (its own state layout: integral monitors are refused for it in `_prepare`)
         return solver.make_terms(flow, problem.loss)
@@ -114,6 +141,15 @@ def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
         return base(t, y[0]), {m.name: m.integrand(t, w, v, problem) for m in integrals}
 
     return diffrax.ODETerm(with_integrals)
+
+
+def _mode_record(mode: FilippovState) -> dict:
+    # The mode rides in the state, so every save sees it: cumulative event counts and
+    # which pairs slide (their flat indices, -1 for a free slot). Floats here (diffrax
+    # fills unreached saves with inf), integers on the Trajectory.
+    c = mode.counts
+    return {"crossings": c[0], "sliding_entries": c[1], "sliding_exits": c[2],
+            "sliding_overflow": c[3], "sliding_pairs": mode.slots}
 
 
 def _carries_loss(flow: AbstractFlow, solver: diffrax.AbstractSolver, monitors) -> bool:
@@ -176,7 +212,12 @@ def _acting(schedule, solver, controller, problem, layout, y0, t0, max_steps):
             return event.condition(t, w, v, problem)
 
         real = jnp.issubdtype(jax.eval_shape(condition, t0, y0).dtype, jnp.floating)
-        trigger = OnCondition(condition, event.direction, bool(real))
+        if real and isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
+            # Acted on at the root-found crossing: the step is retried to end there.
+            trigger = CrossingTrigger(condition, event.direction)
+            controller = LandOnEvent(controller)
+        else:  # a boolean condition, or constant steps: at the end of the step
+            trigger = OnCondition(condition, event.direction, bool(real))
         k = 1
     elif schedule.steps is not None:
         trigger = EverySteps(schedule.steps)
@@ -190,12 +231,32 @@ def _acting(schedule, solver, controller, problem, layout, y0, t0, max_steps):
         k = 1
     n_record = min(_MAX_RECORDED_ACTIONS, max(1, (max_steps or 10**9) // k))
     action = _Project(schedule.projection, problem, layout)
-    return ActingSolver(solver, trigger, action, n_record), controller
+    return ActingSolver(solver, trigger, action, n_record, _ACTION_ROOT_FINDER), controller
+
+
+def _filippov(nonsmooth, solver, controller, problem, layout, w0, max_steps):
+    """The solver and controller of a Filippov solve, and its mode's switching."""
+    first_order = layout.first_order
+    switching = Switching(problem, Surfaces(problem.user_loss, problem.params(w0)),
+                          first_order, nonsmooth.max_sliding)
+
+    def unpack(y):
+        rest, mode = y
+        return (rest, None, mode) if first_order else (*rest, mode)
+
+    def pack(w, v, mode):
+        return (w if first_order else (w, v)), mode
+
+    trigger = FilippovTrigger(switching, unpack, nonsmooth.samples)
+    action = FilippovAction(switching, unpack, pack)
+    n_record = min(_MAX_RECORDED_ACTIONS, max_steps or _MAX_RECORDED_ACTIONS)
+    solver = ActingSolver(solver, trigger, action, n_record, _ACTION_ROOT_FINDER)
+    return switching, solver, LandOnEvent(controller, split=True)
 
 
 @eqx.filter_jit
 def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, schedule,
-           save_params, max_steps, progress_meter):
+           save_params, max_steps, nonsmooth, progress_meter):
     flow = problem.flow
     first_order = isinstance(flow, AbstractFirstOrderFlow)
     w0 = y0 if first_order else y0[0]
@@ -212,7 +273,13 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
         shapes = {m.name: eqx.filter_eval_shape(m.integrand, t0, w0, v0, problem)
                   for m in integrals}
         y0 = (y0, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    terms = _terms(flow, problem, solver, layout, integrals)
+    switching = None
+    if nonsmooth is not None:  # (`_prepare` refused carry, integrals and projections)
+        layout = _Layout(first_order, False, False, mode=True)
+        switching, solver, controller = _filippov(nonsmooth, solver, controller, problem,
+                                                  layout, w0, max_steps)
+        y0 = (y0, switching.init(w0))
+    terms = _terms(flow, problem, solver, layout, integrals, switching)
     if schedule is not None:
         solver, controller = _acting(schedule, solver, controller, problem, layout, y0,
                                      t0, max_steps)
@@ -222,6 +289,8 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
             w, v, carried, ints = layout.unpack(y)
             out = {"monitors": {m.name: _monitor(m, t, w, v, carried, ints, problem)
                                 for m in monitors}}
+            if switching is not None:
+                out["monitors"].update(_mode_record(y[1]))
             if with_params:
                 out["w"], out["v"] = w, v
             return out
@@ -252,7 +321,7 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     saveat = diffrax.SaveAt(
         subs=(diffrax.SubSaveAt(ts=ts, fn=save(save_params)),
               diffrax.SubSaveAt(t1=True, fn=save(True))),
-        solver_state=schedule is not None,
+        solver_state=schedule is not None or nonsmooth is not None,
     )
     sol = diffrax.diffeqsolve(
         terms,
@@ -269,7 +338,7 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
         progress_meter=progress_meter,
     )
     actions = None
-    if schedule is not None:
+    if schedule is not None or nonsmooth is not None:
         actions = (sol.solver_state.count, sol.solver_state.times)
     return sol.ts, sol.ys, sol.result, sol.event_mask, sol.stats, actions
 
@@ -289,6 +358,7 @@ def simulate(
     monitors: AbstractMonitor | Sequence[AbstractMonitor] = (),
     events: AbstractEvent | Sequence[AbstractEvent] = (),
     projection: AbstractProjection | AbstractSchedule | None = None,
+    nonsmooth: Filippov | None = None,
     progress: bool = False,
     max_steps: int | None = 100_000,
     throw: bool = True,
@@ -332,7 +402,17 @@ def simulate(
       condition crosses zero, or turns True). A bare `AbstractProjection` means every
       step. The solver restarts from the projected state (an FSAL solver re-evaluates
       its derivative there); a save at an action time records the state after the
-      action. `Trajectory.actions` holds the action times.
+      action. `Trajectory.actions` holds the action times. With an adaptive controller
+      a real event condition is acted on where it crosses zero (root-found on the
+      dense output; the step is retried to end there); a boolean one, or constant
+      steps, act at the end of the step.
+    - `nonsmooth`: `dyn.Filippov()` integrates a flow on a ReLU / LeakyReLU `dyn.MLP`
+      exactly through its kinks: the activation pattern is frozen between crossings
+      (so the solver keeps its order), crossings are root-found and the solve restarts
+      there, and pairs whose two sides both push into the surface slide along it.
+      It adds the monitors `crossings`, `sliding_entries`, `sliding_exits`,
+      `sliding_overflow` and `sliding_pairs`. Without it, a run on such a network that
+      rejects more than a third of its steps warns (the solver is chattering at kinks).
     - `progress`: show a tqdm progress bar.
     - `max_steps`, `throw`: as in diffrax, but `max_steps` defaults to 100 000: flows
       on ReLU networks cross kinks all the time and need more than diffrax's 4096, and
@@ -349,8 +429,14 @@ def simulate(
     problem, events, args, meta = _prepare(
         flow, params, loss, t1=t1, t0=t0, v0=v0, solver=solver, dt0=dt0,
         stepsize_controller=stepsize_controller, ts=ts, monitors=monitors, events=events,
-        projection=projection, progress=progress, max_steps=max_steps,
-        save_params=save_params,
+        projection=projection, nonsmooth=nonsmooth, progress=progress,
+        max_steps=max_steps, save_params=save_params,
     )
-    return Trajectory.from_solve(problem, events, _solve(*args), throw=throw, meta=meta,
+    traj = Trajectory.from_solve(problem, events, _solve(*args), throw=throw, meta=meta,
                                  divergence=AbstractDivergenceEvent)
+    if nonsmooth is None:
+        warn_if_chattering(traj, params)
+    else:
+        for name in _MODE_MONITORS:
+            traj.monitors[name] = np.asarray(traj.monitors[name]).astype(int)
+    return traj

@@ -1,0 +1,15 @@
+"""Exact integration of flows on piecewise-linear (ReLU, LeakyReLU) networks."""
+
+from ._mode import (
+    Filippov as Filippov,
+    FilippovAction as FilippovAction,
+    FilippovState as FilippovState,
+    FilippovTrigger as FilippovTrigger,
+    Switching as Switching,
+)
+from ._surfaces import (
+    Surfaces as Surfaces,
+    data_term_index as data_term_index,
+    is_piecewise_linear as is_piecewise_linear,
+    pair_location as pair_location,
+)

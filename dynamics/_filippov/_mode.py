@@ -1,0 +1,293 @@
+"""Filippov integration of flows on piecewise-linear networks: `dyn.Filippov`.
+
+Between events the activation pattern is frozen: every stage of every step evaluates
+the smooth field of one piece (`Surfaces.loss_on_piece`), so a Runge–Kutta method keeps
+its order. The events are found by the driver's exact triggers (`_actions`): the step
+that crosses a surface z_p = 0 is retried to end just past the crossing, and there the
+action decides, by Filippov's rule (Filippov 1988, ch. 2 §4; Cortés 2008, sec. 3.3):
+
+- **crossing**: the field of the new side carries z_p away from the surface: the
+  pair's slope flips and the solve goes on;
+- **sliding**: the new side's field pushes back (both sides point into the surface):
+  the pair's slope becomes the multiplier s_p ∈ [0, 1] (d_p = α + (1 − α)s_p) for which
+  ż_p = ⟨∇z_p, f(w; d(s))⟩ = 0, solved jointly for all sliding pairs by Newton
+  (optimistix; ż is multilinear in s: slopes of different layers multiply in the
+  backward pass). The pair leaves when s_p reaches 0 (to the low side) or 1 (the high
+  side): two more switching functions per sliding pair.
+
+For second-order flows (ẅ = F(w, ẇ)) the discontinuity is in the acceleration and the
+surface is crossed transversally whenever ż = ⟨∇z, v⟩ ≠ 0, so the rule is always to
+cross. The convention for ReLU'(0) never enters: the slopes are explicit.
+
+Because the rescaling symmetry acts on each piece (and on the sliding field, a convex
+combination of the pieces' fields) the per-neuron charges of gradient flow are exact
+invariants of the Filippov solution, conserved to the solver's tolerance.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array
+
+from .._actions import AbstractAction, AbstractExactTrigger
+from .._problem import Problem
+from .._validate import positive_int
+from ._surfaces import Surfaces
+
+
+class Filippov(eqx.Module):
+    """Integrate a flow on a ReLU or LeakyReLU `dyn.MLP` exactly through its kinks:
+    `simulate(..., nonsmooth=dyn.Filippov())`.
+
+    The switching surfaces z_{n,i}(w) = 0 are the pre-activations of every hidden unit
+    on every input of the loss (a data loss of `dyn.losses`, alone or plus penalties).
+    Between crossings the activation pattern is frozen, so the solver sees a smooth
+    field and keeps its order; a crossing is root-found on the step's dense output and
+    the solve restarts there; where both sides push into a surface the solution slides
+    along it (Filippov's convex combination). See `dynamics/_filippov/_mode.py`.
+
+    **Arguments:**
+
+    - `max_sliding`: how many pairs may slide at once (the multiplier system's size;
+      each costs one Jacobian column per field evaluation while pairs slide). A pair
+      that would slide while all slots are taken crosses instead, and the run reports
+      it (`monitors["sliding_overflow"]`): raise this if it is non-zero.
+    - `samples`: dense-output points per step at which the switching functions are
+      checked; a pair that dips across and back between two samples is missed.
+
+    The trajectory gains the monitors `crossings`, `sliding_entries`, `sliding_exits`
+    (cumulative counts), `sliding_pairs` (the flat indices of the sliding pairs at each
+    save, -1 for an empty slot; `dyn.filippov_pair(...)` names a pair) and
+    `sliding_overflow`.
+    """
+
+    max_sliding: int = eqx.field(static=True)
+    samples: int = eqx.field(static=True)
+
+    def __init__(self, max_sliding: int = 16, samples: int = 4):
+        self.max_sliding = positive_int(max_sliding, "max_sliding", "Filippov")
+        self.samples = positive_int(samples, "samples", "Filippov")
+
+
+class FilippovState(eqx.Module):
+    """The discrete mode, carried in the solver's state vector with zero derivative
+    (so that saves see it; the step-size control ignores it).
+
+    `high`: 1.0 for pairs on their high side (slope 1), 0.0 on the low side (slope α);
+    `slots`: the sliding pairs' indices, -1.0 for a free slot; `counts`: crossings,
+    sliding entries, sliding exits, overflows (floats, exact integers); `band`: how far
+    past its surface a pair must go to count as crossed (see `Switching.values`)."""
+
+    high: Array
+    slots: Array
+    counts: Array
+    band: Array
+
+
+class Switching(eqx.Module):
+    """The piecewise-smooth field of a flow on a piecewise-linear network."""
+
+    problem: Problem
+    surfaces: Surfaces
+    first_order: bool = eqx.field(static=True)
+    max_sliding: int = eqx.field(static=True)
+
+    # -- the mode ------------------------------------------------------------------
+
+    def init(self, w) -> FilippovState:
+        dtype = jnp.result_type(float)
+        model = self.problem.params(w)
+        high = self.surfaces.signs(model).astype(dtype)
+        slots = jnp.full(self.max_sliding, -1.0, dtype)
+        # 1000 ulps of the pre-activations' scale: above the rounding noise of z (a sum
+        # of |W||h| terms), far below anything a solver tolerance resolves.
+        scale = jnp.max(jnp.abs(self.surfaces.preactivations(model, self.surfaces.slopes(high))))
+        band = 1e3 * jnp.finfo(dtype).eps * jnp.maximum(scale, 1.0)
+        return FilippovState(high, slots, jnp.zeros(4, dtype), band)
+
+    def _slot_index(self, mode: FilippovState) -> Array:
+        # Free slots point past the end, so scatters drop them.
+        return jnp.where(mode.slots >= 0, mode.slots, self.surfaces.num_pairs).astype(int)
+
+    def slopes(self, mode: FilippovState, s: Array) -> Array:
+        a = self.surfaces.alpha
+        d = self.surfaces.slopes(mode.high)
+        return d.at[self._slot_index(mode)].set(a + (1.0 - a) * s, mode="drop")
+
+    # -- the field of a piece, and the sliding multipliers ----------------------------
+
+    def _loss(self, d):
+        return lambda w: self.surfaces.loss_on_piece(self.problem.params(w), d)
+
+    def _rate(self, t, w, v, d):
+        """(ẇ) or (ẇ, v̇) on the piece with slopes d."""
+        flow, loss = self.problem.flow, self._loss(d)
+        if self.first_order:
+            return flow.vector_field(t, w, loss)
+        return v, flow.acceleration(t, w, v, loss)
+
+    def z(self, w, d) -> Array:
+        return self.surfaces.preactivations(self.problem.params(w), d)
+
+    def zdot(self, t, w, v, d) -> Array:
+        """ż_p = ⟨∇z_p, ẇ⟩ for every pair, on the piece d."""
+        wdot = self._rate(t, w, v, d) if self.first_order else v
+        return jax.jvp(lambda u: self.z(u, d), (w,), (wdot,))[1]
+
+    def multipliers(self, t, w, mode: FilippovState) -> Array:
+        """s ∈ R^K with ż_p = 0 on every sliding pair (0.5 on free slots)."""
+        active = mode.slots >= 0
+        idx = jnp.where(active, mode.slots, 0).astype(int)
+        half = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
+        if not self.first_order:
+            return half
+
+        def residual(s, _):
+            zdot = self.zdot(t, w, None, self.slopes(mode, s))
+            return jnp.where(active, zdot[idx], s - 0.5)
+
+        def solve():
+            # The system is affine in s up to O(z_p) and the rare product of two
+            # sliding slopes on one example (layers multiply in the backward pass), so
+            # Newton converges in 1–3 iterations.
+            eps = jnp.finfo(half.dtype).eps
+            newton = optx.Newton(rtol=1e3 * eps, atol=1e3 * eps, linear_solver=lx.LU())
+            sol = optx.root_find(residual, newton, half, throw=False, max_steps=32)
+            return sol.value
+
+        return jax.lax.cond(active.any(), solve, lambda: half)
+
+    def rate(self, t, w, v, mode: FilippovState):
+        """The Filippov field at (w, v) in `mode`."""
+        return self._rate(t, w, v, self.slopes(mode, self.multipliers(t, w, mode)))
+
+    # -- switching functions ------------------------------------------------------
+
+    def values(self, t, w, mode: FilippovState) -> Array:
+        """φ: σ_p z_p + band for pairs off the surface (+inf while sliding), then s_k
+        and 1 − s_k for occupied slots (+inf for free ones). A component going negative
+        is an event.
+
+        The band (~1e-13) is a hysteresis: a pair that leaves sliding does so
+        tangentially (ż_p = 0 at the exit), and z_p then sits at the rounding level of
+        its own evaluation for a while; without the band its sign noise would be read
+        as crossings, each re-entering and leaving the surface (a numerical Zeno loop).
+        A true crossing is located where z_p = ∓band, a shift of band/|ż_p| in time."""
+        s = self.multipliers(t, w, mode)
+        z = self.z(w, self.slopes(mode, s))
+        sliding = jnp.zeros_like(mode.high).at[self._slot_index(mode)].set(1.0, mode="drop")
+        phi_pairs = jnp.where(sliding > 0, jnp.inf, (2.0 * mode.high - 1.0) * z + mode.band)
+        active = mode.slots >= 0
+        phi_slots = jnp.concatenate([jnp.where(active, s, jnp.inf),
+                                     jnp.where(active, 1.0 - s, jnp.inf)])
+        return jnp.concatenate([phi_pairs, phi_slots])
+
+    # -- the action at an event -----------------------------------------------------
+
+    def _cross_or_slide(self, t, w, v, mode: FilippovState, p) -> FilippovState:
+        sigma = 2.0 * mode.high[p] - 1.0
+        flipped = eqx.tree_at(lambda m: m.high, mode, mode.high.at[p].set(1.0 - mode.high[p]))
+        if not self.first_order:
+            return eqx.tree_at(lambda m: m.counts, flipped, flipped.counts.at[0].add(1))
+        s = self.multipliers(t, w, flipped)
+        away = -sigma * self.zdot(t, w, v, self.slopes(flipped, s))[p] > 0
+        free = mode.slots < 0
+        has_free = free.any()
+        k = jnp.argmax(free)
+        sliding = FilippovState(mode.high, mode.slots.at[k].set(p.astype(mode.slots.dtype)),
+                                mode.counts.at[1].add(1), mode.band)
+        crossed = eqx.tree_at(lambda m: m.counts, flipped, flipped.counts.at[0].add(1))
+        overflow = eqx.tree_at(lambda m: m.counts, crossed, crossed.counts.at[3].add(1))
+        pick = jnp.where(away, 0, jnp.where(has_free, 1, 2))
+        return jax.tree.map(lambda a, b, c: jnp.select([pick == 0, pick == 1], [a, b], c),
+                            crossed, sliding, overflow)
+
+    def _exit(self, mode: FilippovState, k, to_high) -> FilippovState:
+        p = jnp.maximum(mode.slots[k], 0).astype(int)
+        high = mode.high.at[p].set(jnp.where(to_high, 1.0, 0.0))
+        return FilippovState(high, mode.slots.at[k].set(-1.0), mode.counts.at[2].add(1),
+                             mode.band)
+
+    def switch(self, t, w, v, mode: FilippovState, crossed: Array) -> FilippovState:
+        """Process every switching component in `crossed`, most negative first."""
+        num_pairs, k_max = self.surfaces.num_pairs, self.max_sliding
+
+        def body(carry):
+            mode, crossed, phi = carry
+            c = jnp.argmin(jnp.where(crossed, phi, jnp.inf))
+            crossed = crossed.at[c].set(False)
+
+            def pair():
+                return self._cross_or_slide(t, w, v, mode, c)
+
+            def leave():
+                k = jnp.where(c < num_pairs + k_max, c - num_pairs, c - num_pairs - k_max)
+                return self._exit(mode, k, c >= num_pairs + k_max)
+
+            mode = jax.lax.cond(c < num_pairs, pair, leave)
+            return mode, crossed, phi
+
+        phi = self.values(t, w, mode)
+        mode, _, _ = jax.lax.while_loop(lambda c: c[1].any(), body, (mode, crossed, phi))
+        if not self.first_order:
+            return mode
+
+        # A pair that entered sliding with its multiplier already outside [0, 1] (a
+        # near-tangent arrival, or another pair's switch moved it) leaves at once:
+        # otherwise its exit function would start negative and never fire.
+        def outside(mode):
+            s = self.multipliers(t, w, mode)
+            active = mode.slots >= 0
+            return jnp.where(active, jnp.maximum(-s, s - 1.0), 0.0)
+
+        def leave_one(carry):
+            mode, n = carry
+            excess = outside(mode)
+            k = jnp.argmax(excess)
+            s_k = self.multipliers(t, w, mode)[k]
+            return self._exit(mode, k, s_k > 1.0), n + 1
+
+        mode, _ = jax.lax.while_loop(
+            lambda c: (outside(c[0]) > 0).any() & (c[1] < k_max), leave_one, (mode, 0))
+        return mode
+
+
+class FilippovTrigger(AbstractExactTrigger):
+    """The switching functions of `Switching`, on the solver state `y`."""
+
+    switching: Switching
+    unpack: callable
+    samples: int = eqx.field(static=True)
+
+    def values(self, t, y, state):
+        w, _, mode = self.unpack(y)
+        return self.switching.values(t, w, mode)
+
+
+class FilippovAction(AbstractAction):
+    """At an event: switch the mode, then correct the state for the time t1 − t_c it
+    spent on the old piece past the crossing (≤ 1e-6 of the step): y += (t1 − t_c)
+    (f_new − f_old), exact to O((t1 − t_c)²)."""
+
+    switching: Switching
+    unpack: callable
+    pack: callable
+
+    def __call__(self, t, y, aux):
+        raise NotImplementedError("the Filippov action is only fired at located events")
+
+    def at_event(self, t, y, aux, t_event, info):
+        sw = self.switching
+        w, v, mode = self.unpack(y)
+        crossed = (sw.values(t, w, mode) < 0) & info
+        new = sw.switch(t, w, v, mode, crossed)
+        f_old, f_new = sw.rate(t, w, v, mode), sw.rate(t, w, v, new)
+        gap = jnp.maximum(t - t_event, 0.0)
+        step = jax.tree.map(lambda a, b: gap * (b - a), f_old, f_new)
+        if sw.first_order:
+            w = jax.tree.map(jnp.add, w, step)
+        else:
+            w, v = jax.tree.map(jnp.add, (w, v), step)
+        return self.pack(w, v, new), aux

@@ -1,0 +1,156 @@
+"""Filippov integration of gradient flow on ReLU networks (`dyn.Filippov`).
+
+ReLU's gradient jumps across z_{n,i} = 0, so tight tolerances are out of reach for a
+plain adaptive solve (it chatters); with the mode the pattern is frozen between
+events, and the checks below hold at 1e-10 and tighter.
+"""
+
+import sys
+from pathlib import Path
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dynamics as dyn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _filippov_reference import filippov_reference  # noqa: E402
+
+
+def _one_unit(seed=0, n=4):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x, y = jax.random.normal(k1, (n, 1)), jax.random.normal(k2, (n, 1))
+    model = dyn.MLP((1, 1, 1), activation=dyn.ReLU(), bias=True, key=k3)
+    model = eqx.tree_at(lambda m: m.biases, model, (jnp.array([0.3]), jnp.array([0.0])))
+    return model, dyn.losses.mse(dyn.datasets.Dataset(x, y)), x[:, 0], y[:, 0]
+
+
+def _theta(m):
+    return np.array([m.weights[0][0, 0], m.biases[0][0], m.weights[1][0, 0], m.biases[1][0]])
+
+
+def test_one_hidden_unit_crossing_and_sliding_against_reference():
+    # f(x) = a·relu(w x + b) + c on 4 examples: pair 3 crosses at t ≈ 0.27, pair 0
+    # arrives at t ≈ 0.29 with the other side pushing back, slides (z_0 = 0) and
+    # leaves at t ≈ 2.11 when its multiplier reaches 0. The reference integrates each
+    # piece and the textbook sliding field with SciPy's DOP853 at rtol 1e-13.
+    model, loss, x, y = _one_unit()
+    ref, events = filippov_reference(_theta(model), np.asarray(x), np.asarray(y), 3.0)
+    assert [k for _, k, _ in events] == ["cross", "enter", "exit"]
+    traj = dyn.simulate(dyn.GradientFlow(), model, loss, t1=3.0, solver=diffrax.Dopri8(),
+                        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+                        nonsmooth=dyn.Filippov(max_sliding=2), ts=jnp.linspace(0, 3, 61))
+    # Both solves hold ~1e-12 per unit time over t ≤ 3; 1e-10 leaves a margin of 30.
+    np.testing.assert_allclose(_theta(traj.final_params), ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(traj.actions, [t for t, _, _ in events], rtol=0, atol=1e-10)
+    end = {k: int(traj.monitors[k][-1]) for k in ("crossings", "sliding_entries",
+                                                   "sliding_exits")}
+    assert end == {"crossings": 1, "sliding_entries": 1, "sliding_exits": 1}
+    # the sliding pair (flat index 0) is listed at the saves inside the sliding phase
+    ts, pairs = traj.ts, traj.monitors["sliding_pairs"]
+    inside = (ts > events[1][0] + 1e-6) & (ts < events[2][0] - 1e-6)
+    assert np.all(pairs[inside, 0] == 0) and np.all(pairs[~inside] == -1)
+    # along the sliding phase the pair stays on its kink: z_0 = w x_0 + b = 0
+    w, b = traj.params.weights[0][:, 0, 0], traj.params.biases[0][:, 0]
+    assert np.max(np.abs(w * x[0] + b)[inside]) < 1e-11  # the solver's tolerance
+
+
+def _network():
+    # The 5-7-6-3 ReLU network with biases, 40 examples, of the issue (teacher labels).
+    kx, km = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (40, 5))
+    teacher = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=jax.random.key(7))
+    model = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=km)
+    return model, dyn.losses.mse(dyn.datasets.Dataset(x, jax.vmap(teacher)(x)))
+
+
+def _flat(m):
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(m)])
+
+
+@pytest.mark.slow
+def test_relu_network_dopri5_and_dopri8_agree_and_keep_the_charges():
+    model, loss = _network()
+    runs = {}
+    for name, solver, tol in (("dopri5", diffrax.Dopri5(), 1e-10),
+                              ("dopri8", diffrax.Dopri8(), 1e-12)):
+        traj = dyn.simulate(dyn.GradientFlow(), model, loss, t1=3.0, solver=solver,
+                            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+                            nonsmooth=dyn.Filippov(), ts=jnp.linspace(0, 3, 31),
+                            monitors=dyn.monitors.RescalingCharges(), max_steps=20_000)
+        q = np.asarray(traj.monitors["rescaling_charges"])
+        # per-neuron charges are exact invariants of every piece and of the sliding
+        # field: they drift only by the solver's error (relative to the largest charge)
+        drift = np.max(np.abs(q - q[0])) / np.max(np.abs(q[0]))
+        assert drift < 10 * tol, (name, drift)
+        runs[name] = traj
+    assert runs["dopri8"].monitors["crossings"][-1] > 50  # a real piecewise problem
+    assert runs["dopri8"].monitors["sliding_entries"][-1] > 3
+    # the two solves agree to the looser one's tolerance times the event count's effect
+    np.testing.assert_allclose(_flat(runs["dopri5"].final_params),
+                               _flat(runs["dopri8"].final_params), rtol=0, atol=1e-8)
+
+
+def test_no_kinks_same_trajectory_with_and_without_the_mode():
+    # Positive inputs, positive first-layer weights and biases: every pre-activation
+    # stays above ~0.5 on [0, 1], so the mode never switches and must not change a bit
+    # of the solve beyond rounding.
+    x = jax.random.uniform(jax.random.key(1), (12, 3), minval=0.5, maxval=1.5)
+    y = jax.random.normal(jax.random.key(2), (12, 2))
+    model = dyn.MLP((3, 4, 2), activation=dyn.ReLU(), bias=True, key=jax.random.key(3))
+    model = eqx.tree_at(lambda m: m.weights[0], model, jnp.abs(model.weights[0]) + 0.2)
+    model = eqx.tree_at(lambda m: m.biases[0], model, jnp.full(4, 0.2))
+    loss = dyn.losses.mse(dyn.datasets.Dataset(x, y))
+    kw = dict(t1=1.0, solver=diffrax.Tsit5(), ts=jnp.linspace(0, 1, 11),
+              stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10))
+    plain = dyn.simulate(dyn.GradientFlow(), model, loss, **kw)
+    exact = dyn.simulate(dyn.GradientFlow(), model, loss, nonsmooth=dyn.Filippov(), **kw)
+    z = jax.vmap(lambda m: x @ m.weights[0].T + m.biases[0])(exact.params)
+    assert float(jnp.min(z)) > 0.3  # the premise: no pair near its kink
+    assert int(exact.monitors["crossings"][-1]) == 0
+    np.testing.assert_allclose(_flat(exact.params), _flat(plain.params), rtol=0,
+                               atol=1e-12)  # rounding only: the same steps, same field
+
+
+def test_chattering_warning_names_the_remedy():
+    model, loss = _network()
+    kw = dict(t1=1.0, solver=diffrax.Dopri5(), max_steps=50_000,
+              stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8))
+    with pytest.warns(UserWarning, match=r"nonsmooth=dyn\.Filippov\(\)"):
+        dyn.simulate(dyn.GradientFlow(), model, loss, **kw)
+    smooth = dyn.MLP((5, 7, 6, 3), activation=dyn.Tanh(), bias=True, key=jax.random.key(0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traj = dyn.simulate(dyn.GradientFlow(), smooth, loss, **kw)
+    assert traj.stats["num_rejected_steps"] < traj.stats["num_steps"] / 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(params="tanh"), "piecewise-linear"),
+    (dict(loss="toy"), "data losses"),
+    (dict(solver=diffrax.Euler(), dt0=0.1,
+          stepsize_controller=diffrax.ConstantStepSize()), "dense output"),
+    (dict(stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1), "adaptive"),
+    (dict(nonsmooth="yes"), "dyn.Filippov"),
+    (dict(params="array"), "dyn.MLP"),
+])
+def test_bad_input(kwargs, match):
+    model, loss, _, _ = _one_unit()
+    params = {"tanh": dyn.MLP((1, 1, 1), activation=dyn.Tanh(), key=jax.random.key(0)),
+              "array": jnp.ones(3)}.get(kwargs.pop("params", None), model)
+    loss = {"toy": lambda p: jnp.sum(p.weights[0] ** 2)}.get(kwargs.pop("loss", None), loss)
+    kwargs.setdefault("nonsmooth", dyn.Filippov())
+    with pytest.raises(ValueError, match=match):
+        dyn.simulate(dyn.GradientFlow(), params, loss, t1=1.0, **kwargs)
+
+
+def test_bad_filippov_arguments():
+    with pytest.raises(ValueError, match="max_sliding"):
+        dyn.Filippov(max_sliding=0)
+    with pytest.raises(ValueError, match="samples"):
+        dyn.Filippov(samples=1.5)
