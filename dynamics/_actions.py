@@ -172,7 +172,10 @@ class AbstractExactTrigger(AbstractTrigger):
         eligibility for the next step if the step is accepted without an action."""
         frac = jnp.arange(1, self.samples + 1, dtype=jnp.result_type(t0)) / self.samples
         ts = t0 + (t1 - t0) * frac
-        phi = jax.vmap(lambda t: jnp.atleast_1d(self.values(t, interp.evaluate(t), state)))(ts)
+        # lax.map, not vmap: a switching function may branch (the Filippov multipliers
+        # are solved only while pairs slide), and under vmap both branches would run.
+        phi = jax.lax.map(lambda t: jnp.atleast_1d(self.values(t, interp.evaluate(t), state)),
+                          ts)
         crossed = (phi < 0) & state
         any_j = crossed.any(axis=1)
         j = jnp.argmax(any_j)

@@ -5,6 +5,7 @@ from ._discrete._laws import (
     GDChargeDrift as GDChargeDrift,
     HeavyBallChargeDrift as HeavyBallChargeDrift,
 )
+from ._filippov import ActivePattern as ActivePattern
 from ._margin_monitors import (
     Margin as Margin,
     NormProduct as NormProduct,

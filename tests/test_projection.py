@@ -183,6 +183,36 @@ def test_on_event_projects_when_the_norm_crosses_a_threshold():
     assert traj.event is None and traj.success  # acting does not stop the run
 
 
+def test_on_event_acts_at_the_root_found_crossing_with_an_adaptive_solver():
+    # GF on ½‖w − c‖²: w(t) = c + (w_a − c)e^{−(t − t_a)} from the last action (t_a, w_a),
+    # so each crossing of ‖w‖ = 1.2 is a scalar root (scipy's brentq on the closed
+    # form); there w is normalised. The action must fire at the crossing itself, not
+    # at the end of the step that contains it.
+    from scipy.optimize import brentq
+
+    limit, t1 = 1.2, 3.0
+    event = dyn.events.Condition(lambda t, p, v: jnp.linalg.norm(p) - limit,
+                                 name="too_long", direction=True)
+    traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=t1, solver=diffrax.Tsit5(),
+                        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+                        projection=dyn.OnEvent(Sphere(), event))
+    c, t_a, w_a, times = np.asarray(C), 0.0, np.asarray(W0), []
+    while True:
+        def norm(t, t_a=t_a, w_a=w_a):
+            return np.linalg.norm(c + (w_a - c) * np.exp(-(t - t_a))) - limit
+
+        if norm(t1) < 0:
+            break
+        t_c = brentq(norm, t_a + 1e-9, t1, xtol=1e-15, rtol=1e-15)
+        w = c + (w_a - c) * np.exp(-(t_c - t_a))
+        t_a, w_a, _ = t_c, w / np.linalg.norm(w), times.append(t_c)
+    w_end = c + (w_a - c) * np.exp(-(t1 - t_a))
+    assert len(times) >= 2  # repeated firing
+    # The crossing is root-found to ~1e-13 in t on a step accurate to ~1e-12.
+    np.testing.assert_allclose(traj.actions, times, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(traj.final_params, w_end, rtol=0, atol=1e-10)
+
+
 def test_bad_schedules_raise():
     with pytest.raises(ValueError, match="steps"):
         dyn.Every(Sphere(), steps=0)

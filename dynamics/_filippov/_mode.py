@@ -34,7 +34,7 @@ from jaxtyping import Array
 from .._actions import AbstractAction, AbstractExactTrigger
 from .._problem import Problem
 from .._validate import positive_int
-from ._surfaces import Surfaces
+from ._surfaces import Surfaces, pair_location
 
 
 class Filippov(eqx.Module):
@@ -59,8 +59,9 @@ class Filippov(eqx.Module):
 
     The trajectory gains the monitors `crossings`, `sliding_entries`, `sliding_exits`
     (cumulative counts), `sliding_pairs` (the flat indices of the sliding pairs at each
-    save, -1 for an empty slot; `dyn.filippov_pair(...)` names a pair) and
-    `sliding_overflow`.
+    save, -1 for an empty slot; `Filippov.pair(p, model, loss)` names a pair) and
+    `sliding_overflow`. `dyn.monitors.ActivePattern()` records the fraction of active
+    pairs per hidden layer.
     """
 
     max_sliding: int = eqx.field(static=True)
@@ -69,6 +70,16 @@ class Filippov(eqx.Module):
     def __init__(self, max_sliding: int = 16, samples: int = 4):
         self.max_sliding = positive_int(max_sliding, "max_sliding", "Filippov")
         self.samples = positive_int(samples, "samples", "Filippov")
+
+    @staticmethod
+    def pair(p: int, model, loss) -> tuple[int, int, int]:
+        """(hidden layer, example, unit) of the flat pair index `p` that the
+        `sliding_pairs` monitor records, for `model` and `loss` of the run."""
+        surfaces = Surfaces(loss, model)
+        p = positive_int(p, "p", "Filippov.pair", low=0)
+        if p >= surfaces.num_pairs:
+            raise ValueError(f"Filippov.pair: `p` = {p} >= {surfaces.num_pairs} pairs.")
+        return pair_location(surfaces, p)
 
 
 class FilippovState(eqx.Module):
