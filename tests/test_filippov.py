@@ -154,3 +154,22 @@ def test_bad_filippov_arguments():
         dyn.Filippov(max_sliding=0)
     with pytest.raises(ValueError, match="samples"):
         dyn.Filippov(samples=1.5)
+
+
+def test_relu_kinks_study_quick(tmp_path):
+    import xarray as xr
+
+    from studies import relu_kinks
+
+    written = relu_kinks.run(tmp_path, quick=True)
+    for key in ("work_precision", "steps", "timeline", "charges"):
+        assert written[key].exists()
+    tree = xr.open_datatree(written["results"])
+    runs = tree["5-7-6-3/runs"].to_dataset()
+    exact = runs.where(runs.exact == 1, drop=True)
+    # every run with the mode finishes, crosses kinks many times, and keeps the charges
+    # to ~its tolerance (1e-6 and 1e-8; 10x for the solver's global error)
+    assert np.all(exact.finished == 1) and np.all(exact.crossings > 50)
+    assert np.all(exact.charge_drift < 10 * exact.tol)
+    timeline = tree["5-7-6-3/timeline"].to_dataset()
+    assert int((timeline.sliding_pairs >= 0).sum()) > 0  # pairs slide at some saves
