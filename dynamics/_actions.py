@@ -25,7 +25,7 @@ depends on a mode (a Filippov flow on one side of a kink) reads the current one.
 import abc
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import diffrax
 import equinox as eqx
@@ -38,7 +38,14 @@ from ._solvers import LossCarryingEuler
 
 
 class AbstractAction(eqx.Module):
-    """y -> y' applied by `_ActingSolver` at the end of a step, with carried `aux`."""
+    """y -> y' applied by `_ActingSolver` at the end of a step, with carried `aux`.
+
+    Under an exact trigger the action is applied at the located time t_c on the
+    step's dense output and the result carried to the step's end; an action that
+    `corrects_itself` is instead given the state at the end and t_c (`at_event`).
+    """
+
+    corrects_itself: ClassVar[bool] = False
 
     def init(self, t0, y0: PyTree) -> PyTree:
         return None
@@ -50,7 +57,8 @@ class AbstractAction(eqx.Module):
     def at_event(self, t, y: PyTree, aux: PyTree, t_event, info: PyTree):
         """The action at the end `t` of a step in which an exact trigger located its
         crossing at `t_event` (<= t, within `_END_MARGIN` of the step); `info` is the
-        trigger's state before the step. By default the same as `__call__`."""
+        trigger's state before the step. Used when `corrects_itself` (or the trigger is
+        not exact: then `t_event` = `t`)."""
         return self(t, y, aux)
 
 
@@ -320,8 +328,17 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             fire = jnp.asarray(fire)
 
         def act():
-            y, aux = self.action.at_event(t1, y1, solver_state.aux, t_c,
-                                          solver_state.trigger)
+            if exact and not self.action.corrects_itself:
+                # Act where the crossing is, on the step's dense output, then carry the
+                # acted state over the remaining t1 − t_c (≤ 1e-6 of the step) by one
+                # Euler step of the field there: exact to O((t1 − t_c)²).
+                interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+                y, aux = self.action(t_c, interp.evaluate(t_c), solver_state.aux)
+                f = self.solver.func(terms, t_c, y, aux)
+                y = jax.tree.map(lambda a, b: a + (t1 - t_c) * b, y, f)
+            else:
+                y, aux = self.action.at_event(t1, y1, solver_state.aux, t_c,
+                                              solver_state.trigger)
             y, fresh = self._fresh(terms, t0, t1, y, aux)
             return y, aux, fresh, self.trigger.reset(t1, y, trigger)
 

@@ -24,6 +24,8 @@ combination of the pieces' fields) the per-neuron charges of gradient flow are e
 invariants of the Filippov solution, conserved to the solver's tolerance.
 """
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -285,6 +287,7 @@ class FilippovAction(AbstractAction):
     switching: Switching
     unpack: callable
     pack: callable
+    corrects_itself: ClassVar[bool] = True  # it also processes pairs that crossed after t_c
 
     def __call__(self, t, y, aux):
         raise NotImplementedError("the Filippov action is only fired at located events")
