@@ -172,9 +172,9 @@ def test_divergence_stops_keeps_and_says_where():
                         check_stability=False)
     ref = [1.5]
     with np.errstate(over="ignore", invalid="ignore"):
-        while np.isfinite(ref[-1]) and np.isfinite(np.exp(ref[-1] ** 2)):
+        while np.isfinite(ref[-1]) and np.isfinite(2 * ref[-1] * np.exp(ref[-1] ** 2)):
             ref.append(ref[-1] - 0.5 * 2 * ref[-1] * np.exp(ref[-1] ** 2))
-    bad = len(ref) - 1  # the first non-finite iterate (or iterate with non-finite loss)
+    bad = len(ref) - 1  # the first non-finite iterate (or iterate with non-finite gradient)
     assert traj.diverged and not traj.success and traj.event == "non_finite"
     assert traj.meta["diverged_step"] == bad and "iterate" in traj.result
     np.testing.assert_allclose(traj.params[:, 0], ref[:bad], rtol=1e-13)
