@@ -8,6 +8,7 @@ from ._discrete._algorithms import (
     GD as GD,
     NAGD as NAGD,
     AbstractDiscreteAlgorithm as AbstractDiscreteAlgorithm,
+    AbstractFirstOrderAlgorithm as AbstractFirstOrderAlgorithm,
     ExponentiatedGD as ExponentiatedGD,
     HeavyBall as HeavyBall,
     Leapfrog as Leapfrog,
