@@ -220,3 +220,9 @@ def test_discrete_gap_study_quick(tmp_path):
     charges = tree["charges"].to_dataset()
     # The exact law: measured and summed predicted drift agree to rounding (~1e-15 |Q|).
     np.testing.assert_allclose(charges["measured"], charges["predicted"], rtol=0, atol=1e-12)
+    # Heavy ball with weight decay: the closed form (damped oscillator + η² forcing) on
+    # the measured charges, rounding only (40 steps of a 3-term recurrence).
+    decay = tree["decay"].to_dataset()
+    scale = float(np.max(np.abs(decay["measured"])))
+    np.testing.assert_allclose(decay["closed_form"], decay["measured"], rtol=0,
+                               atol=1e-12 * scale)
