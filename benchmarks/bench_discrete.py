@@ -7,7 +7,9 @@ steps of eta = 0.05; both sides do the same 200 updates and reach the same param
 Compared, all jitted, same dtype, compile excluded (the inner jitted run is timed, and
 the whole `run` call with its Python-side validation and `Trajectory` building):
 
-- `scan`: w <- w - eta * grad L(w) in `jax.lax.scan`;
+- `scan`: w <- w - eta * grad L(w) in `jax.lax.scan` (`_common.gd_loops`, the loop
+  `bench_gf_euler.py` measures `simulate` against);
+- `scan_value_and_grad`: the same with the loss at every step from `value_and_grad`;
 - `run`: `dyn.discrete.run(GD(eta), ..., save_every=steps, save_params=False)` (start
   and end saved). Target: run / scan <= 1.05;
 - `run_monitored`: the loss and all 256 per-neuron rescaling charges recorded at every
@@ -15,45 +17,21 @@ the whole `run` call with its Python-side validation and `Trajectory` building):
   Target: run_monitored / scan <= 1.15.
 """
 
+import _common as C
 import equinox as eqx
 import jax
 import numpy as np
-from _common import compare, digits_problem, num_params, parse_args, print_stats, ratio, save
 
 import dynamics as dyn
 import dynamics._discrete._run as _run_module
 
 
-def inner_run(call):
-    """Run `call()` once and return a thunk re-running the jitted loop it made, as is."""
-    seen, inner = {}, _run_module._run
-
-    def spy(*args, **kwargs):
-        seen.update(args=args, kwargs=kwargs)
-        return inner(*args, **kwargs)
-
-    _run_module._run = spy
-    try:
-        call()
-    finally:
-        _run_module._run = inner
-    return lambda: inner(*seen["args"], **seen["kwargs"])
-
-
 def main():
-    args = parse_args(__doc__, steps=(int, 200, "GD steps"), eta=(float, 0.05, "step size"))
-    model, loss, _ = digits_problem()
+    args = C.parse_args(__doc__, steps=(int, 200, "GD steps"), eta=(float, 0.05, "step size"))
+    model, loss, _ = C.digits_problem()
     steps, eta = args.steps, args.eta
     w0, static = eqx.partition(model, eqx.is_inexact_array)
-
-    @eqx.filter_jit
-    def scan(w, loss):
-        def step(w, _):
-            g = jax.grad(lambda x: loss(eqx.combine(x, static)))(w)
-            return jax.tree.map(lambda a, b: a - eta * b, w, g), None
-
-        return jax.lax.scan(step, w, length=steps)[0]
-
+    scan, scan_value_and_grad, _ = C.gd_loops(static, steps, eta)
     monitors = (dyn.monitors.Loss(), dyn.monitors.RescalingCharges())
 
     def run():
@@ -69,32 +47,38 @@ def main():
     err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
               for a, b in zip(jax.tree.leaves(w_run), jax.tree.leaves(scan(w0, loss)),
                               strict=True))
+    loss_err = float(np.max(np.abs(traj.monitors["loss"]
+                                   - np.asarray(scan_value_and_grad(w0, loss)[1]))))
     n_charges = traj.monitors["rescaling_charges"].shape[1]
-    print(f"{num_params(model)} parameters, {steps} steps, eta={eta}, {args.dtype}; "
-          f"max |w_run - w_scan| = {err:.1e}; {n_charges} charges per step")
+    print(f"{C.num_params(model)} parameters, {steps} steps, eta={eta}, {args.dtype}; "
+          f"max |w_run - w_scan| = {err:.1e}, max |loss_run - loss_scan| = {loss_err:.1e}; "
+          f"{n_charges} charges per step")
 
     fns = {
         "scan": lambda: scan(w0, loss),
-        "run_loop": inner_run(run),
+        "scan_value_and_grad": lambda: scan_value_and_grad(w0, loss),
+        "run_loop": C.inner_call(_run_module, "_run", run),
         "run_call": lambda: run().ts,
-        "run_monitored_loop": inner_run(run_monitored),
+        "run_monitored_loop": C.inner_call(_run_module, "_run", run_monitored),
         "run_monitored_call": lambda: run_monitored().monitors["loss"],
     }
-    stats = compare(fns, args.repeat)
-    print_stats(stats)
+    stats = C.compare(fns, args.repeat)
+    C.print_stats(stats)
     pairs = {
         "run loop / scan (target <= 1.05)": ("run_loop", "scan"),
         "run call / scan (target <= 1.05)": ("run_call", "scan"),
         "monitored loop / scan (target <= 1.15)": ("run_monitored_loop", "scan"),
         "monitored call / scan (target <= 1.15)": ("run_monitored_call", "scan"),
+        "monitored call / scan_value_and_grad": ("run_monitored_call", "scan_value_and_grad"),
     }
-    ratios = {name: ratio(stats, *pair) for name, pair in pairs.items()}
-    cpu = {name: ratio(stats, *pair, "cpu") for name, pair in pairs.items()}
+    ratios = {name: C.ratio(stats, *pair) for name, pair in pairs.items()}
+    cpu = {name: C.ratio(stats, *pair, "cpu") for name, pair in pairs.items()}
     for name, r in ratios.items():
         print(f"  {name:<42} {r:.3f} (CPU time {cpu[name]:.3f})")
-    save(f"discrete_{args.dtype}", {
-        "dtype": args.dtype, "steps": steps, "eta": eta, "num_params": num_params(model),
-        "max_abs_param_diff": err, "times": stats, "ratios": ratios, "cpu_ratios": cpu,
+    C.save(f"discrete_{args.dtype}", {
+        "dtype": args.dtype, "steps": steps, "eta": eta, "num_params": C.num_params(model),
+        "max_abs_param_diff": err, "max_abs_loss_diff": loss_err, "times": stats,
+        "ratios": ratios, "cpu_ratios": cpu,
     }, args.out)
 
 

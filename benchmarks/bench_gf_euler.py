@@ -24,62 +24,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import compare, digits_problem, num_params, parse_args, print_stats, ratio, save
+from _common import (
+    compare,
+    digits_problem,
+    gd_loops,
+    inner_call,
+    num_params,
+    parse_args,
+    print_stats,
+    ratio,
+    save,
+)
 
 import dynamics as dyn
 import dynamics._simulate as _simulate
-
-
-def inner_solve(call):
-    """Run `call()` once and return a thunk re-running the jitted solve it made, as is."""
-    seen, solve = {}, _simulate._solve
-
-    def spy(*args, **kwargs):
-        seen.update(args=args, kwargs=kwargs)
-        return solve(*args, **kwargs)
-
-    _simulate._solve = spy
-    try:
-        call()
-    finally:
-        _simulate._solve = solve
-    return lambda: solve(*seen["args"], **seen["kwargs"])
-
-
-def gd_loops(static, steps, eta):
-
-    def loss_of(loss, w):
-        return loss(eqx.combine(w, static))
-
-    def update(w, g):
-        return jax.tree.map(lambda a, b: a - eta * b, w, g)
-
-    @eqx.filter_jit
-    def plain(w, loss):
-        def step(w, _):
-            return update(w, jax.grad(loss_of, argnums=1)(loss, w)), None
-
-        return jax.lax.scan(step, w, length=steps)[0]
-
-    @eqx.filter_jit
-    def value_and_grad(w, loss):
-        def step(w, _):
-            value, g = jax.value_and_grad(loss_of, argnums=1)(loss, w)
-            return update(w, g), value
-
-        w, values = jax.lax.scan(step, w, length=steps)
-        return w, jnp.append(values, loss_of(loss, w))
-
-    @eqx.filter_jit
-    def separate(w, loss):
-        def step(w, _):
-            w = update(w, jax.grad(loss_of, argnums=1)(loss, w))
-            return w, loss_of(loss, w)
-
-        w_end, values = jax.lax.scan(step, w, length=steps)
-        return w_end, jnp.concatenate([loss_of(loss, w)[None], values])
-
-    return plain, value_and_grad, separate
 
 
 def main():
@@ -115,11 +73,11 @@ def main():
 
     fns = {
         "scan": lambda: plain(w0, loss),
-        "simulate_solve": inner_solve(sim),
+        "simulate_solve": inner_call(_simulate, "_solve", sim),
         "simulate_call": lambda: sim().ts,
         "scan_value_and_grad": lambda: value_and_grad(w0, loss),
         "scan_separate_loss": lambda: separate(w0, loss),
-        "simulate_loss_solve": inner_solve(sim_loss),
+        "simulate_loss_solve": inner_call(_simulate, "_solve", sim_loss),
         "simulate_loss_call": lambda: sim_loss().monitors["loss"],
     }
     stats = compare(fns, args.repeat)

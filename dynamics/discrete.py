@@ -8,6 +8,7 @@ from ._discrete._algorithms import (
     GD as GD,
     NAGD as NAGD,
     AbstractDiscreteAlgorithm as AbstractDiscreteAlgorithm,
+    AbstractFirstOrderAlgorithm as AbstractFirstOrderAlgorithm,
     ExponentiatedGD as ExponentiatedGD,
     HeavyBall as HeavyBall,
     Leapfrog as Leapfrog,
@@ -15,8 +16,11 @@ from ._discrete._algorithms import (
     State as State,
 )
 from ._discrete._laws import (
+    ChargeForcing as ChargeForcing,
     GDChargeDrift as GDChargeDrift,
     HeavyBallChargeDrift as HeavyBallChargeDrift,
+    charge_closed_form as charge_closed_form,
+    charge_start as charge_start,
     gd_charge_drift as gd_charge_drift,
     heavy_ball_charge_drift as heavy_ball_charge_drift,
 )

@@ -2,6 +2,7 @@
 
 from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
 from ._discrete._laws import (
+    ChargeForcing as ChargeForcing,
     GDChargeDrift as GDChargeDrift,
     HeavyBallChargeDrift as HeavyBallChargeDrift,
 )

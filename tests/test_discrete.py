@@ -172,9 +172,9 @@ def test_divergence_stops_keeps_and_says_where():
                         check_stability=False)
     ref = [1.5]
     with np.errstate(over="ignore", invalid="ignore"):
-        while np.isfinite(ref[-1]) and np.isfinite(np.exp(ref[-1] ** 2)):
+        while np.isfinite(ref[-1]) and np.isfinite(2 * ref[-1] * np.exp(ref[-1] ** 2)):
             ref.append(ref[-1] - 0.5 * 2 * ref[-1] * np.exp(ref[-1] ** 2))
-    bad = len(ref) - 1  # the first non-finite iterate (or iterate with non-finite loss)
+    bad = len(ref) - 1  # the first non-finite iterate (or iterate with non-finite gradient)
     assert traj.diverged and not traj.success and traj.event == "non_finite"
     assert traj.meta["diverged_step"] == bad and "iterate" in traj.result
     np.testing.assert_allclose(traj.params[:, 0], ref[:bad], rtol=1e-13)
@@ -247,6 +247,84 @@ def test_exact_heavy_ball_charge_law():
     assert np.max(np.abs(predicted)) > 1e-6 * np.max(np.abs(q))
 
 
+def _decayed_loss(lam):
+    def loss(m):
+        fit = jnp.mean((jax.vmap(m)(jnp.asarray(X))[:, 0] - jnp.asarray(Y)) ** 2)
+        leaves = jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array))
+        return fit + 0.5 * lam * sum(jnp.sum(x**2) for x in leaves)
+
+    return loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9], ids=["gd", "heavy_ball"])
+def test_charge_laws_with_weight_decay(beta):
+    # GD / heavy ball on L + (λ/2)‖w‖², RePU(2) (p = 2). β = 0.9 with ηλ = 0.01 >
+    # (1 − √β)² = 0.0026 is the underdamped case: a² = 1.89² < 4β, the damped oscillator.
+    model = dyn.MLP([3, 5, 4, 1], dyn.RePU(2), key=jax.random.key(1))
+    eta, lam, steps = 0.05, 0.2, 40
+    alg = discrete.GD(eta) if beta == 0 else discrete.HeavyBall(eta, beta)
+    drift = (dyn.monitors.GDChargeDrift(eta, lam) if beta == 0
+             else dyn.monitors.HeavyBallChargeDrift(eta, beta, lam))
+    v0 = None if beta == 0 else jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), model)
+    traj = discrete.run(alg, model, _decayed_loss(lam), steps, v0=v0,
+                        monitors=(dyn.monitors.RescalingCharges(), drift,
+                                  dyn.monitors.ChargeForcing(eta, beta, lam)),
+                        check_stability=False)
+    q = traj.monitors["rescaling_charges"]
+    scale = np.max(np.abs(q))
+    # One step: an algebraic identity, rounding of Q only.
+    np.testing.assert_allclose(np.diff(q, axis=0), traj.monitors[drift.name][:-1], rtol=0,
+                               atol=1e-12 * scale)
+    # The closed form from the start and the recorded forcing: 40 steps of the exact
+    # recurrence, summed as complex exponentials (the eigenvector matrix is
+    # well-conditioned here), so rounding grows to a few 1e-13 of |Q| at most.
+    q0, q_prev, s_prev = discrete.charge_start(model, v0, eta)
+    forcing = traj.monitors["charge_forcing"][:-1]
+    closed = discrete.charge_closed_form(q0, forcing, eta, beta, lam, q_prev, s_prev)
+    np.testing.assert_allclose(closed, q, rtol=0, atol=1e-11 * scale)
+    # The decay is resolved: Q moves by O(1) of itself, far above the tolerance.
+    assert np.max(np.abs(q[-1] - q[0])) > 0.1 * scale
+
+
+def test_charge_closed_form_is_the_damped_oscillator():
+    # Zero gradient (L = 0, decay only): w_{k+1} = a w_k − β w_{k−1} exactly, in numpy,
+    # independent of the derivation; Q from those iterates against the closed form.
+    eta, beta, lam = 0.1, 0.9, 0.5  # a = 1.85, a² = 3.42 < 4β = 3.6: underdamped
+    model = dyn.MLP([3, 5, 1], dyn.ReLU(), key=jax.random.key(2))
+    v0 = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x), model)
+    a = 1 + beta - eta * lam
+    w_in = [np.asarray(model.weights[0]), np.asarray(model.biases[0])]
+    w_out = np.asarray(model.weights[1])
+
+    def charge(w_in, w_out):  # Q_i = ‖W_1[i, :]‖² + b_i² − ‖W_2[:, i]‖² (ReLU, p = 1)
+        return np.sum(w_in[0] ** 2, 1) + w_in[1] ** 2 - np.sum(w_out**2, 0)
+
+    prev_in = [x - eta * 0.3 for x in w_in]
+    prev_out = w_out - eta * 0.3
+    qs = [charge(w_in, w_out)]
+    for _ in range(60):
+        nxt_in = [a * x - beta * p for x, p in zip(w_in, prev_in, strict=True)]
+        nxt_out = a * w_out - beta * prev_out
+        prev_in, prev_out, w_in, w_out = w_in, w_out, nxt_in, nxt_out
+        qs.append(charge(w_in, w_out))
+    q0, q_prev, s_prev = discrete.charge_start(model, v0, eta)
+    closed = discrete.charge_closed_form(q0, np.zeros((60, 5)), eta, beta, lam, q_prev,
+                                         s_prev)
+    # Rounding only (60 products of a 3x3 recurrence).
+    np.testing.assert_allclose(closed, np.stack(qs), rtol=0, atol=1e-13 * np.max(np.abs(qs)))
+    # The damped oscillator: Q_k / β^k = c₀ + c₁ cos 2kφ + c₂ sin 2kφ, cos φ = a/(2√β),
+    # fitted by least squares to the numpy iterates (60 steps, more than a half-period).
+    phi = np.arccos(a / (2 * np.sqrt(beta)))
+    k = np.arange(61)
+    assert np.pi / (2 * phi) < 60
+    basis = np.stack([np.ones(61), np.cos(2 * k * phi), np.sin(2 * k * phi)], 1)
+    scaled = np.stack(qs) / beta ** k[:, None]
+    coef = np.linalg.lstsq(basis, scaled, rcond=None)[0]
+    # Rounding only, amplified by β^{−60} ≈ 550 at the last step.
+    np.testing.assert_allclose(basis @ coef, scaled, rtol=0, atol=1e-10 * np.max(np.abs(scaled)))
+    assert np.min(np.abs(coef[1:]).max(0)) > 1e-3 * np.max(np.abs(coef))  # it oscillates
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -256,6 +334,10 @@ def test_exact_heavy_ball_charge_law():
         (lambda: discrete.HeavyBall(0.1, 1.0), "beta"),
         (lambda: discrete.NesterovMomentum(0.1, -0.1), "beta"),
         (lambda: dyn.monitors.GDChargeDrift(0.0), "eta"),
+        (lambda: dyn.monitors.HeavyBallChargeDrift(0.1, 0.5, -1.0), "weight_decay"),
+        (lambda: dyn.monitors.ChargeForcing(0.1, 1.0), "beta"),
+        (lambda: discrete.charge_closed_form(np.ones(3), np.ones((4, 2)), 0.1), "forcing"),
+        (lambda: discrete.charge_closed_form(np.ones(3), np.ones((4, 3)), 0.1, 0.5), "q_prev"),
         (lambda: dyn.ModifiedHeavyBallFlow(0.1, 1.5), "beta"),
     ],
 )

@@ -123,15 +123,41 @@ def _carried_init(w, v, value_and_grad):
     return State(w, v, loss, grad)
 
 
-class GD(AbstractDiscreteAlgorithm):
-    """Gradient descent w_{k+1} = w_k − η∇L(w_k); gradient flow at t = kη."""
+class AbstractFirstOrderAlgorithm(AbstractDiscreteAlgorithm):
+    """A one-step method w_{k+1} = Φ_k(w_k, ∇L(w_k)) with no velocity, on its flow's
+    time axis t = kη (η = `learning_rate`): GD, ExponentiatedGD, NMGD.
 
-    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
+    Subclasses give `learning_rate`, `flow` and `update(k, w, grad)` (the new iterate);
+    the state carries L(w_k) and ∇L(w_k) from one `value_and_grad`, so the gradient of
+    each step is the one evaluated at the end of the previous one. Linearly stable on a
+    quadratic (for GD) while η·λ_max < 2.
+    """
+
     first_order: ClassVar[bool] = True
 
     @property
     def time_step(self):
-        return self.eta
+        return self.learning_rate
+
+    @property
+    def stability_limit(self):
+        return 2.0
+
+    @abc.abstractmethod
+    def update(self, k, w: PyTree, grad: PyTree) -> PyTree:
+        """w_{k+1} from w_k and ∇L(w_k) at step k."""
+
+    def init(self, w, v, value_and_grad):
+        return _carried_init(w, None, value_and_grad)
+
+    def step(self, k, state, value_and_grad):
+        return _carried_init(self.update(k, state.w, state.grad), None, value_and_grad)
+
+
+class GD(AbstractFirstOrderAlgorithm):
+    """Gradient descent w_{k+1} = w_k − η∇L(w_k); gradient flow at t = kη."""
+
+    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
 
     @property
     def learning_rate(self):
@@ -141,16 +167,8 @@ class GD(AbstractDiscreteAlgorithm):
     def flow(self):
         return GradientFlow()
 
-    @property
-    def stability_limit(self):
-        return 2.0
-
-    def init(self, w, v, value_and_grad):
-        return _carried_init(w, None, value_and_grad)
-
-    def step(self, k, state, value_and_grad):
-        w = axpy(-self.eta, state.grad, state.w)
-        return _carried_init(w, None, value_and_grad)
+    def update(self, k, w, grad):
+        return axpy(-self.eta, grad, w)
 
 
 class Leapfrog(AbstractDiscreteAlgorithm):
@@ -315,7 +333,7 @@ def _signed_entropy(w):
                for x in jax.tree.leaves(w))
 
 
-class ExponentiatedGD(AbstractDiscreteAlgorithm):
+class ExponentiatedGD(AbstractFirstOrderAlgorithm):
     """Exponentiated gradient descent W ← W ⊙ exp(−η sign(W) ⊙ ∂L/∂W): mirror descent
     with φ(w) = Σ|w| log|w| − |w|, the discretisation of the p = q = 1 weight-balancing
     flow ẇ = −|w| ⊙ ∇L (a `MirrorFlow` of that φ) at t = kη. Signs never change, so
@@ -323,11 +341,6 @@ class ExponentiatedGD(AbstractDiscreteAlgorithm):
     """
 
     eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
-    first_order: ClassVar[bool] = True
-
-    @property
-    def time_step(self):
-        return self.eta
 
     @property
     def learning_rate(self):
@@ -337,14 +350,5 @@ class ExponentiatedGD(AbstractDiscreteAlgorithm):
     def flow(self):
         return MirrorFlow(_signed_entropy)
 
-    @property
-    def stability_limit(self):
-        return 2.0
-
-    def init(self, w, v, value_and_grad):
-        return _carried_init(w, None, value_and_grad)
-
-    def step(self, k, state, value_and_grad):
-        w = jax.tree.map(lambda x, g: x * jnp.exp(-self.eta * jnp.sign(x) * g),
-                         state.w, state.grad)
-        return _carried_init(w, None, value_and_grad)
+    def update(self, k, w, grad):
+        return jax.tree.map(lambda x, g: x * jnp.exp(-self.eta * jnp.sign(x) * g), w, grad)

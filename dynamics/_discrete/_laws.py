@@ -1,21 +1,40 @@
-"""Exact discrete laws: how GD moves the per-neuron rescaling charges.
+"""Exact discrete laws: how GD and heavy ball move the per-neuron rescaling charges,
+with and without weight decay, step by step and in closed form.
 
 Derivation (the discrete counterpart of Głuch & Urbanke eq. 17). For hidden neuron i of
 layer h with a p-homogeneous activation let θ_in = (W_h[i, :], b_i) be its in-weights
-and bias and θ_out = W_{h+1}[:, i] its out-weights, and Q_i = ‖θ_in‖² − p‖θ_out‖² its
-charge (`dyn.charges.rescaling`). The rescaling θ_in → (1+ε)θ_in, θ_out → (1+ε)^{−p}θ_out
-leaves L unchanged, so at first order in ε
+and bias and θ_out = W_{h+1}[:, i] its out-weights, and write
+⟨a, b⟩_M = ⟨a_in, b_in⟩ − p⟨a_out, b_out⟩ per neuron, so that its charge
+(`dyn.charges.rescaling`) is Q_i = ⟨θ, θ⟩_M. The rescaling θ_in → (1+ε)θ_in,
+θ_out → (1+ε)^{−p}θ_out leaves L unchanged, so at first order in ε
 
-    ⟨g_in, θ_in⟩ − p⟨g_out, θ_out⟩ = 0,   g = ∇L(w).
+    ⟨θ, g⟩_M = 0,   g = ∇L(w).
 
-One GD step θ ← θ − ηg then changes the two squared norms by −2η⟨θ, g⟩ + η²‖g‖², and
-the first-order terms cancel by the identity above, leaving exactly
+One GD step θ ← θ − ηg changes Q by 2⟨θ, Δ⟩_M + ⟨Δ, Δ⟩_M with Δ = −ηg; the first
+term vanishes by the identity, leaving exactly
 
     Q_i(w_{k+1}) − Q_i(w_k) = η² (‖g_in‖² − p ‖g_out‖²)   at g = ∇L(w_k).
 
-Gradient flow conserves Q (the η² term is the whole discretisation drift), and the
-drift is second order in η, which is why GD's charges move so little. The identity is
-algebraic: it holds to rounding error at every step, whatever the step size.
+Weight decay λ (the run minimises L + (λ/2)‖w‖², every parameter decayed; the identity
+is for the symmetric L alone). The recurrence is w_{k+1} = a w_k − β w_{k−1} − η g_k
+with a = 1 + β − ηλ (β = 0: GD; heavy ball w_{k+1} = w_k − η(g_k + λw_k) + β(w_k − w_{k−1})).
+With S_k = ⟨w_{k+1}, w_k⟩_M, expanding ⟨w_{k+1}, w_{k+1}⟩_M and using ⟨w_k, g_k⟩_M = 0
+and ⟨w_{k−1}, g_k⟩_M = −η⟨v_k, g_k⟩_M (v_k = (w_k − w_{k−1})/η) gives the exact linear
+system, derived here from the update (Kunin et al. 2021 give its continuous limits):
+
+    Q_{k+1} = a² Q_k + β² Q_{k−1} − 2aβ S_{k−1} + F_k,   F_k = η²(⟨g_k, g_k⟩_M − 2β⟨v_k, g_k⟩_M)
+    S_k     = a Q_k − β S_{k−1}.
+
+Its matrix has eigenvalues μ ∈ {r₁², r₁r₂ = β, r₂²}, r₁,₂ the roots of r² − a r + β = 0,
+so Q_k = Σ_μ c_μ μ^k + Σ_{j<k} G_{k−1−j} F_j with G the same kind of sum
+(`charge_closed_form`). GD (β = 0): Q_k = (1−ηλ)^{2k} Q_0 + η² Σ_j (1−ηλ)^{2(k−1−j)} D_j,
+whose decay (1−ηλ)^{2k} → e^{−2λt} at t = kη is Kunin et al.'s gradient-flow law. Heavy
+ball with a² < 4β (ηλ ≳ (1−√β)²): r₁,₂ = √β e^{±iφ}, cos φ = a/(2√β), and the charge is a
+damped oscillator, Q_k = β^k (c₀ + c₁ cos 2kφ + c₂ sin 2kφ) plus the η²-forcing.
+
+Gradient flow conserves Q without decay (the η² terms are the whole discretisation
+drift). The identities are algebraic: they hold to rounding error at every step,
+whatever the step size.
 """
 
 from typing import ClassVar
@@ -23,116 +42,223 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+import numpy as np
+from jaxtyping import Array, ArrayLike
 
 from .._models import MLP
 from .._monitors import AbstractMonitor
 from .._symmetries._charges import _check_mlp
 
 
-def gd_charge_drift(grad: MLP, eta, degree) -> tuple[Array, ...]:
-    """η²(‖g_in‖² − p‖g_out‖²) per hidden neuron, one array per hidden layer, from the
-    gradient `grad` (an `MLP`-shaped pytree): the exact change of each rescaling charge
-    in one GD step of size `eta` (module docstring)."""
+def _blocks(tree: MLP, h: int) -> tuple[Array, Array]:
+    """(in-weights and bias per neuron, out-weights per neuron) of hidden layer h."""
+    rows = [tree.weights[h]]
+    if tree.biases is not None:
+        rows.append(tree.biases[h][:, None])
+    return jnp.concatenate(rows, axis=1), tree.weights[h + 1].T
+
+
+def _mdot(a: MLP, b: MLP, degree) -> tuple[Array, ...]:
+    """⟨a, b⟩_M = ⟨a_in, b_in⟩ − p⟨a_out, b_out⟩ per hidden neuron, one array per layer."""
     out = []
-    for h in range(len(grad.weights) - 1):
-        g_in = jnp.sum(grad.weights[h] ** 2, axis=-1)
-        if grad.biases is not None:
-            g_in = g_in + grad.biases[h] ** 2
-        g_out = jnp.sum(grad.weights[h + 1] ** 2, axis=-2)
-        out.append(eta**2 * (g_in - degree * g_out))
+    for h in range(len(a.weights) - 1):
+        (a_in, a_out), (b_in, b_out) = _blocks(a, h), _blocks(b, h)
+        out.append(jnp.sum(a_in * b_in, -1) - degree * jnp.sum(a_out * b_out, -1))
     return tuple(out)
 
 
-class GDChargeDrift(AbstractMonitor):
-    """The predicted change Q_i(w_{k+1}) − Q_i(w_k) = η²(‖g_in‖² − p‖g_out‖²) of every
-    per-neuron rescaling charge in the next GD step of size `eta`, concatenated over
-    hidden layers like `RescalingCharges` (module `_discrete._laws`). Saved at every
-    step, its running sum is Q_k − Q_0 exactly, so measured and predicted drift can be
-    drawn on top of each other."""
+def heavy_ball_charge_drift(params: MLP, velocity: MLP | None, grad: MLP, eta, beta,
+                            degree, weight_decay=0.0) -> tuple[Array, ...]:
+    """The exact change Q_{k+1} − Q_k of each rescaling charge in one heavy-ball step
+    (GD when `velocity` is None or β = 0), one array per hidden layer.
 
-    eta: Array
-    name: ClassVar[str] = "gd_charge_drift"
+    `grad` is ∇L of the symmetric loss (without the decay term). With
+    Δ = η(βv − g − λθ) the step changes Q by 2⟨θ, Δ⟩_M + ⟨Δ, Δ⟩_M, and ⟨θ, g⟩_M = 0:
 
-    def __init__(self, eta):
-        eta = jnp.asarray(eta, dtype=jnp.result_type(float))
-        if eta.shape != () or not bool(jnp.isfinite(eta) & (eta > 0)):
-            raise ValueError(f"`eta` must be a positive, finite step size, got {eta!r}.")
-        self.eta = eta
+        Q_{k+1} − Q_k = 2η(β⟨θ, v⟩_M − λQ) + η²⟨βv − g − λθ, βv − g − λθ⟩_M.
+    """
+    if velocity is None:
+        velocity, beta = jax.tree.map(jnp.zeros_like, params), 0.0
+    step = jax.tree.map(lambda v, g, x: beta * v - g - weight_decay * x, velocity, grad,
+                        params)
+    linear = _mdot(params, velocity, degree)
+    q = _mdot(params, params, degree)
+    quadratic = _mdot(step, step, degree)
+    return tuple(2 * eta * (beta * lin - weight_decay * qq) + eta**2 * quad
+                 for lin, qq, quad in zip(linear, q, quadratic, strict=True))
 
-    def __call__(self, t, w, v, problem):
+
+def gd_charge_drift(grad: MLP, eta, degree, params: MLP | None = None,
+                    weight_decay=0.0) -> tuple[Array, ...]:
+    """η²(‖g_in‖² − p‖g_out‖²) per hidden neuron, one array per hidden layer, from the
+    gradient `grad` (an `MLP`-shaped pytree): the exact change of each rescaling charge
+    in one GD step of size `eta` (module docstring). With `weight_decay` λ (then
+    `params` are needed) it is ((1−ηλ)² − 1)Q + η²(‖g_in‖² − p‖g_out‖²)."""
+    if params is not None:
+        return heavy_ball_charge_drift(params, None, grad, eta, 0.0, degree, weight_decay)
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        raise ValueError("gd_charge_drift: pass `params` along with a `weight_decay`.")
+    return tuple(eta**2 * d for d in _mdot(grad, grad, degree))
+
+
+def _scalar(name, value, low, high, low_open):
+    value = jnp.asarray(value, dtype=jnp.result_type(float))
+    ok = value.shape == () and bool(jnp.isfinite(value)) and bool(
+        (value > low if low_open else value >= low) & (value < high))
+    if not ok:
+        bound = f"({low}, {high})" if low_open else f"[{low}, {high})"
+        raise ValueError(f"`{name}` must be a number in {bound}, got {value!r}.")
+    return value
+
+
+class _ChargeLawMonitor(AbstractMonitor):
+    """Shared by the charge-law monitors: the homogeneous MLP, its degree, and ∇L of
+    the symmetric loss, i.e. ∇(loss) − λw for a loss that includes (λ/2)‖w‖²."""
+
+    def _parts(self, w, v, problem, weight_decay):
         model = _check_mlp(problem.params(w), "params")
         degree = model.activation.degree
         if degree is None or model.betas is not None:
             raise ValueError(
-                "GDChargeDrift needs an MLP with a positively homogeneous activation "
-                f"(ReLU, RePU, Polynomial, Identity), got {type(model.activation).__name__}."
+                f"{type(self).__name__} needs an MLP with a positively homogeneous "
+                f"activation (ReLU, RePU, Polynomial, Identity), got "
+                f"{type(model.activation).__name__}."
             )
-        grad = jax.grad(problem.loss)(w)
-        grad_model = eqx.combine(grad, problem.static)
-        return jnp.concatenate(gd_charge_drift(grad_model, self.eta, degree))
+        grad = jax.tree.map(lambda g, x: g - weight_decay * x, jax.grad(problem.loss)(w), w)
+        velocity = None if v is None else eqx.combine(v, problem.static)
+        return model, velocity, eqx.combine(grad, problem.static), degree
 
 
-def heavy_ball_charge_drift(params: MLP, velocity: MLP, grad: MLP, eta, beta,
-                            degree) -> tuple[Array, ...]:
-    """The exact change of each rescaling charge in one heavy-ball step.
+class GDChargeDrift(_ChargeLawMonitor):
+    """The predicted change Q_i(w_{k+1}) − Q_i(w_k) = η²(‖g_in‖² − p‖g_out‖²) of every
+    per-neuron rescaling charge in the next GD step of size `eta` (with
+    `weight_decay` λ, for a loss that includes (λ/2)‖w‖²: ((1−ηλ)² − 1)Q_i + the same
+    η² term), concatenated over hidden layers like `RescalingCharges` (module
+    `_discrete._laws`). Saved at every step, its running sum is Q_k − Q_0 exactly, so
+    measured and predicted drift can be drawn on top of each other."""
 
-    With v_k = (w_k − w_{k−1})/η the step is θ_{k+1} = θ_k + Δ, Δ = η(βv − g); the
-    ⟨θ, g⟩ terms cancel by the symmetry identity as for GD, leaving
+    eta: Array
+    weight_decay: Array
+    name: ClassVar[str] = "gd_charge_drift"
 
-        Q_{k+1} − Q_k = 2βη(⟨θ_in, v_in⟩ − p⟨θ_out, v_out⟩)
-                        + η²(‖βv_in − g_in‖² − p‖βv_out − g_out‖²),
+    def __init__(self, eta, weight_decay=0.0):
+        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
+        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
 
-    which is GD's law at β = 0 (module docstring).
-    """
-    out = []
-    for h in range(len(grad.weights) - 1):
-        def rows(tree, h=h):
-            blocks = [tree.weights[h]]
-            if tree.biases is not None:
-                blocks.append(tree.biases[h][:, None])
-            return jnp.concatenate(blocks, axis=1)  # (neurons, in-weights and bias)
-
-        def cols(tree, h=h):
-            return tree.weights[h + 1].T  # (neurons, out-weights)
-
-        th_in, th_out = rows(params), cols(params)
-        v_in, v_out = rows(velocity), cols(velocity)
-        d_in, d_out = beta * v_in - rows(grad), beta * v_out - cols(grad)
-        linear = jnp.sum(th_in * v_in, -1) - degree * jnp.sum(th_out * v_out, -1)
-        quadratic = jnp.sum(d_in**2, -1) - degree * jnp.sum(d_out**2, -1)
-        out.append(2 * beta * eta * linear + eta**2 * quadratic)
-    return tuple(out)
+    def __call__(self, t, w, v, problem):
+        model, _, grad, degree = self._parts(w, None, problem, self.weight_decay)
+        return jnp.concatenate(gd_charge_drift(grad, self.eta, degree, model,
+                                               self.weight_decay))
 
 
-class HeavyBallChargeDrift(AbstractMonitor):
+class HeavyBallChargeDrift(_ChargeLawMonitor):
     """The exact change Q_i(w_{k+1}) − Q_i(w_k) of every per-neuron rescaling charge in
-    the next heavy-ball step (`heavy_ball_charge_drift`), from the iterate and its
-    velocity v_k = (w_k − w_{k−1})/η as `dyn.discrete.run(HeavyBall(eta, beta), ...)`
-    records them."""
+    the next heavy-ball step (`heavy_ball_charge_drift`; `weight_decay` λ for a loss
+    that includes (λ/2)‖w‖²), from the iterate and its velocity v_k = (w_k − w_{k−1})/η
+    as `dyn.discrete.run(HeavyBall(eta, beta), ...)` records them."""
 
     eta: Array
     beta: Array
+    weight_decay: Array
     name: ClassVar[str] = "heavy_ball_charge_drift"
 
-    def __init__(self, eta, beta):
-        eta = jnp.asarray(eta, dtype=jnp.result_type(float))
-        beta = jnp.asarray(beta, dtype=jnp.result_type(float))
-        if eta.shape != () or not bool(jnp.isfinite(eta) & (eta > 0)):
-            raise ValueError(f"`eta` must be a positive, finite step size, got {eta!r}.")
-        if beta.shape != () or not bool((beta >= 0) & (beta < 1)):
-            raise ValueError(f"`beta` must lie in [0, 1), got {beta!r}.")
-        self.eta, self.beta = eta, beta
+    def __init__(self, eta, beta, weight_decay=0.0):
+        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
+        self.beta = _scalar("beta", beta, 0.0, 1.0, False)
+        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
 
     def __call__(self, t, w, v, problem):
-        model = _check_mlp(problem.params(w), "params")
-        degree = model.activation.degree
-        if degree is None or model.betas is not None or v is None:
-            raise ValueError(
-                "HeavyBallChargeDrift needs a heavy-ball run (with velocities) of an MLP "
-                "with a positively homogeneous activation."
-            )
-        grad = eqx.combine(jax.grad(problem.loss)(w), problem.static)
-        velocity = eqx.combine(v, problem.static)
-        return jnp.concatenate(heavy_ball_charge_drift(model, velocity, grad, self.eta,
-                                                       self.beta, degree))
+        if v is None:
+            raise ValueError("HeavyBallChargeDrift needs a heavy-ball run (with velocities).")
+        model, velocity, grad, degree = self._parts(w, v, problem, self.weight_decay)
+        return jnp.concatenate(heavy_ball_charge_drift(
+            model, velocity, grad, self.eta, self.beta, degree, self.weight_decay))
+
+
+class ChargeForcing(_ChargeLawMonitor):
+    """F_k = η²(⟨g, g⟩_M − 2β⟨v, g⟩_M) per hidden neuron: the only place where the
+    gradient g = ∇L(w_k) enters the exact charge recurrence of GD (β = 0) and heavy ball
+    (module `_discrete._laws`); saved at every step, `charge_closed_form` turns it into
+    Q_k. `weight_decay` λ for a loss that includes (λ/2)‖w‖² (g is then ∇ of the rest)."""
+
+    eta: Array
+    beta: Array
+    weight_decay: Array
+    name: ClassVar[str] = "charge_forcing"
+
+    def __init__(self, eta, beta=0.0, weight_decay=0.0):
+        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
+        self.beta = _scalar("beta", beta, 0.0, 1.0, False)
+        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
+
+    def __call__(self, t, w, v, problem):
+        model, velocity, grad, degree = self._parts(w, v, problem, self.weight_decay)
+        gg = _mdot(grad, grad, degree)
+        vg = gg if velocity is None else _mdot(velocity, grad, degree)
+        beta = self.beta if velocity is not None else 0.0
+        return jnp.concatenate([self.eta**2 * (a - 2 * beta * b)
+                                for a, b in zip(gg, vg, strict=True)])
+
+
+def charge_start(params: MLP, velocity: MLP | None, eta) -> tuple[Array, Array, Array]:
+    """(Q_0, Q_{−1}, S_{−1} = ⟨w_0, w_{−1}⟩_M) per hidden neuron, concatenated over
+    layers, with w_{−1} = w_0 − η v_0 (v_0 = 0, or None, for GD or a start at rest): the
+    initial state of `charge_closed_form`."""
+    model = _check_mlp(params, "params")
+    degree = model.activation.degree
+    w0 = eqx.filter(model, eqx.is_inexact_array)
+    prev = w0 if velocity is None else jax.tree.map(
+        lambda x, v: x - eta * v, w0, eqx.filter(velocity, eqx.is_inexact_array))
+    prev = eqx.combine(prev, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+    return tuple(jnp.concatenate(_mdot(a, b, degree))
+                 for a, b in ((model, model), (prev, prev), (model, prev)))
+
+
+def charge_closed_form(q0: ArrayLike, forcing: ArrayLike, eta, beta=0.0, weight_decay=0.0,
+                       q_prev: ArrayLike | None = None,
+                       s_prev: ArrayLike | None = None) -> np.ndarray:
+    """Q_k, k = 0..K, of every neuron from its start and the forcing F_0..F_{K−1}
+    (`ChargeForcing`), by the closed-form solution of the exact recurrence (module
+    docstring): Q_k = Σ_μ c_μ μ^k + Σ_{j<k} G_{k−1−j} F_j over the eigenvalues
+    μ ∈ {r₁², β, r₂²} of the recurrence, r₁,₂ = (a ± √(a² − 4β))/2, a = 1 + β − ηλ.
+    Pass `forcing` = 0 for the symmetry-and-decay part alone (Kunin et al.'s damped
+    oscillator). `q_prev`, `s_prev` (from `charge_start`) are needed when β > 0.
+
+    Shapes: `q0` (neurons,), `forcing` (K, neurons); returns (K + 1, neurons).
+    """
+    q0 = np.asarray(q0, dtype=float)
+    forcing = np.asarray(forcing, dtype=float)
+    if forcing.ndim != 2 or forcing.shape[1:] != q0.shape:
+        raise ValueError(
+            f"`forcing` must have shape (steps, neurons) = (K, {q0.shape}), got "
+            f"{forcing.shape}.")
+    eta, beta, lam = float(eta), float(beta), float(weight_decay)
+    a = 1.0 + beta - eta * lam
+    steps = np.arange(forcing.shape[0] + 1)
+    lag = steps[:, None] - 1 - steps[None, :-1]  # k − 1 − j
+    if beta == 0.0:
+        mu = a * a
+        homogeneous = mu ** steps[:, None] * q0
+        green = np.where(lag >= 0, mu ** np.maximum(lag, 0), 0.0)
+        return homogeneous + green @ forcing
+    if q_prev is None or s_prev is None:
+        raise ValueError("charge_closed_form: β > 0 needs `q_prev` and `s_prev` "
+                         "(dyn.discrete.charge_start).")
+    disc = complex(a * a - 4.0 * beta)
+    r1, r2 = (a + np.sqrt(disc)) / 2, (a - np.sqrt(disc)) / 2
+    mu = np.asarray([r1 * r1, beta, r2 * r2], dtype=complex)
+    if min(abs(mu[0] - mu[1]), abs(mu[1] - mu[2]), abs(mu[0] - mu[2])) < 1e-9 * abs(a) ** 2:
+        raise ValueError(
+            "charge_closed_form: a² = 4β or a = 0 (repeated eigenvalues; the closed form "
+            "then has k·μ^k terms): change eta, beta or weight_decay slightly.")
+    # Eigenvectors (μ, 1, aμ/(μ + β)) of [[a², β², −2aβ], [1, 0, 0], [a, 0, −β]] acting
+    # on (Q_k, Q_{k−1}, S_{k−1}).
+    vecs = np.stack([mu, np.ones(3), a * mu / (mu + beta)])
+    start = np.stack([q0, np.asarray(q_prev, float), np.asarray(s_prev, float)])
+    coeff = np.linalg.solve(vecs, start.astype(complex))  # (3, neurons)
+    homogeneous = (mu[None, :] ** steps[:, None]) @ (vecs[0][:, None] * coeff)
+    # G_m = e₁ᵀ A^m e₁, the response of Q to a unit F one step earlier.
+    g_coeff = vecs[0] * np.linalg.solve(vecs, np.asarray([1.0, 0.0, 0.0], complex))
+    green_m = (mu[None, :] ** np.maximum(lag, 0)[..., None]) @ g_coeff
+    green = np.where(lag >= 0, green_m, 0.0)
+    return np.real(homogeneous + green @ forcing)

@@ -1,8 +1,6 @@
 """Norm-minimizing gradient descent (NMGD), Theory III eq. 26: gradient descent with a
 Halpern term that pulls toward 0 with a vanishing weight λ_n = n^(−a)."""
 
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -10,7 +8,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._flows import HalpernFlow
-from ._algorithms import AbstractDiscreteAlgorithm, _carried_init, _positive
+from ._algorithms import AbstractFirstOrderAlgorithm, _positive
 
 
 def _exponent(value) -> np.ndarray:
@@ -44,7 +42,7 @@ class _ShiftedPowerDecay(eqx.Module):
         return (self.n0 + t / self.gamma) ** (-self.a)
 
 
-class NMGD(AbstractDiscreteAlgorithm):
+class NMGD(AbstractFirstOrderAlgorithm):
     """Norm-minimizing gradient descent (Theory III eq. 26, App. 12):
 
         w_{n+1} − w_n = −(1 − λ_n) γ ∇L(w_n) − λ_n w_n,    λ_n = n^(−a),
@@ -69,11 +67,6 @@ class NMGD(AbstractDiscreteAlgorithm):
     a: Array = eqx.field(converter=_exponent)
     # An array, not a static int: continuing a run from step n (n0 = n) reuses the compiled loop.
     n0: Array = eqx.field(default=1, converter=lambda v: np.float64(_first_index(v)))
-    first_order: ClassVar[bool] = True
-
-    @property
-    def time_step(self):
-        return self.gamma
 
     @property
     def learning_rate(self):
@@ -83,16 +76,6 @@ class NMGD(AbstractDiscreteAlgorithm):
     def flow(self):
         return HalpernFlow(_ShiftedPowerDecay(self.a, self.gamma, self.n0))
 
-    @property
-    def stability_limit(self):
-        return 2.0
-
-    def init(self, w, v, value_and_grad):
-        return _carried_init(w, None, value_and_grad)
-
-    def step(self, k, state, value_and_grad):
-        dtype = jnp.result_type(float)
-        lam = (self.n0 + jnp.asarray(k, dtype)) ** (-self.a)
-        w = jax.tree.map(lambda x, g: x - (1.0 - lam) * self.gamma * g - lam * x,
-                         state.w, state.grad)
-        return _carried_init(w, None, value_and_grad)
+    def update(self, k, w, grad):
+        lam = (self.n0 + jnp.asarray(k, jnp.result_type(float))) ** (-self.a)
+        return jax.tree.map(lambda x, g: x - (1.0 - lam) * self.gamma * g - lam * x, w, grad)
