@@ -18,7 +18,6 @@ import time
 import _common as C
 import diffrax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 STAGES = {"Tsit5": 6, "Dopri5": 6, "Dopri8": 12}  # new field evaluations per step (FSAL)

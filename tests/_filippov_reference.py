@@ -43,7 +43,7 @@ def filippov_reference(theta0, x, y, t1, rtol=1e-13, atol=1e-14):
     """(θ(t1), [(time, kind, pair)]) with kind 'cross', 'enter' or 'exit'."""
     theta = np.asarray(theta0, dtype=float)
     d = (theta[0] * x + theta[1] > 0).astype(float)
-    sliding, t, events, just_left = None, 0.0, [], None
+    sliding, t, events = None, 0.0, []
     while t < t1 and len(events) < 100:
         def rhs(_, th):
             return _field(th, x, y, d, sliding)[0]
