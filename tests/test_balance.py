@@ -1,6 +1,7 @@
 """Tests of dyn.balance: the balancing fixes against independent references (scipy's
 convex solve in the log-scales, closed forms, NumPy) in float64."""
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -250,8 +251,13 @@ def test_zero_units_left_alone(fix):
 # --------------------------------------------------------------------------- projections
 
 
-def test_charge_projection_restores_charges_and_pushes_velocity():
-    model = _net((3, 5, 4, 2), dyn.RePU(2), bias=True, seed=9)
+# One hidden layer (diagonal Newton system), two and three (Schur complements chained
+# through the block-tridiagonal solve), with and without biases, d = 1 and d = 2.
+@pytest.mark.parametrize("widths,activation,bias", [
+    ((3, 5, 4, 2), dyn.RePU(2), True), ((3, 4, 2), dyn.ReLU(), False),
+    ((2, 4, 3, 5, 2), dyn.Polynomial(2), True)])
+def test_charge_projection_restores_charges_and_pushes_velocity(widths, activation, bias):
+    model = _net(widths, activation, bias=bias, seed=9)
     proj = balance.ChargeProjection()
     state = proj.init(model, None)
     # Move off the charge level set by a step of (non-conservative) noise.
@@ -329,3 +335,27 @@ def test_bad_input():
         balance.enorm(relu, c=0.0)
     with pytest.raises(ValueError, match="regularizer"):
         balance.neuron_balance(relu, regularizer=2.0)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_swish_rejected_by_every_fix(trainable):
+    # A rescaling of the weights alone is function-preserving only for positively
+    # homogeneous units; Swish with trainable β needs β_i -> β_i/a_i too, which no fix does.
+    swish = _net((3, 4, 2), dyn.Swish(trainable=trainable))
+    doubled = eqx.tree_at(lambda m: (m.weights[0], m.weights[1]), swish,
+                          (2.0 * swish.weights[0], 0.5 * swish.weights[1]))
+    assert np.abs(_out(doubled) - _out(swish)).max() > 1e-3  # why the fixes must refuse
+    match = "Swish\\(trainable=True\\)" if trainable else "Swish, which is not positively"
+    calls = (lambda: balance.min_norm_fix(swish), lambda: balance.neuron_balance(swish),
+             lambda: balance.enorm(swish), lambda: balance.MinNormFix()(swish, None),
+             lambda: balance.NeuronBalance()(swish, None), lambda: balance.ENorm()(swish, None),
+             lambda: balance.ChargeProjection().init(swish, None),
+             lambda: balance.ChargeProjection()(swish, None))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match=match):  # inside simulate, at trace time
+        dyn.simulate(dyn.GradientFlow(), swish, lambda m: jnp.sum(m(jnp.ones(3)) ** 2),
+                     t1=0.1, dt0=0.05, solver=diffrax.Euler(),
+                     stepsize_controller=diffrax.ConstantStepSize(),
+                     projection=dyn.Every(balance.MinNormFix(), steps=1))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._models import MLP
+from .._models import MLP, Swish
 
 _VELOCITY_RULES = ("pushforward", "keep", "zero")
 _SCHEDULES = ("sequential", "stochastic", "layer", "tied")
@@ -24,6 +24,17 @@ def _check_model(model, owner: str) -> float:
     if not isinstance(model, MLP):
         raise ValueError(f"{owner}: `model` must be a dyn.MLP, got {type(model).__name__}.")
     d = model.activation.degree
+    if isinstance(model.activation, Swish) and model.activation.trainable:
+        # Swish with trainable β has a rescaling symmetry, but only with β_i -> β_i / a_i
+        # as well (σ(ax; β/a) = a σ(x; β), Głuch & Urbanke Table 1): the fixes rescale
+        # weights and biases alone, which would change the network function.
+        raise ValueError(
+            f"{owner}: `model` has activation Swish(trainable=True); its rescaling "
+            "symmetry also maps each β_i to β_i/a_i, which the balancing fixes do not do, "
+            "and Swish is not positively homogeneous, so rescaling the weights alone "
+            "changes the network function; use ReLU, LeakyReLU, RePU, Polynomial or "
+            "Identity."
+        )
     if d is None:
         raise ValueError(
             f"{owner}: `model` has activation {type(model.activation).__name__}, which is not "
