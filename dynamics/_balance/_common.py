@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._models import MLP
+from .._models import MLP, Swish
+from .._regularizers import Lpq
 
 _VELOCITY_RULES = ("pushforward", "keep", "zero")
 _SCHEDULES = ("sequential", "stochastic", "layer", "tied")
@@ -24,6 +25,17 @@ def _check_model(model, owner: str) -> float:
     if not isinstance(model, MLP):
         raise ValueError(f"{owner}: `model` must be a dyn.MLP, got {type(model).__name__}.")
     d = model.activation.degree
+    if isinstance(model.activation, Swish) and model.activation.trainable:
+        # Swish with trainable β has a rescaling symmetry, but only with β_i -> β_i / a_i
+        # as well (σ(ax; β/a) = a σ(x; β), Głuch & Urbanke Table 1): the fixes rescale
+        # weights and biases alone, which would change the network function.
+        raise ValueError(
+            f"{owner}: `model` has activation Swish(trainable=True); its rescaling "
+            "symmetry also maps each β_i to β_i/a_i, which the balancing fixes do not do, "
+            "and Swish is not positively homogeneous, so rescaling the weights alone "
+            "changes the network function; use ReLU, LeakyReLU, RePU, Polynomial or "
+            "Identity."
+        )
     if d is None:
         raise ValueError(
             f"{owner}: `model` has activation {type(model.activation).__name__}, which is not "
@@ -55,6 +67,27 @@ def _check_count(name: str, value, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{owner}: `{name}` must be a positive int, got {value!r}.")
     return int(value)
+
+
+def _check_schedule(schedule, key, include_bias, owner: str):
+    """`neuron_balance`'s schedule, its key (kept for "stochastic" only) and the bias
+    convention."""
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"{owner}: `schedule` must be one of {_SCHEDULES}, got {schedule!r}.")
+    if schedule == "stochastic" and key is None:
+        raise ValueError(f"{owner}: the 'stochastic' schedule needs a PRNG key; pass "
+                         "key=jax.random.key(0).")
+    if not isinstance(include_bias, bool):
+        raise ValueError(f"{owner}: `include_bias` must be True or False, got "
+                         f"{include_bias!r}.")
+    return schedule, key if schedule == "stochastic" else None, include_bias
+
+
+def _check_c(c, owner: str) -> float:
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0 < c < math.inf):
+        raise ValueError(f"{owner}: the asymmetry coefficient `c` must be a positive number, "
+                         f"got {c!r}.")
+    return float(c)
 
 
 def _check_velocity_rule(rule, owner: str) -> str:
@@ -123,14 +156,14 @@ def lpq_norm(model: MLP, p: float = 2, q: float = 2) -> Array:
         ‖W‖_{p,q} = ( Σ_i ( Σ_j |W_ij|^p )^{q/p} )^{1/q},
 
     i running over all non-input units (rows of every weight matrix), j over a unit's
-    incoming weights.
+    incoming weights. The same as `dyn.regularizers.Lpq(p, q).norm(model.weights)` and
+    the `dyn.monitors.LpqNorm` monitor, which it calls.
     """
     if not isinstance(model, MLP):
         raise ValueError(f"lpq_norm: `model` must be a dyn.MLP, got {type(model).__name__}.")
     p = _check_exponent("p", p, "lpq_norm")
     q = _check_exponent("q", q, "lpq_norm")
-    total = sum(jnp.sum(jnp.sum(jnp.abs(w) ** p, axis=-1) ** (q / p)) for w in model.weights)
-    return total ** (1.0 / q)
+    return Lpq(p, q).norm(model.weights)
 
 
 class BalanceInfo(eqx.Module):

@@ -105,16 +105,9 @@ def min_norm_fix(model: MLP, p: float = 2, q: float = 2, tol: float = 1e-8,
 
     Returns the rescaled model and a `BalanceInfo` (norm history in `values`).
     """
-    d = _check_model(model, "min_norm_fix")
-    p = _check_exponent("p", p, "min_norm_fix")
-    q = _check_exponent("q", q, "min_norm_fix")
-    tol = _check_tol(tol, "min_norm_fix")
-    max_iter = _check_count("max_iter", max_iter, "min_norm_fix")
-    u, it, values, conv = _min_norm_scales(
-        tuple(jnp.abs(w) for w in model.weights), _float_array(p), _float_array(q),
-        _float_array(d), _float_array(tol), max_iter)
-    new, _ = _apply(model, None, u, d, "keep")
-    return new, BalanceInfo(it, values, conv, u)
+    fix = MinNormFix(p, q, tol, max_iter, _owner="min_norm_fix")
+    new, _, info = fix._run(model, None, "min_norm_fix")
+    return new, info
 
 
 class MinNormFix(AbstractProjection):
@@ -129,17 +122,22 @@ class MinNormFix(AbstractProjection):
     velocity: str = eqx.field(static=True)
 
     def __init__(self, p: float = 2, q: float = 2, tol: float = 1e-8, max_iter: int = 1000,
-                 velocity: str = "pushforward"):
-        self.p = _float_array(_check_exponent("p", p, "MinNormFix"))
-        self.q = _float_array(_check_exponent("q", q, "MinNormFix"))
-        self.tol = _float_array(_check_tol(tol, "MinNormFix"))
-        self.max_iter = _check_count("max_iter", max_iter, "MinNormFix")
-        self.velocity = _check_velocity_rule(velocity, "MinNormFix")
+                 velocity: str = "pushforward", *, _owner: str = "MinNormFix"):
+        # `_owner`: the public name that error messages give (`min_norm_fix` builds one).
+        self.p = _float_array(_check_exponent("p", p, _owner))
+        self.q = _float_array(_check_exponent("q", q, _owner))
+        self.tol = _float_array(_check_tol(tol, _owner))
+        self.max_iter = _check_count("max_iter", max_iter, _owner)
+        self.velocity = _check_velocity_rule(velocity, _owner)
+
+    def _run(self, params, velocity, owner: str):
+        d = _check_model(params, owner)
+        u, it, values, conv = _min_norm_scales(tuple(jnp.abs(w) for w in params.weights),
+                                               self.p, self.q, _float_array(d), self.tol,
+                                               self.max_iter)
+        return *_apply(params, velocity, u, d, self.velocity), BalanceInfo(it, values, conv, u)
 
     def __call__(self, params, velocity=None, state=None):
-        d = _check_model(params, "MinNormFix")
-        u, *_ = _min_norm_scales(tuple(jnp.abs(w) for w in params.weights), self.p, self.q,
-                                 _float_array(d), self.tol, self.max_iter)
-        return _apply(params, velocity, u, d, self.velocity)
+        return self._run(params, velocity, "MinNormFix")[:2]
 
 

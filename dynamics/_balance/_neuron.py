@@ -1,7 +1,5 @@
 """Baldi et al.: neural synaptic balancing, one neuron / layer at a time; ENorm."""
 
-import math
-import numbers
 from collections.abc import Callable
 
 import equinox as eqx
@@ -13,12 +11,13 @@ from jaxtyping import Array, PRNGKeyArray
 from .._models import MLP
 from .._projection import AbstractProjection
 from ._common import (
-    _SCHEDULES,
     BalanceInfo,
     _apply,
+    _check_c,
     _check_count,
     _check_exponent,
     _check_model,
+    _check_schedule,
     _check_tol,
     _check_velocity_rule,
     _float_array,
@@ -206,29 +205,10 @@ def neuron_balance(model: MLP, p: float = 2, schedule: str = "sequential",
     `min_norm_fix` with q = p; "tied" reaches the layer balance of their Thm 45.
     The biases always rescale with their unit.
     """
-    d = _check_model(model, "neuron_balance")
-    p = _check_exponent("p", p, "neuron_balance")
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"neuron_balance: `schedule` must be one of {_SCHEDULES}, got "
-                         f"{schedule!r}.")
-    if schedule == "stochastic" and key is None:
-        raise ValueError("neuron_balance: the 'stochastic' schedule needs a PRNG key; pass "
-                         "key=jax.random.key(0).")
-    if not isinstance(include_bias, bool):
-        raise ValueError(f"neuron_balance: `include_bias` must be True or False, got "
-                         f"{include_bias!r}.")
-    tol = _check_tol(tol, "neuron_balance")
-    max_sweeps = _check_count("max_sweeps", max_sweeps, "neuron_balance")
-    g = _check_g(regularizer, "neuron_balance")
-    abs_b = None
-    if include_bias and model.biases is not None:
-        abs_b = tuple(jnp.abs(b) for b in model.biases)
-    u, it, values, conv = _balance_scales(
-        tuple(jnp.abs(w) for w in model.weights), abs_b, _float_array(p), _float_array(d), g,
-        schedule, _float_array(tol), max_sweeps, key if schedule == "stochastic" else None,
-        _float_array(1.0))
-    new, _ = _apply(model, None, u, d, "keep")
-    return new, BalanceInfo(it, values, conv, u)
+    fix = NeuronBalance(p, schedule, include_bias, tol, max_sweeps, key, regularizer,
+                        _owner="neuron_balance")
+    new, _, info = fix._run(model, None, "neuron_balance")
+    return new, info
 
 
 def enorm(model: MLP, p: float = 2, c: float = 1.0, tol: float = 1e-10,
@@ -241,18 +221,8 @@ def enorm(model: MLP, p: float = 2, c: float = 1.0, tol: float = 1e-10,
     closed-form minimizer λ_i = (d c ‖W_{k+1}[:, i]‖_p^p / ‖W_k[i, :]‖_p^p)^{1/(p(1+d))}.
     With c = 1 the fixed point is `min_norm_fix` with q = p (Saul App. A.2).
     """
-    d = _check_model(model, "enorm")
-    p = _check_exponent("p", p, "enorm")
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0 < c < math.inf):
-        raise ValueError(f"enorm: the asymmetry coefficient `c` must be a positive number, "
-                         f"got {c!r}.")
-    tol = _check_tol(tol, "enorm")
-    max_sweeps = _check_count("max_sweeps", max_sweeps, "enorm")
-    u, it, values, conv = _balance_scales(
-        tuple(jnp.abs(w) for w in model.weights), None, _float_array(p), _float_array(d), None,
-        "layer", _float_array(tol), max_sweeps, None, _float_array(c))
-    new, _ = _apply(model, None, u, d, "keep")
-    return new, BalanceInfo(it, values, conv, u)
+    new, _, info = ENorm(p, c, tol, max_sweeps, _owner="enorm")._run(model, None, "enorm")
+    return new, info
 
 
 class NeuronBalance(AbstractProjection):
@@ -270,34 +240,30 @@ class NeuronBalance(AbstractProjection):
 
     def __init__(self, p: float = 2, schedule: str = "sequential", include_bias: bool = False,
                  tol: float = 1e-10, max_sweeps: int = 1000, key=None, regularizer=None,
-                 velocity: str = "pushforward"):
-        self.p = _float_array(_check_exponent("p", p, "NeuronBalance"))
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"NeuronBalance: `schedule` must be one of {_SCHEDULES}, got "
-                             f"{schedule!r}.")
-        if schedule == "stochastic" and key is None:
-            raise ValueError("NeuronBalance: the 'stochastic' schedule needs a PRNG key; "
-                             "pass key=jax.random.key(0).")
-        if not isinstance(include_bias, bool):
-            raise ValueError(f"NeuronBalance: `include_bias` must be True or False, got "
-                             f"{include_bias!r}.")
-        self.schedule = schedule
-        self.key = key if schedule == "stochastic" else None
-        self.include_bias = include_bias
-        self.tol = _float_array(_check_tol(tol, "NeuronBalance"))
-        self.max_sweeps = _check_count("max_sweeps", max_sweeps, "NeuronBalance")
-        self.regularizer = _check_g(regularizer, "NeuronBalance")
-        self.velocity = _check_velocity_rule(velocity, "NeuronBalance")
+                 velocity: str = "pushforward", *, _owner: str = "NeuronBalance"):
+        # `_owner`: the public name that error messages give (`neuron_balance` builds one).
+        owner = _owner
+        self.p = _float_array(_check_exponent("p", p, owner))
+        self.schedule, self.key, self.include_bias = _check_schedule(schedule, key,
+                                                                     include_bias, owner)
+        self.tol = _float_array(_check_tol(tol, owner))
+        self.max_sweeps = _check_count("max_sweeps", max_sweeps, owner)
+        self.regularizer = _check_g(regularizer, owner)
+        self.velocity = _check_velocity_rule(velocity, owner)
 
-    def __call__(self, params, velocity=None, state=None):
-        d = _check_model(params, "NeuronBalance")
+    def _run(self, params, velocity, owner: str):
+        d = _check_model(params, owner)
         abs_b = None
         if self.include_bias and params.biases is not None:
             abs_b = tuple(jnp.abs(b) for b in params.biases)
-        u, *_ = _balance_scales(tuple(jnp.abs(w) for w in params.weights), abs_b, self.p,
-                                _float_array(d), self.regularizer, self.schedule, self.tol,
-                                self.max_sweeps, self.key, _float_array(1.0))
-        return _apply(params, velocity, u, d, self.velocity)
+        u, it, values, conv = _balance_scales(
+            tuple(jnp.abs(w) for w in params.weights), abs_b, self.p, _float_array(d),
+            self.regularizer, self.schedule, self.tol, self.max_sweeps, self.key,
+            _float_array(1.0))
+        return *_apply(params, velocity, u, d, self.velocity), BalanceInfo(it, values, conv, u)
+
+    def __call__(self, params, velocity=None, state=None):
+        return self._run(params, velocity, "NeuronBalance")[:2]
 
 
 class ENorm(AbstractProjection):
@@ -310,20 +276,21 @@ class ENorm(AbstractProjection):
     velocity: str = eqx.field(static=True)
 
     def __init__(self, p: float = 2, c: float = 1.0, tol: float = 1e-10,
-                 max_sweeps: int = 1000, velocity: str = "pushforward"):
-        self.p = _float_array(_check_exponent("p", p, "ENorm"))
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0 < c < math.inf):
-            raise ValueError(f"ENorm: `c` must be a positive number, got {c!r}.")
-        self.c = _float_array(c)
-        self.tol = _float_array(_check_tol(tol, "ENorm"))
-        self.max_sweeps = _check_count("max_sweeps", max_sweeps, "ENorm")
-        self.velocity = _check_velocity_rule(velocity, "ENorm")
+                 max_sweeps: int = 1000, velocity: str = "pushforward", *,
+                 _owner: str = "ENorm"):
+        owner = _owner
+        self.p = _float_array(_check_exponent("p", p, owner))
+        self.c = _float_array(_check_c(c, owner))
+        self.tol = _float_array(_check_tol(tol, owner))
+        self.max_sweeps = _check_count("max_sweeps", max_sweeps, owner)
+        self.velocity = _check_velocity_rule(velocity, owner)
+
+    def _run(self, params, velocity, owner: str):
+        d = _check_model(params, owner)
+        u, it, values, conv = _balance_scales(
+            tuple(jnp.abs(w) for w in params.weights), None, self.p, _float_array(d), None,
+            "layer", self.tol, self.max_sweeps, None, self.c)
+        return *_apply(params, velocity, u, d, self.velocity), BalanceInfo(it, values, conv, u)
 
     def __call__(self, params, velocity=None, state=None):
-        d = _check_model(params, "ENorm")
-        u, *_ = _balance_scales(tuple(jnp.abs(w) for w in params.weights), None, self.p,
-                                _float_array(d), None, "layer", self.tol, self.max_sweeps,
-                                None, self.c)
-        return _apply(params, velocity, u, d, self.velocity)
-
-
+        return self._run(params, velocity, "ENorm")[:2]
