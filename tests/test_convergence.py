@@ -137,3 +137,45 @@ def test_work_precision_against_independent_runs(tmp_path):
                            {"Euler": diffrax.Euler()}, t1=1.0)
     with pytest.raises(ValueError, match="RK45"):
         dyn.ScipyMethod("rk4")
+
+
+def test_work_precision_torchdiffeq_against_a_direct_call():
+    """The torchdiffeq adapter: its error and evaluation count are those of a direct
+    `torchdiffeq.odeint` call on the same problem, through the flow's own JAX field
+    (DLPack) and through a field written in torch."""
+    torch = pytest.importorskip("torch", reason="torchdiffeq adapter: pip install 'dynamics[bench]'")
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+
+    h, b = torch.tensor(H), torch.tensor(X.T @ Y)
+
+    def field(t, state):
+        return (-(h @ state[0] - b),)
+
+    methods = {"jax field": dyn.TorchdiffeqMethod("dopri5"),
+               "torch field": dyn.TorchdiffeqMethod("dopri5", vector_field=field)}
+    ds = dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=2.0,
+                            tolerances=(1e-5, 1e-9), reference=closed_form, repeats=1,
+                            monitors=(dyn.monitors.Loss(),))
+    exact = closed_form(2.0)
+    for j, tol in enumerate((1e-5, 1e-9)):
+        calls = []
+
+        def counted(t, y):
+            calls.append(1)
+            return -(h @ y - b)
+
+        direct = torchdiffeq.odeint(counted, torch.zeros(3, dtype=torch.float64),
+                                    torch.linspace(0.0, 2.0, 11, dtype=torch.float64),
+                                    method="dopri5", rtol=tol, atol=tol)[-1].numpy()
+        for name in methods:
+            # Same steps, same arithmetic up to the order of float64 operations: the
+            # states are O(1), so the errors agree to ~1e-15 absolute.
+            np.testing.assert_allclose(ds.error.sel(solver=name).values[j],
+                                       np.abs(direct - exact).max(), rtol=1e-6, atol=1e-14)
+            assert ds.grad_evals.sel(solver=name).values[j] == len(calls)
+    err = ds.error.sel(solver="jax field").values
+    assert err[1] < 1e-3 * err[0] and err[1] < 1e-8  # tighter tolerance, far smaller error
+    drop = float(linear_loss(jnp.zeros(3)) - linear_loss(jnp.asarray(exact)))
+    np.testing.assert_allclose(ds.drift_loss.sel(solver="jax field").values[1], drop, rtol=1e-6)
+    with pytest.raises(ValueError, match="dopri5"):
+        dyn.TorchdiffeqMethod("rk45")
