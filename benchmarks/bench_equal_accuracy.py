@@ -145,6 +145,11 @@ def main():
     at = {str(name): {f"{t:.0e}": time_at(ds.error.sel(solver=name).values,
                                           ds.wall_time.sel(solver=name).values, t)
                       for t in TARGETS} for name in ds.solver.values}
+    # Evaluations at equal error: the same interpolation on (error, gradient evaluations),
+    # free of the load from other processes that makes single wall times noisy here.
+    evals = {str(name): {f"{t:.0e}": time_at(ds.error.sel(solver=name).values,
+                                             ds.grad_evals.sel(solver=name).values, t)
+                         for t in TARGETS} for name in ds.solver.values}
     best, speedups = {}, {}
     for target in TARGETS:
         key = f"{target:.0e}"
@@ -156,6 +161,11 @@ def main():
         ours_t = best[key]["dynamics"][1]
         speedups[key] = {f: best[key][f][1] / ours_t for f in ("scipy", "torchdiffeq")}
         line = ", ".join(f"{f} {n} {fmt_t(t)}" for f, (n, t) in best[key].items())
+        fewest = {f: min(((n, evals[n][key]) for n in names if np.isfinite(evals[n][key])),
+                         key=lambda kv: kv[1], default=(None, np.nan))
+                  for f, names in FAMILIES.items()}
+        print(f"error {key}: fewest evaluations " + ", ".join(
+            f"{f} {n} {e:.0f}" for f, (n, e) in fewest.items() if n is not None))
         print(f"error {key}: best {line}; speedup vs scipy {speedups[key]['scipy']:.2f}x "
               f"(target >= 1.5), vs torchdiffeq {speedups[key]['torchdiffeq']:.2f}x "
               "(target >= 1)")
@@ -171,7 +181,7 @@ def main():
                    for n in ds.solver.values},
         "compile_time": dict(zip(map(str, ds.solver.values), ds.compile_time.values.tolist(),
                                  strict=True)),
-        "time_at_error": at, "best": best, "speedups": speedups,
+        "time_at_error": at, "evals_at_error": evals, "best": best, "speedups": speedups,
     }, args.out)
     ds.to_netcdf(args.out / f"equal_accuracy_{args.dtype}_{args.activation}.nc")
 
