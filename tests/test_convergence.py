@@ -53,21 +53,23 @@ def _tanh_problem():
     return model, lambda m: 0.5 * jnp.mean((jax.vmap(m)(x) - y) ** 2)
 
 
-@pytest.mark.parametrize("solver, order, dts", [
-    (diffrax.Dopri8(), 8, 8.0 * 2.0 ** -np.arange(2, 7)),
-    pytest.param(diffrax.Tsit5(), 5, None, marks=pytest.mark.slow),  # a lower bound only
+@pytest.mark.parametrize("solver, order, dts, floor", [
+    (diffrax.Dopri8(), 8, 8.0 * 2.0 ** -np.arange(2, 7), None),
+    # Tsit5's fifth-order error constants are minimised (Tsitouras 2011), so its h^6, h^7
+    # terms dominate down to ~1e-12: the local slopes fall 6.7, 6.5, 6.3, 6.1, 5.8, 5.4
+    # as dt halves from 1 to 1/64. With the default floor (1.2e-12) the fit stops before
+    # the last two and measured 6.05 [5.90, 6.20], excluding 5: a pre-asymptotic range,
+    # not super-convergence. Down to 1e-14 (Dopri8 at 1e-13 is that accurate on this
+    # 13-parameter problem) it measures 5.48 [4.90, 6.05]; float64 allows no closer.
+    pytest.param(diffrax.Tsit5(), 5, 8.0 * 2.0 ** -np.arange(3, 10), 1e-14,
+                 marks=pytest.mark.slow),
 ])
-def test_high_orders_on_nonlinear_least_squares(solver, order, dts):
+def test_high_orders_on_nonlinear_least_squares(solver, order, dts, floor):
     model, loss = _tanh_problem()
     result = dyn.convergence_order(dyn.GradientFlow(), model, loss, solver=solver, t1=8.0,
-                                   dts=dts)
+                                   dts=dts, floor=floor)
     assert result.used.sum() >= 3 and np.all(result.errors[result.used] >= result.floor)
-    if order == 8:
-        assert order in result
-    else:
-        # Tsit5's fifth-order error constant is minimised (Tsitouras 2011), so above the
-        # float64 floor its sixth-order term still dominates: measured 6.0–6.4 here.
-        assert order < result.order < order + 1.5
+    assert order in result
 
 
 def test_stops_at_the_floor_and_bad_input():
@@ -143,7 +145,8 @@ def test_work_precision_torchdiffeq_against_a_direct_call():
     """The torchdiffeq adapter: its error and evaluation count are those of a direct
     `torchdiffeq.odeint` call on the same problem, through the flow's own JAX field
     (DLPack) and through a field written in torch."""
-    torch = pytest.importorskip("torch", reason="torchdiffeq adapter: pip install 'dynamics[bench]'")
+    torch = pytest.importorskip("torch",
+                                reason="torchdiffeq adapter: pip install 'dynamics[bench]'")
     torchdiffeq = pytest.importorskip("torchdiffeq")
 
     h, b = torch.tensor(H), torch.tensor(X.T @ Y)
