@@ -2,11 +2,17 @@
 its numbers say what the study claims."""
 
 import numpy as np
+import pytest
 import xarray as xr
 
 import studies
 
 
+# Slow: the quick mode compiles ~10 solves (126 s on the loaded 2-core machine, 234 s in
+# one pytest run), over the 30 s budget. Its claims have fast tests of their own:
+# orders (test_convergence.py), Verlet's bounded energy and Gauss–Legendre's charges to
+# 1e-12 (test_solvers.py).
+@pytest.mark.slow
 def test_integrators_quick(tmp_path):
     written = studies.load("integrators").run(tmp_path, quick=True)
     for key in ("wp_gf", "wp_toy", "energy", "charges"):
