@@ -24,6 +24,8 @@ SCRIPTS = {  # name -> [(script, flags, extra environment)]
     "tsit5": [("bench_tsit5.py", (), {}),
               ("bench_tsit5.py", ("--activation", "tanh"), {}),
               ("bench_tsit5.py", ("--examples", "128"), {})],
+    "equal_accuracy": [("bench_equal_accuracy.py", ("--activation", "tanh", "--examples", "512",
+                                                    "--tmax", "10"), {})],
     "compile": [("bench_compile.py", (), {})],
     "memory": [("bench_memory.py", (), {})],
     "gemm": [("bench_gemm.py", (), {})],

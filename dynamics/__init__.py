@@ -73,6 +73,7 @@ from ._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep 
 from ._trajectory import Trajectory as Trajectory
 from ._work_precision import (
     ScipyMethod as ScipyMethod,
+    TorchdiffeqMethod as TorchdiffeqMethod,
     work_precision as work_precision,
 )
 

@@ -39,6 +39,37 @@ class ScipyMethod(eqx.Module):
             )
 
 
+_TORCHDIFFEQ_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+class TorchdiffeqMethod(eqx.Module):
+    """`torchdiffeq.odeint` with an adaptive `method` (dopri5, dopri8, bosh3, fehlberg2,
+    adaptive_heun) as a method of `work_precision`, swept over the tolerances.
+
+    The state is the tuple of the flow state's array leaves (in `jax.tree.leaves`
+    order) as float64 torch tensors, as a torchdiffeq user passes a model's parameters.
+    `vector_field(t, state) -> tuple of tensors` is the right-hand side written in
+    torch (e.g. `-torch.autograd.grad(loss, params)`); without it the flow's own JAX
+    vector field is called through DLPack (no copies), which times torchdiffeq's
+    stepping around the same evaluations `dynamics` makes. Needs torch and torchdiffeq
+    (`pip install 'dynamics[bench]'`)."""
+
+    method: str = eqx.field(static=True)
+    vector_field: Callable | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.method not in _TORCHDIFFEQ_METHODS:
+            raise ValueError(
+                f"TorchdiffeqMethod: `method` must be one of {_TORCHDIFFEQ_METHODS} (the "
+                f"adaptive ones), got {self.method!r}."
+            )
+        if self.vector_field is not None and not callable(self.vector_field):
+            raise ValueError(
+                "TorchdiffeqMethod: `vector_field` must be a function (t, state) -> tuple "
+                f"of torch tensors, or None for the flow's own field; got {self.vector_field!r}."
+            )
+
+
 def _flat_field(flow: AbstractFlow, problem: Problem, y0: PyTree):
     flat0, unravel = ravel_pytree(y0)
     first_order = isinstance(flow, AbstractFirstOrderFlow)
@@ -109,19 +140,22 @@ def work_precision(
     - `flow`, `params`, `loss`, `t0`, `t1`, `v0`: as in `simulate`.
     - `methods`: name -> a diffrax solver or one of `dyn.solvers` (adaptive ones are
       swept over `tolerances` with `PIDController(rtol=tol, atol=tol)`, the others
-      over `dts` with fixed steps), or `ScipyMethod("RK45" | "DOP853" | "LSODA")`.
+      over `dts` with fixed steps), `ScipyMethod("RK45" | "DOP853" | "LSODA")` or
+      `TorchdiffeqMethod("dopri5" | "dopri8" | ...)` (swept over `tolerances`).
     - `tolerances`: rtol = atol values, each > 0.
     - `dts`: fixed step sizes for solvers without an error estimate (required then).
     - `reference`: t1 -> exact final state (`params`, or `(params, velocity)` for a
       second-order flow); default Dopri8 at rtol = atol = 1e-13.
     - `monitors`: each gives a drift max_t |m(t) − m(t0)| over `n_save` save times,
       e.g. `Energy()` on Newtonian flow or `RescalingCharges()` on gradient flow.
-    - `repeats`: timed runs per setting after a first, compiling one; the minimum is kept.
+    - `repeats`: timed runs per setting (after one compiling run at a method's first
+      setting); the minimum is kept.
 
     **Returns:** an `xarray.Dataset` on dims (solver, setting), one `solver` per
     method, with `error` (max norm of the final state against the reference),
     `wall_time` (s, min over repeats),
-    `grad_evals` (loss-gradient evaluations, counted in a separate run), `tolerance` or
+    `grad_evals` (loss-gradient evaluations: counted in a separate run for diffrax
+    solvers, by the external library's own count otherwise), `tolerance` or
     `dt` (NaN where the other applies), `drift_<monitor>`, and per solver
     `compile_time` (s; first call minus the fastest: a tolerance or step sweep of a
     diffrax solver compiles once, as `simulate` traces both).
@@ -144,11 +178,21 @@ def work_precision(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive int, got {repeats!r}.")
     for name, m in methods.items():
-        if not isinstance(m, (diffrax.AbstractSolver, ScipyMethod)):
+        if not isinstance(m, (diffrax.AbstractSolver, ScipyMethod, TorchdiffeqMethod)):
             raise ValueError(
-                f"`methods[{name!r}]` must be a diffrax solver, a dyn.solvers one or "
-                f"dyn.ScipyMethod(...), got {m!r}."
+                f"`methods[{name!r}]` must be a diffrax solver, a dyn.solvers one, "
+                f"dyn.ScipyMethod(...) or dyn.TorchdiffeqMethod(...), got {m!r}."
             )
+        if isinstance(m, TorchdiffeqMethod):
+            try:
+                import torch  # noqa: F401
+                import torchdiffeq  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    f"`methods[{name!r}]` is a TorchdiffeqMethod but torch/torchdiffeq are "
+                    "not installed; pip install 'dynamics[bench]' (a pinned CPU torch), or "
+                    "leave that method out."
+                ) from None
         if (isinstance(m, diffrax.AbstractSolver)
                 and not isinstance(m, diffrax.AbstractAdaptiveSolver) and dts is None):
             raise ValueError(
@@ -176,36 +220,42 @@ def work_precision(
     compile_time = np.full(len(methods), np.nan)
 
     for i, (name, method) in enumerate(methods.items()):
-        if isinstance(method, ScipyMethod):
+        if isinstance(method, ScipyMethod | TorchdiffeqMethod):
             settings = [("tolerance", tol) for tol in tolerances]
-            runner = _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method)
+            make = _scipy_runner if isinstance(method, ScipyMethod) else _torch_runner
+            runner = make(flow, params, loss, v0, t0, t1, ts, monitors, method)
         else:
             adaptive = isinstance(method, diffrax.AbstractAdaptiveSolver)
             settings = ([("tolerance", tol) for tol in tolerances] if adaptive
                         else [("dt", dt) for dt in dts])
             runner = _diffrax_runner(flow, params, loss, run, monitors, method, first_order)
-        first = None
         for j, (kind, value) in enumerate(settings):
-            # Timed runs compute the solution only; monitors and the evaluation count
-            # come from separate runs, so neither is charged to the method.
-            start = time.perf_counter()
-            runner(kind, value, "time")
-            elapsed = time.perf_counter() - start
+            if j == 0:
+                # The first call compiles (diffrax: the solve, once for the whole sweep,
+                # tolerances and step sizes being traced; scipy, torchdiffeq: the jitted
+                # field); later settings reuse it, so only this one is warmed up.
+                start = time.perf_counter()
+                runner(kind, value, False)
+                elapsed = time.perf_counter() - start
+            # Timed runs compute the solution only: monitors, when asked for, and the
+            # evaluation count of a diffrax solver come from separate runs, so neither
+            # is charged to the method.
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                runner(kind, value, "time")
+                out = runner(kind, value, False)
                 times.append(time.perf_counter() - start)
-            if first is None:
-                first = elapsed - min(times)
-            state, monitor_values, ok = runner(kind, value, "measure")
+            if j == 0:
+                compile_time[i] = max(elapsed - min(times), 0.0)
+            if monitors:
+                out = runner(kind, value, True)
+            state, monitor_values, ok, nfev = out
             data[kind][i, j] = value
             data["wall_time"][i, j] = min(times)
-            data["grad_evals"][i, j] = runner(kind, value, "count")
+            data["grad_evals"][i, j] = runner.count(kind, value) if nfev is None else nfev
             data["error"][i, j] = float(np.max(np.abs(state - exact))) if ok else np.nan
             for m in monitors:
                 drifts[m.name][i, j] = _drift(monitor_values[m.name]) if ok else np.nan
-        compile_time[i] = max(first, 0.0)
 
     # "solver", not "method": ds.sel(method=...) is xarray's own `method` argument.
     dims = ("solver", "setting")
@@ -220,48 +270,106 @@ def work_precision(
     )
 
 
+class _Runner:
+    """run(kind, value, with_monitors) -> (final state, monitor values, success, number of
+    gradient evaluations or None); count(kind, value) -> evaluations by a counting run."""
+
+    def __init__(self, run, count=None):
+        self.run, self.count = run, count
+
+    def __call__(self, kind, value, with_monitors):
+        return self.run(kind, value, with_monitors)
+
+
 def _diffrax_runner(flow, params, loss, run, monitors, solver, first_order):
     counted, calls = _count_evaluations(loss)
 
-    def runner(kind, value, mode):
+    def settings(kind, value):
         if kind == "tolerance":
-            settings = dict(stepsize_controller=diffrax.PIDController(rtol=value, atol=value))
-        else:
-            settings = dict(stepsize_controller=diffrax.ConstantStepSize(), dt0=value)
-        if mode == "count":
-            calls.clear()
-            simulate(flow, params, counted, solver=solver, throw=False, **run, **settings)
-            return len(calls)
-        traj = simulate(flow, params, loss, solver=solver, throw=False, **run, **settings,
-                        monitors=monitors if mode == "measure" else ())
-        values = {m.name: np.asarray(traj.monitors[m.name]) for m in monitors} \
-            if mode == "measure" else {}
-        return _final(traj, first_order), values, traj.success
+            return dict(stepsize_controller=diffrax.PIDController(rtol=value, atol=value))
+        return dict(stepsize_controller=diffrax.ConstantStepSize(), dt0=value)
 
-    return runner
+    def count(kind, value):
+        calls.clear()
+        simulate(flow, params, counted, solver=solver, throw=False, **run,
+                 **settings(kind, value))
+        return len(calls)
+
+    def solve(kind, value, with_monitors):
+        traj = simulate(flow, params, loss, solver=solver, throw=False, **run,
+                        **settings(kind, value), monitors=monitors if with_monitors else ())
+        values = {m.name: np.asarray(traj.monitors[m.name]) for m in monitors} \
+            if with_monitors else {}
+        return _final(traj, first_order), values, traj.success, None
+
+    return _Runner(solve, count)
+
+
+def _external_problem(flow, params, loss, v0):
+    w, static = partition(params)
+    problem = Problem(flow, loss, static)
+    y0 = w if isinstance(flow, AbstractFirstOrderFlow) else (
+        w, jax.tree.map(jnp.zeros_like, w) if v0 is None else partition(v0)[0])
+    return problem, y0
 
 
 def _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
     from scipy.integrate import solve_ivp
 
-    w, static = partition(params)
-    problem = Problem(flow, loss, static)
-    first_order = isinstance(flow, AbstractFirstOrderFlow)
-    y0 = w if first_order else (w, jax.tree.map(jnp.zeros_like, w) if v0 is None
-                                else partition(v0)[0])
+    problem, y0 = _external_problem(flow, params, loss, v0)
     flat0, unravel, field = _flat_field(flow, problem, y0)
 
     def rhs(t, y):
         return np.asarray(field(t, y))
 
-    def runner(kind, tol, mode):
+    def solve(kind, tol, with_monitors):
         sol = solve_ivp(rhs, (t0, t1), flat0, method=method.method, rtol=tol, atol=tol,
                         t_eval=ts)
-        if mode == "count":
-            return sol.nfev
         values = {}
-        if mode == "measure" and sol.success:
+        if with_monitors and sol.success:
             values = _monitor_values(monitors, problem, flow, sol.t, sol.y.T, unravel)
-        return sol.y[:, -1], values, bool(sol.success)
+        return sol.y[:, -1], values, bool(sol.success), int(sol.nfev)
 
-    return runner
+    return _Runner(solve)
+
+
+def _torch_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
+    import torch
+    import torchdiffeq
+
+    problem, y0 = _external_problem(flow, params, loss, v0)
+    flat0, unravel, field = _flat_field(flow, problem, y0)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(y0)]
+    sizes = np.cumsum([x.size for x in leaves])[:-1]
+    state0 = tuple(torch.tensor(x) for x in leaves)
+    calls = [0]
+    if method.vector_field is None:
+        def vector_field(t, state):
+            # DLPack both ways: torch tensors in, JAX's jitted field, torch tensors out.
+            flat = jnp.concatenate([jnp.from_dlpack(x.contiguous()).ravel() for x in state])
+            out = torch.from_dlpack(field(float(t), flat))
+            return tuple(p.reshape(x.shape) for p, x in
+                         zip(torch.tensor_split(out, tuple(sizes)), state, strict=True))
+    else:
+        vector_field = method.vector_field
+
+    def counted(t, state):
+        calls[0] += 1
+        return vector_field(t, state)
+
+    def solve(kind, tol, with_monitors):
+        calls[0] = 0
+        with torch.no_grad():
+            try:
+                out = torchdiffeq.odeint(counted, state0, torch.as_tensor(ts),
+                                         method=method.method, rtol=tol, atol=tol)
+                ok = all(bool(torch.isfinite(x).all()) for x in out)
+            except (AssertionError, RuntimeError):  # torchdiffeq's "underflow in dt"
+                return flat0 * np.nan, {}, False, calls[0]
+        flat = np.concatenate([x.reshape(len(ts), -1).numpy() for x in out], axis=1)
+        values = {}
+        if with_monitors and ok:
+            values = _monitor_values(monitors, problem, flow, ts, flat, unravel)
+        return flat[-1], values, ok, calls[0]
+
+    return _Runner(solve)

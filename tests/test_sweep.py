@@ -131,10 +131,14 @@ def test_interrupted_sweep_resumes_and_equals_uninterrupted(tmp_path):
     cells_equal(again.dataset, full.dataset)
 
     # The numbers, and the diverged cells, against numpy.
-    ds = full.dataset
+    assert 0 < diverged_against_numpy(full.dataset, axes) < 24  # the sweep went on past them
+
+
+def diverged_against_numpy(ds, axes):
+    """Check the losses and the diverged flags against numpy; count the diverged cells."""
     n_diverged = 0
-    for seed in range(12):
-        for dt in (0.05, 0.25):
+    for seed in axes["seed"]:
+        for dt in axes["dt"]:
             losses, w = reference(seed, dt)
             blew_up = not np.all(np.isfinite(w))
             n_diverged += blew_up
@@ -142,7 +146,7 @@ def test_interrupted_sweep_resumes_and_equals_uninterrupted(tmp_path):
             if not blew_up:
                 np.testing.assert_allclose(ds["loss"].sel(seed=seed, dt=dt), losses,
                                            rtol=1e-10, atol=1e-14)  # round-off
-    assert 0 < n_diverged < 24  # the sweep went on past the diverged cells
+    return n_diverged
 
 
 def test_structural_axis_loops_and_other_return_types():
@@ -203,9 +207,11 @@ _SHARDED = textwrap.dedent("""
     assert len(jax.local_devices()) == 2
     seen = []
     shard = _sweep._shard
-    def spy(tree, devices):
-        out = shard(tree, devices)
-        seen.extend(len(x.sharding.device_set) for x in jax.tree.leaves(out))
+    def spy(tree, devices, batched):
+        out = shard(tree, devices, batched)
+        # The cells' own arguments are split over both devices (shared ones are not).
+        seen.extend(len(x.sharding.device_set)
+                    for x, b in zip(jax.tree.leaves(out), batched) if b)
         return out
     _sweep._shard = spy
     res = dyn.sweep(t.simulation, {"seed": range(3), "dt": [0.25, 0.125]},
@@ -265,3 +271,39 @@ def test_unreachable_scheduler(monkeypatch):
     monkeypatch.setattr(_sweep, "_CONNECT_TIMEOUT", "1s")
     with pytest.raises(ConnectionError, match="could not reach a Dask scheduler at"):
         dyn.sweep(lambda seed: {"x": seed}, {"seed": [0]}, executor="tcp://127.0.0.1:1")
+
+
+def test_seed_axis_prepares_once_and_equals_the_per_cell_path(monkeypatch):
+    """Cells that differ only in their initial weights are checked against one fully
+    prepared template and their records read off the batched solve; the Dataset is the
+    one the per-cell path (`_prepare` and a Trajectory for every cell) gives, diverged
+    cells included, and the numbers are numpy's."""
+    axes = {"dt": [0.25, 0.05], "seed": range(12)}
+    prepared = []
+    full_prepare = _sweep._prepare
+
+    def counting(*args, **kwargs):
+        prepared.append(1)
+        return full_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(_sweep, "_prepare", counting)
+    fast = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
+    assert len(prepared) == 2  # once per step size, not per cell
+    # Both paths taken: diverged cells go the per-cell way.
+    assert 0 < diverged_against_numpy(fast, axes) < 24
+
+    monkeypatch.setattr(dyn.Simulation, "prepare_like", lambda *a: None)
+    monkeypatch.setattr(_sweep, "_batch_records", lambda items, out: [None] * len(items))
+    slow = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
+    assert len(prepared) == 2 + 24
+    cells_equal(slow, fast)
+
+    def bad(seed):  # a NaN start in a cell that would take the short cut
+        sim = simulation(seed, 0.25)
+        if seed == 2:
+            sim.params = jnp.asarray([np.nan, 1.0])
+        return sim
+
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="`params` contains NaN"):
+        dyn.sweep(bad, {"seed": range(4)}, progress=False)
