@@ -5,8 +5,8 @@ L(w) = (‖w‖² − 1)², w ∈ R³, invariant under every rotation of w. Rota
 gives the angular momentum ℓ = w × ẇ with κ2 ℓ̇ + κ1 ℓ = 0 (Głuch & Urbanke eq. 45):
 
 - GF: ẇ = −∇L ∥ w, so ℓ = 0 and the path is a line segment (Fig. 5);
-- ND: ℓ is conserved, so the orbit stays in the plane normal to ℓ(0) = (0, 3/2, −3/2),
-  i.e. y = z (Fig. 3);
+- ND: ℓ is conserved, so the orbit stays in the plane normal to ℓ(0) = (0, −3/2, 3/2),
+  i.e. y = z (Fig. 3; the paper prints (0, 3/2, −3/2), which is ẇ × w);
 - NAGF: t³ℓ is conserved (eq. 46), the orbit stays in the same plane and is damped onto
   the sphere ‖w‖ = 1 (Fig. 4).
 

@@ -60,7 +60,8 @@ def test_gu_rotation_quick(tmp_path):
                   ("paths", "momentum"))
     nd = tree["nd"].to_dataset()
     ell = nd["angular_momentum"].values
-    np.testing.assert_allclose(ell[0], [0.0, 1.5, -1.5], rtol=1e-14)  # the paper's ℓ(0)
+    # w × ẇ at the start: (0, −3/2, 3/2); the paper prints (0, 3/2, −3/2), i.e. ẇ × w
+    np.testing.assert_allclose(ell[0], [0.0, -1.5, 1.5], rtol=1e-14)
     # conserved by ND to the solve's 1e-10 (measured 1e-10 relative)
     np.testing.assert_allclose(ell, np.broadcast_to(ell[0], ell.shape), atol=1e-8)
     nagf = tree["nagf"].to_dataset()
