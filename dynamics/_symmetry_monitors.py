@@ -21,7 +21,12 @@ from ._flows._base import _integral
 from ._models import MLP
 from ._monitors import AbstractIntegralMonitor, AbstractMonitor
 from ._symmetries import linear_balance
-from ._symmetries._generators import AbstractGenerator, AbstractLinearGenerator
+from ._symmetries._generators import (
+    AbstractGenerator,
+    AbstractLinearGenerator,
+    Rescaling,
+    _degree,
+)
 from ._tree import sqnorm, vdot
 
 
@@ -51,6 +56,17 @@ def _velocity(t, w, v, problem):
     return problem.flow.vector_field(t, w, problem.loss) if v is None else v
 
 
+def _force(t, w, v, problem, owner: str):
+    """κ2 ẅ + κ1 ẇ from the flow's own acceleration (κ1 ẇ for first-order flows)."""
+    flow = _kappa_flow(problem, owner)
+    k1, k2 = flow.kappas(t)
+    v = _velocity(t, w, v, problem)
+    if isinstance(flow, AbstractSecondOrderFlow):
+        a = flow.acceleration(t, w, v, problem.loss)
+        return jax.tree.map(lambda x, y: k2 * x + k1 * y, a, v)
+    return jax.tree.map(lambda y: k1 * y, v)
+
+
 class SymmetryResidual(AbstractMonitor):
     """⟨κ2 ẅ + κ1 ẇ, ξ(w)⟩ / (‖κ2 ẅ + κ1 ẇ‖ ‖ξ(w)‖) (Głuch & Urbanke eq. 17), with ẅ the
     flow's own acceleration (ẇ = −∇L for GF): a relative number, zero when ξ is a
@@ -63,18 +79,44 @@ class SymmetryResidual(AbstractMonitor):
         _generator(self.generator, "SymmetryResidual")
 
     def __call__(self, t, w, v, problem):
-        flow = _kappa_flow(problem, "SymmetryResidual")
-        k1, k2 = flow.kappas(t)
-        v = _velocity(t, w, v, problem)
-        if isinstance(flow, AbstractSecondOrderFlow):
-            a = flow.acceleration(t, w, v, problem.loss)
-            force = jax.tree.map(lambda x, y: k2 * x + k1 * y, a, v)
-        else:
-            force = jax.tree.map(lambda y: k1 * y, v)
-        force = problem.params(force)
+        force = problem.params(_force(t, w, v, problem, "SymmetryResidual"))
         xi = self.generator(problem.params(w))
         denom = jnp.sqrt(sqnorm(force) * sqnorm(xi))
         return vdot(force, xi) / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
+
+
+class RescalingResiduals(AbstractMonitor):
+    """eq. 17 for every hidden neuron's rescaling at once: r_i = ⟨F, ξ_i⟩ / (‖F_i‖ ‖ξ_i‖)
+    with F = κ2 ẅ + κ1 ẇ (the flow's own acceleration; F = −∇L for GF), ξ_i the generator
+    of `Rescaling(h, i)` and F_i the part of F on ξ_i's support (in-weights, bias,
+    out-weights, β), concatenated over hidden layers like `RescalingCharges`. Zero by
+    construction for homogeneous units; one vectorised pass instead of one
+    `SymmetryResidual` per neuron (600 monitors for a 200-200-200 net)."""
+
+    name: ClassVar[str] = "rescaling_residuals"
+
+    def __call__(self, t, w, v, problem):
+        f = problem.params(_force(t, w, v, problem, "RescalingResiduals"))
+        m = problem.params(w)
+        if not isinstance(m, MLP):
+            raise ValueError("RescalingResiduals needs a dyn.MLP.")
+        xi0 = Rescaling(1, 0)  # validates the activation (homogeneous, or trainable Swish)
+        p, _ = _degree(m, xi0.degree)
+        out = []
+        for h in range(m.depth - 1):
+            wi, wo, fi, fo = m.weights[h], m.weights[h + 1], f.weights[h], f.weights[h + 1]
+            dot = jnp.sum(fi * wi, 1) - p * jnp.sum(fo * wo, 0)
+            fsq = jnp.sum(fi**2, 1) + jnp.sum(fo**2, 0)
+            xsq = jnp.sum(wi**2, 1) + p**2 * jnp.sum(wo**2, 0)
+            if m.biases is not None:
+                dot, fsq = dot + f.biases[h] * m.biases[h], fsq + f.biases[h] ** 2
+                xsq = xsq + m.biases[h] ** 2
+            if m.betas is not None:
+                dot, fsq = dot - f.betas[h] * m.betas[h], fsq + f.betas[h] ** 2
+                xsq = xsq + m.betas[h] ** 2
+            denom = jnp.sqrt(fsq * xsq)
+            out.append(dot / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny))
+        return jnp.concatenate(out)
 
 
 def _weight(flow, t):

@@ -28,5 +28,6 @@ from ._symmetry_monitors import (
     EnergyLaw as EnergyLaw,
     LinearBalance as LinearBalance,
     NDBound as NDBound,
+    RescalingResiduals as RescalingResiduals,
     SymmetryResidual as SymmetryResidual,
 )

@@ -1,16 +1,18 @@
-"""Symmetries: `dyn.symmetries.Rescaling(layer=h, neuron=i)`, `LinearLayer(layer, A)`,
-`InputRotation(P)`, `TimeTranslation()`, `check(gen, loss, params, key=key)` and
-`count_conservation_laws(model, x, key=key)`."""
+"""Symmetries: `dyn.symmetries.Rescaling(layer=h, neuron=i)`, `LayerRescaling(layer)`,
+`LinearLayer(layer, A)`, `InputRotation(P)`, `TimeTranslation()`,
+`check(gen, loss, params, key=key)` and `count_conservation_laws(model, x, key=key)`."""
 
 from ._symmetries import (
     AbstractGenerator as AbstractGenerator,
     AbstractLinearGenerator as AbstractLinearGenerator,
     ConservationLawCount as ConservationLawCount,
     InputRotation as InputRotation,
+    LayerRescaling as LayerRescaling,
     LinearLayer as LinearLayer,
     Rescaling as Rescaling,
     TimeTranslation as TimeTranslation,
     check as check,
     count_conservation_laws as count_conservation_laws,
     independent_functions as independent_functions,
+    known_count as known_count,
 )

@@ -105,7 +105,7 @@ def _toy_tol() -> float:
     return TOY_TOL if jax.config.read("jax_enable_x64") else 1e-5
 
 
-def _toy_runs(cfg) -> dict[str, dyn.Trajectory]:
+def toy_runs(cfg) -> dict[str, dyn.Trajectory]:
     loss = losses.rotational_toy()
     controller = diffrax.PIDController(rtol=_toy_tol(), atol=_toy_tol())
     monitors = (dyn.monitors.Loss(), dyn.monitors.Energy(), ANGULAR_MOMENTUM)
@@ -187,28 +187,41 @@ def _savefig(fig: Figure, path: Path) -> Path:
     return path
 
 
+def draw_toy_path(ax, name: str, traj: dyn.Trajectory) -> None:
+    """One flow's path on the rotational toy on a 3-D axis: unit sphere, the plane y = z
+    normal to ℓ(0) ∝ (0, 1, −1), and how far the path leaves it (shared with gu-rotation)."""
+    w = np.asarray(traj.params)
+    off_plane = float(np.max(np.abs(w[:, 1] - w[:, 2])))
+    dplot.plot_trajectory_3d(traj, ax, color=COLORS[name], plane_normal=(0.0, 1.0, -1.0))
+    ax.set_title(f"{name}:  max$_t\\,|y - z|$ = {off_plane:.1g}")
+    ax.view_init(elev=20, azim=-35)
+
+
+def draw_toy_loss(ax, name: str, traj: dyn.Trajectory) -> None:
+    """One flow's loss on the rotational toy (Głuch & Urbanke Fig. 6; shared with gu-rotation)."""
+    dplot.plot_loss({name: traj}, ax, colors=COLORS, title=name)
+
+
+TOY_PATHS_TITLE = (r"Rotational toy $L(w) = (\|w\|^2 - 1)^2$: paths $w(t)$" "\n"
+                   r"(○ start, × end; wireframe: unit sphere $\|w\| = 1$; shaded: plane $y = z$)")
+TOY_LOSS_TITLE = ("Rotational toy: loss along each flow (cf. Głuch & Urbanke Fig. 6)\n"
+                  r"GF from $w_0 = (0.1, 0.1, 0.1)$;  ND and NAGF from $w_0 = (0.5, 0.5, 0.5)$, "
+                  rf"$\dot w_0 = (-2, 1, 1)$, NAGF at $t_0 = \delta = {TOY_DELTA:g}$")
+
+
 def _fig_toy_trajectories(toy) -> Figure:
     fig = Figure(figsize=(15.0, 5.2), layout="constrained")
     for i, (name, traj) in enumerate(toy.items()):
-        ax = fig.add_subplot(1, 3, i + 1, projection="3d")
-        w = np.asarray(traj.params)
-        off_plane = float(np.max(np.abs(w[:, 1] - w[:, 2])))
-        dplot.plot_trajectory_3d(traj, ax, color=COLORS[name], plane_normal=(0.0, 1.0, -1.0))
-        ax.set_title(f"{name}:  max$_t\\,|y - z|$ = {off_plane:.1g}")
-        ax.view_init(elev=20, azim=-35)
-    fig.suptitle(r"Rotational toy $L(w) = (\|w\|^2 - 1)^2$: paths $w(t)$" "\n"
-                 r"(○ start, × end; wireframe: unit sphere $\|w\| = 1$; shaded: plane $y = z$)")
+        draw_toy_path(fig.add_subplot(1, 3, i + 1, projection="3d"), name, traj)
+    fig.suptitle(TOY_PATHS_TITLE)
     return fig
 
 
 def _fig_toy_loss(toy) -> Figure:
     fig = Figure(figsize=(13.0, 3.8), layout="constrained")
     for i, (name, traj) in enumerate(toy.items()):
-        ax = fig.add_subplot(1, 3, i + 1)
-        dplot.plot_loss({name: traj}, ax, colors=COLORS, title=name)
-    fig.suptitle("Rotational toy: loss along each flow (cf. Głuch & Urbanke Fig. 6)\n"
-                 r"GF from $w_0 = (0.1, 0.1, 0.1)$;  ND and NAGF from $w_0 = (0.5, 0.5, 0.5)$, "
-                 rf"$\dot w_0 = (-2, 1, 1)$, NAGF at $t_0 = \delta = {TOY_DELTA:g}$")
+        draw_toy_loss(fig.add_subplot(1, 3, i + 1), name, traj)
+    fig.suptitle(TOY_LOSS_TITLE)
     return fig
 
 
@@ -265,7 +278,7 @@ def run(out: Path, quick: bool = False) -> dict[str, Path]:
     figures, results = out / "figures", out / "results"
     figures.mkdir(parents=True, exist_ok=True)
 
-    toy = _toy_runs(cfg)
+    toy = toy_runs(cfg)
     mlp = _mlp_runs(cfg)
 
     written = {}

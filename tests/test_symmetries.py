@@ -82,7 +82,13 @@ def test_charges_bad_input():
 
 # --- generators, check, conservation-law count (issue 7) ---------------------------------
 
-from dynamics.symmetries import LinearLayer, Rescaling  # noqa: E402
+from dynamics._symmetries._count import (  # noqa: E402
+    _active_ranks,
+    _alive,
+    generic,
+    random_alive_mlp,
+)
+from dynamics.symmetries import LayerRescaling, LinearLayer, Rescaling  # noqa: E402
 
 
 def test_check_flags_false_symmetries_and_passes_true_ones():
@@ -112,6 +118,10 @@ def test_generator_charges_match_formulas():
     m = np.asarray(dyn.charges.linear_balance(lin)[0])
     e = np.zeros((5, 5))
     e[1, 3] = 1.0
+    # The layer generator is the sum of its neurons' (eq. 30/31): charges add up.
+    np.testing.assert_allclose(LayerRescaling(2).charge(model), np.sum(table[1]), rtol=1e-13)
+    assert dyn.symmetries.check(LayerRescaling(1), _regression(model), model,
+                                key=jax.random.key(0)) < 1e-12  # round-off
     # ⟨w, ξ_A(w)⟩ = ⟨A, M⟩ for A = E_13: the entry M[1, 3].
     np.testing.assert_allclose(LinearLayer(1, e).charge(lin), m[1, 3], rtol=1e-13)
 
@@ -135,81 +145,80 @@ def test_generator_bad_input():
         dyn.symmetries.check(lambda m: m, lambda m: 0.0, relu, key=jax.random.key(0))
 
 
-def _active_model(widths, activation, bias, key, x):
-    """A model whose every hidden neuron is active on some inputs and inactive on others
-    (Marcotte et al.'s count assumes that; a dead neuron adds laws)."""
-    for k in range(50):
-        model = dyn.MLP(widths, activation=activation, bias=bias,
-                        key=jax.random.fold_in(key, k))
-        if bias:
-            model = _random_biases(model, jax.random.fold_in(key, 1000 + k))
-        h, ok = x, True
-        for w_, b_ in zip(model.weights[:-1], model.biases or [None] * len(widths)):
-            z = h @ w_.T + (0 if b_ is None else b_)
-            on = np.mean(np.asarray(z) > 0, axis=0)
-            ok = ok and bool(np.all((on > 0.05) & (on < 0.95)))
-            h = jax.nn.relu(z)
-        if ok:
-            return model
-    raise AssertionError("no model with all neurons alive")
-
-
-def _random_biases(model, key):
-    ks = jax.random.split(key, len(model.biases))
-    new = tuple(0.3 * jax.random.normal(k, b.shape) for k, b in zip(ks, model.biases))
-    return eqx.tree_at(lambda m: m.biases, model, new)
-
-
-def _expected_linear(model):
-    from jax.flatten_util import ravel_pytree
-    w, static = eqx.partition(model, eqx.is_inexact_array)
-    theta, unravel = ravel_pytree(w)
-
-    def balance(th):
-        m = eqx.combine(unravel(th), static)
-        return jnp.concatenate([jnp.ravel(q) for q in dyn.charges.linear_balance(m)])
-
-    return dyn.symmetries.independent_functions(balance, theta)
-
-
-def _count_case(widths, activation, bias, seed):
+def _count_case(widths, relu, bias, seed):
     key = jax.random.key(seed)
     x = jax.random.normal(jax.random.fold_in(key, 7), (60, widths[0]))
-    if isinstance(activation, dyn.Identity):
-        model = dyn.MLP(widths, activation=activation, bias=bias, key=key)
-        expected = _expected_linear(model)
-    else:
-        model = _active_model(widths, activation, bias, key, x)
-        expected = sum(widths[1:-1])  # one law per hidden neuron
+    model = random_alive_mlp(widths, x, relu=relu, bias=bias, key=key)
+    expected = dyn.symmetries.known_count(model, x)
     result = dyn.symmetries.count_conservation_laws(model, x, key=key)
     assert result.count == expected, (widths, bias, result.rank_history)
     # the rank stalled (or filled D) before max_level: the count is not truncated
     assert len(result.rank_history) < 4 or result.rank_history[-1] == result.rank_history[-2]
+    # a clean gap at the threshold 1e-9 (measured: kept ≥ 2e-4, dropped ≤ 2e-13)
+    assert result.singular_values.min() > 1e-6 and result.largest_dropped < 1e-11
     return result
 
 
 def test_count_conservation_laws_small():
-    r = _count_case((3, 4, 2), dyn.Identity(), False, 0)
+    r = _count_case((3, 4, 2), False, False, 0)
     assert r.count == 10  # 4·5/2 entries of W1W1ᵀ − W2ᵀW2, all independent here
-    r = _count_case((3, 4, 3, 2), dyn.ReLU(), True, 1)
+    r = _count_case((3, 4, 3, 2), True, True, 1)
     assert r.count == 7
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", [
     "linear",
-    # Open: (4, 2, 4, 5, 8) with biases counts 16 laws, not 11 (rank stalls at level 2,
-    # 79 of 95); a width-2 bottleneck may need more inputs or deeper brackets. Unresolved.
-    pytest.param("relu", marks=pytest.mark.xfail(reason="see relu_bias", strict=False)),
+    # Open: nets where some layer's input is 2-dimensional (2-4-5-5 and 4-2-8-2 without
+    # biases, 9-3-9-2-6 with) count one law more than known_count although they are
+    # `generic` (every neuron's active inputs of full rank; clean rank gaps, dropped ≤ 3e-12).
+    # Not yet explained; the other draws of both kinds agree.
+    pytest.param("relu", marks=pytest.mark.xfail(
+        reason="a 2-D layer input: one law more than known_count", strict=False)),
     pytest.param("relu_bias", marks=pytest.mark.xfail(
-        reason="(4, 2, 4, 5, 8) with biases: 16 laws counted, 11 expected", strict=False))])
+        reason="a 2-D layer input: one law more than known_count", strict=False))])
 def test_count_conservation_laws_random_architectures(kind):
+    """10 random architectures per kind (depth 2–4, widths 2–9), against known_count. All
+    share one compiled function per bracket level (the padded embedding)."""
     rng = np.random.default_rng({"linear": 0, "relu": 1, "relu_bias": 2}[kind])
-    for seed in range(10):
+    tested, seed = 0, 0
+    while tested < 10:
         depth = int(rng.integers(2, 5))
         widths = tuple(int(n) for n in rng.integers(2, 10, depth + 1))
-        act = dyn.Identity() if kind == "linear" else dyn.ReLU()
-        _count_case(widths, act, kind == "relu_bias", seed)
+        seed += 1
+        try:
+            _count_case(widths, kind != "linear", kind == "relu_bias", seed)
+        except ValueError as e:  # no generic draw (see test_count_width_two_bottleneck)
+            assert "generic" in str(e)
+            continue
+        tested += 1
+
+
+def test_count_width_two_bottleneck():
+    """The case once reported as a bug: ReLU 4-2-4-5-8 with biases counted 16 laws where
+    one per hidden neuron gives 11. The count is right: behind the width-2 layer, four
+    neurons see inputs of deficient rank where they are active (5 directions in all), and
+    those weights carry 5 more laws. `generic` flags the draw; the general path (a custom
+    `forward`, no padding) agrees with the padded one."""
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.fold_in(key, 7), (60, 4))
+    model = None
+    for k in range(50):  # the first draw with every neuron alive, as the old test took
+        m = dyn.MLP((4, 2, 4, 5, 8), bias=True, key=jax.random.fold_in(key, k))
+        ks = jax.random.split(jax.random.fold_in(key, 1000 + k), 4)
+        m = eqx.tree_at(lambda t: t.biases, m,
+                        tuple(0.3 * jax.random.normal(kb, b.shape) for kb, b in zip(ks, m.biases)))
+        if _alive(m, x):
+            model = m
+            break
+    assert not generic(model, x)
+    deficits = sum(int(d.sum()) for d in _active_ranks(model, x)[1:])
+    assert deficits == 5
+    padded = dyn.symmetries.count_conservation_laws(model, x, key=key)
+    general = dyn.symmetries.count_conservation_laws(model, x, key=key,
+                                                     forward=lambda m, x: jax.vmap(m)(x))
+    assert padded.count == general.count == 16
+    with pytest.raises(ValueError, match="deficient rank"):
+        dyn.symmetries.known_count(model, x)
 
 
 def test_count_bad_input():

@@ -143,3 +143,20 @@ def test_monitor_bad_input():
     with pytest.raises(ValueError, match="Tanh"):
         dyn.simulate(dyn.GradientFlow(), tanh, lambda m: jnp.sum(m.weights[0] ** 2), t1=1.0,
                      monitors=(dyn.monitors.SymmetryResidual(Rescaling(1, 0)),))
+
+
+def test_rescaling_residuals_all_neurons():
+    """The vectorised per-neuron residual (eq. 17 for every neuron): round-off for ReLU
+    along ND (each entry is relative to its own neuron's terms), and Tanh refused."""
+    model = dyn.MLP((3, 5, 4, 2), activation=dyn.ReLU(), key=jax.random.key(0))
+    loss = _loss(model)
+    v0 = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), model)
+    traj = dyn.simulate(dyn.NewtonianFlow(), model, loss, t1=0.2, v0=v0,
+                        ts=jnp.linspace(0, 0.2, 3), monitors=(dyn.monitors.RescalingResiduals(),))
+    r = traj.monitors["rescaling_residuals"]
+    assert r.shape == (3, 9)
+    assert np.max(np.abs(r)) < 1e-12  # relative, round-off of a 4-layer MLP
+    with pytest.raises(ValueError, match="Tanh"):
+        tanh = dyn.MLP((3, 5, 2), activation=dyn.Tanh(), key=jax.random.key(0))
+        dyn.simulate(dyn.GradientFlow(), tanh, _loss(tanh), t1=0.1,
+                     monitors=(dyn.monitors.RescalingResiduals(),))

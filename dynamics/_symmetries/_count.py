@@ -9,11 +9,13 @@ and sec. 3.3).
 Numerically: a generic element of V is ∇_θ g_c with g_c(θ) = Σ c_{xj} f_j(x; θ) for random
 coefficients c. Right-nested brackets [g1, [g2, … [g_{k−1}, g_k]]] of level k span the
 level-k part of Lie(V) (Jacobi), and the span of a multilinear map's values is reached by
-random arguments, so S random tuples per level (S ≥ the rank still missing) give the
-level-k directions with probability 1. Brackets are evaluated with `jax.jvp`; the rank
-of all levels so far is taken by SVD in float64 after normalising each direction.
+random arguments: batches of S random tuples per level, until a batch adds fewer than S
+new directions, give the level-k directions with probability 1. Brackets are evaluated
+with `jax.jvp`; the span is grown batch by batch (normalised rows projected off an
+orthonormal basis, SVD of the residual, float64).
 """
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -23,7 +25,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, PRNGKeyArray
 
-from .._tree import all_finite, leaves, partition
+from .._models import MLP, Identity, ReLU
+from .._tree import leaves, partition
+from ._charges import linear_balance as _linear_balance
 
 
 class ConservationLawCount(eqx.Module):
@@ -33,9 +37,10 @@ class ConservationLawCount(eqx.Module):
     - `num_params`: D.
     - `rank_history`: dim of the span of brackets of level ≤ k, k = 1, 2, … (it stalls
       when the Lie algebra is reached).
-    - `singular_values`: normalised singular values of the final stack (the gap at the
-      threshold is what makes the rank trustworthy).
+    - `singular_values`: the sizes of the directions kept (relative, see `threshold`).
     - `threshold`: the relative threshold used.
+    - `largest_dropped`: the largest size dropped (round-off when the rank is clean; the gap
+      between it and the smallest kept value is what makes the rank trustworthy).
     """
 
     count: int
@@ -43,6 +48,7 @@ class ConservationLawCount(eqx.Module):
     rank_history: tuple[int, ...]
     singular_values: np.ndarray
     threshold: float
+    largest_dropped: float = 0.0
 
 
 def _bracket_fields(fn: Callable, theta, coeffs):
@@ -70,12 +76,14 @@ def _bracket_fields(fn: Callable, theta, coeffs):
     return build(0)(theta)
 
 
-def _level_fn(fn: Callable, level: int, samples: int):
-    # One compiled function per (architecture, level): vmap over `samples` coefficient
-    # tuples; the output is (samples, D).
+def _level_fn(fn: Callable, level: int, samples: int, weights=None):
+    # vmap over `samples` coefficient tuples; the output is (samples, D). `weights`
+    # (optional, shaped like fn's output) zeroes the coefficients of padding outputs.
     def evaluate(theta, key):
         n = fn(theta).size
         coeffs = jax.random.normal(key, (samples, level, n), theta.dtype)
+        if weights is not None:
+            coeffs = coeffs * weights
         return jax.vmap(lambda c: _bracket_fields(fn, theta, c))(coeffs)
 
     return evaluate
@@ -87,15 +95,124 @@ def _default_forward(model, xs):
 
 @eqx.filter_jit
 def _level_values(w, static, x, key, level: int, samples: int, forward: Callable):
-    # Module-level and filter-jitted: the cache is keyed on the model's structure, the
-    # shapes, the level and `forward`, so a second call on the same architecture shape
-    # compiles nothing.
+    # The general path (any model, any `forward`): one compile per (structure, shapes,
+    # level, forward).
     theta, unravel = ravel_pytree(w)
 
     def fn(th):
         return jnp.ravel(forward(eqx.combine(unravel(th), static), x))
 
     return _level_fn(fn, level, samples)(theta, key)
+
+
+# --- the padded path for ReLU and linear MLPs -------------------------------------------
+#
+# Every MLP of depth ≤ 4 and width ≤ 12 (and of larger ones, in buckets) is embedded in one
+# padded network: weights (4, W, W) and biases (4, W) multiplied by 0/1 masks, inputs
+# padded to (N, W) with a 0/1 mask on the samples, the depth K and the activation (ReLU or
+# identity) as traced values. Masked parameters get zero gradient and every bracket is zero
+# on them, so the rank is that of the real network; padded samples get zero bracket
+# coefficients. One compiled function per (bucket, bracket level) serves every
+# architecture in the bucket: the 100 random architectures of the issue compile 3–4.
+
+_DEPTHS = (4, 8, 16)
+# One width bucket up to 12 (not 4, 8, 12): the padded net is still tiny, and every
+# architecture of the issue (widths 2–9) then shares one compiled function per level.
+_WIDTHS = (12, 16, 24, 32, 48, 64)
+
+
+def _bucket(n: int, sizes: tuple[int, ...]) -> int:
+    for b in sizes:
+        if n <= b:
+            return b
+    return int(2 ** np.ceil(np.log2(n)))
+
+
+def _padded_forward(theta, data):
+    """Outputs (N, W) of the padded MLP at flat parameters θ = (weights, biases)."""
+    x, _, wmask, bmask, depth, relu = data
+    layers, width = bmask.shape
+    w = theta[: layers * width * width].reshape(layers, width, width) * wmask
+    b = theta[layers * width * width:].reshape(layers, width) * bmask
+    h = x
+    for k in range(layers):
+        z = h @ w[k].T + b[k]
+        act = jnp.where(relu, jax.nn.relu(z), z)
+        # hidden layers k < K − 1 apply σ, layer K − 1 is the linear output, the rest pass h on
+        h = jnp.where(k < depth - 1, act, jnp.where(k == depth - 1, z, h))
+    return h
+
+
+@functools.partial(jax.jit, static_argnames=("level", "samples"))
+def _padded_level_values(theta, data, key, level: int, samples: int):
+    weights = jnp.ravel(jnp.broadcast_to(data[1][:, None], (data[1].size, data[2].shape[1])))
+    return _level_fn(lambda th: jnp.ravel(_padded_forward(th, data)), level, samples,
+                     weights)(theta, key)
+
+
+def _padded(model: MLP, x) -> tuple[jax.Array, tuple, np.ndarray]:
+    """(θ padded, the traced data of `_padded_forward`, the mask of real parameters)."""
+    depth, top = model.depth, max(model.widths)
+    layers, width = _bucket(depth, _DEPTHS), _bucket(top, _WIDTHS)
+    n = _bucket(x.shape[0], tuple(2**k for k in range(4, 31)))
+    w = np.zeros((layers, width, width))
+    b = np.zeros((layers, width))
+    wmask, bmask = np.zeros_like(w), np.zeros_like(b)
+    for k, wk in enumerate(model.weights):
+        o, i = wk.shape
+        w[k, :o, :i], wmask[k, :o, :i] = np.asarray(wk, dtype=np.float64), 1.0
+        if model.biases is not None:
+            b[k, :o], bmask[k, :o] = np.asarray(model.biases[k], dtype=np.float64), 1.0
+    xp = np.zeros((n, width))
+    xp[: x.shape[0], : x.shape[1]] = np.asarray(x, dtype=np.float64)
+    smask = np.zeros(n)
+    smask[: x.shape[0]] = 1.0
+    data = (jnp.asarray(xp), jnp.asarray(smask), jnp.asarray(wmask), jnp.asarray(bmask),
+            jnp.asarray(depth), jnp.asarray(isinstance(model.activation, ReLU)))
+    theta = jnp.asarray(np.concatenate([w.ravel(), b.ravel()]))
+    return theta, data, np.concatenate([wmask.ravel(), bmask.ravel()]) > 0
+
+
+def _paddable(model) -> bool:
+    return (isinstance(model, MLP) and isinstance(model.activation, (ReLU, Identity))
+            and model.betas is None)
+
+
+# --- rank, grown batch by batch --------------------------------------------------------
+
+
+class _Span:
+    """An orthonormal basis of the span of the rows seen so far (float64, numpy).
+
+    A batch of rows is normalised, projected off the basis (twice, classical Gram–Schmidt
+    re-orthogonalised), and its residual's singular values above `threshold` give the new
+    directions. Rows have unit norm, so a residual singular value is the size of a new
+    direction relative to the rows that carry it."""
+
+    def __init__(self, d: int, threshold: float):
+        self.basis = np.zeros((0, d))
+        self.threshold = threshold
+        self.kept: list[float] = []
+        self.dropped = 0.0
+
+    def add(self, rows: np.ndarray) -> int:
+        norms = np.linalg.norm(rows, axis=1)
+        rows = rows[norms > 0] / norms[norms > 0, None]
+        if rows.shape[0] == 0:
+            return 0
+        for _ in range(2):
+            rows = rows - (rows @ self.basis.T) @ self.basis
+        _, s, vt = np.linalg.svd(rows, full_matrices=False)
+        new = s > self.threshold
+        self.kept += list(s[new])
+        if np.any(~new):
+            self.dropped = max(self.dropped, float(s[~new].max()))
+        self.basis = np.concatenate([self.basis, vt[new]])
+        return int(new.sum())
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
 
 
 def _rank(rows: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
@@ -109,8 +226,8 @@ def _rank(rows: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
 
 
 def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
-                            max_level: int = 4, threshold: float = 1e-9,
-                            samples: int | None = None,
+                            max_level: int = 6, threshold: float = 1e-9,
+                            samples: int = 64,
                             forward: Callable | None = None) -> ConservationLawCount:
     """Number of independent conservation laws of gradient flow on `model` near its
     parameters θ, for any loss of the outputs on inputs `x`: D − dim Lie(V)(θ)
@@ -119,19 +236,38 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
     **Arguments:**
 
     - `model`: an Equinox model (e.g. `dyn.MLP`); its floating-point arrays are θ.
-    - `x`: a batch of inputs, shape (N, d_in), N ≥ 1. For ReLU networks use enough inputs
-      that every hidden neuron is active on some and inactive on others.
+    - `x`: a batch of inputs, shape (N, d_in), N ≥ 1.
     - `key`: PRNG key for the random coefficients of the brackets.
     - `max_level`: deepest bracket level (level 1 is V itself). Levels are added until
       the rank stalls (a level adds no direction) or reaches D; the rank history shows
       which.
-    - `threshold`: relative singular-value threshold in float64. Directions are
-      normalised, so a rank-r stack has r singular values O(1)…O(gap) and the rest at
-      round-off, O(ε√D) ≈ 1e-15. Measured on linear and ReLU nets of depth 2–4, widths
-      2–9: the smallest kept value was ≥ 8e-4 and the largest dropped ≤ 6e-16, so 1e-9 sits
-      five decades from both sides. `singular_values` lets a user see the gap.
-    - `samples`: random bracket tuples per level (default D + 4).
+    - `threshold`: singular-value threshold in float64 for a new direction, relative to
+      the unit-norm bracket values that carry it (after projecting off the directions
+      found so far). Measured on linear and ReLU nets of depth 2–4, widths 2–9: kept
+      values ≥ 1e-4, dropped ones ≤ 1e-14, so 1e-9 sits five decades from both sides;
+      `singular_values` (kept) and `largest_dropped` let a user see the gap.
+    - `samples`: random bracket tuples per batch. Each level draws batches until one adds
+      fewer directions than it has tuples: by genericity the span of that level (modulo
+      the lower ones) is then exhausted, so the count does not depend on `samples`, only
+      the cost does.
     - `forward`: `forward(model, x) -> outputs` (default `jax.vmap(model)(x)`).
+
+    A `dyn.MLP` with ReLU or identity activation (the case of Marcotte et al.) is embedded
+    in a padded network of a bucketed shape (depth ≤ 4, width ≤ 12, …) with masks, so one
+    compiled function per bracket level serves every architecture of a bucket; other
+    models compile per structure and level.
+
+    What to expect: linear networks have the independent entries of the balance matrices
+    W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`). ReLU networks have one law per
+    hidden neuron, plus one for each direction of a neuron's incoming weights (and bias)
+    that the data never sees: if the inputs a neuron receives on the samples where it is
+    active (with a 1 for its bias) span only r of its fan_in (+1) dimensions, its in-weights
+    along the other directions do not move under any loss of these outputs, a trivial law
+    each in layer 1; in deeper layers the directions move with the earlier weights and the
+    extra count is smaller (measured: 5 rank-deficient directions gave 5 and 2 more laws on
+    two nets). A narrow layer (width 2) feeding a wider one often causes this: the count is
+    then larger than one per neuron, and right; `known_count` and `generic` say when the
+    closed form applies.
 
     Needs float64 (`jax.config.update("jax_enable_x64", True)`).
     """
@@ -140,43 +276,56 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
             "count_conservation_laws needs float64 for a trustworthy rank; call "
             "jax.config.update('jax_enable_x64', True) first."
         )
-    x = jnp.asarray(x)
+    x = np.asarray(x)
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"`x` must be a non-empty batch of inputs, got shape {x.shape}.")
-    if not bool(jnp.all(jnp.isfinite(x))):
+    if not np.all(np.isfinite(x)):
         raise ValueError("`x` contains NaN or inf.")
     if not leaves(model):
         raise ValueError("`model` has no floating-point parameters.")
-    if not bool(all_finite(partition(model)[0])):
+    # numpy, not jnp: eager jnp ops compile once per new shape, and every architecture
+    # is a new shape (they cost more than the padded count itself)
+    arrays = [np.asarray(a) for a in leaves(model)]
+    if not all(np.all(np.isfinite(a)) for a in arrays):
         raise ValueError("`model` parameters contain NaN or inf; count at a finite point.")
     if isinstance(max_level, bool) or not isinstance(max_level, int) or max_level < 1:
         raise ValueError(f"`max_level` must be a positive int, got {max_level!r}.")
     if not 0 < threshold < 1:
         raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}.")
-    w, static = partition(model)
-    w = jax.tree.map(lambda a: a.astype(jnp.float64), w)
-    d = ravel_pytree(w)[0].size
-    samples = d + 4 if samples is None else int(samples)
-    if samples < 1:
-        raise ValueError(f"`samples` must be positive, got {samples!r}.")
-    forward = _default_forward if forward is None else forward
-    # Level by level, stopping when the rank stalls (or reaches D): each level is one
-    # compiled function, and deep levels (whose compile time doubles per level) are only
-    # built when the shallower ones still add directions.
-    keys = jax.random.split(key, max_level)
-    history, rows = [], np.zeros((0, d))
-    s = np.zeros(0)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"`samples` must be a positive int, got {samples!r}.")
+    d = sum(a.size for a in arrays)
+    if forward is None and _paddable(model) and x.ndim == 2 and x.shape[1] == model.widths[0]:
+        theta, data, _ = _padded(model, x)
+
+        def values(level, k):
+            return _padded_level_values(theta, data, k, level, samples)
+        width = theta.size
+    else:
+        w, static = partition(model)
+        w = jax.tree.map(lambda a: a.astype(jnp.float64), w)
+        fwd = _default_forward if forward is None else forward
+
+        def values(level, k):
+            return _level_values(w, static, x, k, level, samples, fwd)
+        width = d
+    span, history = _Span(width, threshold), []
     for level in range(1, max_level + 1):
-        block = np.asarray(_level_values(w, static, x, keys[level - 1], level, samples,
-                                         forward))
-        rows = np.concatenate([rows, block])
-        r, s = _rank(rows, threshold)
-        history.append(r)
-        if r == d or (level > 1 and r == history[-2]):
+        # every batch but the last adds `samples` directions: at most d // samples + 1.
+        # (fold_in, not split(key, n): a new n would compile a new split.)
+        for batch in range(d // samples + 1):
+            batch_key = jax.random.fold_in(jax.random.fold_in(key, level), batch)
+            added = span.add(np.asarray(values(level, batch_key)))
+            if added < samples or span.rank >= d:
+                break
+        history.append(span.rank)
+        if span.rank >= d or (level > 1 and history[-1] == history[-2]):
             break
     return ConservationLawCount(count=d - history[-1], num_params=d,
-                                rank_history=tuple(history), singular_values=s,
-                                threshold=float(threshold))
+                                rank_history=tuple(history),
+                                singular_values=np.sort(np.asarray(span.kept))[::-1],
+                                threshold=float(threshold),
+                                largest_dropped=span.dropped)
 
 
 def independent_functions(fn: Callable, theta: ArrayLike, threshold: float = 1e-9) -> int:
@@ -185,3 +334,108 @@ def independent_functions(fn: Callable, theta: ArrayLike, threshold: float = 1e-
     with fn the balance matrices W_h W_hᵀ − W_{h+1}ᵀ W_{h+1}."""
     jac = np.asarray(jax.jacfwd(lambda th: jnp.ravel(fn(th)))(jnp.asarray(theta)))
     return _rank(jac, threshold)[0]
+
+
+def _active_ranks(model: MLP, x) -> list[np.ndarray]:
+    """Per layer k (0-based) and neuron i: fan_in (+1 with a bias) minus the rank of the
+    inputs (with a 1 for the bias) that neuron i receives on the samples where it is
+    active (all samples for the linear output layer): the directions of its in-weights
+    that the data does not see at θ."""
+    h = np.asarray(x, dtype=np.float64)
+    bias, out = model.biases is not None, []
+    for k, wk in enumerate(model.weights):
+        z = h @ np.asarray(wk, dtype=np.float64).T
+        if bias:
+            z = z + np.asarray(model.biases[k], dtype=np.float64)
+        hidden = k < model.depth - 1
+        inputs = np.concatenate([h, np.ones((h.shape[0], 1))], 1) if bias else h
+        seen = [inputs[z[:, i] > 0] if hidden else inputs for i in range(z.shape[1])]
+        out.append(np.array([inputs.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0)
+                             for a in seen]))
+        if hidden:
+            h = np.maximum(z, 0.0)
+    return out
+
+
+def _alive(model: MLP, x) -> bool:
+    h = np.asarray(x, dtype=np.float64)
+    for k, wk in enumerate(model.weights[:-1]):
+        z = h @ np.asarray(wk, dtype=np.float64).T
+        if model.biases is not None:
+            z = z + np.asarray(model.biases[k], dtype=np.float64)
+        on = np.mean(z > 0, axis=0)
+        if not np.all((on > 0.05) & (on < 0.95)):
+            return False
+        h = np.maximum(z, 0.0)
+    return True
+
+
+def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
+    """The number of conservation laws known in closed form for a linear or ReLU `dyn.MLP`
+    on inputs `x` (the reference `count_conservation_laws` is tested against):
+
+    - identity activation, no biases: the functionally independent entries of the balance
+      matrices W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`, Marcotte et al. 2023);
+    - ReLU: one per hidden neuron (rescaling; Marcotte et al.'s theorem for two layers, their
+      experiments for more), plus, for each neuron of the first layer, d_in (+1 with a
+      bias) minus the rank of the inputs x (with a 1) on which it is active: its in-weights
+      along directions those fixed inputs do not span never move. This needs every hidden
+      neuron alive (active on some inputs, inactive on others) and, in layers 2..K, every
+      neuron's active inputs spanning its fan_in (+1): otherwise (typically after a width-2
+      layer) further laws appear, whose number has no closed form here (measured: the
+      4-2-4-5-8 net of the tests with 5 rank-deficient directions had 5 more, a 6-7-4-6-8
+      net with 5 had 2 more), and this raises a ValueError.
+    """
+    if not isinstance(model, MLP) or not isinstance(model.activation, (ReLU, Identity)):
+        raise ValueError("known_count: `model` must be a dyn.MLP with ReLU or Identity "
+                         "activation.")
+    if isinstance(model.activation, Identity):
+        if model.biases is not None:
+            raise ValueError("known_count: for linear networks only bias=False is known.")
+        w, static = partition(model)
+        theta, unravel = ravel_pytree(w)
+
+        def balance(th):
+            m = eqx.combine(unravel(th), static)
+            return jnp.concatenate([jnp.ravel(q) for q in _linear_balance(m)])
+
+        return independent_functions(balance, theta, threshold)
+    if not _alive(model, x):
+        raise ValueError("known_count: a hidden neuron is active on fewer than 5% or more "
+                         "than 95% of `x`; the closed form needs every neuron alive.")
+    deficits = _active_ranks(model, x)
+    if any(np.any(d > 0) for d in deficits[1:]):
+        raise ValueError("known_count: a neuron of layers 2..K sees inputs of deficient rank on "
+                         "the samples where it is active; no closed form for that case.")
+    return sum(model.widths[1:-1]) + int(deficits[0].sum())
+
+
+def generic(model: MLP, x: ArrayLike) -> bool:
+    """Whether `known_count` covers a ReLU `model` on `x`: every hidden neuron alive and
+    every neuron of layers 2..K seeing full-rank inputs where it is active."""
+    return _alive(model, x) and not any(np.any(d > 0) for d in _active_ranks(model, x)[1:])
+
+
+def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGKeyArray,
+                     tries: int = 100, require_generic: bool = True) -> MLP:
+    """A random `dyn.MLP` (He initialisation; biases N(0, 0.3²) when `bias`) on which
+    `known_count` holds (`generic`: every hidden ReLU neuron active on 5–95% of `x`, full-
+    rank active inputs in layers 2..K); the first of `tries` draws from `key` that
+    qualifies; with `require_generic=False`, the first with every neuron alive when none is
+    generic. With `relu=False`, an identity MLP (the first draw)."""
+    act = ReLU() if relu else Identity()
+    alive = None
+    for k in range(tries):
+        model = MLP(widths, activation=act, bias=bias, key=jax.random.fold_in(key, k))
+        if bias:
+            ks = jax.random.split(jax.random.fold_in(key, 1000 + k), len(model.biases))
+            model = eqx.tree_at(lambda m: m.biases, model, tuple(
+                0.3 * jax.random.normal(kb, b.shape) for kb, b in zip(ks, model.biases)))
+        if not relu or generic(model, x):
+            return model
+        if alive is None and _alive(model, x):
+            alive = model
+    if alive is not None and not require_generic:
+        return alive
+    raise ValueError(f"random_alive_mlp: none of {tries} draws is generic on `x` (every "
+                     "neuron alive, full-rank active inputs in layers 2..K).")

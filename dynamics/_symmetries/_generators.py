@@ -88,21 +88,6 @@ class Rescaling(AbstractLinearGenerator):
             degree = float(degree)
         self.degree = degree
 
-    def _p(self, model: MLP) -> tuple[float, bool]:
-        trainable_swish = isinstance(model.activation, Swish) and model.betas is not None
-        if self.degree is not None:
-            return self.degree, trainable_swish
-        if trainable_swish:
-            return 1.0, True
-        if model.activation.degree is None:
-            raise ValueError(
-                f"Rescaling: the activation {type(model.activation).__name__} is not "
-                "positively homogeneous, so neuron rescaling is not a symmetry; use ReLU, "
-                "LeakyReLU, RePU, Polynomial, Identity or Swish(trainable=True), or pass "
-                "`degree=` explicitly to test it with dyn.symmetries.check."
-            )
-        return float(model.activation.degree), False
-
     def __call__(self, params):
         model = _check_mlp(params, "params")
         _hidden_layer(model, self.layer, "Rescaling")
@@ -111,21 +96,72 @@ class Rescaling(AbstractLinearGenerator):
                 f"Rescaling: `neuron` = {self.neuron} but hidden layer {self.layer} has "
                 f"{model.widths[self.layer]} neurons (numbered from 0)."
             )
-        p, swish = self._p(model)
-        h, i = self.layer - 1, self.neuron
-        xi = _zeros(model)
-        xi = eqx.tree_at(lambda m: m.weights[h], xi,
-                         xi.weights[h].at[..., i, :].set(model.weights[h][..., i, :]))
-        xi = eqx.tree_at(lambda m: m.weights[h + 1], xi,
-                         xi.weights[h + 1].at[..., :, i].set(
-                             -p * model.weights[h + 1][..., :, i]))
-        if model.biases is not None:
-            xi = eqx.tree_at(lambda m: m.biases[h], xi,
-                             xi.biases[h].at[..., i].set(model.biases[h][..., i]))
-        if swish:
-            xi = eqx.tree_at(lambda m: m.betas[h], xi,
-                             xi.betas[h].at[..., i].set(-model.betas[h][..., i]))
-        return xi
+        return _rescale(model, self.layer, self.neuron, *_degree(model, self.degree))
+
+    def charge(self, params):
+        return vdot(params, self(params))
+
+
+def _degree(model: MLP, degree: float | None) -> tuple[float, bool]:
+    """(p, trainable Swish) of a rescaling generator on `model`; `degree` forces p."""
+    trainable_swish = isinstance(model.activation, Swish) and model.betas is not None
+    if degree is not None:
+        return degree, trainable_swish
+    if trainable_swish:
+        return 1.0, True
+    if model.activation.degree is None:
+        raise ValueError(
+            f"Rescaling: the activation {type(model.activation).__name__} is not "
+            "positively homogeneous, so neuron rescaling is not a symmetry; use ReLU, "
+            "LeakyReLU, RePU, Polynomial, Identity or Swish(trainable=True), or pass "
+            "`degree=` explicitly to test it with dyn.symmetries.check."
+        )
+    return float(model.activation.degree), False
+
+
+def _rescale(model: MLP, layer: int, i, p: float, swish: bool):
+    """ξ of the rescaling of hidden layer `layer`'s neurons `i` (an index or a slice):
+    in-weights and bias ×1, out-weights ×(−p), Swish β ×(−1), zero elsewhere."""
+    h = layer - 1
+    xi = _zeros(model)
+    xi = eqx.tree_at(lambda m: m.weights[h], xi,
+                     xi.weights[h].at[..., i, :].set(model.weights[h][..., i, :]))
+    xi = eqx.tree_at(lambda m: m.weights[h + 1], xi,
+                     xi.weights[h + 1].at[..., :, i].set(-p * model.weights[h + 1][..., :, i]))
+    if model.biases is not None:
+        xi = eqx.tree_at(lambda m: m.biases[h], xi,
+                         xi.biases[h].at[..., i].set(model.biases[h][..., i]))
+    if swish:
+        xi = eqx.tree_at(lambda m: m.betas[h], xi,
+                         xi.betas[h].at[..., i].set(-model.betas[h][..., i]))
+    return xi
+
+
+class LayerRescaling(AbstractLinearGenerator):
+    """All neurons of hidden layer h = `layer` rescaled together (the sum of
+    `Rescaling(layer, i)` over i): ξ = (W_h, b_h, −p W_{h+1}, −β_h) on those blocks.
+
+    Its residual is Głuch & Urbanke's per-layer identity (eq. 30),
+    ⟨W_h, κ2 Ẅ_h + κ1 Ẇ_h⟩ − p⟨W_{h+1}, κ2 Ẅ_{h+1} + κ1 Ẇ_{h+1}⟩ = 0 (with biases,
+    Table 3), and its gradient-flow charge ⟨w, ξ(w)⟩ = ‖W_h‖² + ‖b_h‖² − p‖W_{h+1}‖² − ‖β_h‖²
+    is eq. 31 (Du et al. 2018). `degree` as for `Rescaling`.
+    """
+
+    layer: int = eqx.field(static=True)
+    degree: float | None = eqx.field(static=True, default=None)
+
+    def __init__(self, layer: int, degree: float | None = None):
+        self.layer = _index("layer", layer, 1)
+        if degree is not None:
+            if isinstance(degree, bool) or not isinstance(degree, numbers.Real):
+                raise ValueError(f"`degree` must be a number or None, got {degree!r}.")
+            degree = float(degree)
+        self.degree = degree
+
+    def __call__(self, params):
+        model = _check_mlp(params, "params")
+        _hidden_layer(model, self.layer, "LayerRescaling")
+        return _rescale(model, self.layer, slice(None), *_degree(model, self.degree))
 
     def charge(self, params):
         return vdot(params, self(params))
