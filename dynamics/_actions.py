@@ -15,6 +15,12 @@ with a projection every step, every save at a step end satisfies the constraint.
 A rejected step never acts: diffrax drops the solver state of a rejected step, and
 the trigger's counters live in that state.
 
+An *exact* trigger (`AbstractExactTrigger`: `OnEvent` with a real condition, the
+Filippov mode's switching functions) is located inside the step instead: its first
+zero is root-found on the dense output, the step is retried to end just past it
+(`LandOnEvent`, a controller wrapper, reads the request from the solver's error
+output), and the action fires there.
+
 An action maps (t, y, aux) -> (y, aux), where `aux` is whatever discrete state the
 action carries (a projection's reference state; an activation pattern for a
 piecewise-smooth flow); `init(t0, y0)` gives its first value, once per solve. The
@@ -153,7 +159,8 @@ class AbstractExactTrigger(AbstractTrigger):
 
     A component fires when it goes from φ ≥ 0 to φ < 0. The step's dense output is
     sampled at `samples` points, the first sample interval where an eligible component
-    went negative is bisected to ~1e-13 in t (`_root_finder`), and the step is then
+    went negative is root-found to ~1e-13 in t (the solver's `root_finder`, Illinois
+    in `simulate`), and the step is then
     either retried to end just past the crossing (`LandOnEvent` reads the request) or,
     when the crossing lies within `_END_MARGIN` of its end, acted on there. Components
     negative at the start of a step (just switched, a few ulps on the wrong side) are
