@@ -24,6 +24,7 @@ combination of the pieces' fields) the per-neuron charges of gradient flow are e
 invariants of the Filippov solution, conserved to the solver's tolerance.
 """
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
@@ -271,7 +272,7 @@ class FilippovTrigger(AbstractExactTrigger):
     """The switching functions of `Switching`, on the solver state `y`."""
 
     switching: Switching
-    unpack: callable
+    unpack: Callable
     samples: int = eqx.field(static=True)
 
     def values(self, t, y, state):
@@ -285,8 +286,8 @@ class FilippovAction(AbstractAction):
     (f_new − f_old), exact to O((t1 − t_c)²)."""
 
     switching: Switching
-    unpack: callable
-    pack: callable
+    unpack: Callable
+    pack: Callable
     corrects_itself: ClassVar[bool] = True  # it also processes pairs that crossed after t_c
 
     def __call__(self, t, y, aux):
