@@ -361,7 +361,28 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         return y_out, y_error, dense_info, state, result
 
 
-class LandOnEvent(diffrax.AbstractAdaptiveStepSizeController):
+class _WrappedController(diffrax.AbstractAdaptiveStepSizeController):
+    """A controller around `controller`, whose tolerances and norm it reports."""
+
+    controller: eqx.AbstractVar[diffrax.AbstractAdaptiveStepSizeController]
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):  # pyright: ignore
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
+
+
+class LandOnEvent(_WrappedController):
     """The adaptive controller of a solve with an exact trigger: when the step found a
     crossing inside it (the solver's error output carries the time `t_hit` just past
     it), the step is retried to end there; otherwise `controller` decides as usual.
@@ -379,21 +400,6 @@ class LandOnEvent(diffrax.AbstractAdaptiveStepSizeController):
 
     controller: diffrax.AbstractAdaptiveStepSizeController
     split: bool = eqx.field(static=True, default=False)
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):  # pyright: ignore
-        return self.controller.norm
-
-    def wrap(self, direction):
-        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         if self.split:
@@ -426,7 +432,7 @@ class LandOnEvent(diffrax.AbstractAdaptiveStepSizeController):
         return keep, t_prev, t_next, made_jump, (new_inner, resume), result
 
 
-class LandOnGrid(diffrax.AbstractAdaptiveStepSizeController):
+class LandOnGrid(_WrappedController):
     """An adaptive controller whose steps also end exactly on start + j·period, so
     that an `EveryTime(exact=True)` action fires at its scheduled time. `start` and
     `period` are arrays: a new period does not compile the solve again (diffrax's
@@ -435,21 +441,6 @@ class LandOnGrid(diffrax.AbstractAdaptiveStepSizeController):
     controller: diffrax.AbstractAdaptiveStepSizeController
     start: Array
     period: Array
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):  # pyright: ignore
-        return self.controller.norm
-
-    def wrap(self, direction):
-        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
     def _clip(self, t_prev, t_next, j):
         due = self.start + j * self.period

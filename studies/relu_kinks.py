@@ -125,51 +125,49 @@ def _runs(name: str, cfg) -> tuple[xr.Dataset, dyn.Trajectory]:
     return ds, ref_traj
 
 
-def _plot_work_precision(tables, path):
-    fig = Figure(figsize=(5.2 * len(tables), 4.2))
-    for ax, (name, ds) in zip(fig.subplots(1, len(tables), squeeze=False)[0],
-                              tables.items(), strict=True):
-        for j, solver in enumerate(dict.fromkeys(ds.solver.values)):
-            for exact, style in ((1, "-o"), (0, "--x")):
-                sel = (ds.solver == solver) & (ds.exact == exact) & (ds.finished == 1) \
-                    & (ds.error > 0)
-                if int(sel.sum()) == 0:
-                    continue
-                ax.loglog(ds.wall[sel], ds.error[sel], style, color=f"C{j}",
-                          label=f"{solver} {'Filippov' if exact else 'plain'}")
-        ax.set_xlabel(f"wall time of the solve [s] ({ds.attrs['timing']})")
-        ax.set_ylabel("final-state error, max |w − w_ref|")
-        ax.set_title(f"{name}: GF, reference {ds.attrs['reference']}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.text(0.02, 0.02, "rtol = atol = " + ", ".join(f"{t:g}" for t in
-                sorted(set(ds.tol.values.tolist()), reverse=True)),
-                transform=ax.transAxes, fontsize=7)
+def _figure(items: dict, path, draw) -> None:
+    """One panel per item, side by side: draw(ax, name, item)."""
+    fig = Figure(figsize=(5.2 * len(items), 4.2))
+    for ax, (name, item) in zip(fig.subplots(1, len(items), squeeze=False)[0],
+                                items.items(), strict=True):
+        draw(ax, name, item)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
 
 
-def _plot_steps(tables, path):
-    fig = Figure(figsize=(5.2 * len(tables), 4.2))
-    for ax, (name, ds) in zip(fig.subplots(1, len(tables), squeeze=False)[0],
-                              tables.items(), strict=True):
-        for j, solver in enumerate(dict.fromkeys(ds.solver.values)):
-            for exact, style in ((1, "-o"), (0, "--x")):
-                sel = (ds.solver == solver) & (ds.exact == exact)
-                if int(sel.sum()) == 0:
-                    continue
-                label = f"{solver} {'Filippov' if exact else 'plain'}"
-                ax.loglog(ds.tol[sel], ds.steps[sel], style, color=f"C{j}", label=label)
-                ax.loglog(ds.tol[sel], np.maximum(ds.rejected[sel], 1), style, color=f"C{j}",
-                          alpha=0.35)
-        ax.invert_xaxis()
-        ax.set_xlabel("rtol = atol")
-        ax.set_ylabel("steps (faint: rejected steps)")
-        ax.set_title(f"{name}: steps to t = {ds.attrs['t1']:g}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+def _series(ds, keep=True):
+    """(runs, line style, colour, label) for each solver with and without the mode."""
+    for j, solver in enumerate(dict.fromkeys(ds.solver.values)):
+        for exact, style in ((1, "-o"), (0, "--x")):
+            sel = (ds.solver == solver) & (ds.exact == exact) & keep
+            if int(sel.sum()):
+                yield sel, style, f"C{j}", f"{solver} {'Filippov' if exact else 'plain'}"
+
+
+def _draw_work_precision(ax, name, ds):
+    for sel, style, color, label in _series(ds, (ds.finished == 1) & (ds.error > 0)):
+        ax.loglog(ds.wall[sel], ds.error[sel], style, color=color, label=label)
+    ax.set_xlabel(f"wall time of the solve [s] ({ds.attrs['timing']})")
+    ax.set_ylabel("final-state error, max |w − w_ref|")
+    ax.set_title(f"{name}: GF, reference {ds.attrs['reference']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.text(0.02, 0.02, "rtol = atol = " + ", ".join(f"{t:g}" for t in
+            sorted(set(ds.tol.values.tolist()), reverse=True)),
+            transform=ax.transAxes, fontsize=7)
+
+
+def _draw_steps(ax, name, ds):
+    for sel, style, color, label in _series(ds):
+        ax.loglog(ds.tol[sel], ds.steps[sel], style, color=color, label=label)
+        ax.loglog(ds.tol[sel], np.maximum(ds.rejected[sel], 1), style, color=color,
+                  alpha=0.35)
+    ax.invert_xaxis()
+    ax.set_xlabel("rtol = atol")
+    ax.set_ylabel("steps (faint: rejected steps)")
+    ax.set_title(f"{name}: steps to t = {ds.attrs['t1']:g}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _timeline(traj) -> xr.Dataset:
@@ -179,48 +177,33 @@ def _timeline(traj) -> xr.Dataset:
                       coords={"time": traj.ts})
 
 
-def _plot_timeline(timelines, path):
-    fig = Figure(figsize=(5.2 * len(timelines), 4.2))
-    for ax, (name, tl) in zip(fig.subplots(1, len(timelines), squeeze=False)[0],
-                              timelines.items(), strict=True):
-        t, pairs = tl.time.values, tl.sliding_pairs.values
-        ids = sorted({int(p) for p in pairs.ravel() if p >= 0})
-        for row, p in enumerate(ids):
-            on = (pairs == p).any(axis=1)
-            ax.plot(t[on], np.full(on.sum(), row), "s", ms=3, color="C3")
-        ax.set_yticks(range(len(ids)), [str(p) for p in ids], fontsize=6)
-        ax.set_xlabel("time t")
-        ax.set_ylabel("sliding pair (flat index)")
-        ax.set_title(f"{name}: sliding pairs at the saves; crossings (right)", fontsize=9)
-        twin = ax.twinx()
-        twin.plot(t, tl.crossings.values, color="C0", label="cumulative crossings")
-        twin.set_ylabel("crossings so far")
-        twin.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+def _draw_timeline(ax, name, tl):
+    t, pairs = tl.time.values, tl.sliding_pairs.values
+    ids = sorted({int(p) for p in pairs.ravel() if p >= 0})
+    for row, p in enumerate(ids):
+        on = (pairs == p).any(axis=1)
+        ax.plot(t[on], np.full(on.sum(), row), "s", ms=3, color="C3")
+    ax.set_yticks(range(len(ids)), [str(p) for p in ids], fontsize=6)
+    ax.set_xlabel("time t")
+    ax.set_ylabel("sliding pair (flat index)")
+    ax.set_title(f"{name}: sliding pairs at the saves; crossings (right)", fontsize=9)
+    twin = ax.twinx()
+    twin.plot(t, tl.crossings.values, color="C0", label="cumulative crossings")
+    twin.set_ylabel("crossings so far")
+    twin.legend(fontsize=7, loc="lower right")
 
 
-def _plot_charges(tables, path):
-    fig = Figure(figsize=(5.2 * len(tables), 4.2))
-    for ax, (name, ds) in zip(fig.subplots(1, len(tables), squeeze=False)[0],
-                              tables.items(), strict=True):
-        for j, solver in enumerate(dict.fromkeys(ds.solver.values)):
-            for exact, style in ((1, "-o"), (0, "--x")):
-                sel = (ds.solver == solver) & (ds.exact == exact) & (ds.finished == 1)
-                if int(sel.sum()) == 0:
-                    continue
-                ax.loglog(ds.tol[sel], ds.charge_drift[sel], style, color=f"C{j}",
-                          label=f"{solver} {'Filippov' if exact else 'plain'}")
-        tols = np.sort(np.unique(ds.tol.values))
-        ax.loglog(tols, tols, ":", color="gray", label="drift = tolerance")
-        ax.invert_xaxis()
-        ax.set_xlabel("rtol = atol")
-        ax.set_ylabel("max |Q_i(t) − Q_i(0)| / max |Q_i(0)|")
-        ax.set_title(f"{name}: per-neuron charge drift of GF", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+def _draw_charges(ax, name, ds):
+    for sel, style, color, label in _series(ds, ds.finished == 1):
+        ax.loglog(ds.tol[sel], ds.charge_drift[sel], style, color=color, label=label)
+    tols = np.sort(np.unique(ds.tol.values))
+    ax.loglog(tols, tols, ":", color="gray", label="drift = tolerance")
+    ax.invert_xaxis()
+    ax.set_xlabel("rtol = atol")
+    ax.set_ylabel("max |Q_i(t) − Q_i(0)| / max |Q_i(0)|")
+    ax.set_title(f"{name}: per-neuron charge drift of GF", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def run(out: Path, quick: bool = False) -> dict[str, Path]:
@@ -234,12 +217,12 @@ def run(out: Path, quick: bool = False) -> dict[str, Path]:
         tables[name], ref = _runs(name, cfg)
         timelines[name] = _timeline(ref)
     written = {}
-    for key, plot, arg in (("work_precision", _plot_work_precision, tables),
-                           ("steps", _plot_steps, tables),
-                           ("timeline", _plot_timeline, timelines),
-                           ("charges", _plot_charges, tables)):
+    for key, draw, items in (("work_precision", _draw_work_precision, tables),
+                             ("steps", _draw_steps, tables),
+                             ("timeline", _draw_timeline, timelines),
+                             ("charges", _draw_charges, tables)):
         path = figures / f"relu_kinks_{key}.png"
-        plot(arg, path)
+        _figure(items, path, draw)
         written[key] = path
     nodes = {"/": xr.Dataset(attrs={"study": "relu-kinks", "quick": int(quick)})}
     for name in tables:
