@@ -22,7 +22,7 @@ from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,
     convergence_order as convergence_order,
 )
-from ._filippov import Filippov as Filippov
+from ._filippov import ChatteringWarning as ChatteringWarning, Filippov as Filippov
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
     AbstractFlow as AbstractFlow,

@@ -16,7 +16,7 @@ import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
 from ._events import AbstractEvent, Condition, NonFinite
-from ._filippov import Filippov, data_term_index, is_piecewise_linear
+from ._filippov import ChatteringWarning, Filippov, data_term_index, is_piecewise_linear
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
@@ -249,6 +249,7 @@ def warn_if_chattering(traj, params) -> None:
             "the solver is chattering at the kinks of the loss (its gradient is "
             "discontinuous there). Pass nonsmooth=dyn.Filippov() to integrate through "
             "the kinks exactly, or loosen the tolerance.",
+            ChatteringWarning,
             stacklevel=3,
         )
 

@@ -2,7 +2,9 @@
 saving, the netCDF tree, the float64 guard. Not a study (the leading underscore keeps
 it out of `dynamics list`)."""
 
+import contextlib
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from matplotlib.figure import Figure
 
 import dynamics as dyn
 
-__all__ = ["DPI", "RC", "folders", "require_x64", "save_figures", "save_tree", "say", "timed"]
+__all__ = ["DPI", "RC", "folders", "known_kinks", "require_x64", "save_figures", "save_tree",
+           "say", "step_note", "timed"]
 
 # Paper-sized type; every study's figures share it.
 RC = {
@@ -32,14 +35,32 @@ def say(message: str) -> None:
     print(f"  {message}", flush=True)
 
 
+@contextlib.contextmanager
+def known_kinks():
+    """Silence `dyn.ChatteringWarning` for runs that integrate a ReLU net at a loose
+    tolerance on purpose (the study's figure states the tolerance; `timed` reports the
+    rejected steps in its progress line instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dyn.ChatteringWarning)
+        yield
+
+
+def step_note(result) -> str:
+    """'   N steps (M rejected)' for a `Trajectory` from an adaptive solve, else ''."""
+    stats = getattr(result, "stats", {}) or {}
+    if "num_steps" not in stats:
+        return ""
+    rejected = stats.get("num_rejected_steps", 0)
+    return f"{stats['num_steps']:>7} steps" + (f" ({rejected} rejected)" if rejected else "")
+
+
 def timed(label: str, fn: Callable, *args, **kwargs):
-    """fn(*args, **kwargs), with a progress line giving its wall time (and step count
-    when the result is a `Trajectory`)."""
+    """fn(*args, **kwargs) under `known_kinks`, with a progress line giving its wall time
+    (and steps when the result is a `Trajectory`)."""
     start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    steps = getattr(result, "stats", {}) or {}
-    extra = f"{steps['num_steps']:>7} steps" if "num_steps" in steps else ""
-    say(f"{label:<40}{extra}  {time.perf_counter() - start:6.1f} s")
+    with known_kinks():
+        result = fn(*args, **kwargs)
+    say(f"{label:<40}{step_note(result)}  {time.perf_counter() - start:6.1f} s")
     return result
 
 

@@ -31,7 +31,6 @@ run as attributes. Read it with `xarray.open_datatree(path)`, e.g.
 `xarray.open_dataset(path, group="rotational_toy/nd")`.
 """
 
-import time
 from pathlib import Path
 
 import diffrax
@@ -44,6 +43,8 @@ from matplotlib.figure import Figure
 
 import dynamics as dyn
 from dynamics import datasets, losses, plot as dplot
+
+from ._common import timed
 
 __all__ = ["run"]
 
@@ -87,16 +88,9 @@ def _flows() -> dict[str, dyn.AbstractFlow]:
 ANGULAR_MOMENTUM = dyn.monitors.Function(lambda t, w, v: jnp.cross(w, v), "angular_momentum")
 
 
-def _say(message: str) -> None:
-    print(f"  {message}", flush=True)
-
-
 def _simulate(problem: str, name: str, *args, **kwargs) -> dyn.Trajectory:
-    start = time.perf_counter()
-    traj = dyn.simulate(*args, **kwargs)
-    _say(f"{problem:<15}{name:<5}{traj.stats.get('num_steps', 0):>6} steps  "
-         f"{time.perf_counter() - start:5.1f} s")
-    return traj
+    # the digits MLP is ReLU at a loss-curve tolerance on purpose (see MLP_TOL)
+    return timed(f"{problem:<15}{name}", dyn.simulate, *args, **kwargs)
 
 
 def _toy_tol() -> float:

@@ -76,7 +76,7 @@ def _solve(model, loss, t1, solver, tol, exact, max_steps):
         kw["nonsmooth"] = dyn.Filippov()
     import warnings
     with warnings.catch_warnings():  # the chattering warning is what (a) shows
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", dyn.ChatteringWarning)
         start = time.perf_counter()
         traj = dyn.simulate(dyn.GradientFlow(), model, loss, **kw)
         wall = time.perf_counter() - start

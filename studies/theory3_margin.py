@@ -36,6 +36,8 @@ from matplotlib.figure import Figure
 
 import dynamics as dyn
 
+from ._common import timed
+
 __all__ = ["run"]
 
 CLASSES = (3, 8)
@@ -100,15 +102,11 @@ def _unit_layers(model: dyn.MLP) -> dyn.MLP:
 
 def _simulate(label: str, flow, params, loss, t1, n, tol, monitors,
               solver=None) -> dyn.Trajectory:
-    start = time.perf_counter()
     ts = jnp.logspace(-1, np.log10(t1), n)
-    traj = dyn.simulate(flow, params, loss, t1=float(t1), ts=ts, monitors=monitors,
-                        solver=solver,
-                        stepsize_controller=diffrax.PIDController(rtol=tol[0], atol=tol[1]),
-                        save_params=False, max_steps=200_000)
-    _say(f"{label:<28}{traj.stats.get('num_steps', 0):>7} steps "
-         f"{time.perf_counter() - start:6.1f} s")
-    return traj
+    return timed(label, dyn.simulate, flow, params, loss, t1=float(t1), ts=ts,
+                 monitors=monitors, solver=solver,
+                 stepsize_controller=diffrax.PIDController(rtol=tol[0], atol=tol[1]),
+                 save_params=False, max_steps=200_000)
 
 
 def _normalized_runs(model, loss, data, t1, n, tol, prefix, solver=None, gf=None,

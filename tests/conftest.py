@@ -2,8 +2,15 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
+# Compilation is most of the suite's time and the programs under test are tiny: LLVM's
+# optimisation passes cost more than they save here (measured: a Tsit5 solve compiles in
+# 1.3 s instead of 2.2 s and runs 2.5x slower; the suite as a whole is ~15% faster). The
+# numerics are unchanged (no fast-math either way). A user's own XLA_FLAGS win.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                   "--xla_llvm_disable_expensive_passes=true")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # The numerical checks compare against NumPy/SciPy references at ~1e-12; that needs float64.
 # `DYNAMICS_FLOAT32=1 pytest -m float32` runs instead the float32 subset (tests marked
@@ -16,7 +23,11 @@ if not FLOAT32:
 # Most of the suite's time is XLA compilation, and many tests compile the same program
 # (the same flow, solver and monitors on a toy loss). A per-session on-disk cache lets a
 # later test reuse the executable whenever the lowered program is identical.
-_CACHE = tempfile.mkdtemp(prefix="dynamics-jax-cache-")
+# Made by the controlling process and inherited by the xdist workers through the
+# environment, so that both workers share it; removed by the controller at the end.
+_CACHE = os.environ.get("DYNAMICS_TEST_JAX_CACHE") or tempfile.mkdtemp(
+    prefix="dynamics-jax-cache-")
+os.environ["DYNAMICS_TEST_JAX_CACHE"] = _CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -39,4 +50,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Exact integration of flows on piecewise-linear (ReLU, LeakyReLU) networks."""
 
 from ._mode import (
+    ChatteringWarning as ChatteringWarning,
     Filippov as Filippov,
     FilippovAction as FilippovAction,
     FilippovState as FilippovState,

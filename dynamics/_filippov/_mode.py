@@ -85,6 +85,13 @@ class Filippov(eqx.Module):
         return pair_location(surfaces, p)
 
 
+class ChatteringWarning(UserWarning):
+    """`simulate` on a ReLU or LeakyReLU `dyn.MLP` without `nonsmooth` rejected more than
+    a third of its steps: the adaptive solver is chattering at the activation kinks.
+    The remedy is `nonsmooth=dyn.Filippov()` (or a looser tolerance). A study that runs
+    such a net at a loose tolerance on purpose can filter this class alone."""
+
+
 class FilippovState(eqx.Module):
     """The discrete mode, carried in the solver's state vector with zero derivative
     (so that saves see it; the step-size control ignores it).
@@ -152,6 +159,12 @@ class Switching(eqx.Module):
 
     def multipliers(self, t, w, mode: FilippovState) -> Array:
         """s ∈ R^K with ż_p = 0 on every sliding pair (0.5 on free slots)."""
+        # One trace for the ~50 places a solve asks for them (every stage, every
+        # switching-function sample, the action's decisions): a nested jit is traced
+        # once per signature, where inline calls cost ~0.5 s of tracing each.
+        return _multipliers(self, t, w, mode)
+
+    def _multipliers(self, t, w, mode: FilippovState) -> Array:
         active = mode.slots >= 0
         idx = jnp.where(active, mode.slots, 0).astype(int)
         half = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
@@ -173,13 +186,14 @@ class Switching(eqx.Module):
 
         return jax.lax.cond(active.any(), solve, lambda: half)
 
-    def rate(self, t, w, v, mode: FilippovState):
-        """The Filippov field at (w, v) in `mode`."""
-        return self._rate(t, w, v, self.slopes(mode, self.multipliers(t, w, mode)))
+    def rate(self, t, w, v, mode: FilippovState, s: Array | None = None):
+        """The Filippov field at (w, v) in `mode` (`s`: its multipliers, if known)."""
+        s = self.multipliers(t, w, mode) if s is None else s
+        return self._rate(t, w, v, self.slopes(mode, s))
 
     # -- switching functions ------------------------------------------------------
 
-    def values(self, t, w, mode: FilippovState) -> Array:
+    def values(self, t, w, mode: FilippovState, s: Array | None = None) -> Array:
         """φ: σ_p z_p + band for pairs off the surface (+inf while sliding), then s_k
         and 1 − s_k for occupied slots (+inf for free ones). A component going negative
         is an event.
@@ -189,7 +203,7 @@ class Switching(eqx.Module):
         its own evaluation for a while; without the band its sign noise would be read
         as crossings, each re-entering and leaving the surface (a numerical Zeno loop).
         A true crossing is located where z_p = ∓band, a shift of band/|ż_p| in time."""
-        s = self.multipliers(t, w, mode)
+        s = self.multipliers(t, w, mode) if s is None else s
         z = self.z(w, self.slopes(mode, s))
         sliding = jnp.zeros_like(mode.high).at[self._slot_index(mode)].set(1.0, mode="drop")
         phi_pairs = jnp.where(sliding > 0, jnp.inf, (2.0 * mode.high - 1.0) * z + mode.band)
@@ -224,8 +238,10 @@ class Switching(eqx.Module):
         return FilippovState(high, mode.slots.at[k].set(-1.0), mode.counts.at[2].add(1),
                              mode.band)
 
-    def switch(self, t, w, v, mode: FilippovState, crossed: Array) -> FilippovState:
-        """Process every switching component in `crossed`, most negative first."""
+    def switch(self, t, w, v, mode: FilippovState, crossed: Array,
+               phi: Array) -> tuple[FilippovState, Array]:
+        """Process every switching component in `crossed` (of the values `phi`), most
+        negative first; return the new mode and its multipliers."""
         num_pairs, k_max = self.surfaces.num_pairs, self.max_sliding
 
         def body(carry):
@@ -243,29 +259,31 @@ class Switching(eqx.Module):
             mode = jax.lax.cond(c < num_pairs, pair, leave)
             return mode, crossed, phi
 
-        phi = self.values(t, w, mode)
         mode, _, _ = jax.lax.while_loop(lambda c: c[1].any(), body, (mode, crossed, phi))
+        s = self.multipliers(t, w, mode)
         if not self.first_order:
-            return mode
+            return mode, s
 
         # A pair that entered sliding with its multiplier already outside [0, 1] (a
         # near-tangent arrival, or another pair's switch moved it) leaves at once:
         # otherwise its exit function would start negative and never fire.
-        def outside(mode):
-            s = self.multipliers(t, w, mode)
-            active = mode.slots >= 0
-            return jnp.where(active, jnp.maximum(-s, s - 1.0), 0.0)
+        def excess(mode, s):
+            return jnp.where(mode.slots >= 0, jnp.maximum(-s, s - 1.0), 0.0)
 
         def leave_one(carry):
-            mode, n = carry
-            excess = outside(mode)
-            k = jnp.argmax(excess)
-            s_k = self.multipliers(t, w, mode)[k]
-            return self._exit(mode, k, s_k > 1.0), n + 1
+            mode, s, n = carry
+            k = jnp.argmax(excess(mode, s))
+            mode = self._exit(mode, k, s[k] > 1.0)
+            return mode, self.multipliers(t, w, mode), n + 1
 
-        mode, _ = jax.lax.while_loop(
-            lambda c: (outside(c[0]) > 0).any() & (c[1] < k_max), leave_one, (mode, 0))
-        return mode
+        mode, s, _ = jax.lax.while_loop(
+            lambda c: (excess(c[0], c[1]) > 0).any() & (c[2] < k_max), leave_one, (mode, s, 0))
+        return mode, s
+
+
+@eqx.filter_jit
+def _multipliers(switching: Switching, t, w, mode: FilippovState) -> Array:
+    return switching._multipliers(t, w, mode)
 
 
 class FilippovTrigger(AbstractExactTrigger):
@@ -296,9 +314,10 @@ class FilippovAction(AbstractAction):
     def at_event(self, t, y, aux, t_event, info):
         sw = self.switching
         w, v, mode = self.unpack(y)
-        crossed = (sw.values(t, w, mode) < 0) & info
-        new = sw.switch(t, w, v, mode, crossed)
-        f_old, f_new = sw.rate(t, w, v, mode), sw.rate(t, w, v, new)
+        s = sw.multipliers(t, w, mode)
+        phi = sw.values(t, w, mode, s)
+        new, s_new = sw.switch(t, w, v, mode, (phi < 0) & info, phi)
+        f_old, f_new = sw.rate(t, w, v, mode, s), sw.rate(t, w, v, new, s_new)
         gap = jnp.maximum(t - t_event, 0.0)
         step = jax.tree.map(lambda a, b: gap * (b - a), f_old, f_new)
         if sw.first_order:

@@ -27,7 +27,6 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from .._models import MLP, Identity, ReLU
 from .._tree import leaves, partition
-from ._charges import linear_balance as _linear_balance
 
 
 class ConservationLawCount(eqx.Module):
@@ -336,6 +335,27 @@ def independent_functions(fn: Callable, theta: ArrayLike, threshold: float = 1e-
     return _rank(jac, threshold)[0]
 
 
+def _balance_jacobian(model: MLP) -> np.ndarray:
+    """Jacobian of the entries of every M_h = W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} with respect to
+    the flat weights, in closed form (numpy: `jax.jacfwd` would compile once per
+    architecture, and that cost more than the count it checks):
+    ∂(W Wᵀ)_ij/∂W_ab = δ_ia W_jb + δ_ja W_ib and ∂(VᵀV)_ij/∂V_rc = δ_ci V_rj + δ_cj V_ri."""
+    ws = [np.asarray(w, dtype=np.float64) for w in model.weights]
+    offsets = np.cumsum([0] + [w.size for w in ws])
+    blocks = []
+    for k in range(len(ws) - 1):
+        a, b = ws[k], ws[k + 1]
+        n = a.shape[0]
+        eye = np.eye(n)
+        rows = np.zeros((n, n, offsets[-1]))
+        da = np.einsum("ia,jb->ijab", eye, a) + np.einsum("ja,ib->ijab", eye, a)
+        db = np.einsum("ci,rj->ijrc", eye, b) + np.einsum("cj,ri->ijrc", eye, b)
+        rows[:, :, offsets[k]:offsets[k + 1]] = da.reshape(n, n, -1)
+        rows[:, :, offsets[k + 1]:offsets[k + 2]] = -db.reshape(n, n, -1)
+        blocks.append(rows.reshape(n * n, -1))
+    return np.concatenate(blocks)
+
+
 def _active_ranks(model: MLP, x) -> list[np.ndarray]:
     """Per layer k (0-based) and neuron i: fan_in (+1 with a bias) minus the rank of the
     inputs (with a 1 for the bias) that neuron i receives on the samples where it is
@@ -392,14 +412,7 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
     if isinstance(model.activation, Identity):
         if model.biases is not None:
             raise ValueError("known_count: for linear networks only bias=False is known.")
-        w, static = partition(model)
-        theta, unravel = ravel_pytree(w)
-
-        def balance(th):
-            m = eqx.combine(unravel(th), static)
-            return jnp.concatenate([jnp.ravel(q) for q in _linear_balance(m)])
-
-        return independent_functions(balance, theta, threshold)
+        return _rank(_balance_jacobian(model), threshold)[0]
     if not _alive(model, x):
         raise ValueError("known_count: a hidden neuron is active on fewer than 5% or more "
                          "than 95% of `x`; the closed form needs every neuron alive.")
