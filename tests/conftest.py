@@ -2,15 +2,8 @@ import os
 import shutil
 import tempfile
 
-# Compilation is most of the suite's time and the programs under test are tiny: LLVM's
-# optimisation passes cost more than they save here (measured: a Tsit5 solve compiles in
-# 1.3 s instead of 2.2 s and runs 2.5x slower; the suite as a whole is ~15% faster). The
-# numerics are unchanged (no fast-math either way). A user's own XLA_FLAGS win.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                                   "--xla_llvm_disable_expensive_passes=true")
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # The numerical checks compare against NumPy/SciPy references at ~1e-12; that needs float64.
 # `DYNAMICS_FLOAT32=1 pytest -m float32` runs instead the float32 subset (tests marked
