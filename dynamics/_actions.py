@@ -170,8 +170,15 @@ class AbstractExactTrigger(AbstractTrigger):
     samples: eqx.AbstractVar[int]
 
     @abc.abstractmethod
-    def values(self, t, y, state) -> Array:
-        """φ(t, y), a vector (or scalar) of switching values."""
+    def values(self, t, y, state, args=None) -> Array:
+        """φ(t, y), a vector (or scalar) of switching values; `args` those of the step
+        (`step_args`), or None outside a step."""
+
+    def step_args(self, t0, y0, aux):
+        """The `args` the wrapped solver's step (its field evaluations) and this
+        trigger's values see: data computed once per step at its start (the Filippov
+        mode's linearised multiplier system); by default the action's `aux`."""
+        return aux
 
     def init(self, t0, y0):
         return jnp.atleast_1d(self.values(t0, y0, None)) >= 0
@@ -182,15 +189,15 @@ class AbstractExactTrigger(AbstractTrigger):
     def reset(self, t1, y1, state):
         return jnp.atleast_1d(self.values(t1, y1, state)) >= 0
 
-    def locate(self, t0, t1, interp, state, root_finder):
+    def locate(self, t0, t1, interp, state, root_finder, args=None):
         """(t_c, next state): the earliest crossing in (t0, t1] (inf if none) and the
         eligibility for the next step if the step is accepted without an action."""
         frac = jnp.arange(1, self.samples + 1, dtype=jnp.result_type(t0)) / self.samples
         ts = t0 + (t1 - t0) * frac
         # lax.map, not vmap: a switching function may branch (the Filippov multipliers
         # are solved only while pairs slide), and under vmap both branches would run.
-        phi = jax.lax.map(lambda t: jnp.atleast_1d(self.values(t, interp.evaluate(t), state)),
-                          ts)
+        phi = jax.lax.map(
+            lambda t: jnp.atleast_1d(self.values(t, interp.evaluate(t), state, args)), ts)
         crossed = (phi < 0) & state
         any_j = crossed.any(axis=1)
         j = jnp.argmax(any_j)
@@ -199,7 +206,7 @@ class AbstractExactTrigger(AbstractTrigger):
         which = crossed[j]
 
         def psi(t, _):
-            vals = jnp.atleast_1d(self.values(t, interp.evaluate(t), state))
+            vals = jnp.atleast_1d(self.values(t, interp.evaluate(t), state, args))
             return jnp.min(jnp.where(which, vals, jnp.inf)), None
 
         def find():
@@ -221,7 +228,7 @@ class CrossingTrigger(AbstractExactTrigger):
     direction: bool | None = eqx.field(static=True)
     samples: int = eqx.field(static=True, default=4)
 
-    def values(self, t, y, state):
+    def values(self, t, y, state, args=None):
         c = jnp.asarray(self.condition(t, y))
         # -c fires when c goes up through 0, c when it goes down.
         return {True: -c[None], False: c[None], None: jnp.stack([c, -c])}[self.direction]
@@ -314,14 +321,16 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         return y, inner
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        y1, y_error, dense_info, inner, result = self.solver.step(
-            terms, t0, t1, y0, solver_state.aux, solver_state.inner, made_jump
-        )
         exact = isinstance(self.trigger, AbstractExactTrigger)
+        step_args = (self.trigger.step_args(t0, y0, solver_state.aux) if exact
+                     else solver_state.aux)
+        y1, y_error, dense_info, inner, result = self.solver.step(
+            terms, t0, t1, y0, step_args, solver_state.inner, made_jump
+        )
         if exact:
             interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
             t_c, trigger = self.trigger.locate(t0, t1, interp, solver_state.trigger,
-                                               self.root_finder)
+                                               self.root_finder, step_args)
             margin = _END_MARGIN * (t1 - t0)
             retry = t_c < t1 - margin
             fire = (t_c <= t1) & ~retry

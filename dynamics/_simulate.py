@@ -37,6 +37,7 @@ from ._filippov import (
     FilippovAction,
     FilippovState,
     FilippovTrigger,
+    Linearisation,
     Surfaces,
     Switching,
 )
@@ -105,10 +106,13 @@ class _Layout(eqx.Module):
 def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
            layout: _Layout, integrals: tuple, switching: Switching | None = None):
     if switching is not None:  # y = (w or (w, v), mode): the mode has no derivative
-        def piecewise(t, y, _):
+        def piecewise(t, y, args):
             rest, mode = y
             w, v = (rest, None) if layout.first_order else rest
-            return switching.rate(t, w, v, mode), jax.tree.map(jnp.zeros_like, mode)
+            # inside a step, args is the step's Linearisation (FilippovTrigger.step_args)
+            guess = args if isinstance(args, Linearisation) else None
+            return (switching.rate(t, w, v, mode, guess=guess),
+                    jax.tree.map(jnp.zeros_like, mode))
 
         return diffrax.ODETerm(piecewise)
     if isinstance(solver, AbstractFlowSolver):  # it needs more of the flow (e.g. κ1, κ2)

@@ -6,6 +6,7 @@ from ._mode import (
     FilippovAction as FilippovAction,
     FilippovState as FilippovState,
     FilippovTrigger as FilippovTrigger,
+    Linearisation as Linearisation,
     Switching as Switching,
 )
 from ._surfaces import (

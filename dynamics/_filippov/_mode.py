@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array
+from jaxtyping import Array, PyTree
 
 from .._actions import AbstractAction, AbstractExactTrigger
 from .._problem import Problem
@@ -107,6 +107,14 @@ class FilippovState(eqx.Module):
     band: Array
 
 
+class Linearisation(eqx.Module):
+    """The sliding multipliers `s` at a step's start and the lineax LU state of their
+    system's Jacobian there (identity while nothing slides)."""
+
+    s: Array
+    lu: PyTree
+
+
 class Switching(eqx.Module):
     """The piecewise-smooth field of a flow on a piecewise-linear network."""
 
@@ -157,43 +165,86 @@ class Switching(eqx.Module):
         wdot = self._rate(t, w, v, d) if self.first_order else v
         return jax.jvp(lambda u: self.z(u, d), (w,), (wdot,))[1]
 
-    def multipliers(self, t, w, mode: FilippovState) -> Array:
-        """s ∈ R^K with ż_p = 0 on every sliding pair (0.5 on free slots)."""
+    def multipliers(self, t, w, mode: FilippovState, guess: "Linearisation | None" = None
+                    ) -> Array:
+        """s ∈ R^K with ż_p = 0 on every sliding pair (0.5 on free slots). `guess`: the
+        step's `linearise` at its start, for chord iterations (same mode only)."""
         # One trace for the ~50 places a solve asks for them (every stage, every
         # switching-function sample, the action's decisions): a nested jit is traced
         # once per signature, where inline calls cost ~0.5 s of tracing each.
-        return _multipliers(self, t, w, mode)
+        return _multipliers(self, t, w, mode, guess)
 
-    def _multipliers(self, t, w, mode: FilippovState) -> Array:
+    def _residual(self, t, w, mode: FilippovState):
         active = mode.slots >= 0
         idx = jnp.where(active, mode.slots, 0).astype(int)
-        half = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
-        if not self.first_order:
-            return half
 
-        def residual(s, _):
+        def residual(s, _=None):
             zdot = self.zdot(t, w, None, self.slopes(mode, s))
             return jnp.where(active, zdot[idx], s - 0.5)
 
-        def solve():
+        return residual
+
+    def _multipliers(self, t, w, mode: FilippovState, guess) -> Array:
+        active = mode.slots >= 0
+        half = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
+        if not self.first_order:
+            return half
+        residual = self._residual(t, w, mode)
+        eps = jnp.finfo(half.dtype).eps
+
+        def newton(start):
             # The system is affine in s up to O(z_p) and the rare product of two
             # sliding slopes on one example (layers multiply in the backward pass), so
             # Newton converges in 1–3 iterations.
-            eps = jnp.finfo(half.dtype).eps
-            newton = optx.Newton(rtol=1e3 * eps, atol=1e3 * eps, linear_solver=lx.LU())
-            sol = optx.root_find(residual, newton, half, throw=False, max_steps=32)
-            return sol.value
+            solver = optx.Newton(rtol=1e3 * eps, atol=1e3 * eps, linear_solver=lx.LU())
+            return optx.root_find(residual, solver, start, throw=False, max_steps=32).value
 
-        return jax.lax.cond(active.any(), solve, lambda: half)
+        if guess is None:
+            return jax.lax.cond(active.any(), lambda: newton(half), lambda: half)
 
-    def rate(self, t, w, v, mode: FilippovState, s: Array | None = None):
+        def chord():
+            # Newton with the Jacobian of the step's start (Kelley 2003, sec. 5.4): within
+            # a step s and J move by O(h), so each iteration gains a factor O(h) at the
+            # cost of one ż (a few gradients) instead of a K-column Jacobian. Falls back
+            # to Newton in the rare case it stalls.
+            lu = lx.LU()
+
+            def body(carry):
+                s, _, n = carry
+                ds = lu.compute(guess.lu, residual(s), {})[0]
+                return s - ds, jnp.max(jnp.abs(ds)), n + 1
+
+            s, last, _ = jax.lax.while_loop(lambda c: (c[1] > 1e3 * eps) & (c[2] < 8), body,
+                                            (guess.s, jnp.asarray(jnp.inf, half.dtype), 0))
+            return jax.lax.cond(last <= 1e3 * eps, lambda: s, lambda: newton(s))
+
+        return jax.lax.cond(active.any(), chord, lambda: half)
+
+    def linearise(self, t, w, mode: FilippovState) -> "Linearisation":
+        """The multipliers at (t, w) and the LU factors of their system's Jacobian there:
+        computed once per step, they make every other solve of the step a few chord
+        iterations (`multipliers(..., guess=)`)."""
+        s = self.multipliers(t, w, mode)
+        lu = lx.LU()
+
+        def factor(s):
+            jac = jax.jacfwd(self._residual(t, w, mode))(s)
+            return lu.init(lx.MatrixLinearOperator(jac), {})
+
+        eye = jnp.eye(self.max_sliding, dtype=s.dtype)
+        state = jax.lax.cond((mode.slots >= 0).any(), factor,
+                             lambda s: lu.init(lx.MatrixLinearOperator(eye), {}), s)
+        return Linearisation(s, state)
+
+    def rate(self, t, w, v, mode: FilippovState, s: Array | None = None, guess=None):
         """The Filippov field at (w, v) in `mode` (`s`: its multipliers, if known)."""
-        s = self.multipliers(t, w, mode) if s is None else s
+        s = self.multipliers(t, w, mode, guess) if s is None else s
         return self._rate(t, w, v, self.slopes(mode, s))
 
     # -- switching functions ------------------------------------------------------
 
-    def values(self, t, w, mode: FilippovState, s: Array | None = None) -> Array:
+    def values(self, t, w, mode: FilippovState, s: Array | None = None,
+               guess=None) -> Array:
         """φ: σ_p z_p + band for pairs off the surface (+inf while sliding), then s_k
         and 1 − s_k for occupied slots (+inf for free ones). A component going negative
         is an event.
@@ -203,7 +254,7 @@ class Switching(eqx.Module):
         its own evaluation for a while; without the band its sign noise would be read
         as crossings, each re-entering and leaving the surface (a numerical Zeno loop).
         A true crossing is located where z_p = ∓band, a shift of band/|ż_p| in time."""
-        s = self.multipliers(t, w, mode) if s is None else s
+        s = self.multipliers(t, w, mode, guess) if s is None else s
         z = self.z(w, self.slopes(mode, s))
         sliding = jnp.zeros_like(mode.high).at[self._slot_index(mode)].set(1.0, mode="drop")
         phi_pairs = jnp.where(sliding > 0, jnp.inf, (2.0 * mode.high - 1.0) * z + mode.band)
@@ -282,8 +333,8 @@ class Switching(eqx.Module):
 
 
 @eqx.filter_jit
-def _multipliers(switching: Switching, t, w, mode: FilippovState) -> Array:
-    return switching._multipliers(t, w, mode)
+def _multipliers(switching: Switching, t, w, mode: FilippovState, guess) -> Array:
+    return switching._multipliers(t, w, mode, guess)
 
 
 class FilippovTrigger(AbstractExactTrigger):
@@ -293,9 +344,13 @@ class FilippovTrigger(AbstractExactTrigger):
     unpack: Callable
     samples: int = eqx.field(static=True)
 
-    def values(self, t, y, state):
+    def values(self, t, y, state, args=None):
         w, _, mode = self.unpack(y)
-        return self.switching.values(t, w, mode)
+        return self.switching.values(t, w, mode, guess=args)
+
+    def step_args(self, t0, y0, aux):
+        w, _, mode = self.unpack(y0)
+        return self.switching.linearise(t0, w, mode)
 
 
 class FilippovAction(AbstractAction):
