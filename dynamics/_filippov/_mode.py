@@ -226,12 +226,14 @@ class Switching(eqx.Module):
         iterations (`multipliers(..., guess=)`)."""
         s = self.multipliers(t, w, mode)
         lu = lx.LU()
+        eye = jnp.eye(self.max_sliding, dtype=s.dtype)
+        if not self.first_order:  # second-order flows cross, never slide
+            return Linearisation(s, lu.init(lx.MatrixLinearOperator(eye), {}))
 
         def factor(s):
             jac = jax.jacfwd(self._residual(t, w, mode))(s)
             return lu.init(lx.MatrixLinearOperator(jac), {})
 
-        eye = jnp.eye(self.max_sliding, dtype=s.dtype)
         state = jax.lax.cond((mode.slots >= 0).any(), factor,
                              lambda s: lu.init(lx.MatrixLinearOperator(eye), {}), s)
         return Linearisation(s, state)
