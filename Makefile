@@ -2,7 +2,12 @@
 # missing, and reinstalls the package when pyproject.toml is newer than the last install.
 PYTHON ?= python3
 VENV := .venv
-TORCH_INDEX := https://download.pytorch.org/whl/cpu
+# Extra package index for torch, empty by default: pip's own configuration decides (a
+# machine with a local wheel house of the CPU build uses it). On a plain PyPI machine,
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the CPU build instead
+# of torch's default CUDA one (~3 GB).
+TORCH_INDEX ?=
+TORCH_FLAGS = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 STAMP := $(VENV)/.installed
 TORCH_STAMP := $(VENV)/.torch
 
@@ -14,12 +19,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# torch (CPU build) for the torchdiffeq adapter's test, `make test` only (the demo does
-# not need it). Where PyTorch's index cannot be reached the suite still runs and that
-# test skips, saying why.
+# torch for the torchdiffeq adapter's test, `make test` only (the demo does not need
+# it). Where it cannot be installed the suite still runs and that test skips, saying why.
 $(TORCH_STAMP): $(STAMP)
-	$(VENV)/bin/python -m pip install --quiet -e ".[torch]" --extra-index-url $(TORCH_INDEX) \
-		|| echo "torch (CPU) not installed: the torchdiffeq test will skip"
+	$(VENV)/bin/python -m pip install --quiet --retries 1 --timeout 30 -e ".[torch]" \
+		$(TORCH_FLAGS) || echo "torch not installed: the torchdiffeq test will skip"
 	touch $(TORCH_STAMP)
 
 demo: $(STAMP)
@@ -33,7 +37,7 @@ test: $(STAMP) $(TORCH_STAMP)
 	DYNAMICS_FLOAT32=1 $(VENV)/bin/python -m pytest -q -m float32 tests/test_float32.py
 
 bench: $(STAMP)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,bench]" --extra-index-url $(TORCH_INDEX)
+	$(VENV)/bin/python -m pip install --quiet -e ".[test,bench]" $(TORCH_FLAGS)
 	$(VENV)/bin/python benchmarks/run_all.py
 
 lint: $(STAMP)
