@@ -157,17 +157,22 @@ def _draw_work_precision(ax, name, ds):
             transform=ax.transAxes, fontsize=7)
 
 
+def _tolerance_axis(ax, ylabel: str, title: str) -> None:
+    """Finish a panel against the tolerance (tightest on the right)."""
+    ax.invert_xaxis()
+    ax.set_xlabel("rtol = atol")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _draw_steps(ax, name, ds):
     for sel, style, color, label in _series(ds):
         ax.loglog(ds.tol[sel], ds.steps[sel], style, color=color, label=label)
         ax.loglog(ds.tol[sel], np.maximum(ds.rejected[sel], 1), style, color=color,
                   alpha=0.35)
-    ax.invert_xaxis()
-    ax.set_xlabel("rtol = atol")
-    ax.set_ylabel("steps (faint: rejected steps)")
-    ax.set_title(f"{name}: steps to t = {ds.attrs['t1']:g}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _tolerance_axis(ax, "steps (faint: rejected steps)", f"{name}: steps to t = {ds.attrs['t1']:g}")
 
 
 def _timeline(traj) -> xr.Dataset:
@@ -198,12 +203,8 @@ def _draw_charges(ax, name, ds):
         ax.loglog(ds.tol[sel], ds.charge_drift[sel], style, color=color, label=label)
     tols = np.sort(np.unique(ds.tol.values))
     ax.loglog(tols, tols, ":", color="gray", label="drift = tolerance")
-    ax.invert_xaxis()
-    ax.set_xlabel("rtol = atol")
-    ax.set_ylabel("max |Q_i(t) − Q_i(0)| / max |Q_i(0)|")
-    ax.set_title(f"{name}: per-neuron charge drift of GF", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _tolerance_axis(ax, "max |Q_i(t) − Q_i(0)| / max |Q_i(0)|",
+                    f"{name}: per-neuron charge drift of GF")
 
 
 def run(out: Path, quick: bool = False) -> dict[str, Path]:

@@ -27,6 +27,15 @@ def _zeros(params: PyTree) -> PyTree:
                         params)
 
 
+def _optional_degree(degree) -> float | None:
+    """A rescaling generator's `degree`: a real number (as float) or None."""
+    if degree is None:
+        return None
+    if isinstance(degree, bool) or not isinstance(degree, numbers.Real):
+        raise ValueError(f"`degree` must be a number or None, got {degree!r}.")
+    return float(degree)
+
+
 def _index(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
@@ -82,11 +91,7 @@ class Rescaling(AbstractLinearGenerator):
     def __init__(self, layer: int, neuron: int, degree: float | None = None):
         self.layer = _index("layer", layer, 1)
         self.neuron = _index("neuron", neuron, 0)
-        if degree is not None:
-            if isinstance(degree, bool) or not isinstance(degree, numbers.Real):
-                raise ValueError(f"`degree` must be a number or None, got {degree!r}.")
-            degree = float(degree)
-        self.degree = degree
+        self.degree = _optional_degree(degree)
 
     def __call__(self, params):
         model = _check_mlp(params, "params")
@@ -152,11 +157,7 @@ class LayerRescaling(AbstractLinearGenerator):
 
     def __init__(self, layer: int, degree: float | None = None):
         self.layer = _index("layer", layer, 1)
-        if degree is not None:
-            if isinstance(degree, bool) or not isinstance(degree, numbers.Real):
-                raise ValueError(f"`degree` must be a number or None, got {degree!r}.")
-            degree = float(degree)
-        self.degree = degree
+        self.degree = _optional_degree(degree)
 
     def __call__(self, params):
         model = _check_mlp(params, "params")
