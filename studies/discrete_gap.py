@@ -43,6 +43,8 @@ from matplotlib.ticker import NullFormatter
 import dynamics as dyn
 from dynamics import datasets, discrete, losses
 
+from ._common import folders
+
 __all__ = ["run"]
 
 WIDTHS = (64, 16, 10)
@@ -275,9 +277,7 @@ def _fig_edge(edge) -> Figure:
 
 def run(out: Path, quick: bool = False) -> dict[str, Path]:
     cfg = QUICK if quick else FULL
-    out = Path(out)
-    figures, results = out / "figures", out / "results"
-    figures.mkdir(parents=True, exist_ok=True)
+    figures, results = folders(out)
     orders = _orders(cfg)
     charges = _charges(cfg)
     decay = _decay(cfg)

@@ -42,6 +42,8 @@ from matplotlib.figure import Figure
 import dynamics as dyn
 from dynamics import datasets, losses
 
+from ._common import folders
+
 __all__ = ["run"]
 
 REF_TOL = 1e-12
@@ -318,9 +320,7 @@ def _fig_charges(ds) -> Figure:
 
 def run(out: Path, quick: bool = False) -> dict[str, Path]:
     cfg = QUICK if quick else FULL
-    out = Path(out)
-    figures, results = out / "figures", out / "results"
-    figures.mkdir(parents=True, exist_ok=True)
+    figures, results = folders(out)
     tanh = _wp_gf(cfg, dyn.Tanh())
     relu = _wp_gf(cfg, dyn.ReLU())
     toy = _wp_toy(cfg)

@@ -33,6 +33,8 @@ from matplotlib.figure import Figure
 
 import dynamics as dyn
 
+from ._common import folders
+
 __all__ = ["run"]
 
 SOLVERS = {"Tsit5": diffrax.Tsit5, "Dopri5": diffrax.Dopri5, "Dopri8": diffrax.Dopri8}
@@ -209,10 +211,7 @@ def _draw_charges(ax, name, ds):
 
 def run(out: Path, quick: bool = False) -> dict[str, Path]:
     cfg = QUICK if quick else FULL
-    out = Path(out)
-    figures, results = out / "figures", out / "results"
-    figures.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    figures, results = folders(out)
     tables, timelines = {}, {}
     for name in cfg["problems"]:
         tables[name], ref = _runs(name, cfg)
