@@ -60,11 +60,11 @@ class AbstractAction(eqx.Module):
     def __call__(self, t, y: PyTree, aux: PyTree) -> tuple[PyTree, PyTree]:
         """The acted state and the new `aux`."""
 
-    def at_event(self, t, y: PyTree, aux: PyTree, t_event, info: PyTree):
+    def at_event(self, t, y: PyTree, aux: PyTree, t_event, info: PyTree, args=None):
         """The action at the end `t` of a step in which an exact trigger located its
         crossing at `t_event` (<= t, within `_END_MARGIN` of the step); `info` is the
-        trigger's state before the step. Used when `corrects_itself` (or the trigger is
-        not exact: then `t_event` = `t`)."""
+        trigger's state before the step, `args` the step's `step_args`. Used when
+        `corrects_itself` (or the trigger is not exact: then `t_event` = `t`)."""
         return self(t, y, aux)
 
 
@@ -174,10 +174,12 @@ class AbstractExactTrigger(AbstractTrigger):
         """φ(t, y), a vector (or scalar) of switching values; `args` those of the step
         (`step_args`), or None outside a step."""
 
-    def step_args(self, t0, y0, aux):
+    def step_args(self, t0, y0, aux, previous=None):
         """The `args` the wrapped solver's step (its field evaluations) and this
         trigger's values see: data computed once per step at its start (the Filippov
-        mode's linearised multiplier system); by default the action's `aux`."""
+        mode's linearised multiplier system); by default the action's `aux`.
+        `previous`: what it returned for the last accepted step (or after the last
+        action), to start from; None at t0."""
         return aux
 
     def init(self, t0, y0):
@@ -186,8 +188,8 @@ class AbstractExactTrigger(AbstractTrigger):
     def fires(self, t0, t1, y0, y1, state):
         raise NotImplementedError("an exact trigger is located, not polled")
 
-    def reset(self, t1, y1, state):
-        return jnp.atleast_1d(self.values(t1, y1, state)) >= 0
+    def reset(self, t1, y1, state, args=None):
+        return jnp.atleast_1d(self.values(t1, y1, state, args)) >= 0
 
     def locate(self, t0, t1, interp, state, root_finder, args=None):
         """(t_c, next state): the earliest crossing in (t0, t1] (inf if none) and the
@@ -263,6 +265,7 @@ class _ActingState(eqx.Module):
     inner: PyTree
     trigger: PyTree
     aux: PyTree
+    args: PyTree  # an exact trigger's `step_args` of the last step (None otherwise)
     count: Array
     times: Array
 
@@ -305,10 +308,12 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
     def init(self, terms, t0, t1, y0, args):
         dtype = jnp.result_type(t0)
         aux = self.action.init(t0, y0)
+        args = self._step_args(t0, y0, aux, None)
         return _ActingState(
-            inner=self.solver.init(terms, t0, t1, y0, aux),
+            inner=self.solver.init(terms, t0, t1, y0, aux if args is None else args),
             trigger=self.trigger.init(t0, y0),
             aux=aux,
+            args=args,
             count=jnp.array(0),
             times=jnp.full(self.n_record, jnp.inf, dtype=dtype),
         )
@@ -320,9 +325,14 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             y = (y[0], inner[1])
         return y, inner
 
+    def _step_args(self, t, y, aux, previous):
+        if isinstance(self.trigger, AbstractExactTrigger):
+            return self.trigger.step_args(t, y, aux, previous)
+        return None
+
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         exact = isinstance(self.trigger, AbstractExactTrigger)
-        step_args = (self.trigger.step_args(t0, y0, solver_state.aux) if exact
+        step_args = (self._step_args(t0, y0, solver_state.aux, solver_state.args) if exact
                      else solver_state.aux)
         y1, y_error, dense_info, inner, result = self.solver.step(
             terms, t0, t1, y0, step_args, solver_state.inner, made_jump
@@ -354,18 +364,24 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
                 y = jax.tree.map(lambda a, b: a + (t1 - t_c) * b, y, f)
             else:
                 y, aux = self.action.at_event(t1, y1, solver_state.aux, t_c,
-                                              solver_state.trigger)
-            y, fresh = self._fresh(terms, t0, t1, y, aux)
-            return y, aux, fresh, self.trigger.reset(t1, y, trigger)
+                                              solver_state.trigger, step_args)
+            if not exact:
+                y, fresh = self._fresh(terms, t0, t1, y, aux)
+                return y, aux, fresh, self.trigger.reset(t1, y, trigger), None
+            # The acted state's step args, started from this step's: the restart's
+            # first derivative, the eligibility and the next step all use them.
+            new_args = self._step_args(t1, y, aux, step_args)
+            y, fresh = self._fresh(terms, t0, t1, y, new_args)
+            return y, aux, fresh, self.trigger.reset(t1, y, trigger, new_args), new_args
 
         def keep():
-            return y1, solver_state.aux, inner, trigger
+            return y1, solver_state.aux, inner, trigger, step_args if exact else None
 
-        y_out, aux, inner, trigger = jax.lax.cond(fire, act, keep)
+        y_out, aux, inner, trigger, kept = jax.lax.cond(fire, act, keep)
         # Out-of-range indices are dropped: past `n_record` only `count` goes on.
         index = jnp.where(fire, solver_state.count, self.n_record)
         times = solver_state.times.at[index].set(t_c, mode="drop")
-        state = _ActingState(inner, trigger, aux, solver_state.count + fire, times)
+        state = _ActingState(inner, trigger, aux, kept, solver_state.count + fire, times)
         dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire)
         return y_out, y_error, dense_info, state, result
 

@@ -16,7 +16,13 @@ import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
 from ._events import AbstractEvent, Condition, NonFinite
-from ._filippov import ChatteringWarning, Filippov, data_term_index, is_piecewise_linear
+from ._filippov import (
+    ChatteringWarning,
+    Filippov,
+    FilippovStall,
+    data_term_index,
+    is_piecewise_linear,
+)
 from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
@@ -411,6 +417,8 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
 
     nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver, stepsize_controller,
                                     schedule, monitors, flow)
+    if nonsmooth is not None:
+        events = events + (FilippovStall(),)
     problem = Problem(flow, loss, static)
     y0 = w0 if v0 is None else (w0, v0)
     _check_user_functions(problem, monitors, events, t0, w0, v0)

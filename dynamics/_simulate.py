@@ -35,6 +35,7 @@ from ._events import (
 from ._filippov import (
     Filippov,
     FilippovAction,
+    FilippovStall,
     FilippovState,
     FilippovTrigger,
     Linearisation,
@@ -302,6 +303,9 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
         return fn
 
     def cond(event):
+        if isinstance(event, FilippovStall):  # reads the mode, not (w, v)
+            return lambda t, y, args, **kwargs: event.stalled(y[1])
+
         def fn(t, y, args, **kwargs):
             w, v, _, _ = layout.unpack(y)
             return event.condition(t, w, v, problem)
@@ -340,6 +344,9 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
         max_steps=max_steps,
         throw=False,  # failures are reported on the Trajectory (and raised if asked)
         progress_meter=progress_meter,
+        # `simulate` is not differentiated (it reads the result in Python), so no
+        # checkpointed loop: a plain while loop traces and compiles ~10-30% faster.
+        adjoint=diffrax.ForwardMode(),
     )
     actions = None
     if schedule is not None or nonsmooth is not None:
@@ -447,7 +454,18 @@ def simulate(
                                  divergence=AbstractDivergenceEvent)
     if nonsmooth is None:
         warn_if_chattering(traj, params)
-    else:
-        for name in _MODE_MONITORS:
-            traj.monitors[name] = np.asarray(traj.monitors[name]).astype(int)
+        return traj
+    for name in _MODE_MONITORS:
+        traj.monitors[name] = np.asarray(traj.monitors[name]).astype(int)
+    if traj.event == FilippovStall.name:
+        overflow = int(traj.monitors["sliding_overflow"][-1])
+        message = (
+            f"simulate: the Filippov mode stalled at t = {traj.t_final:.6g}: "
+            f"{FilippovStall.switches} switches within 1e-6 in t that overflowed or did "
+            f"not advance time ({overflow} sliding overflows in all, max_sliding = "
+            f"{nonsmooth.max_sliding}); pass dyn.Filippov(max_sliding=...) with more slots."
+        )
+        if throw:
+            raise RuntimeError(message + " (throw=False returns the partial trajectory.)")
+        traj = eqx.tree_at(lambda t: (t.success, t.result), traj, (False, message))
     return traj

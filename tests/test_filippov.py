@@ -213,6 +213,23 @@ def test_chattering_warning_names_the_remedy():
     assert traj.stats["num_rejected_steps"] < traj.stats["num_steps"] / 3
 
 
+def test_sliding_overflow_stops_flagged_instead_of_chattering():
+    # With one slot the 5-7-6-3 net soon wants a second pair to slide: it crosses
+    # instead, is pushed straight back, crosses again (~1e-9 of t per switch); without
+    # the stall event this ran to max_steps at t ≈ 2.05. (With the default 64 slots the
+    # same run reaches t = 3: the slow tests.)
+    model, loss = _network()
+    kw = dict(t1=2.5, solver=diffrax.Dopri5(), nonsmooth=dyn.Filippov(max_sliding=1),
+              stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8))
+    traj = dyn.simulate(dyn.GradientFlow(), model, loss, throw=False, **kw)
+    assert traj.event == "filippov_stall" and not traj.success
+    assert "max_sliding" in traj.result and 1.5 < traj.t_final < 2.5
+    assert traj.monitors["sliding_overflow"][-1] >= 1
+    assert traj.stats["num_steps"] < 5_000  # stopped, not run to max_steps
+    with pytest.raises(RuntimeError, match=r"stalled at t = .*max_sliding"):
+        dyn.simulate(dyn.GradientFlow(), model, loss, **kw)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(params="tanh"), "piecewise-linear"),
     (dict(loss="toy"), "data losses"),

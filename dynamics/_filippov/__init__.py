@@ -4,6 +4,7 @@ from ._mode import (
     ChatteringWarning as ChatteringWarning,
     Filippov as Filippov,
     FilippovAction as FilippovAction,
+    FilippovStall as FilippovStall,
     FilippovState as FilippovState,
     FilippovTrigger as FilippovTrigger,
     Linearisation as Linearisation,
