@@ -461,9 +461,10 @@ def simulate(
         overflow = int(traj.monitors["sliding_overflow"][-1])
         message = (
             f"simulate: the Filippov mode stalled at t = {traj.t_final:.6g}: "
-            f"{FilippovStall.switches} switches within 1e-6 in t that overflowed or did "
-            f"not advance time ({overflow} sliding overflows in all, max_sliding = "
-            f"{nonsmooth.max_sliding}); pass dyn.Filippov(max_sliding=...) with more slots."
+            f"{FilippovStall.switches} switches within {FilippovStall.window:g} in t that "
+            f"overflowed or did not advance time ({overflow} sliding overflows in all, "
+            f"max_sliding = {nonsmooth.max_sliding}); pass dyn.Filippov(max_sliding=...) "
+            "with more slots."
         )
         if throw:
             raise RuntimeError(message + " (throw=False returns the partial trajectory.)")

@@ -106,9 +106,8 @@ class FilippovState(eqx.Module):
     `slots`: the sliding pairs' indices, -1.0 for a free slot; `counts`: crossings,
     sliding entries, sliding exits, overflows (floats, exact integers); `band`: how far
     past its surface a pair must go to count as crossed (see `Switching.values`);
-    `clock`: the time of the last switch, the start of the current 1e-6 window and
-    how many switches in it overflowed or came without time advancing
-    (`FilippovStall`)."""
+    `clock`: the time of the last switch, the start of the current window and how
+    many switches in it overflowed or came without time advancing (`FilippovStall`)."""
 
     high: Array
     slots: Array
@@ -119,21 +118,35 @@ class FilippovState(eqx.Module):
 
 class FilippovStall(AbstractEvent):
     """Stops a Filippov solve that no longer makes progress: `switches` switches within
-    1e-6 in t each of which overflowed (a pair that should slide, every slot taken,
+    `window` in t each of which overflowed (a pair that should slide, every slot taken,
     crosses, is pushed straight back, crosses again: a chattering that advances t by
-    ~1e-9 per switch) or came at the instant of the last one (a Zeno loop). `simulate` adds this
-    event to every Filippov run and reports it, naming the remedy (a larger
-    `max_sliding`)."""
+    ~1e-9 per switch, measured on the digits MLP with an occasional plain crossing
+    between) or came at the instant of the last one (a Zeno loop). A healthy run has
+    nowhere near 64 of them in 1e-6. `simulate` adds this event to every Filippov run
+    and reports it, naming the remedy (a larger `max_sliding`)."""
 
     name: ClassVar[str] = "filippov_stall"
     direction: ClassVar[bool | None] = None
     switches: ClassVar[int] = 64
+    window: ClassVar[float] = 1e-6
 
     def condition(self, t, w, v, problem):
         raise NotImplementedError("read from the Filippov mode in the solver state")
 
     def stalled(self, mode: "FilippovState") -> Array:
         return mode.clock[2] >= self.switches
+
+    @classmethod
+    def tick(cls, t, old: "FilippovState", new: "FilippovState") -> "FilippovState":
+        """`new` (the mode after a switch at t from `old`) with its clock advanced."""
+        last, start, count = old.clock
+        scale = jnp.maximum(jnp.abs(t), 1.0)
+        still = t - last <= 1e3 * jnp.finfo(old.clock.dtype).eps * scale
+        stuck = still | (new.counts[3] > old.counts[3])
+        later = t - start > cls.window * scale
+        clock = jnp.stack([t, jnp.where(later, t, start),
+                           jnp.where(later, 0.0, count) + stuck]).astype(old.clock.dtype)
+        return eqx.tree_at(lambda m: m.clock, new, clock)
 
 
 class Linearisation(eqx.Module):
@@ -471,20 +484,7 @@ class FilippovAction(AbstractAction):
         s = sw.multipliers(t, w, mode, args)  # args: the step's Linearisation
         phi = sw.values(t, w, mode, s)
         new, s_new = sw.switch(t, w, v, mode, (phi < 0) & info, phi, args)
-        # Count the switches that overflowed or came at the instant of the last one,
-        # within a window of 1e-6 in t. A pair that should slide while every slot is
-        # taken crosses, is pushed straight back, crosses again...: a chattering that
-        # advances t by ~1e-9 per switch (measured on the digits MLP, with an
-        # occasional plain crossing between) and is stopped by `FilippovStall`; so is a
-        # Zeno loop at one instant. A healthy run has nowhere near 64 of them in 1e-6.
-        last, start, count = mode.clock
-        scale = jnp.maximum(jnp.abs(t), 1.0)
-        still = t - last <= 1e3 * jnp.finfo(mode.clock.dtype).eps * scale
-        stuck = still | (new.counts[3] > mode.counts[3])
-        later = t - start > 1e-6 * scale
-        clock = jnp.stack([t, jnp.where(later, t, start),
-                           jnp.where(later, 0.0, count) + stuck]).astype(mode.clock.dtype)
-        new = eqx.tree_at(lambda m: m.clock, new, clock)
+        new = FilippovStall.tick(t, mode, new)  # counts switches that make no progress
         f_old, f_new = sw.rate(t, w, v, mode, s), sw.rate(t, w, v, new, s_new)
         gap = jnp.maximum(t - t_event, 0.0)
         step = jax.tree.map(lambda a, b: gap * (b - a), f_old, f_new)
