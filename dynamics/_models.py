@@ -14,9 +14,11 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from ._random import normal
 from ._validate import prng_key, real
 
 __all__ = [
@@ -285,12 +287,15 @@ class MLP(eqx.Module):
         gain = _INITS[init]
         shapes = [(fan_out, fan_in) for fan_in, fan_out in zip(widths[:-1], widths[1:])]
         sizes = [fan_out * fan_in for fan_out, fan_in in shapes]
-        # One draw for all layers, then cut: the sampler is compiled once per model size
-        # instead of once per layer shape, which dominates construction time on a CPU.
-        z = jax.random.normal(key, (sum(sizes),))
+        # One draw for all layers, then cut: the sampler compiles once per size bucket
+        # (`_random.normal`), and the cutting runs in NumPy where the key is concrete
+        # (eager jax slices would compile once per layer shape).
+        z = normal(key, (sum(sizes),))
+        xp = jnp if isinstance(z, jax.core.Tracer) else np
+        z = z if xp is jnp else np.asarray(z)
         offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         self.weights = tuple(
-            math.sqrt(gain / shape[1]) * z[o : o + size].reshape(shape)
+            jnp.asarray(math.sqrt(gain / shape[1]) * z[o : o + size].reshape(shape))
             for shape, size, o in zip(shapes, sizes, offsets)
         )
         dtype = self.weights[0].dtype

@@ -1,6 +1,6 @@
 """The float32 subset (issue 12): the package end to end in JAX's default precision.
 
-Run by `make test` as `DYNAMICS_FLOAT32=1 pytest -m float32 tests/test_float32.py`;
+Run by `make test` as `DYNAMICS_FLOAT32=1 pytest -n 2 -m float32 tests/test_float32.py`;
 skipped in the float64 run. The default controller in float32 is rtol = 1e-5,
 atol = 1e-7 (`simulate`), so references are met to ~1e-4 relative, not 1e-10: tight
 conservation checks need float64 and live in the main suite.

@@ -130,6 +130,27 @@ def test_init_variance(init, gain):
     assert abs(w.mean()) < 5 * np.sqrt(gain / fan_in / n)
 
 
+def test_init_draws_what_jax_random_normal_draws():
+    """The init draws from a sampler compiled per power-of-two size and cuts the prefix
+    (`dynamics/_random.py`); the weights must be exactly those of one
+    `jax.random.normal(key, (total,))`, cut per layer, as before that change, and the
+    same under a transformation (vmap over keys: the traced fallback)."""
+    from dynamics._random import normal
+
+    widths, key = (5, 7, 3), jax.random.key(11)
+    z = np.asarray(jax.random.normal(key, (5 * 7 + 7 * 3,)))
+    model = MLP(widths, key=key)
+    np.testing.assert_array_equal(model.weights[0], np.sqrt(2 / 5) * z[:35].reshape(7, 5))
+    np.testing.assert_array_equal(model.weights[1], np.sqrt(2 / 7) * z[35:].reshape(3, 7))
+    batched = eqx.filter_vmap(lambda k: MLP(widths, key=k))(jnp.stack([key, key]))
+    np.testing.assert_array_equal(batched.weights[1][1], model.weights[1])
+    for shape, dtype in [((), None), ((1025,), None), ((3, 600), jnp.float32)]:
+        np.testing.assert_array_equal(normal(key, shape, dtype),
+                                      jax.random.normal(key, shape, dtype))
+    raw = jax.random.PRNGKey(0)  # uint32 keys take jax.random.normal itself
+    np.testing.assert_array_equal(normal(raw, (4,)), jax.random.normal(raw, (4,)))
+
+
 def _rescale_neuron(model, layer, i, a, p):
     """In-weights and bias of neuron i in hidden `layer` ×a, its out-weights ×a^(-p)."""
     weights = [np.array(w) for w in model.weights]

@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from .._models import MLP, Identity, ReLU
+from .._random import normal
 from .._tree import leaves, partition
 
 
@@ -443,7 +444,7 @@ def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGK
         if bias:
             ks = jax.random.split(jax.random.fold_in(key, 1000 + k), len(model.biases))
             model = eqx.tree_at(lambda m: m.biases, model, tuple(
-                0.3 * jax.random.normal(kb, b.shape) for kb, b in zip(ks, model.biases)))
+                0.3 * normal(kb, b.shape) for kb, b in zip(ks, model.biases)))
         if not relu or generic(model, x):
             return model
         if alive is None and _alive(model, x):

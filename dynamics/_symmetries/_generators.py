@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._flows import AbstractFlow
@@ -284,18 +285,19 @@ def check(generator: AbstractGenerator, loss, params: PyTree, *, key: PRNGKeyArr
         raise ValueError("`params` has no floating-point arrays to move.")
     generator(params)  # validate the generator against the model before tracing
     w, static = partition(params)
+    theta, unravel = ravel_pytree(w)
+    sigma = ravel_pytree(jax.tree.map(
+        lambda x: jnp.full_like(x, scale * jnp.sqrt(jnp.mean(x**2) + 1e-30)), w))[0]
+    # One draw for all points and leaves, outside the vmapped program: a threefry draw
+    # per leaf inside it cost ~0.7 s of XLA compile each (4.5 s for a 3-layer MLP).
+    noise = jax.random.normal(key, (num_points, theta.size), theta.dtype)
 
-    def violation(k):
-        keys = jax.random.split(k, len(jax.tree.leaves(w)))
-        flat, treedef = jax.tree.flatten(w)
-        moved = [x + scale * jnp.sqrt(jnp.mean(x**2) + 1e-30) * jax.random.normal(kk, x.shape,
-                                                                                  x.dtype)
-                 for x, kk in zip(flat, keys)]
-        point = eqx.combine(jax.tree.unflatten(treedef, moved), static)
+    def violation(z):
+        point = eqx.combine(unravel(theta + sigma * z), static)
         grad = eqx.filter_grad(loss)(point)
         xi = generator(point)
         denom = jnp.sqrt(vdot(grad, grad) * vdot(xi, xi))
         return jnp.abs(vdot(grad, xi)) / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
 
-    values = jax.jit(jax.vmap(violation))(jax.random.split(key, num_points))
+    values = jax.jit(jax.vmap(violation))(noise)
     return float(jnp.max(values))
