@@ -177,11 +177,11 @@ def _draw_steps(ax, name, ds):
     _tolerance_axis(ax, "steps (faint: rejected steps)", f"{name}: steps to t = {ds.attrs['t1']:g}")
 
 
-def _timeline(traj) -> xr.Dataset:
+def _timeline(traj, run: str) -> xr.Dataset:
     pairs = np.asarray(traj.monitors["sliding_pairs"])
     return xr.Dataset({"sliding_pairs": (("time", "slot"), pairs),
                        "crossings": ("time", np.asarray(traj.monitors["crossings"]))},
-                      coords={"time": traj.ts})
+                      coords={"time": traj.ts}, attrs={"run": run})
 
 
 def _draw_timeline(ax, name, tl):
@@ -191,8 +191,10 @@ def _draw_timeline(ax, name, tl):
         on = (pairs == p).any(axis=1)
         ax.plot(t[on], np.full(on.sum(), row), "s", ms=3, color="C3")
     ax.set_yticks(range(len(ids)), [str(p) for p in ids], fontsize=6)
-    ax.set_xlabel("time t")
+    ax.set_xlabel("time t of gradient flow (dimensionless)")
     ax.set_ylabel("sliding pair (flat index)")
+    ax.text(0.02, 0.98, f"{tl.attrs['run']}, Filippov mode", transform=ax.transAxes,
+            fontsize=7, va="top")
     ax.set_title(f"{name}: sliding pairs at the saves; crossings (right)", fontsize=9)
     twin = ax.twinx()
     twin.plot(t, tl.crossings.values, color="C0", label="cumulative crossings")
@@ -215,7 +217,8 @@ def run(out: Path, quick: bool = False) -> dict[str, Path]:
     tables, timelines = {}, {}
     for name in cfg["problems"]:
         tables[name], ref = _runs(name, cfg)
-        timelines[name] = _timeline(ref)
+        timelines[name] = _timeline(ref, tables[name].attrs["reference"].replace(
+            " at ", ", rtol = atol = "))
     written = {}
     for key, draw, items in (("work_precision", _draw_work_precision, tables),
                              ("steps", _draw_steps, tables),

@@ -222,7 +222,9 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_sweep_equals_in_process(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    # (the parent's XLA_FLAGS too: conftest's compile setting, so both runs round alike)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(),
                JAX_PLATFORMS="cpu", PYTHONPATH=_pythonpath())
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
