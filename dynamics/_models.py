@@ -291,8 +291,8 @@ class MLP(eqx.Module):
         # (`_random.normal`), and the cutting runs in NumPy where the key is concrete
         # (eager jax slices would compile once per layer shape).
         z = normal(key, (sum(sizes),))
-        xp = jnp if isinstance(z, jax.core.Tracer) else np
-        z = z if xp is jnp else np.asarray(z)
+        if not isinstance(z, jax.core.Tracer):  # (a traced key: under vmap, say)
+            z = np.asarray(z)
         offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         self.weights = tuple(
             jnp.asarray(math.sqrt(gain / shape[1]) * z[o : o + size].reshape(shape))

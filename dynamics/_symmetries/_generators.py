@@ -19,6 +19,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._flows import AbstractFlow
 from .._models import MLP, Identity, Swish
+from .._random import normal
 from .._tree import is_concrete, leaves, partition, vdot
 from ._charges import _check_mlp
 
@@ -290,7 +291,7 @@ def check(generator: AbstractGenerator, loss, params: PyTree, *, key: PRNGKeyArr
         lambda x: jnp.full_like(x, scale * jnp.sqrt(jnp.mean(x**2) + 1e-30)), w))[0]
     # One draw for all points and leaves, outside the vmapped program: a threefry draw
     # per leaf inside it cost ~0.7 s of XLA compile each (4.5 s for a 3-layer MLP).
-    noise = jax.random.normal(key, (num_points, theta.size), theta.dtype)
+    noise = normal(key, (num_points, theta.size), theta.dtype)
 
     def violation(z):
         point = eqx.combine(unravel(theta + sigma * z), static)
