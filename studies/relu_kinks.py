@@ -150,7 +150,7 @@ def _series(ds, keep=True):
 def _draw_work_precision(ax, name, ds):
     for sel, style, color, label in _series(ds, (ds.finished == 1) & (ds.error > 0)):
         ax.loglog(ds.wall[sel], ds.error[sel], style, color=color, label=label)
-    ax.set_xlabel(f"wall time of the solve [s] ({ds.attrs['timing']})")
+    ax.set_xlabel(f"wall time of the solve [s]\n({ds.attrs['timing']})", fontsize=9)
     ax.set_ylabel("final-state error, max |w − w_ref|")
     ax.set_title(f"{name}: GF, reference {ds.attrs['reference']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
