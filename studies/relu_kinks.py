@@ -119,6 +119,7 @@ def _runs(name: str, cfg) -> tuple[xr.Dataset, dyn.Trajectory]:
          ("solver", "tol", "exact", "finished", "wall", "steps", "rejected", "crossings",
           "charge_drift")},
         attrs={"problem": name, "t1": t1, "reference": f"{best['solver']} at {best['tol']:g}",
+               "max_steps": cfg["max_steps"],
                "timing": "compile excluded" if cfg["warmup"] else
                "quick mode: the first run of each solver includes compilation"},
     )
@@ -128,9 +129,9 @@ def _runs(name: str, cfg) -> tuple[xr.Dataset, dyn.Trajectory]:
     return ds, ref_traj
 
 
-def _figure(items: dict, path, draw) -> None:
+def _figure(items: dict, path, draw, width: float = 5.2) -> None:
     """One panel per item, side by side: draw(ax, name, item)."""
-    fig = Figure(figsize=(5.2 * len(items), 4.2))
+    fig = Figure(figsize=(width * len(items), 4.2))
     for ax, (name, item) in zip(fig.subplots(1, len(items), squeeze=False)[0],
                                 items.items(), strict=True):
         draw(ax, name, item)
@@ -150,14 +151,20 @@ def _series(ds, keep=True):
 def _draw_work_precision(ax, name, ds):
     for sel, style, color, label in _series(ds, (ds.finished == 1) & (ds.error > 0)):
         ax.loglog(ds.wall[sel], ds.error[sel], style, color=color, label=label)
+    # Runs that hit the step budget have no final state: drawn at the top edge, at the
+    # wall time they spent before giving up.
+    for sel, _, color, label in _series(ds, ds.finished == 0):
+        ax.plot(ds.wall[sel], np.full(int(sel.sum()), 0.97), "^", mfc="none", color=color,
+                transform=ax.get_xaxis_transform(), clip_on=False,
+                label=f"{label}: not finished (tol " + ", ".join(
+                    f"{t:g}" for t in ds.tol[sel].values) + ")")
     ax.set_xlabel(f"wall time of the solve [s]\n({ds.attrs['timing']})", fontsize=9)
     ax.set_ylabel("final-state error, max |w − w_ref|")
-    ax.set_title(f"{name}: GF, reference {ds.attrs['reference']}", fontsize=9)
+    tols = ", ".join(f"{t:g}" for t in sorted(set(ds.tol.values.tolist()), reverse=True))
+    ax.set_title(f"{name}: GF, reference {ds.attrs['reference']}\nrtol = atol = {tols}",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.text(0.02, 0.02, "rtol = atol = " + ", ".join(f"{t:g}" for t in
-            sorted(set(ds.tol.values.tolist()), reverse=True)),
-            transform=ax.transAxes, fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no room inside
 
 
 def _tolerance_axis(ax, ylabel: str, title: str) -> None:
@@ -175,7 +182,9 @@ def _draw_steps(ax, name, ds):
         ax.loglog(ds.tol[sel], ds.steps[sel], style, color=color, label=label)
         ax.loglog(ds.tol[sel], np.maximum(ds.rejected[sel], 1), style, color=color,
                   alpha=0.35)
-    _tolerance_axis(ax, "steps (faint: rejected steps)", f"{name}: steps to t = {ds.attrs['t1']:g}")
+    _tolerance_axis(ax, "steps (faint: rejected steps)",
+                    f"{name}: steps to t = {ds.attrs['t1']:g} "
+                    f"(budget {int(ds.attrs.get('max_steps', 0)):,})")
 
 
 def _timeline(traj, run: str) -> xr.Dataset:
@@ -221,12 +230,12 @@ def run(out: Path, quick: bool = False) -> dict[str, Path]:
         timelines[name] = _timeline(ref, tables[name].attrs["reference"].replace(
             " at ", ", rtol = atol = "))
     written = {}
-    for key, draw, items in (("work_precision", _draw_work_precision, tables),
-                             ("steps", _draw_steps, tables),
-                             ("timeline", _draw_timeline, timelines),
-                             ("charges", _draw_charges, tables)):
+    for key, draw, items, width in (("work_precision", _draw_work_precision, tables, 7.6),
+                                    ("steps", _draw_steps, tables, 5.2),
+                                    ("timeline", _draw_timeline, timelines, 5.2),
+                                    ("charges", _draw_charges, tables, 5.2)):
         path = figures / f"relu_kinks_{key}.png"
-        _figure(items, path, draw)
+        _figure(items, path, draw, width)
         written[key] = path
     nodes = {"/": xr.Dataset(attrs={"study": "relu-kinks", "quick": int(quick)})}
     for name in tables:
