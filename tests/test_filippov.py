@@ -271,5 +271,9 @@ def test_relu_kinks_study_quick(tmp_path):
     # to ~its tolerance (1e-6 and 1e-8; 10x for the solver's global error)
     assert np.all(exact.finished == 1) and np.all(exact.crossings > 50)
     assert np.all(exact.charge_drift < 10 * exact.tol)
+    # the 1e-6 run against the 1e-8 one: measured 2.8e-6. It was 3.3e-2 while a switch
+    # at t = 1.7575 could leave a crossed pair on the wrong side (Switching._settle).
+    loose = exact.where(exact.tol == 1e-6, drop=True)
+    assert float(loose.error.max()) < 3e-5, float(loose.error.max())
     timeline = tree["5-7-6-3/timeline"].to_dataset()
     assert int((timeline.sliding_pairs >= 0).sum()) > 0  # pairs slide at some saves

@@ -14,7 +14,10 @@ action decides, by Filippov's rule (Filippov 1988, ch. 2 §4; Cortés 2008, sec.
   method, chord iterations on kept LU factors while the same pairs slide (ż is
   multilinear in s: slopes of different layers multiply in the backward pass). The
   pair leaves when s_p reaches 0 (to the low side) or 1 (the high side): two more
-  switching functions per sliding pair.
+  switching functions per sliding pair;
+- **several at one instant** (a crossing that moves a sliding pair's multiplier out of
+  [0, 1], whose exit pushes the first pair back): the mode is settled pair by pair
+  until the rule holds for every pair the switch touched (`Switching._settle`).
 
 For second-order flows (ẅ = F(w, ẇ)) the discontinuity is in the acceleration and the
 surface is crossed transversally whenever ż = ⟨∇z, v⟩ ≠ 0, so the rule is always to
@@ -469,8 +472,9 @@ class Switching(eqx.Module):
         apart, caught it 1e-10 later and slid. Both now slide it at the switch.
         """
         num_pairs, k_max = self.surfaces.num_pairs, self.max_sliding
-        sliding = lambda m: jnp.zeros(num_pairs, bool).at[self._slot_index(m)].set(
-            True, mode="drop")
+
+        def sliding(mode):
+            return jnp.zeros(num_pairs, bool).at[self._slot_index(mode)].set(True, mode="drop")
 
         def violations(mode, s, touched):
             active = mode.slots >= 0
