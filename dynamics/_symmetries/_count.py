@@ -259,7 +259,9 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
 
     What to expect: linear networks have the independent entries of the balance matrices
     W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`). ReLU networks have one law per
-    hidden neuron, plus one for each direction of a neuron's incoming weights (and bias)
+    hidden neuron, k(k − 1)/2 more for every k neurons of a layer that are active on the
+    same samples (a linear block on the data, with GL(k) acting), plus one for each
+    direction of a neuron's incoming weights (and bias)
     that the data never sees: if the inputs a neuron receives on the samples where it is
     active (with a 1 for its bias) span only r of its fan_in (+1) dimensions, its in-weights
     along the other directions do not move under any loss of these outputs, a trivial law
@@ -378,6 +380,21 @@ def _active_ranks(model: MLP, x) -> list[np.ndarray]:
     return out
 
 
+def _shared_patterns(model: MLP, x) -> list[int]:
+    """Per hidden layer: the sizes (≥ 2) of the groups of neurons that are active on
+    exactly the same samples of x."""
+    h = np.asarray(x, dtype=np.float64)
+    out = []
+    for k, wk in enumerate(model.weights[:-1]):
+        z = h @ np.asarray(wk, dtype=np.float64).T
+        if model.biases is not None:
+            z = z + np.asarray(model.biases[k], dtype=np.float64)
+        _, sizes = np.unique(z > 0, axis=1, return_counts=True)
+        out += [int(n) for n in sizes if n > 1]
+        h = np.maximum(z, 0.0)
+    return out
+
+
 def _alive(model: MLP, x) -> bool:
     h = np.asarray(x, dtype=np.float64)
     for k, wk in enumerate(model.weights[:-1]):
@@ -398,7 +415,16 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
     - identity activation, no biases: the functionally independent entries of the balance
       matrices W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`, Marcotte et al. 2023);
     - ReLU: one per hidden neuron (rescaling; Marcotte et al.'s theorem for two layers, their
-      experiments for more), plus, for each neuron of the first layer, d_in (+1 with a
+      experiments for more); plus k(k − 1)/2 for every group of k neurons of one layer that
+      are active on exactly the same samples: on the data the group is a linear block, so
+      GL(k) acts on it (A on the group's in-weights and biases, A⁻¹ on its out-weights;
+      near θ every sample keeps its side), and its laws are the k(k + 1)/2 entries of
+      U Uᵀ + b bᵀ − Vᵀ V (U, b the group's in-weights and biases, V its out-weights: the
+      linear-layer charge of Głuch & Urbanke's Table 4) instead of the k diagonal ones
+      (measured: the three random nets that counted one more than one law per neuron
+      each had one pair of neurons with equal patterns, and no other net did) — in few
+      dimensions (a 2-D input, a width-2 layer before) such groups are common; plus, for
+      each neuron of the first layer, d_in (+1 with a
       bias) minus the rank of the inputs x (with a 1) on which it is active: its in-weights
       along directions those fixed inputs do not span never move. This needs every hidden
       neuron alive (active on some inputs, inactive on others) and, in layers 2..K, every
@@ -421,7 +447,8 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
     if any(np.any(d > 0) for d in deficits[1:]):
         raise ValueError("known_count: a neuron of layers 2..K sees inputs of deficient rank on "
                          "the samples where it is active; no closed form for that case.")
-    return sum(model.widths[1:-1]) + int(deficits[0].sum())
+    shared = sum(k * (k - 1) // 2 for k in _shared_patterns(model, x))
+    return sum(model.widths[1:-1]) + shared + int(deficits[0].sum())
 
 
 def generic(model: MLP, x: ArrayLike) -> bool:
