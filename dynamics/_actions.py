@@ -321,7 +321,7 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
     def _fresh(self, terms, t0, t1, y, aux):
         inner = self.solver.init(terms, t1, t1 + (t1 - t0), y, aux)
         if isinstance(self.solver, LossCarryingEuler):
-            # Its state is (f, L) at y; the carried loss must be the acted state's.
+            # Its state is (f, L) at y; the carried values must be the acted state's.
             y = (y[0], inner[1])
         return y, inner
 

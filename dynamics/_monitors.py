@@ -19,9 +19,16 @@ from ._tree import leaves, sqnorm
 
 
 class AbstractMonitor(eqx.Module):
-    """A quantity m(t, w, ẇ) recorded along a trajectory under the key `name`."""
+    """A quantity m(t, w, ẇ) recorded along a trajectory under the key `name`.
+
+    On a first-order flow `v` is None and a monitor that needs ẇ evaluates the flow's
+    field itself. One that sets `reads_velocity = True` accepts ẇ as `v` there too: then
+    where `simulate` already has ẇ at a save (fixed-step Euler with a save at a step end:
+    the step's own evaluation, see `LossCarryingEuler`) it passes it, and the monitor
+    costs no gradient of its own."""
 
     name: eqx.AbstractVar[str]
+    reads_velocity: ClassVar[bool] = False
 
     @abc.abstractmethod
     def __call__(self, t, w: PyTree, v: PyTree | None, problem: Problem) -> Array:

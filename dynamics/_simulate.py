@@ -70,8 +70,9 @@ _MAX_RECORDED_ACTIONS = 10_000
 
 class _Layout(eqx.Module):
     """How the solver's state y is laid out around the flow's (w, v):
-    w or (w, v); (w, L(w)) when Euler carries the loss; (that, integrals) when
-    integral monitors carry their running integrals in the state."""
+    w or (w, v); (w, (L(w), ẇ or None)) when Euler carries its step-end evaluation;
+    (that, integrals) when integral monitors carry their running integrals in the
+    state."""
 
     first_order: bool = eqx.field(static=True)
     carry: bool = eqx.field(static=True)
@@ -79,21 +80,21 @@ class _Layout(eqx.Module):
     mode: bool = eqx.field(static=True, default=False)  # (that, Filippov mode)
 
     def unpack(self, y):
-        """(w, v, carried loss or None, integrals or None)."""
+        """(w, v, carried (L(w), ẇ or None) or None, integrals or None)."""
         if self.mode:
             y = y[0]
         integrals = None
         if self.integrals:
             y, integrals = y
         if self.carry:
-            (w, loss) = y
-            return w, None, loss, integrals
+            (w, carried) = y
+            return w, None, carried, integrals
         if self.first_order:
             return y, None, None, integrals
         return (*y, None, integrals)
 
     def pack(self, y, w, v):
-        """`y` with its (w, v) replaced (the carried loss is left to the caller)."""
+        """`y` with its (w, v) replaced (the carried values are left to the caller)."""
         if self.mode:
             return _Layout(self.first_order, self.carry, self.integrals).pack(y[0], w, v), y[1]
         if self.integrals:
@@ -120,9 +121,11 @@ def _terms(flow: AbstractFlow, problem: Problem, solver: diffrax.AbstractSolver,
         # (its own state layout: integral monitors are refused for it in `_prepare`)
         return solver.make_terms(flow, problem.loss)
     if isinstance(solver, LossCarryingEuler):
-        return diffrax.ODETerm(
-            lambda t, y, _: flow.vector_field_and_loss(t, y[0], problem.loss)
-        )
+        def field_and_carried(t, y, _):  # shaped like y = (w, (L(w), ẇ or None))
+            f, loss = flow.vector_field_and_loss(t, y[0], problem.loss)
+            return f, (loss, f if solver.field else None)
+
+        return diffrax.ODETerm(field_and_carried)
     if isinstance(flow, AbstractFirstOrderFlow):
         def base(t, w):
             return flow.vector_field(t, w, problem.loss)
@@ -157,25 +160,37 @@ def _mode_record(mode: FilippovState) -> dict:
             "sliding_overflow": c[3], "sliding_pairs": mode.slots}
 
 
-def _carries_loss(flow: AbstractFlow, solver: diffrax.AbstractSolver, monitors) -> bool:
-    # Exactly diffrax.Euler (a subclass may step differently), a flow that evaluates the
-    # loss with its gradient, and a Loss monitor to use it: then `LossCarryingEuler`.
-    # Integral monitors need their own state components, so they turn this off.
-    return (
+def _carries(flow: AbstractFlow, solver: diffrax.AbstractSolver, monitors) -> bool | None:
+    """None, or whether `LossCarryingEuler` should carry ẇ besides L(w): exactly
+    diffrax.Euler (a subclass may step differently), a flow that evaluates the loss with
+    its gradient, and a monitor to use what the step computed (`Loss`, or one that
+    `reads_velocity`). Integral monitors need their own state components: none then."""
+    loss = any(isinstance(m, Loss) for m in monitors)
+    field = any(m.reads_velocity for m in monitors)
+    if (
         type(solver) is diffrax.Euler
         and isinstance(flow, AbstractFirstOrderFlow)
-        and any(isinstance(m, Loss) for m in monitors)
+        and (loss or field)
         and not any(isinstance(m, AbstractIntegralMonitor) for m in monitors)
-    )
+    ):
+        return field
+    return None
 
 
 def _monitor(m: AbstractMonitor, t, w, v, carried, integrals, problem: Problem):
     if isinstance(m, AbstractIntegralMonitor):
         return m.value(t, w, v, problem, integrals[m.name])
-    if carried is not None and isinstance(m, Loss):
-        # The value the step computed with its gradient; NaN between step ends (see
-        # `_LossCarryingInterpolation`), where L(w) is evaluated after all.
-        return jax.lax.cond(jnp.isnan(carried), lambda: problem.loss(w), lambda: carried)
+    if carried is None:
+        return m(t, w, v, problem)
+    # What the step computed with its gradient; NaN between step ends (see
+    # `_LossCarryingInterpolation`), where the monitor evaluates it after all.
+    loss, field = carried
+    between = jnp.isnan(loss)
+    if isinstance(m, Loss):
+        return jax.lax.cond(between, lambda: problem.loss(w), lambda: loss)
+    if field is not None and m.reads_velocity:
+        return jax.lax.cond(between, lambda: m(t, w, None, problem),
+                            lambda: m(t, w, field, problem))
     return m(t, w, v, problem)
 
 
@@ -268,11 +283,12 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     # Raised at trace time, so a second call with the same shapes never reaches it.
     _check_scalar_loss(problem, w0)
     integrals = tuple(m for m in monitors if isinstance(m, AbstractIntegralMonitor))
-    carry = _carries_loss(flow, solver, monitors)
-    layout = _Layout(first_order, carry, bool(integrals))
-    if carry:
-        solver = LossCarryingEuler()
-        y0 = (y0, problem.loss(y0))
+    carry_field = _carries(flow, solver, monitors)
+    layout = _Layout(first_order, carry_field is not None, bool(integrals))
+    if layout.carry:
+        solver = LossCarryingEuler(field=carry_field)
+        field0, loss0 = flow.vector_field_and_loss(t0, y0, problem.loss)
+        y0 = (y0, (loss0, field0 if carry_field else None))
     if integrals:
         v0 = None if first_order else y0[1]
         shapes = {m.name: eqx.filter_eval_shape(m.integrand, t0, w0, v0, problem)
@@ -395,9 +411,10 @@ def simulate(
       weights react to the kinks); an equal-accuracy comparison there needs a reference
       the adaptive solvers cannot reach (they chatter), so pass `diffrax.Dopri5()` for
       ReLU at tight tolerances.
-      `diffrax.Euler()` on a first-order flow with the `Loss` monitor runs as
-      `LossCarryingEuler`: the same steps, with L(w) taken from each step's
-      `value_and_grad` instead of a second forward pass.
+      `diffrax.Euler()` on a first-order flow with the `Loss` monitor (or one that reads
+      ẇ, such as the symmetry residuals) runs as `LossCarryingEuler`: the same steps,
+      with L(w) and ẇ at a save on a step end taken from that step's `value_and_grad`
+      instead of a second forward pass or gradient.
     - `dt0`, `stepsize_controller`: as in `diffrax.diffeqsolve` (default an adaptive
       `PIDController(rtol=1e-7, atol=1e-9)`, in float32 `rtol=1e-5, atol=1e-7`; fixed
       steps need `diffrax.ConstantStepSize()` and `dt0`, `diffrax.StepTo(ts)` steps to

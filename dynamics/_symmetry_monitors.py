@@ -74,6 +74,7 @@ class SymmetryResidual(AbstractMonitor):
 
     generator: AbstractGenerator
     name: str = "symmetry_residual"
+    reads_velocity: ClassVar[bool] = True  # only through `_force`
 
     def __check_init__(self):
         _generator(self.generator, "SymmetryResidual")
@@ -94,6 +95,7 @@ class RescalingResiduals(AbstractMonitor):
     `SymmetryResidual` per neuron (600 monitors for a 200-200-200 net)."""
 
     name: ClassVar[str] = "rescaling_residuals"
+    reads_velocity: ClassVar[bool] = True  # only through `_force`
 
     def __call__(self, t, w, v, problem):
         f = problem.params(_force(t, w, v, problem, "RescalingResiduals"))

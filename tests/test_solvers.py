@@ -75,6 +75,50 @@ def test_one_evaluation_per_step():
     assert len(loss.calls) == 2 * STEPS + 2
 
 
+class CountedMLPLoss(eqx.Module):
+    """Least squares of a model on fixed data, counting forward evaluations at run time."""
+
+    calls: list = eqx.field(static=True)
+
+    def __call__(self, model):
+        jax.debug.callback(lambda: self.calls.append(1))
+        x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+        return 0.5 * jnp.sum((jax.vmap(model)(x) - jnp.arange(8.0).reshape(4, 2) / 8) ** 2)
+
+
+def test_residual_monitors_read_the_steps_field():
+    """Symmetry residuals need ẇ at each save; at a step end it is the step's own gradient,
+    which `LossCarryingEuler(field=True)` carries, so monitoring them costs no gradient:
+    still n + 2 evaluations for n steps, with the values of an uncarried run (a subclass of
+    Euler turns the carrying off: it evaluates ẇ at each save again)."""
+
+    class PlainEuler(diffrax.Euler):
+        pass
+
+    model = dyn.MLP((3, 4, 2), activation=dyn.RePU(2), key=jax.random.key(0))
+    monitors = (dyn.monitors.Loss(), dyn.monitors.RescalingResiduals(),
+                dyn.monitors.SymmetryResidual(dyn.symmetries.Rescaling(1, 2)))
+    ts = np.arange(STEPS + 1) * ETA
+    loss = CountedMLPLoss([])
+    runs = {}
+    for name, solver in (("carried", diffrax.Euler()), ("plain", PlainEuler())):
+        kw = dict(EULER, solver=solver)
+        dyn.simulate(dyn.GradientFlow(), model, loss, ts=ts, monitors=monitors, **kw)
+        loss.calls.clear()
+        runs[name] = dyn.simulate(dyn.GradientFlow(), model, loss, ts=ts, monitors=monitors,
+                                  **kw)
+        runs[name + "_calls"] = len(loss.calls)
+    assert runs["carried_calls"] == STEPS + 2
+    # Euler: a gradient per step; at the 31 saves and the final state, a loss and two
+    # gradients for ẇ (one per residual monitor)
+    assert runs["plain_calls"] == STEPS + 3 * (STEPS + 2)
+    for key in ("loss", "rescaling_residuals", "symmetry_residual"):
+        # relative residuals of size ~1e-16: the same numbers up to the last bits
+        np.testing.assert_allclose(runs["carried"].monitors[key], runs["plain"].monitors[key],
+                                   rtol=1e-12, atol=1e-15)
+    assert np.abs(runs["carried"].monitors["rescaling_residuals"]).max() < 1e-13
+
+
 def test_mirror_flow_and_divergence():
     """A flow whose vector field is not −∇L, and a run that overflows."""
     loss = lambda w: jnp.sum((w - 2.0) ** 2)
