@@ -18,7 +18,7 @@ import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._random import normal
+from ._random import from_numpy, normal
 from ._validate import prng_key, real
 
 __all__ = [
@@ -235,6 +235,11 @@ def _check_widths(widths) -> tuple[int, ...]:
 _INITS = {"he": 2.0, "lecun": 1.0}
 
 
+def _array(a):
+    # NumPy (a concrete key) to the device without a compile; a traced draw stays traced
+    return from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
 class MLP(eqx.Module):
     """A fully connected network x ↦ W_K σ(… σ(W_1 x + b_1) …) + b_K.
 
@@ -295,11 +300,11 @@ class MLP(eqx.Module):
             z = np.asarray(z)
         offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         self.weights = tuple(
-            jnp.asarray(math.sqrt(gain / shape[1]) * z[o : o + size].reshape(shape))
+            _array(math.sqrt(gain / shape[1]) * z[o : o + size].reshape(shape))
             for shape, size, o in zip(shapes, sizes, offsets)
         )
         dtype = self.weights[0].dtype
-        self.biases = tuple(jnp.zeros(w, dtype) for w in widths[1:]) if bias else None
+        self.biases = tuple(from_numpy(np.zeros(w, dtype)) for w in widths[1:]) if bias else None
         if isinstance(activation, Swish) and activation.trainable:
             # An explicit dtype: a Python-float fill would give a weakly typed leaf.
             self.betas = tuple(jnp.full(w, activation.beta, dtype) for w in widths[1:-1])

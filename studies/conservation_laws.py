@@ -25,6 +25,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 import dynamics as dyn
+from dynamics._random import normal
 from dynamics._symmetries._count import generic, random_alive_mlp
 
 from ._common import folders, require_x64, save_figures, save_tree, say
@@ -50,7 +51,8 @@ def count_one(kind: str, widths, bias: bool, seed: int) -> dict:
     """Count one random net (60 Gaussian inputs) and its closed form (−1 when none: a
     ReLU net with no generic draw, see `known_count`); with the wall time of the count."""
     key = jax.random.key(seed)
-    x = jax.random.normal(jax.random.fold_in(key, 7), (60, widths[0]))
+    # jax.random.normal's numbers, from a sampler compiled once (`_random.normal`)
+    x = normal(jax.random.fold_in(key, 7), (60, widths[0]))
     try:
         model = random_alive_mlp(widths, x, relu=kind == "relu", bias=bias, key=key,
                                  require_generic=False)
@@ -109,6 +111,12 @@ def _figure(ds: xr.Dataset) -> Figure:
         bx.scatter(ds["num_params"].values[sel], ds["seconds"].values[sel], color=colors[kind],
                    alpha=0.7, label=f"{kind}: total {ds['seconds'].values[sel].sum():.1f} s "
                                     f"(SageMath: {SAGE_MINUTES[kind]:g} min on 64 threads)")
+        # name the nets off the diagonal, so a reader can look them up in the table
+        for i in np.flatnonzero(known & (ds["count"].values != ds["expected"].values)):
+            ax.annotate(f"{ds['widths'].values[i]}{' +b' if ds['bias'].values[i] else ''}",
+                        (ds["expected"].values[i], ds["count"].values[i]), fontsize=8,
+                        xytext=(-6, 10), textcoords="offset points", ha="right",
+                        color=colors[kind])
     top = max(ds["expected"].max(), ds["count"].max()) * 1.1
     ax.plot([0, top], [0, top], "k:", lw=1, label="count = expected")
     ax.set_xlabel("expected number of laws (closed form: `known_count`)")

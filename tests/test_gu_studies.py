@@ -103,3 +103,17 @@ def test_gu_time_symmetry_quick(tmp_path):
     e = ds["energy"].values
     # H conserved; ReLU kinks limit Tsit5 at rtol 1e-9 to ~3e-6 relative
     np.testing.assert_allclose(e, np.broadcast_to(e[:, :1], e.shape), rtol=1e-5)
+
+
+def test_conservation_laws_quick(tmp_path):
+    """4 random linear and 4 random ReLU nets: every count with a closed form equals it,
+    on clean rank gaps; the table, figure and netCDF are written."""
+    written = studies.load("conservation-laws").run(tmp_path, quick=True)
+    ds = _files(written, ("counts",))["counts"].to_dataset()
+    assert ds.sizes["net"] == 8 and set(ds["kind"].values) == {"linear", "relu"}
+    known = ds["expected"].values >= 0
+    assert known.sum() >= 6
+    np.testing.assert_array_equal(ds["count"].values[known], ds["expected"].values[known])
+    # threshold 1e-9 between the kept and dropped singular values, decades from both
+    assert ds["smallest_kept"].min() > 1e-7 and ds["largest_dropped"].max() < 1e-11
+    assert "| linear |" in written["table"].read_text()

@@ -26,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from .._models import MLP, Identity, ReLU
-from .._random import normal
+from .._random import from_numpy, normal
 from .._tree import leaves, partition
 
 
@@ -66,9 +66,11 @@ def _bracket_fields(fn: Callable, theta, coeffs):
         inner = build(level + 1)
 
         def bracket(th):
-            b = inner(th)
-            ub, du_b = jax.jvp(u, (th,), (b,))
-            _, db_u = jax.jvp(inner, (th,), (ub,))
+            # inner is traced once, inside its jvp (its value is the jvp's primal): level k
+            # then traces ~3^k copies of the gradient instead of ~4^k with a separate call
+            ub = u(th)
+            b, db_u = jax.jvp(inner, (th,), (ub,))
+            _, du_b = jax.jvp(u, (th,), (b,))
             return du_b - db_u
 
         return bracket
@@ -471,7 +473,8 @@ def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGK
         if bias:
             ks = jax.random.split(jax.random.fold_in(key, 1000 + k), len(model.biases))
             model = eqx.tree_at(lambda m: m.biases, model, tuple(
-                0.3 * normal(kb, b.shape) for kb, b in zip(ks, model.biases)))
+                from_numpy(0.3 * np.asarray(normal(kb, b.shape)))
+                for kb, b in zip(ks, model.biases)))
         if not relu or generic(model, x):
             return model
         if alive is None and _alive(model, x):
