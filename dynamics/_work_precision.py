@@ -132,6 +132,7 @@ def work_precision(
     monitors: Sequence[AbstractMonitor] = (),
     n_save: int = 11,
     repeats: int = 3,
+    max_steps: int | None = None,
 ) -> xr.Dataset:
     """Error against cost for each method at each tolerance (or fixed step).
 
@@ -150,13 +151,18 @@ def work_precision(
       e.g. `Energy()` on Newtonian flow or `RescalingCharges()` on gradient flow.
     - `repeats`: timed runs per setting (after one compiling run at a method's first
       setting); the minimum is kept.
+    - `max_steps`: a budget per run (None: unbounded). A diffrax run that uses it up, or
+      an external one that evaluates the field more than 12 × `max_steps` times (12: a
+      DOP853 step), has not finished: its `finished` is False, its error NaN, and it is
+      not repeated. What a ReLU network needs: plain adaptive solvers chatter on its
+      kinks at tight tolerances and would run for hours.
 
     **Returns:** an `xarray.Dataset` on dims (solver, setting), one `solver` per
     method, with `error` (max norm of the final state against the reference),
     `wall_time` (s, min over repeats),
     `grad_evals` (loss-gradient evaluations: counted in a separate run for diffrax
     solvers, by the external library's own count otherwise), `tolerance` or
-    `dt` (NaN where the other applies), `drift_<monitor>`, and per solver
+    `dt` (NaN where the other applies), `finished`, `drift_<monitor>`, and per solver
     `compile_time` (s; first call minus the fastest: a tolerance or step sweep of a
     diffrax solver compiles once, as `simulate` traces both).
     """
@@ -177,6 +183,9 @@ def work_precision(
             raise ValueError(f"`dts` must be a non-empty list of step sizes > 0, got {dts}.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive int, got {repeats!r}.")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}.")
     for name, m in methods.items():
         if not isinstance(m, (diffrax.AbstractSolver, ScipyMethod, TorchdiffeqMethod)):
             raise ValueError(
@@ -202,10 +211,11 @@ def work_precision(
     monitors = tuple(monitors)
     first_order = isinstance(flow, AbstractFirstOrderFlow)
     ts = np.linspace(t0, t1, n_save)
-    run = dict(t0=t0, t1=t1, v0=v0, ts=ts, save_params=False, max_steps=None)
+    run = dict(t0=t0, t1=t1, v0=v0, ts=ts, save_params=False, max_steps=max_steps)
 
     if reference is None:
-        exact = _final(simulate(flow, params, loss, solver=diffrax.Dopri8(), **run,
+        exact = _final(simulate(flow, params, loss, solver=diffrax.Dopri8(),
+                                **dict(run, max_steps=None),
                                 stepsize_controller=diffrax.PIDController(
                                     rtol=REFERENCE_TOLERANCE, atol=REFERENCE_TOLERANCE)),
                        first_order)
@@ -216,6 +226,7 @@ def work_precision(
     shape = (len(methods), n_settings)
     data = {k: np.full(shape, np.nan) for k in ("error", "wall_time", "grad_evals",
                                                  "tolerance", "dt")}
+    finished = np.zeros(shape, bool)
     drifts = {m.name: np.full(shape, np.nan) for m in monitors}
     compile_time = np.full(len(methods), np.nan)
 
@@ -223,7 +234,8 @@ def work_precision(
         if isinstance(method, ScipyMethod | TorchdiffeqMethod):
             settings = [("tolerance", tol) for tol in tolerances]
             make = _scipy_runner if isinstance(method, ScipyMethod) else _torch_runner
-            runner = make(flow, params, loss, v0, t0, t1, ts, monitors, method)
+            budget = None if max_steps is None else 12 * max_steps
+            runner = make(flow, params, loss, v0, t0, t1, ts, monitors, method, budget)
         else:
             adaptive = isinstance(method, diffrax.AbstractAdaptiveSolver)
             settings = ([("tolerance", tol) for tol in tolerances] if adaptive
@@ -245,14 +257,21 @@ def work_precision(
                 start = time.perf_counter()
                 out = runner(kind, value, False)
                 times.append(time.perf_counter() - start)
+                if not out[2]:  # not finished (budget, failure): no point in repeating
+                    break
             if j == 0:
                 compile_time[i] = max(elapsed - min(times), 0.0)
-            if monitors:
+            if monitors and out[2]:
                 out = runner(kind, value, True)
             state, monitor_values, ok, nfev = out
             data[kind][i, j] = value
+            finished[i, j] = ok
             data["wall_time"][i, j] = min(times)
-            data["grad_evals"][i, j] = runner.count(kind, value) if nfev is None else nfev
+            if not ok:
+                nfev = np.nan  # the cost of a run that did not finish is not its cost
+            elif nfev is None:
+                nfev = runner.count(kind, value)
+            data["grad_evals"][i, j] = nfev
             data["error"][i, j] = float(np.max(np.abs(state - exact))) if ok else np.nan
             for m in monitors:
                 drifts[m.name][i, j] = _drift(monitor_values[m.name]) if ok else np.nan
@@ -261,6 +280,7 @@ def work_precision(
     dims = ("solver", "setting")
     variables = {k: (dims, v) for k, v in data.items()}
     variables.update({f"drift_{k}": (dims, v) for k, v in drifts.items()})
+    variables["finished"] = (dims, finished)
     variables["compile_time"] = (("solver",), compile_time)
     return xr.Dataset(
         variables,
@@ -313,18 +333,30 @@ def _external_problem(flow, params, loss, v0):
     return problem, y0
 
 
-def _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
+class _OverBudget(Exception):
+    pass
+
+
+def _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method, budget=None):
     from scipy.integrate import solve_ivp
 
     problem, y0 = _external_problem(flow, params, loss, v0)
     flat0, unravel, field = _flat_field(flow, problem, y0)
+    calls = [0]
 
     def rhs(t, y):
+        calls[0] += 1
+        if budget is not None and calls[0] > budget:
+            raise _OverBudget  # solve_ivp has no step limit of its own
         return np.asarray(field(t, y))
 
     def solve(kind, tol, with_monitors):
-        sol = solve_ivp(rhs, (t0, t1), flat0, method=method.method, rtol=tol, atol=tol,
-                        t_eval=ts)
+        calls[0] = 0
+        try:
+            sol = solve_ivp(rhs, (t0, t1), flat0, method=method.method, rtol=tol, atol=tol,
+                            t_eval=ts)
+        except _OverBudget:
+            return flat0 * np.nan, {}, False, calls[0]
         values = {}
         if with_monitors and sol.success:
             values = _monitor_values(monitors, problem, flow, sol.t, sol.y.T, unravel)
@@ -333,7 +365,7 @@ def _scipy_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
     return _Runner(solve)
 
 
-def _torch_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
+def _torch_runner(flow, params, loss, v0, t0, t1, ts, monitors, method, budget=None):
     import torch
     import torchdiffeq
 
@@ -355,6 +387,8 @@ def _torch_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
 
     def counted(t, state):
         calls[0] += 1
+        if budget is not None and calls[0] > budget:
+            raise _OverBudget
         return vector_field(t, state)
 
     def solve(kind, tol, with_monitors):
@@ -364,7 +398,7 @@ def _torch_runner(flow, params, loss, v0, t0, t1, ts, monitors, method):
                 out = torchdiffeq.odeint(counted, state0, torch.as_tensor(ts),
                                          method=method.method, rtol=tol, atol=tol)
                 ok = all(bool(torch.isfinite(x).all()) for x in out)
-            except (AssertionError, RuntimeError):  # torchdiffeq's "underflow in dt"
+            except (AssertionError, RuntimeError, _OverBudget):  # "underflow in dt"
                 return flat0 * np.nan, {}, False, calls[0]
         flat = np.concatenate([x.reshape(len(ts), -1).numpy() for x in out], axis=1)
         values = {}

@@ -5,8 +5,11 @@
     explicit Runge–Kutta at fixed steps (Euler, Heun, Midpoint, Ralston) and adaptive
     (Bosh3, Tsit5, Dopri5, Dopri8), implicit Kvaerno5 and GaussLegendre(2), and scipy's
     RK45, DOP853 and LSODA. The reference is Dopri8 at rtol = atol = 1e-12; on ReLU,
-    where adaptive Dopri8 chatters on sliding surfaces and does not finish, Dopri8 at a
-    fixed step T/8192 (its own error, against T/4096, is drawn). On ReLU the
+    where plain adaptive Dopri8 chatters on sliding surfaces and does not finish, the
+    same in the exact piecewise-smooth mode (`dyn.Filippov()`: the activation pattern
+    frozen between located crossings, Filippov's field where the flow slides), its own
+    error estimated against the mode at 1e-10 and drawn (quick mode: Dopri8 at a fixed
+    step T/8192, which spares the mode's compilation). On ReLU the
     gradient jumps where a pre-activation changes sign (a Filippov system): across a
     kink a method of order p makes a local error O(h) instead of O(h^(p+1)), so the
     slopes of error against evaluations (−p on a smooth problem, fixed or adaptive
@@ -47,23 +50,25 @@ from ._common import folders
 __all__ = ["run"]
 
 REF_TOL = 1e-12
-# On ReLU an adaptive reference does not finish: Dopri8 chatters on the kinks' sliding
-# surfaces (even the quick 64-8-10 net hit 100 000 steps at rtol 1e-9). The reference
-# there is Dopri8 at a fixed step T/REF_STEPS_RELU, whose own error (against half that
-# step) is stored as `reference_error` and drawn on the figure: below it nothing is
-# measured. An exact reference needs the piecewise-smooth (Filippov) integration.
+# On ReLU a plain adaptive reference does not finish: Dopri8 chatters on the kinks'
+# sliding surfaces (even the quick 64-8-10 net hit 100 000 steps at rtol 1e-9). The
+# reference there is the Filippov mode (exact through kinks and sliding), or in quick
+# mode Dopri8 at a fixed step T/REF_STEPS_RELU (error O(h) at each kink); either way its
+# own error is stored as `reference_error` and drawn on the figure: below it nothing is
+# measured.
 REF_STEPS_RELU = 4096
 FULL = {"widths": (64, 16, 10), "examples": 256, "t1_gf": 2.0,
         "tolerances": [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10],
         "dts_gf": [0.2, 0.1, 0.05, 0.025, 0.0125],
         "dts_toy": [0.1, 0.05, 0.025, 0.0125, 0.00625],
-        "energy_T": 2000.0, "charge_dts": [0.1, 0.05, 0.025, 0.0125], "all": True}
+        "energy_T": 2000.0, "charge_dts": [0.1, 0.05, 0.025, 0.0125], "all": True,
+        "relu_reference": "filippov", "max_steps": 5000}
 # Quick: one fixed-step and one adaptive method per panel (each method compiles once;
 # compilation is most of a quick run).
 QUICK = {"widths": (64, 8, 10), "examples": 32, "t1_gf": 1.0,
          "tolerances": [1e-3, 1e-5, 1e-7], "dts_gf": [0.2, 0.1, 0.05],
          "dts_toy": [0.1, 0.05, 0.025], "energy_T": 200.0, "charge_dts": [0.1, 0.05],
-         "all": False}
+         "all": False, "relu_reference": "fixed", "max_steps": None}
 H_ENERGY = 0.05
 TOY_W0, TOY_V0, TOY_T = jnp.array([0.5, 0.5, 0.5]), jnp.array([-2.0, 1.0, 1.0]), 10.0
 DPI = 120
@@ -114,14 +119,24 @@ def _wp_gf(cfg, activation) -> xr.Dataset:
                         "GaussLegendre(2)": dyn.solvers.GaussLegendre(2)})
         methods.update({f"scipy {m}": dyn.ScipyMethod(m) for m in ("RK45", "DOP853", "LSODA")})
     t1 = cfg["t1_gf"]
-    if relu:
+    if relu and cfg["relu_reference"] == "filippov":
+        ref, ref_error = _filippov_reference(model, loss, t1)
+    elif relu:
         ref, ref_error = _fixed_reference(model, loss, t1)
     else:
         ref, ref_error = _reference(dyn.GradientFlow(), model, loss, t1), np.nan
+    # a step budget: on ReLU plain adaptive solvers chatter at tight tolerances (those
+    # runs are drawn as not finished)
     ds = _work_precision(dyn.GradientFlow(), model, loss, methods, cfg, cfg["dts_gf"], t1,
-                         reference=ref)
+                         reference=ref, max_steps=cfg["max_steps"])
     ds.attrs.update(activation=type(activation).__name__, widths=str(cfg["widths"]),
-                    examples=cfg["examples"], reference_error=ref_error)
+                    examples=cfg["examples"], reference_error=ref_error,
+                    max_steps=cfg["max_steps"] or 0)
+    if relu:
+        ds.attrs["reference"] = (
+            f"Filippov mode, Dopri8 rtol = atol = {REF_TOL:g}"
+            if cfg["relu_reference"] == "filippov"
+            else f"Dopri8 at fixed dt = T/{2 * REF_STEPS_RELU}; plain adaptive ones chatter")
     return ds
 
 
@@ -137,6 +152,25 @@ def _fixed_reference(model, loss, t1):
     error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
         jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1]), strict=True))
     _say(f"ReLU reference: Dopri8 at dt = t1/{2 * REF_STEPS_RELU}, error ~{error:.1e}")
+    return (lambda _: finals[1]), error
+
+
+def _filippov_reference(model, loss, t1):
+    """Dopri8 at rtol = atol = 1e-12 in the Filippov mode, its error estimated against
+    the same at 1e-10 (one compiled solve: the tolerances are traced)."""
+    finals = []
+    for tol in (1e-10, REF_TOL):
+        start = time.perf_counter()
+        traj = dyn.simulate(dyn.GradientFlow(), model, loss, t1=t1, solver=diffrax.Dopri8(),
+                            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+                            nonsmooth=dyn.Filippov(), save_params=False)
+        finals.append(traj.final_params)
+        _say(f"ReLU reference: Filippov mode, Dopri8 at {tol:.0e}: {traj.stats['num_steps']} "
+             f"steps, {int(traj.monitors['crossings'][-1])} crossings, "
+             f"{time.perf_counter() - start:.1f} s")
+    error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1]), strict=True))
+    _say(f"ReLU reference error ~{error:.1e} (1e-10 against 1e-12)")
     return (lambda _: finals[1]), error
 
 
@@ -225,10 +259,14 @@ def _wp_axes(ax, ds, title):
         row = ds.sel(solver=name)
         e, n = np.asarray(row["error"]), np.asarray(row["grad_evals"])
         ok = np.isfinite(e) & (e > 0)
+        ran = np.isfinite(np.asarray(row["tolerance"])) | np.isfinite(np.asarray(row["dt"]))
+        unfinished = int(np.sum(ran & ~np.asarray(row["finished"], bool)))
         if not ok.any():
             continue
         slope = float(row["slope"])
         tag = "" if not np.isfinite(slope) else f" (slope {slope:.1f})"
+        if unfinished:
+            tag += f", {unfinished} not finished"
         ax.loglog(e[ok], n[ok], label=f"{name}{tag}", **_style(str(name)))
     ax.set_xlabel("final-state error ‖w(T) − w_ref(T)‖_∞")
     ax.set_ylabel("gradient evaluations")
@@ -254,9 +292,11 @@ def _fig_wp_gf(tanh, relu) -> Figure:
     err = relu.attrs["reference_error"]
     bx.axvline(err, color="k", lw=0.8, ls="-.")
     bx.text(err, bx.get_ylim()[1], " reference's own error", fontsize=6, va="top", rotation=90)
-    fig.supxlabel(f"reference: Dopri8 rtol = atol = {REF_TOL:g} (ReLU: Dopri8 at "
-             f"fixed dt = T/{2 * REF_STEPS_RELU}, error ~{err:.0e}; adaptive ones chatter); "
-             "adaptive methods over rtol = atol, fixed-step methods over dt", fontsize=8)
+    fig.supxlabel(f"reference: Dopri8 rtol = atol = {REF_TOL:g} (ReLU: "
+                  f"{relu.attrs['reference']}, error ~{err:.0e}); "
+                  "adaptive methods over rtol = atol, fixed-step methods over dt"
+                  + (f"; budget {relu.attrs['max_steps']} steps per run"
+                     if relu.attrs.get("max_steps") else ""), fontsize=8)
     return fig
 
 

@@ -131,6 +131,24 @@ def test_work_precision_against_independent_runs(tmp_path):
     ax = fig.axes[0]
     assert len(ax.lines) == 3 and ax.get_xscale() == ax.get_yscale() == "log"
     fig.savefig(tmp_path / "wp.png")
+    assert ds.finished.values.all()
+    # A step budget: runs that use it up are recorded as not finished, not waited for.
+    short = dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=2.0,
+                               tolerances=(1e-5, 1e-8), dts=(0.1, 0.05),
+                               reference=closed_form, repeats=1, max_steps=8)
+    # Euler needs 20 and 40 steps; Tsit5 6 at 1e-5 and 16 at 1e-8 (37 and 97 evaluations);
+    # RK45 56 and 116 evaluations, against 12 × 8 = 96 allowed to an external method
+    assert not short.finished.sel(solver="Euler").values.any()
+    assert np.isnan(short.error.sel(solver="Euler").values).all()
+    for name in ("Tsit5", "scipy RK45"):
+        row = short.sel(solver=name)
+        assert row.finished.values[0] and not row.finished.values[1], name
+        assert np.isnan(row.error.values[1]) and np.isnan(row.grad_evals.values[1])
+        np.testing.assert_allclose(row.error.values[0], ds.error.sel(solver=name).values[0],
+                                   rtol=1e-12)
+    with pytest.raises(ValueError, match="max_steps"):
+        dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=1.0,
+                           dts=(0.1,), max_steps=0)
     with pytest.raises(ValueError, match="tolerances"):
         dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=1.0,
                            tolerances=(1e-4, 0.0), dts=(0.1,))
