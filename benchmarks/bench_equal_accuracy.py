@@ -18,6 +18,14 @@ solvers their order, see below).
   2-core machine, under load, torch's spinning OpenMP threads made 2 threads 5x slower
   than 1.
 
+With `--activation relu`, `dynamics` also runs Dopri5 and Dopri8 in the exact
+piecewise-smooth mode (`dyn.NonsmoothMethod(solver, dyn.Filippov())`: the activation
+pattern frozen between located crossings, Filippov's sliding field on the kinks), and the
+reference is Dopri8 in that mode; `--max-steps` gives every run a step budget (plain
+solvers chatter on the kinks at tight tolerances and would run for hours; a run out of
+budget has not reached its tolerance). The mode's cost grows with examples × hidden units
+(README), so the ReLU comparison uses a smaller net (`--widths 64-16-10 --examples 256`).
+
 Each method runs over the tolerances 10^-3 ... 10^-tmax (`--tmax`); its error is the max
 norm of w(T) against a reference (Dopri8 through `simulate` at rtol = atol = `--ref-tol`;
 its own accuracy is estimated against the same at a ten times looser tolerance and printed).
@@ -44,7 +52,7 @@ import dynamics as dyn
 
 TARGETS = (1e-4, 1e-6, 1e-8)
 FAMILIES = {
-    "dynamics": ("Tsit5", "Dopri5", "Dopri8"),
+    "dynamics": ("Tsit5", "Dopri5", "Dopri8", "Dopri5 Filippov", "Dopri8 Filippov"),
     "scipy": ("scipy RK45", "scipy DOP853", "scipy LSODA"),
     "torchdiffeq": ("torch dopri5", "torch dopri8", "torch bosh3"),
 }
@@ -90,12 +98,17 @@ def main():
     args = parse_args(__doc__, repeat=5, t1=(float, 2.0, "end time T"),
                       activation=(str, "tanh", "hidden activation: tanh or relu"),
                       examples=(int, 1797, "how many digits (the first ones)"),
+                      widths=(str, "64-128-128-10", "MLP widths"),
+                      max_steps=(int, 0, "step budget per run (0: none)"),
                       tmax=(int, 11, "tightest tolerance 10^-tmax"),
                       ref_tol=(float, 1e-13, "reference Dopri8 rtol = atol"),
                       wp_repeats=(int, 3, "timed runs per tolerance (minimum kept)"),
                       torch_threads=(int, 0, "torch threads (0: the faster of 1 and all)"))
     torch.set_default_dtype(torch.float64)
-    model, loss, data = digits_problem(activation=args.activation, examples=args.examples)
+    widths = tuple(int(w) for w in args.widths.split("-"))
+    relu = args.activation == "relu"
+    model, loss, data = digits_problem(widths, activation=args.activation,
+                                       examples=args.examples)
     field = torch_field(model, data, args.activation)
     state = tuple(torch.tensor(np.asarray(x)) for x in jax.tree.leaves(model))
     per_eval = {}
@@ -109,9 +122,11 @@ def main():
     tolerances = [10.0 ** -k for k in range(3, args.tmax + 1)]
 
     def reference(tol):
+        # ReLU: in the Filippov mode (plain adaptive Dopri8 chatters and does not finish)
         traj = dyn.simulate(flow, model, loss, t1=t1, solver=diffrax.Dopri8(),
                             stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
-                            save_params=False, max_steps=None)
+                            save_params=False, max_steps=None,
+                            nonsmooth=dyn.Filippov() if relu else None)
         leaves = jax.tree.leaves(traj.final_params)
         return np.concatenate([np.ravel(np.asarray(x)) for x in leaves]), traj.stats
 
@@ -123,10 +138,12 @@ def main():
           f"steps), against {10 * args.ref_tol:.0e}: {ref_error:.1e}", flush=True)
 
     common = dict(t1=t1, tolerances=tolerances, reference=lambda _: exact,
-                  repeats=args.wp_repeats)
-    ours = dyn.work_precision(flow, model, loss, {"Tsit5": diffrax.Tsit5(),
-                                                  "Dopri5": diffrax.Dopri5(),
-                                                  "Dopri8": diffrax.Dopri8()}, **common)
+                  repeats=args.wp_repeats, max_steps=args.max_steps or None)
+    methods = {"Tsit5": diffrax.Tsit5(), "Dopri5": diffrax.Dopri5(), "Dopri8": diffrax.Dopri8()}
+    if relu:
+        methods.update({f"{n} Filippov": dyn.NonsmoothMethod(s, dyn.Filippov())
+                        for n, s in (("Dopri5", diffrax.Dopri5()), ("Dopri8", diffrax.Dopri8()))})
+    ours = dyn.work_precision(flow, model, loss, methods, **common)
     with threadpool_limits(limits=1, user_api="blas"):
         scipy = dyn.work_precision(flow, model, loss, {
             f"scipy {m}": dyn.ScipyMethod(m) for m in ("RK45", "DOP853", "LSODA")}, **common)
@@ -155,13 +172,14 @@ def main():
         key = f"{target:.0e}"
         best[key] = {}
         for family, names in FAMILIES.items():
-            times = {n: at[n][key] for n in names if np.isfinite(at[n][key])}
+            times = {n: at[n][key] for n in names if n in at and np.isfinite(at[n][key])}
             best[key][family] = (min(times.items(), key=lambda kv: kv[1]) if times
                                  else (None, np.nan))
         ours_t = best[key]["dynamics"][1]
         speedups[key] = {f: best[key][f][1] / ours_t for f in ("scipy", "torchdiffeq")}
         line = ", ".join(f"{f} {n} {fmt_t(t)}" for f, (n, t) in best[key].items())
-        fewest = {f: min(((n, evals[n][key]) for n in names if np.isfinite(evals[n][key])),
+        fewest = {f: min(((n, evals[n][key]) for n in names
+                          if n in evals and np.isfinite(evals[n][key])),
                          key=lambda kv: kv[1], default=(None, np.nan))
                   for f, names in FAMILIES.items()}
         print(f"error {key}: fewest evaluations " + ", ".join(
@@ -171,6 +189,7 @@ def main():
               "(target >= 1)")
     save(f"equal_accuracy_{args.dtype}_{args.activation}", {
         "activation": args.activation, "examples": args.examples, "t1": t1,
+        "widths": args.widths, "max_steps": args.max_steps,
         "num_params": num_params(model), "tolerances": tolerances,
         "reference": {"tol": args.ref_tol, "steps": ref_stats["num_accepted_steps"],
                       "error_vs_10x_looser": ref_error},

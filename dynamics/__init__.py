@@ -72,6 +72,7 @@ from ._simulate import simulate as simulate
 from ._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory
 from ._work_precision import (
+    NonsmoothMethod as NonsmoothMethod,
     ScipyMethod as ScipyMethod,
     TorchdiffeqMethod as TorchdiffeqMethod,
     work_precision as work_precision,

@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree, Scalar
 
 from ._convergence import REFERENCE_TOLERANCE
+from ._filippov import Filippov
 from ._flows import AbstractFirstOrderFlow, AbstractFlow
 from ._monitors import AbstractMonitor
 from ._problem import Problem
@@ -67,6 +68,27 @@ class TorchdiffeqMethod(eqx.Module):
             raise ValueError(
                 "TorchdiffeqMethod: `vector_field` must be a function (t, state) -> tuple "
                 f"of torch tensors, or None for the flow's own field; got {self.vector_field!r}."
+            )
+
+
+class NonsmoothMethod(eqx.Module):
+    """A diffrax solver run in a piecewise-smooth mode, `simulate(..., nonsmooth=...)`, as
+    a method of `work_precision` (swept over the tolerances): e.g.
+    `NonsmoothMethod(diffrax.Dopri5(), dyn.Filippov())` on a ReLU network, where the
+    plain solvers chatter on the kinks, so both enter one diagram."""
+
+    solver: diffrax.AbstractAdaptiveSolver
+    nonsmooth: Filippov
+
+    def __check_init__(self):
+        if not isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
+            raise ValueError(
+                "NonsmoothMethod: `solver` must be an adaptive diffrax solver such as "
+                f"diffrax.Dopri5(); got {self.solver!r}."
+            )
+        if not isinstance(self.nonsmooth, Filippov):
+            raise ValueError(
+                f"NonsmoothMethod: `nonsmooth` must be dyn.Filippov(...), got {self.nonsmooth!r}."
             )
 
 
@@ -142,7 +164,8 @@ def work_precision(
     - `methods`: name -> a diffrax solver or one of `dyn.solvers` (adaptive ones are
       swept over `tolerances` with `PIDController(rtol=tol, atol=tol)`, the others
       over `dts` with fixed steps), `ScipyMethod("RK45" | "DOP853" | "LSODA")` or
-      `TorchdiffeqMethod("dopri5" | "dopri8" | ...)` (swept over `tolerances`).
+      `TorchdiffeqMethod("dopri5" | "dopri8" | ...)` or
+      `NonsmoothMethod(solver, dyn.Filippov())` (swept over `tolerances`).
     - `tolerances`: rtol = atol values, each > 0.
     - `dts`: fixed step sizes for solvers without an error estimate (required then).
     - `reference`: t1 -> exact final state (`params`, or `(params, velocity)` for a
@@ -187,10 +210,12 @@ def work_precision(
                                   or max_steps < 1):
         raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}.")
     for name, m in methods.items():
-        if not isinstance(m, (diffrax.AbstractSolver, ScipyMethod, TorchdiffeqMethod)):
+        if not isinstance(m, (diffrax.AbstractSolver, ScipyMethod, TorchdiffeqMethod,
+                              NonsmoothMethod)):
             raise ValueError(
                 f"`methods[{name!r}]` must be a diffrax solver, a dyn.solvers one, "
-                f"dyn.ScipyMethod(...) or dyn.TorchdiffeqMethod(...), got {m!r}."
+                f"dyn.ScipyMethod(...), dyn.TorchdiffeqMethod(...) or "
+                f"dyn.NonsmoothMethod(...), got {m!r}."
             )
         if isinstance(m, TorchdiffeqMethod):
             try:
@@ -237,10 +262,14 @@ def work_precision(
             budget = None if max_steps is None else 12 * max_steps
             runner = make(flow, params, loss, v0, t0, t1, ts, monitors, method, budget)
         else:
+            nonsmooth = None
+            if isinstance(method, NonsmoothMethod):
+                method, nonsmooth = method.solver, method.nonsmooth
             adaptive = isinstance(method, diffrax.AbstractAdaptiveSolver)
             settings = ([("tolerance", tol) for tol in tolerances] if adaptive
                         else [("dt", dt) for dt in dts])
-            runner = _diffrax_runner(flow, params, loss, run, monitors, method, first_order)
+            runner = _diffrax_runner(flow, params, loss, dict(run, nonsmooth=nonsmooth),
+                                     monitors, method, first_order)
         for j, (kind, value) in enumerate(settings):
             if j == 0:
                 # The first call compiles (diffrax: the solve, once for the whole sweep,
@@ -301,6 +330,12 @@ class _Runner:
         return self.run(kind, value, with_monitors)
 
 
+def _new_stages(solver) -> int:
+    """Field evaluations per step of an explicit Runge–Kutta solver (FSAL: one fewer)."""
+    tableau = solver.tableau
+    return len(tableau.c) + 1 - int(bool(getattr(tableau, "fsal", False)))
+
+
 def _diffrax_runner(flow, params, loss, run, monitors, solver, first_order):
     counted, calls = _count_evaluations(loss)
 
@@ -320,7 +355,13 @@ def _diffrax_runner(flow, params, loss, run, monitors, solver, first_order):
                         **settings(kind, value), monitors=monitors if with_monitors else ())
         values = {m.name: np.asarray(traj.monitors[m.name]) for m in monitors} \
             if with_monitors else {}
-        return _final(traj, first_order), values, traj.success, None
+        nfev = None
+        if run["nonsmooth"] is not None:
+            # The mode needs the loss itself (it reads the data), so no counting wrapper:
+            # steps × new stages per step, the field evaluations of the steps (not those
+            # of crossing root finds and multiplier solves; `wall_time` has all)
+            nfev = int(traj.stats["num_steps"]) * _new_stages(solver)
+        return _final(traj, first_order), values, traj.success, nfev
 
     return _Runner(solve, count)
 

@@ -146,6 +146,10 @@ def test_work_precision_against_independent_runs(tmp_path):
         assert np.isnan(row.error.values[1]) and np.isnan(row.grad_evals.values[1])
         np.testing.assert_allclose(row.error.values[0], ds.error.sel(solver=name).values[0],
                                    rtol=1e-12)
+    with pytest.raises(ValueError, match="adaptive"):
+        dyn.NonsmoothMethod(diffrax.Euler(), dyn.Filippov())
+    with pytest.raises(ValueError, match="Filippov"):
+        dyn.NonsmoothMethod(diffrax.Dopri5(), None)
     with pytest.raises(ValueError, match="max_steps"):
         dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=1.0,
                            dts=(0.1,), max_steps=0)
