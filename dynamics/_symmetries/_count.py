@@ -361,52 +361,49 @@ def _balance_jacobian(model: MLP) -> np.ndarray:
     return np.concatenate(blocks)
 
 
+def _layers(model: MLP, x):
+    """(inputs h, pre-activations z) of every layer on the samples x, in float64 NumPy
+    (ReLU between layers)."""
+    h = np.asarray(x, dtype=np.float64)
+    for k, wk in enumerate(model.weights):
+        z = h @ np.asarray(wk, dtype=np.float64).T
+        if model.biases is not None:
+            z = z + np.asarray(model.biases[k], dtype=np.float64)
+        yield h, z
+        h = np.maximum(z, 0.0)
+
+
 def _active_ranks(model: MLP, x) -> list[np.ndarray]:
     """Per layer k (0-based) and neuron i: fan_in (+1 with a bias) minus the rank of the
     inputs (with a 1 for the bias) that neuron i receives on the samples where it is
     active (all samples for the linear output layer): the directions of its in-weights
     that the data does not see at θ."""
-    h = np.asarray(x, dtype=np.float64)
     bias, out = model.biases is not None, []
-    for k, wk in enumerate(model.weights):
-        z = h @ np.asarray(wk, dtype=np.float64).T
-        if bias:
-            z = z + np.asarray(model.biases[k], dtype=np.float64)
+    for k, (h, z) in enumerate(_layers(model, x)):
         hidden = k < model.depth - 1
         inputs = np.concatenate([h, np.ones((h.shape[0], 1))], 1) if bias else h
         seen = [inputs[z[:, i] > 0] if hidden else inputs for i in range(z.shape[1])]
         out.append(np.array([inputs.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0)
                              for a in seen]))
-        if hidden:
-            h = np.maximum(z, 0.0)
     return out
 
 
 def _shared_patterns(model: MLP, x) -> list[int]:
-    """Per hidden layer: the sizes (≥ 2) of the groups of neurons that are active on
-    exactly the same samples of x."""
-    h = np.asarray(x, dtype=np.float64)
+    """The sizes (≥ 2) of the groups of neurons of one hidden layer that are active on
+    exactly the same samples of x, over all hidden layers."""
     out = []
-    for k, wk in enumerate(model.weights[:-1]):
-        z = h @ np.asarray(wk, dtype=np.float64).T
-        if model.biases is not None:
-            z = z + np.asarray(model.biases[k], dtype=np.float64)
+    for _, z in list(_layers(model, x))[:-1]:
         _, sizes = np.unique(z > 0, axis=1, return_counts=True)
         out += [int(n) for n in sizes if n > 1]
-        h = np.maximum(z, 0.0)
     return out
 
 
 def _alive(model: MLP, x) -> bool:
-    h = np.asarray(x, dtype=np.float64)
-    for k, wk in enumerate(model.weights[:-1]):
-        z = h @ np.asarray(wk, dtype=np.float64).T
-        if model.biases is not None:
-            z = z + np.asarray(model.biases[k], dtype=np.float64)
+    """Every hidden neuron active on 5–95% of the samples."""
+    for k, (_, z) in enumerate(_layers(model, x)):
         on = np.mean(z > 0, axis=0)
-        if not np.all((on > 0.05) & (on < 0.95)):
+        if k < model.depth - 1 and not np.all((on > 0.05) & (on < 0.95)):
             return False
-        h = np.maximum(z, 0.0)
     return True
 
 
