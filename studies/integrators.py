@@ -6,17 +6,16 @@
     (Bosh3, Tsit5, Dopri5, Dopri8), implicit Kvaerno5 and GaussLegendre(2) (Tanh only:
     on ReLU their Newton iterations meet a jumping field at a cost no step budget
     bounds), and scipy's RK45, DOP853 and LSODA. The reference is Dopri8 at
-    rtol = atol = 1e-12; on ReLU,
-    where plain adaptive Dopri8 chatters on sliding surfaces and does not finish, the
-    same in the exact piecewise-smooth mode (`dyn.Filippov()`: the activation pattern
-    frozen between located crossings, Filippov's field where the flow slides), its own
-    error estimated against the mode at 1e-10 and drawn (quick mode: Dopri8 at a fixed
-    step T/8192, which spares the mode's compilation). On ReLU the
-    gradient jumps where a pre-activation changes sign (a Filippov system): across a
-    kink a method of order p makes a local error O(h) instead of O(h^(p+1)), so the
-    slopes of error against evaluations (−p on a smooth problem, fixed or adaptive
-    steps) fall towards −1 and the adaptive methods spend their steps on the kinks; the
-    fitted slopes are written on the figure.
+    rtol = atol = 1e-12; on ReLU, where plain adaptive Dopri8 chatters on sliding
+    surfaces and does not finish, the same in the exact piecewise-smooth mode
+    (`dyn.Filippov()`: the activation pattern frozen between located crossings,
+    Filippov's field where the flow slides), its own error estimated against the mode
+    at 1e-10 and drawn (quick mode: Dopri8 at a fixed step T/8192, which spares the
+    mode's compilation). On ReLU the gradient jumps where a pre-activation changes
+    sign (a Filippov system): across a kink a method of order p makes a local error
+    O(h) instead of O(h^(p+1)), so the slopes of error against evaluations (−p on a
+    smooth problem, fixed or adaptive steps) fall towards −1 and the adaptive methods
+    spend their steps on the kinks; the fitted slopes are written on the figure.
 (b) The same for Newtonian flow ẅ = −∇L on the rotational toy L = (‖w‖² − 1)² (Głuch &
     Urbanke 6.1), with the symplectic methods (SemiImplicitEuler, VelocityVerlet,
     Yoshida4, GaussLegendre(1, 2, 3)) beside Runge–Kutta, error of (w, v) at T = 10
