@@ -287,8 +287,11 @@ def _solve(problem, y0, solver, controller, t0, t1, dt0, ts, monitors, events, s
     layout = _Layout(first_order, carry_field is not None, bool(integrals))
     if layout.carry:
         solver = LossCarryingEuler(field=carry_field)
-        field0, loss0 = flow.vector_field_and_loss(t0, y0, problem.loss)
-        y0 = (y0, (loss0, field0 if carry_field else None))
+        if carry_field:
+            field0, loss0 = flow.vector_field_and_loss(t0, y0, problem.loss)
+            y0 = (y0, (loss0, field0))
+        else:  # a forward pass is enough for the loss alone
+            y0 = (y0, (problem.loss(y0), None))
     if integrals:
         v0 = None if first_order else y0[1]
         shapes = {m.name: eqx.filter_eval_shape(m.integrand, t0, w0, v0, problem)

@@ -77,14 +77,16 @@ class NonsmoothMethod(eqx.Module):
     `NonsmoothMethod(diffrax.Dopri5(), dyn.Filippov())` on a ReLU network, where the
     plain solvers chatter on the kinks, so both enter one diagram."""
 
-    solver: diffrax.AbstractAdaptiveSolver
+    solver: diffrax.AbstractERK
     nonsmooth: Filippov
 
     def __check_init__(self):
-        if not isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
+        # explicit Runge–Kutta: its cost is counted as steps × new stages (`_new_stages`)
+        if not (isinstance(self.solver, diffrax.AbstractERK)
+                and isinstance(self.solver, diffrax.AbstractAdaptiveSolver)):
             raise ValueError(
-                "NonsmoothMethod: `solver` must be an adaptive diffrax solver such as "
-                f"diffrax.Dopri5(); got {self.solver!r}."
+                "NonsmoothMethod: `solver` must be an adaptive explicit Runge–Kutta solver "
+                f"such as diffrax.Dopri5(); got {self.solver!r}."
             )
         if not isinstance(self.nonsmooth, Filippov):
             raise ValueError(

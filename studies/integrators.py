@@ -145,6 +145,12 @@ def _wp_gf(cfg, activation) -> xr.Dataset:
     return ds
 
 
+def _max_difference(a, b) -> float:
+    """max |a − b| over every leaf of two parameter pytrees."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def _fixed_reference(model, loss, t1):
     """Dopri8 at fixed steps t1/REF_STEPS_RELU, and its error estimated against half
     that step (the same compiled solve: the step size is traced)."""
@@ -154,8 +160,7 @@ def _fixed_reference(model, loss, t1):
                             solver=diffrax.Dopri8(), stepsize_controller=diffrax.ConstantStepSize(),
                             save_params=False, max_steps=None)
         finals.append(traj.final_params)
-    error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-        jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1]), strict=True))
+    error = _max_difference(*finals)
     _say(f"ReLU reference: Dopri8 at dt = t1/{2 * REF_STEPS_RELU}, error ~{error:.1e}")
     return (lambda _: finals[1]), error
 
@@ -173,8 +178,7 @@ def _filippov_reference(model, loss, t1):
         _say(f"ReLU reference: Filippov mode, Dopri8 at {tol:.0e}: {traj.stats['num_steps']} "
              f"steps, {int(traj.monitors['crossings'][-1])} crossings, "
              f"{time.perf_counter() - start:.1f} s")
-    error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-        jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1]), strict=True))
+    error = _max_difference(*finals)
     _say(f"ReLU reference error ~{error:.1e} (1e-10 against 1e-12)")
     return (lambda _: finals[1]), error
 

@@ -16,6 +16,7 @@ orthonormal basis, SVD of the residual, float64).
 """
 
 import functools
+import itertools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -392,7 +393,7 @@ def _shared_patterns(model: MLP, x) -> list[int]:
     """The sizes (≥ 2) of the groups of neurons of one hidden layer that are active on
     exactly the same samples of x, over all hidden layers."""
     out = []
-    for _, z in list(_layers(model, x))[:-1]:
+    for _, z in itertools.islice(_layers(model, x), model.depth - 1):
         _, sizes = np.unique(z > 0, axis=1, return_counts=True)
         out += [int(n) for n in sizes if n > 1]
     return out
@@ -400,9 +401,9 @@ def _shared_patterns(model: MLP, x) -> list[int]:
 
 def _alive(model: MLP, x) -> bool:
     """Every hidden neuron active on 5–95% of the samples."""
-    for k, (_, z) in enumerate(_layers(model, x)):
+    for _, z in itertools.islice(_layers(model, x), model.depth - 1):
         on = np.mean(z > 0, axis=0)
-        if k < model.depth - 1 and not np.all((on > 0.05) & (on < 0.95)):
+        if not np.all((on > 0.05) & (on < 0.95)):
             return False
     return True
 
