@@ -1,8 +1,9 @@
 """Conservation-law counting (`dyn.symmetries.count_conservation_laws`) on random
 architectures: N linear and N ReLU networks (depth 2–4, widths 2–9; ReLU ones with random
 biases on half), each against `dyn.symmetries.known_count` (linear: independent entries of
-the balance matrices by Jacobian rank; ReLU: one law per hidden neuron plus the directions
-the first layer's active inputs miss, on generic draws: `random_alive_mlp`). Reference:
+the balance matrices by Jacobian rank; ReLU: one law per hidden neuron, k(k − 1)/2 per
+group of k neurons with one pattern, the directions the first layer's live inputs miss and
+the dead connections of deeper layers, on generic draws: `random_alive_mlp`). Reference:
 the SageMath code of Marcotte, Gribonval & Peyré (github sibyllema/Conservation_laws)
 took 34 min (50 linear) and 1 h 53 min (50 ReLU) on 64 threads.
 

@@ -6,8 +6,10 @@ depth 2–4 and widths 2–9 (inputs: 60 Gaussian points), each against
 `dyn.symmetries.known_count`: for linear nets the independent entries of the balance
 matrices W_h W_hᵀ − W_{h+1}ᵀ W_{h+1}; for ReLU nets (biases on every other one) one law per
 hidden neuron, k(k − 1)/2 more per group of k neurons of a layer with one activation
-pattern, plus the first layer's unseen directions, on generic draws
-(`random_alive_mlp`: every neuron alive, full-rank active inputs behind layer 1).
+pattern, plus the first layer's unseen directions and the dead connections of deeper
+layers (an input that is zero wherever the neuron it feeds is live), on generic draws
+(`random_alive_mlp`: every neuron alive, full-rank live inputs behind layer 1 but for dead
+connections).
 Marcotte et al.'s SageMath code took 34 min for their 50 linear and 1 h 53 min for their
 50 ReLU nets on 64 threads; the figure gives our times on this machine.
 

@@ -190,7 +190,16 @@ class _Span:
     A batch of rows is normalised, projected off the basis (twice, classical Gram–Schmidt
     re-orthogonalised), and its residual's singular values above `threshold` give the new
     directions. Rows have unit norm, so a residual singular value is the size of a new
-    direction relative to the rows that carry it."""
+    direction relative to the rows that carry it.
+
+    A direction kept with a small singular value σ is itself known only to ~eps/σ (its
+    angle error under rounding), and projecting a later row off it leaves a residual of
+    that size even when the row lies in the span: so a new direction must also exceed
+    10·eps/σ_min of the directions kept so far. (Measured on the bias-free ReLU net
+    4-5-7-6-2, whose outputs' gradients have a singular value 1e-9: a level-2
+    "direction" of 2e-9 had 0.61 of its length along the gradient of a neuron's
+    rescaling charge, which every bracket is exactly orthogonal to; the floor, 3e-7
+    there, drops it, and the count equals the closed form.)"""
 
     def __init__(self, d: int, threshold: float):
         self.basis = np.zeros((0, d))
@@ -206,12 +215,20 @@ class _Span:
         for _ in range(2):
             rows = rows - (rows @ self.basis.T) @ self.basis
         _, s, vt = np.linalg.svd(rows, full_matrices=False)
-        new = s > self.threshold
+        new = s > self.floor
         self.kept += list(s[new])
         if np.any(~new):
             self.dropped = max(self.dropped, float(s[~new].max()))
         self.basis = np.concatenate([self.basis, vt[new]])
         return int(new.sum())
+
+    @property
+    def floor(self) -> float:
+        """The smallest singular value a new direction needs: `threshold`, or the rounding
+        noise that the directions kept so far leave in a projection, if larger."""
+        if not self.kept:
+            return self.threshold
+        return max(self.threshold, 10 * np.finfo(np.float64).eps / min(self.kept))
 
     @property
     def rank(self) -> int:
@@ -248,7 +265,9 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
       the unit-norm bracket values that carry it (after projecting off the directions
       found so far). Measured on linear and ReLU nets of depth 2–4, widths 2–9: kept
       values ≥ 1e-4, dropped ones ≤ 1e-14, so 1e-9 sits five decades from both sides;
-      `singular_values` (kept) and `largest_dropped` let a user see the gap.
+      `singular_values` (kept) and `largest_dropped` let a user see the gap. A new
+      direction must also clear 10·eps/σ_min of the directions already kept (rounding
+      noise a nearly degenerate earlier direction leaves in every projection).
     - `samples`: random bracket tuples per batch. Each level draws batches until one adds
       fewer directions than it has tuples: by genericity the span of that level (modulo
       the lower ones) is then exhausted, so the count does not depend on `samples`, only
@@ -262,17 +281,18 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
 
     What to expect: linear networks have the independent entries of the balance matrices
     W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`). ReLU networks have one law per
-    hidden neuron, k(k − 1)/2 more for every k neurons of a layer that are active on the
+    hidden neuron, k(k − 1)/2 more for every k neurons of a layer that are live on the
     same samples (a linear block on the data, with GL(k) acting), plus one for each
-    direction of a neuron's incoming weights (and bias)
-    that the data never sees: if the inputs a neuron receives on the samples where it is
-    active (with a 1 for its bias) span only r of its fan_in (+1) dimensions, its in-weights
-    along the other directions do not move under any loss of these outputs, a trivial law
-    each in layer 1; in deeper layers the directions move with the earlier weights and the
-    extra count is smaller (measured: 5 rank-deficient directions gave 5 and 2 more laws on
-    two nets). A narrow layer (width 2) feeding a wider one often causes this: the count is
-    then larger than one per neuron, and right; `known_count` and `generic` say when the
-    closed form applies.
+    direction of a neuron's incoming weights (and bias) that the data never sees: if the
+    inputs a neuron receives on the samples where it is live (active, with a path of
+    active neurons to the output; with a 1 for its bias) span only r of its fan_in (+1)
+    dimensions, its in-weights along the other directions do not move under any loss of
+    these outputs — a law each in layer 1, and in deeper layers for every input that is
+    zero wherever the neuron is live (a dead connection); other deficient directions of
+    deeper layers move with the earlier weights and give fewer laws, with no closed form.
+    A narrow layer (width 2) or 2-D inputs often cause this: the count is then larger than
+    one per neuron, and right; `known_count` and `generic` say when the closed form
+    applies.
 
     Needs float64 (`jax.config.update("jax_enable_x64", True)`).
     """
@@ -374,36 +394,65 @@ def _layers(model: MLP, x):
         h = np.maximum(z, 0.0)
 
 
+def _live(model: MLP, x) -> list[np.ndarray]:
+    """Per layer k (0-based), a boolean (samples, width) mask: neuron i of layer k is
+    *live* on sample n if the outputs depend on its pre-activation there: it is active
+    (always, for the linear output layer) and a path of live neurons leads from it to the
+    output. Only live samples move a neuron's in-weights: where every neuron of a later
+    layer is off (common behind a width-2 layer), the sample's outputs do not depend on
+    the earlier layers at all. (Structural: a weight is taken to be nonzero, which holds
+    for every random draw.)"""
+    zs = [z for _, z in _layers(model, x)]
+    live = [np.ones(zs[-1].shape, bool)]
+    for k in range(len(zs) - 2, -1, -1):
+        reach = live[0].astype(np.float64) @ (np.asarray(model.weights[k + 1]) != 0)
+        live.insert(0, (zs[k] > 0) & (reach > 0))
+    return live
+
+
+def _seen_inputs(model: MLP, x):
+    """Per layer k: for each neuron, the inputs it receives (with a 1 for the bias) on the
+    samples where it is live — what its in-weights' gradients are made of."""
+    bias = model.biases is not None
+    for (h, _), live in zip(_layers(model, x), _live(model, x), strict=True):
+        inputs = np.concatenate([h, np.ones((h.shape[0], 1))], 1) if bias else h
+        yield [inputs[live[:, i]] for i in range(live.shape[1])]
+
+
 def _active_ranks(model: MLP, x) -> list[np.ndarray]:
     """Per layer k (0-based) and neuron i: fan_in (+1 with a bias) minus the rank of the
-    inputs (with a 1 for the bias) that neuron i receives on the samples where it is
-    active (all samples for the linear output layer): the directions of its in-weights
-    that the data does not see at θ."""
-    bias, out = model.biases is not None, []
-    for k, (h, z) in enumerate(_layers(model, x)):
-        hidden = k < model.depth - 1
-        inputs = np.concatenate([h, np.ones((h.shape[0], 1))], 1) if bias else h
-        seen = [inputs[z[:, i] > 0] if hidden else inputs for i in range(z.shape[1])]
-        out.append(np.array([inputs.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0)
-                             for a in seen]))
-    return out
+    inputs it receives on the samples where it is live (`_live`): the directions of its
+    in-weights that the data does not see at θ."""
+    return [np.array([a.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0) for a in seen])
+            for seen in _seen_inputs(model, x)]
+
+
+def _dead_inputs(model: MLP, x) -> list[np.ndarray]:
+    """Per layer k and neuron i: how many of its inputs are zero on every sample where it
+    is live (a connection from a neuron that is never on when this one matters). Such a
+    weight gets no gradient from any loss of the outputs, on a neighbourhood of θ (the
+    patterns are locally constant), so it is itself a conservation law."""
+    return [np.array([int(np.sum(~np.any(a != 0, axis=0))) if a.size else a.shape[1]
+                      for a in seen])
+            for seen in _seen_inputs(model, x)]
 
 
 def _shared_patterns(model: MLP, x) -> list[int]:
-    """The sizes (≥ 2) of the groups of neurons of one hidden layer that are active on
+    """The sizes (≥ 2) of the groups of neurons of one hidden layer that are live on
     exactly the same samples of x, over all hidden layers."""
     out = []
-    for _, z in itertools.islice(_layers(model, x), model.depth - 1):
-        _, sizes = np.unique(z > 0, axis=1, return_counts=True)
+    for live in _live(model, x)[:-1]:
+        _, sizes = np.unique(live, axis=1, return_counts=True)
         out += [int(n) for n in sizes if n > 1]
     return out
 
 
 def _alive(model: MLP, x) -> bool:
-    """Every hidden neuron active on 5–95% of the samples."""
-    for _, z in itertools.islice(_layers(model, x), model.depth - 1):
+    """Every hidden neuron active on 5–95% of the samples and live on some."""
+    for (_, z), live in zip(itertools.islice(_layers(model, x), model.depth - 1),
+                            _live(model, x)):
         on = np.mean(z > 0, axis=0)
-        if not np.all((on > 0.05) & (on < 0.95)):
+        if not np.all((on > 0.05) & (on < 0.95) & np.any(live, axis=0)):
             return False
     return True
 
@@ -415,23 +464,35 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
     - identity activation, no biases: the functionally independent entries of the balance
       matrices W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`, Marcotte et al. 2023);
     - ReLU: one per hidden neuron (rescaling; Marcotte et al.'s theorem for two layers, their
-      experiments for more); plus k(k − 1)/2 for every group of k neurons of one layer that
-      are active on exactly the same samples: on the data the group is a linear block, so
-      GL(k) acts on it (A on the group's in-weights and biases, A⁻¹ on its out-weights;
-      near θ every sample keeps its side), and its laws are the k(k + 1)/2 entries of
-      U Uᵀ + b bᵀ − Vᵀ V (U, b the group's in-weights and biases, V its out-weights: the
-      linear-layer charge of Głuch & Urbanke's Table 4) instead of the k diagonal ones
-      (measured: the three random nets that counted one more than one law per neuron
-      each had one pair of neurons with equal patterns, and no other net did) — in few
-      dimensions (a 2-D input, a width-2 layer before) such groups are common; plus, for
-      each neuron of the first layer, d_in (+1 with a
-      bias) minus the rank of the inputs x (with a 1) on which it is active: its in-weights
-      along directions those fixed inputs do not span never move. This needs every hidden
-      neuron alive (active on some inputs, inactive on others) and, in layers 2..K, every
-      neuron's active inputs spanning its fan_in (+1): otherwise (typically after a width-2
-      layer) further laws appear, whose number has no closed form here (measured: the
-      4-2-4-5-8 net of the tests with 5 rank-deficient directions had 5 more, a 6-7-4-6-8
-      net with 5 had 2 more), and this raises a ValueError.
+      experiments for more);
+    - plus k(k − 1)/2 for every group of k neurons of one layer that are live (`_live`:
+      active, with a path of active neurons to the output) on exactly the same samples: on
+      the data the group is a linear block, so GL(k) acts on it (A on the group's
+      in-weights and biases, A⁻¹ on its out-weights; near θ every sample keeps its side),
+      and its laws are the k(k + 1)/2 entries of U Uᵀ + b bᵀ − Vᵀ V (U, b the group's
+      in-weights and biases, V its out-weights: the linear-layer charge of Głuch &
+      Urbanke's Table 4) instead of the k diagonal ones (measured: the three random nets
+      that once counted one more than one law per neuron each had one pair of neurons with
+      equal patterns, and no other net did);
+    - plus, for each neuron of the first layer, d_in (+1 with a bias) minus the rank of the
+      inputs x (with a 1) on which it is live: its in-weights along directions those fixed
+      inputs do not span never move;
+    - plus, in layers 2..K, one for every connection whose input is zero wherever the
+      neuron it feeds is live (`_dead_inputs`): that weight never gets a gradient.
+
+    This needs every hidden neuron alive (active on 5–95% of the inputs, live on some)
+    and, in layers 2..K, no other deficiency: every neuron's live inputs spanning its
+    fan_in (+1) apart from the dead connections. Otherwise (typically behind a width-2
+    layer, or with 2-D inputs) further laws appear whose number has no closed form here
+    (measured: the 4-2-4-5-8 net of the tests with 5 rank-deficient directions had 5
+    more, a 6-7-4-6-8 net with 5 had 2 more, both before dead connections were told
+    apart), and this raises a ValueError. Why live and not merely active samples: on a
+    bias-free ReLU net 2-6-8-2-5 (an earlier draw of the conservation-laws study, once
+    its one unexplained count), neuron 7 of layer 2 is active where neurons 3 and 5 of
+    layer 1 are, but only on samples where both neurons of the width-2 layer 3 are off;
+    those two weights never move. On inputs covering all 27 of its linear regions it
+    counts 19 = 16 + 2 dead connections + 1 for a further rank-deficient direction (no
+    closed form: `generic` is False for it).
     """
     if not isinstance(model, MLP) or not isinstance(model.activation, (ReLU, Identity)):
         raise ValueError("known_count: `model` must be a dyn.MLP with ReLU or Identity "
@@ -442,26 +503,32 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
         return _rank(_balance_jacobian(model), threshold)[0]
     if not _alive(model, x):
         raise ValueError("known_count: a hidden neuron is active on fewer than 5% or more "
-                         "than 95% of `x`; the closed form needs every neuron alive.")
-    deficits = _active_ranks(model, x)
-    if any(np.any(d > 0) for d in deficits[1:]):
+                         "than 95% of `x`, or live on none; the closed form needs every "
+                         "neuron alive.")
+    deficits, dead = _active_ranks(model, x), _dead_inputs(model, x)
+    if any(np.any(d > z) for d, z in zip(deficits[1:], dead[1:], strict=True)):
         raise ValueError("known_count: a neuron of layers 2..K sees inputs of deficient rank on "
-                         "the samples where it is active; no closed form for that case.")
+                         "the samples where it is live; no closed form for that case.")
     shared = sum(k * (k - 1) // 2 for k in _shared_patterns(model, x))
-    return sum(model.widths[1:-1]) + shared + int(deficits[0].sum())
+    return (sum(model.widths[1:-1]) + shared + int(deficits[0].sum())
+            + sum(int(z.sum()) for z in dead[1:]))
 
 
 def generic(model: MLP, x: ArrayLike) -> bool:
     """Whether `known_count` covers a ReLU `model` on `x`: every hidden neuron alive and
-    every neuron of layers 2..K seeing full-rank inputs where it is active."""
-    return _alive(model, x) and not any(np.any(d > 0) for d in _active_ranks(model, x)[1:])
+    every neuron of layers 2..K seeing full-rank inputs where it is live, but for dead
+    connections."""
+    return _alive(model, x) and all(
+        np.all(d == z) for d, z in zip(_active_ranks(model, x)[1:], _dead_inputs(model, x)[1:],
+                                       strict=True))
 
 
 def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGKeyArray,
                      tries: int = 100, require_generic: bool = True) -> MLP:
     """A random `dyn.MLP` (He initialisation; biases N(0, 0.3²) when `bias`) on which
-    `known_count` holds (`generic`: every hidden ReLU neuron active on 5–95% of `x`, full-
-    rank active inputs in layers 2..K); the first of `tries` draws from `key` that
+    `known_count` holds (`generic`: every hidden ReLU neuron active on 5–95% of `x` and
+    live on some, full-rank live inputs in layers 2..K but for dead connections); the
+    first of `tries` draws from `key` that
     qualifies; with `require_generic=False`, the first with every neuron alive when none is
     generic. With `relu=False`, an identity MLP (the first draw)."""
     act = ReLU() if relu else Identity()
@@ -480,4 +547,5 @@ def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGK
     if alive is not None and not require_generic:
         return alive
     raise ValueError(f"random_alive_mlp: none of {tries} draws is generic on `x` (every "
-                     "neuron alive, full-rank active inputs in layers 2..K).")
+                     "neuron alive, full-rank live inputs in layers 2..K but for dead "
+                     "connections).")
