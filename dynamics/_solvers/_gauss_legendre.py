@@ -69,6 +69,11 @@ class GaussLegendre(diffrax.AbstractAdaptiveSolver):
     Works on any flow, first or second order. The stage equations are solved by
     optimistix: by fixed-point iteration (default; converges when h·Lip(f)·‖A‖ < 1) or
     by any root finder such as `optx.Newton(rtol, atol)` for stiff problems or large h.
+    On a network, give Newton a Krylov solver, `optx.Newton(rtol, atol,
+    linear_solver=lx.GMRES(rtol, atol, restart=40, stagnation_iters=40))`: it needs only
+    Jacobian-vector products, where the default dense LU builds the (s·D)² Jacobian at
+    every iteration (measured on a 1210-parameter MLP, GF, s = 2: 0.7 s a run against
+    40 s, the same charges; the integrators study).
 
     Adaptive steps: the error estimate is y_{n+1} − ŷ_{n+1}, with ŷ from a quadrature
     on {t_n, t_n + cᵢh} exact to degree s − 1 only (f(t_n) is kept from the previous
