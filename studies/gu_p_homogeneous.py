@@ -31,7 +31,10 @@ from ._common import folders, require_x64, save_figures, save_tree, timed
 __all__ = ["LayerwiseMLP", "run"]
 
 ACTIVATIONS = (dyn.ReLU(), dyn.RePU(2), dyn.RePU(2), dyn.ReLU())
-FULL = {"widths": (64, 200, 200, 200, 200, 10), "examples": 1000, "t1": 10.0, "saves": 101}
+# t ≤ 3: the loss falls from 3.28 to 0.06 and ‖W2‖² by 4.3, the whole phase in which
+# the norms move; GF chatters on the ReLU layers' kinks, and the steps grow as it trains
+# (measured: 7,793 Dopri5 steps, 34% rejected, 10.4 min to t = 3; 1,225 to t = 1).
+FULL = {"widths": (64, 200, 200, 200, 200, 10), "examples": 1000, "t1": 3.0, "saves": 61}
 QUICK = {"widths": (64, 16, 16, 16, 16, 10), "examples": 64, "t1": 1.0, "saves": 11}
 # ReLU layers make GF a Filippov system on which an adaptive solver chatters (see
 # gu-homogeneous); 1e-6 keeps the conserved combinations to ~1e-8 relative.
