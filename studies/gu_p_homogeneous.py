@@ -2,7 +2,8 @@
 
 An MLP 64-200-200-200-200-10 without biases whose hidden activations are ReLU,
 RePU(2), RePU(2), ReLU (the paper's 784-…-10 on 1000 KMNIST images; sklearn's 8×8
-digits stand in for KMNIST, 1000 of them), mean cross-entropy, gradient flow. Each hidden
+digits stand in for KMNIST, 1000 of them), mean cross-entropy, gradient flow to t = 3
+(the loss falls from 3.28 to 0.06; quick: t = 1 on a 16-wide net). Each hidden
 unit of layer h with a p_h-homogeneous activation gives the charge
 ‖W_h[i,:]‖² − p_h‖W_{h+1}[:,i]‖² (Table 2), so per layer ‖W_h‖² − p_h‖W_{h+1}‖² is conserved
 and, chaining h = 2, 3 (p = 2 twice, k = 2),
