@@ -149,8 +149,18 @@ class Trajectory(eqx.Module):
         message = diffrax.RESULTS[result]
         success = name in ("successful", "event_occurred")
         if throw and not success:
+            hint = ""
+            if name == "nonlinear_solver_failed" and meta.get("nonsmooth", "none") == "none":
+                # the stage equations of an implicit solver at a fixed step (adaptive steps
+                # shrink instead): say what to change, not only optimistix's words
+                hint = (" An implicit solver's stage equations did not converge at this "
+                        "step: use a smaller dt0, an adaptive stepsize_controller, or a "
+                        "Newton root finder; for dyn.solvers.GaussLegendre on a network, "
+                        "root_finder=optx.Newton(rtol, atol, linear_solver=lx.GMRES(rtol, "
+                        "atol)) (matrix-free; the default fixed-point iteration needs "
+                        "h·Lip(∇L) small).")
             raise RuntimeError(
-                f"simulate failed: {message} (pass throw=False to get the partial "
+                f"simulate failed: {message}{hint} (pass throw=False to get the partial "
                 "trajectory back, flagged, instead of an error)."
             )
         ts_saved, t_final = np.asarray(ts_saved), float(np.asarray(ts_end)[-1])
