@@ -10,10 +10,11 @@ gives the angular momentum ℓ = w × ẇ with κ2 ℓ̇ + κ1 ℓ = 0 (Głuch &
 - NAGF: t³ℓ is conserved (eq. 46), the orbit stays in the same plane and is damped onto
   the sphere ‖w‖ = 1 (Fig. 4).
 
-Figures: `gu_rotation_paths.png` (each path from two viewpoints, the second looking
-along ℓ(0) so the plane of motion is face-on, with ℓ(0) drawn as an arrow, and the loss,
-Fig. 6) and `gu_rotation_momentum.png` (the conserved μℓ and the distance to the plane,
-log scale). Results: `gu_rotation.nc` (/gf, /nd, /nagf: each run's `to_xarray()`).
+Figures: `gu_rotation_paths.png` (each path in 3-D with ℓ(0) drawn as an arrow, then
+in the plane y = z face-on, in coordinates along an orthonormal basis of it with ℓ(0)
+out of the page, and the loss, Fig. 6) and `gu_rotation_momentum.png` (the conserved
+μℓ and the distance to the plane, log scale). Results: `gu_rotation.nc` (/gf, /nd,
+/nagf: each run's `to_xarray()`).
 """
 
 from pathlib import Path
@@ -27,6 +28,8 @@ from ._common import folders, require_x64, save_figures, save_tree
 __all__ = ["run"]
 
 NORMAL = np.array([0.0, 1.0, -1.0]) / np.sqrt(2.0)  # ℓ(0)/‖ℓ(0)‖ for ND and NAGF
+# an orthonormal basis of the plane y = z, which every path stays in
+IN_PLANE = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0] / np.sqrt(2.0)])
 
 
 def _mu(name: str, t: np.ndarray) -> np.ndarray:
@@ -42,21 +45,39 @@ def _arrow(ax, ell: np.ndarray, length: float) -> None:
         ax.text(*(1.1 * d), r"$\ell(t_0)$", color="tab:red")
 
 
+def _face_on(ax, name: str, traj) -> None:
+    """The path in the plane y = z, face-on: coordinates along E1, E2 (a 2-D plot, not a
+    rotated 3-D view, whose tick labels crowd and mirror), the unit circle the sphere cuts
+    from the plane, ℓ(t0) pointing out of the page."""
+    w = np.asarray(traj.params)
+    a, b = w @ IN_PLANE[0], w @ IN_PLANE[1]
+    theta = np.linspace(0.0, 2.0 * np.pi, 361)
+    ax.plot(np.cos(theta), np.sin(theta), color="0.6", lw=1, ls="--")
+    ax.plot(a, b, color=qs.COLORS[name], lw=1.5)
+    ax.plot(a[0], b[0], "o", color=qs.COLORS[name], mfc="none")
+    ax.plot(a[-1], b[-1], "x", color=qs.COLORS[name])
+    if name != "GF":  # GF's ℓ is zero
+        ax.plot(0, 0, marker="$\\odot$", ms=14, color="tab:red", ls="none")
+    ax.set_aspect("equal")
+    ax.set_xlabel(r"$\langle w, e_1\rangle$, $e_1 = (1, 0, 0)$")
+    ax.set_ylabel(r"$\langle w, e_2\rangle$, $e_2 = (0, 1, 1)/\sqrt{2}$")
+    ax.set_title(f"{name} in the plane y = z, face-on")
+    ax.grid(True, alpha=0.3)
+
+
 def _fig_paths(toy) -> Figure:
     fig = Figure(figsize=(15.0, 13.0), layout="constrained")
     for i, (name, traj) in enumerate(toy.items()):
         ell = np.asarray(traj.monitors["angular_momentum"])[0]
-        for row, face_on in ((0, False), (1, True)):
-            ax = fig.add_subplot(3, 3, 3 * row + i + 1, projection="3d")
-            qs.draw_toy_path(ax, name, traj)
-            _arrow(ax, ell, 1.2)
-            if face_on:  # look along the plane's normal (0, 1, −1): elevation −45°, azimuth 90°
-                ax.view_init(elev=-45, azim=90)
-                ax.set_title(f"{name}, looking along $\\ell(t_0)$ (the plane face-on)")
+        ax = fig.add_subplot(3, 3, i + 1, projection="3d")
+        qs.draw_toy_path(ax, name, traj)
+        _arrow(ax, ell, 1.2)
+        _face_on(fig.add_subplot(3, 3, 4 + i), name, traj)
         qs.draw_toy_loss(fig.add_subplot(3, 3, 7 + i), name, traj)
     fig.suptitle(qs.TOY_PATHS_TITLE + r"; red: angular momentum $\ell = w\times\dot w$ at the "
-                 f"start (GF: ℓ = 0)\nbottom: the loss (Fig. 6); solver Tsit5, "
-                 f"rtol = atol = {qs._toy_tol():g}")
+                 "start (GF: ℓ = 0)\nmiddle: the plane y = z face-on (dashed: the unit circle "
+                 r"$\|w\| = 1$ in it; red $\odot$: $\ell(t_0)$, out of the page); "
+                 f"bottom: the loss (Fig. 6); solver Tsit5, rtol = atol = {qs._toy_tol():g}")
     return fig
 
 
