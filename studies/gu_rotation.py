@@ -46,9 +46,9 @@ def _arrow(ax, ell: np.ndarray, length: float) -> None:
 
 
 def _face_on(ax, name: str, traj) -> None:
-    """The path in the plane y = z, face-on: coordinates along E1, E2 (a 2-D plot, not a
+    """The path in the plane y = z, face-on: coordinates along IN_PLANE (a 2-D plot, not a
     rotated 3-D view, whose tick labels crowd and mirror), the unit circle the sphere cuts
-    from the plane, ℓ(t0) pointing out of the page."""
+    from the plane, ℓ(t0) ∥ e1 × e2 pointing out of the page."""
     w = np.asarray(traj.params)
     a, b = w @ IN_PLANE[0], w @ IN_PLANE[1]
     theta = np.linspace(0.0, 2.0 * np.pi, 361)
