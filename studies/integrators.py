@@ -289,10 +289,10 @@ def _charges(cfg) -> xr.Dataset:
 
 
 def _style(name):
-    symplectic = name in ("SemiImplicitEuler", "VelocityVerlet", "Yoshida4") or \
-        name.startswith("GaussLegendre")
     if name.endswith("Filippov"):
         return dict(ls="-", lw=2.2, marker="D", ms=5)
+    symplectic = name in ("SemiImplicitEuler", "VelocityVerlet", "Yoshida4") or \
+        name.startswith("GaussLegendre")
     return dict(ls="--" if name.startswith("scipy") else (":" if symplectic else "-"),
                 marker="s" if symplectic else ("^" if name.startswith("scipy") else "o"),
                 ms=4)

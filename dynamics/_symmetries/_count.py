@@ -394,15 +394,14 @@ def _layers(model: MLP, x):
         h = np.maximum(z, 0.0)
 
 
-def _live(model: MLP, x) -> list[np.ndarray]:
-    """Per layer k (0-based), a boolean (samples, width) mask: neuron i of layer k is
-    *live* on sample n if the outputs depend on its pre-activation there: it is active
-    (always, for the linear output layer) and a path of live neurons leads from it to the
-    output. Only live samples move a neuron's in-weights: where every neuron of a later
-    layer is off (common behind a width-2 layer), the sample's outputs do not depend on
-    the earlier layers at all. (Structural: a weight is taken to be nonzero, which holds
-    for every random draw.)"""
-    zs = [z for _, z in _layers(model, x)]
+def _live(model: MLP, zs: list[np.ndarray]) -> list[np.ndarray]:
+    """Per layer k (0-based), from the pre-activations `zs` of `_layers`, a boolean
+    (samples, width) mask: neuron i of layer k is *live* on sample n if the outputs depend
+    on its pre-activation there: it is active (always, for the linear output layer) and a
+    path of live neurons leads from it to the output. Only live samples move a neuron's
+    in-weights: where every neuron of a later layer is off (common behind a width-2
+    layer), the sample's outputs do not depend on the earlier layers at all. (Structural:
+    a weight is taken to be nonzero, which holds for every random draw.)"""
     live = [np.ones(zs[-1].shape, bool)]
     for k in range(len(zs) - 2, -1, -1):
         reach = live[0].astype(np.float64) @ (np.asarray(model.weights[k + 1]) != 0)
@@ -410,38 +409,40 @@ def _live(model: MLP, x) -> list[np.ndarray]:
     return live
 
 
-def _seen_inputs(model: MLP, x):
-    """Per layer k: for each neuron, the inputs it receives (with a 1 for the bias) on the
-    samples where it is live — what its in-weights' gradients are made of."""
+def _input_deficits(model: MLP, x) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer k (0-based) and neuron i, from the inputs it receives (with a 1 for the
+    bias) on the samples where it is live (`_live`), what its in-weights' gradients are
+    made of:
+
+    - the deficit: fan_in (+1 with a bias) minus the rank of those inputs, the
+      directions of its in-weights that the data does not see at θ;
+    - the dead inputs: how many of them are zero on every such sample (a connection
+      from a neuron that is never on when this one matters). Such a weight gets no
+      gradient from any loss of the outputs on a neighbourhood of θ (the patterns are
+      locally constant), so it is itself a conservation law."""
     bias = model.biases is not None
-    for (h, _), live in zip(_layers(model, x), _live(model, x), strict=True):
+    layers = list(_layers(model, x))
+    deficits, dead = [], []
+    for (h, _), live in zip(layers, _live(model, [z for _, z in layers]), strict=True):
         inputs = np.concatenate([h, np.ones((h.shape[0], 1))], 1) if bias else h
-        yield [inputs[live[:, i]] for i in range(live.shape[1])]
+        seen = [inputs[live[:, i]] for i in range(live.shape[1])]
+        deficits.append(np.array([inputs.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0)
+                                  for a in seen]))
+        dead.append(np.array([int(np.sum(~np.any(a != 0, axis=0))) for a in seen]))
+    return deficits, dead
 
 
-def _active_ranks(model: MLP, x) -> list[np.ndarray]:
-    """Per layer k (0-based) and neuron i: fan_in (+1 with a bias) minus the rank of the
-    inputs it receives on the samples where it is live (`_live`): the directions of its
-    in-weights that the data does not see at θ."""
-    return [np.array([a.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0) for a in seen])
-            for seen in _seen_inputs(model, x)]
-
-
-def _dead_inputs(model: MLP, x) -> list[np.ndarray]:
-    """Per layer k and neuron i: how many of its inputs are zero on every sample where it
-    is live (a connection from a neuron that is never on when this one matters). Such a
-    weight gets no gradient from any loss of the outputs, on a neighbourhood of θ (the
-    patterns are locally constant), so it is itself a conservation law."""
-    return [np.array([int(np.sum(~np.any(a != 0, axis=0))) if a.size else a.shape[1]
-                      for a in seen])
-            for seen in _seen_inputs(model, x)]
+def _only_dead_connections(deficits, dead) -> bool:
+    """Whether every deficiency of layers 2..K is a dead connection (the closed form's
+    condition)."""
+    return all(np.all(d == z) for d, z in zip(deficits[1:], dead[1:], strict=True))
 
 
 def _shared_patterns(model: MLP, x) -> list[int]:
     """The sizes (≥ 2) of the groups of neurons of one hidden layer that are live on
     exactly the same samples of x, over all hidden layers."""
     out = []
-    for live in _live(model, x)[:-1]:
+    for live in _live(model, [z for _, z in _layers(model, x)])[:-1]:
         _, sizes = np.unique(live, axis=1, return_counts=True)
         out += [int(n) for n in sizes if n > 1]
     return out
@@ -449,8 +450,8 @@ def _shared_patterns(model: MLP, x) -> list[int]:
 
 def _alive(model: MLP, x) -> bool:
     """Every hidden neuron active on 5–95% of the samples and live on some."""
-    for (_, z), live in zip(itertools.islice(_layers(model, x), model.depth - 1),
-                            _live(model, x)):
+    zs = [z for _, z in _layers(model, x)]
+    for z, live in itertools.islice(zip(zs, _live(model, zs)), model.depth - 1):
         on = np.mean(z > 0, axis=0)
         if not np.all((on > 0.05) & (on < 0.95) & np.any(live, axis=0)):
             return False
@@ -478,7 +479,7 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
       inputs x (with a 1) on which it is live: its in-weights along directions those fixed
       inputs do not span never move;
     - plus, in layers 2..K, one for every connection whose input is zero wherever the
-      neuron it feeds is live (`_dead_inputs`): that weight never gets a gradient.
+      neuron it feeds is live (`_input_deficits`): that weight never gets a gradient.
 
     This needs every hidden neuron alive (active on 5–95% of the inputs, live on some)
     and, in layers 2..K, no other deficiency: every neuron's live inputs spanning its
@@ -505,8 +506,8 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
         raise ValueError("known_count: a hidden neuron is active on fewer than 5% or more "
                          "than 95% of `x`, or live on none; the closed form needs every "
                          "neuron alive.")
-    deficits, dead = _active_ranks(model, x), _dead_inputs(model, x)
-    if any(np.any(d > z) for d, z in zip(deficits[1:], dead[1:], strict=True)):
+    deficits, dead = _input_deficits(model, x)
+    if not _only_dead_connections(deficits, dead):
         raise ValueError("known_count: a neuron of layers 2..K sees inputs of deficient rank on "
                          "the samples where it is live; no closed form for that case.")
     shared = sum(k * (k - 1) // 2 for k in _shared_patterns(model, x))
@@ -518,9 +519,7 @@ def generic(model: MLP, x: ArrayLike) -> bool:
     """Whether `known_count` covers a ReLU `model` on `x`: every hidden neuron alive and
     every neuron of layers 2..K seeing full-rank inputs where it is live, but for dead
     connections."""
-    return _alive(model, x) and all(
-        np.all(d == z) for d, z in zip(_active_ranks(model, x)[1:], _dead_inputs(model, x)[1:],
-                                       strict=True))
+    return _alive(model, x) and _only_dead_connections(*_input_deficits(model, x))
 
 
 def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGKeyArray,
