@@ -156,7 +156,7 @@ def _count_case(widths, relu, bias, seed):
     assert len(result.rank_history) < 4 or result.rank_history[-1] == result.rank_history[-2]
     # a clean gap at the threshold 1e-9 (measured: kept ≥ 2e-4, dropped ≤ 2e-13), but on
     # nets with dead connections, whose neighbours can be nearly dead (a gradient direction
-    # of 1e-9): there the rounding floor decides (test_count_rounding_floor)
+    # of 1e-9): there the rounding floor decides (test_count_dead_connections)
     if not any(z.any() for z in _input_deficits(model, x)[1]):
         assert result.singular_values.min() > 1e-6 and result.largest_dropped < 1e-11
     return result

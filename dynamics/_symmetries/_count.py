@@ -484,10 +484,9 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
     This needs every hidden neuron alive (active on 5–95% of the inputs, live on some)
     and, in layers 2..K, no other deficiency: every neuron's live inputs spanning its
     fan_in (+1) apart from the dead connections. Otherwise (typically behind a width-2
-    layer, or with 2-D inputs) further laws appear whose number has no closed form here
-    (measured: the 4-2-4-5-8 net of the tests with 5 rank-deficient directions had 5
-    more, a 6-7-4-6-8 net with 5 had 2 more, both before dead connections were told
-    apart), and this raises a ValueError. Why live and not merely active samples: on a
+    layer, or with 2-D inputs) further laws appear whose number has no closed form here,
+    and this raises a ValueError (the 4-2-4-5-8 net of the tests, once such a case, is
+    all dead connections: 11 + 5). Why live and not merely active samples: on a
     bias-free ReLU net 2-6-8-2-5 (an earlier draw of the conservation-laws study, once
     its one unexplained count), neuron 7 of layer 2 is active where neurons 3 and 5 of
     layer 1 are, but only on samples where both neurons of the width-2 layer 3 are off;
