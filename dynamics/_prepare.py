@@ -60,8 +60,26 @@ def _check_finite(name: str, tree: PyTree) -> None:
 
 def _strong(tree: PyTree) -> PyTree:
     # `jnp.full(3, 2.0)` is weakly typed and `jnp.zeros(3)` is not: without this the
-    # two would compile separately although they are the same problem.
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
+    # two would compile separately although they are the same problem. Leaves that are
+    # strongly typed jax arrays already (most: jax.random's, a model's) are kept as
+    # they are: `jnp.asarray` is a dispatch (~30 µs) per leaf.
+    def strong(x):
+        if isinstance(x, jax.Array) and not x.weak_type:
+            return x
+        return jnp.asarray(x, dtype=jnp.result_type(x))
+
+    return jax.tree.map(strong, tree)
+
+
+# One dispatch for all leaves: `jax.tree.map(jnp.zeros_like, w)` is one per leaf
+# (~100 µs each, 0.4 ms for a 4-leaf MLP, measured, against ~15 µs jitted).
+_zeros_like = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree))
+
+
+def _scalar(value: float, dtype) -> np.ndarray:
+    # A NumPy 0-d array: traced by `eqx.filter_jit` exactly as a jax one (same shape and
+    # dtype, so the same compiled solve) but built without a dispatch (0.5 µs, not 40).
+    return np.asarray(value, dtype)
 
 
 def _validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
@@ -95,7 +113,7 @@ def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: flo
             )
         return None
     if v0 is None:
-        v = jax.tree.map(jnp.zeros_like, w)
+        v = _zeros_like(w)
     else:
         v, _ = partition(v0)
         w_struct = jax.tree.structure(w)
@@ -129,8 +147,9 @@ def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: flo
 
 
 def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
+    # NumPy arrays throughout: the solve traces them as it would jax ones.
     if ts is None:
-        return jnp.asarray([t0, t1])
+        return np.asarray([t0, t1])
     arr = np.asarray(ts, dtype=float)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(
@@ -144,7 +163,7 @@ def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
         raise ValueError(
             f"`ts` must lie in [t0, t1] = [{t0}, {t1}], got [{arr[0]}, {arr[-1]}]."
         )
-    return jnp.asarray(arr)
+    return arr
 
 
 def _validate_projection(projection, controller, dt0):
@@ -178,7 +197,7 @@ def _traced_tolerances(controller: diffrax.AbstractStepSizeController, dtype):
         if not isinstance(c, diffrax.PIDController):
             return c
         return eqx.tree_at(lambda c: (c.rtol, c.atol), c,
-                           (jnp.asarray(c.rtol, dtype), jnp.asarray(c.atol, dtype)))
+                           (_scalar(c.rtol, dtype), _scalar(c.atol, dtype)))
 
     return jax.tree.map(convert, controller,
                         is_leaf=lambda x: isinstance(x, diffrax.PIDController))
@@ -190,13 +209,15 @@ def _check_user_functions(problem: Problem, monitors, events, t0: float, w: PyTr
     # output fails deep inside diffrax otherwise. Checked on shapes alone (eval_shape:
     # nothing runs) and on the user's function only, with a stand-in velocity, so the
     # loss is not traced here.
-    params = problem.params(w)
-    velocity = problem.params(jax.tree.map(jnp.zeros_like, w) if v is None else v)
-    t = jnp.asarray(t0, jnp.result_type(float))
     checks = [(f"the monitor {m.name!r}", m.fn, False) for m in monitors
               if isinstance(m, Function)]
     checks += [(f"the event {e.name!r}", e.fn, True) for e in events
                if isinstance(e, Condition)]
+    if not checks:
+        return
+    params = problem.params(w)
+    velocity = problem.params(jax.tree.map(jnp.zeros_like, w) if v is None else v)
+    t = jnp.asarray(t0, jnp.result_type(float))
     for what, fn, scalar in checks:
         try:
             out = jax.eval_shape(fn, t, params, velocity)
@@ -428,9 +449,9 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
         y0,
         solver,
         _traced_tolerances(stepsize_controller, dtype),
-        jnp.asarray(t0, dtype),
-        jnp.asarray(t1, dtype),
-        None if dt0 is None else jnp.asarray(dt0, dtype),
+        _scalar(t0, dtype),
+        _scalar(t1, dtype),
+        None if dt0 is None else _scalar(dt0, dtype),
         ts.astype(dtype),
         monitors,
         events,

@@ -175,9 +175,7 @@ def _values_like(tree, like, static, name):
         return None
     if static is not None and not _same_values(rest, static):
         return None
-    # `_strong` costs a dispatch per leaf; most leaves (jax.random output) need none.
-    if any(not isinstance(x, jax.Array) or x.weak_type for x in jax.tree.leaves(w)):
-        w = _strong(w)
+    w = _strong(w)
     for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(like), strict=True):
         if a.shape != b.shape or a.dtype != b.dtype:
             return None

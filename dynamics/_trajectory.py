@@ -15,6 +15,7 @@ from jaxtyping import Array, PyTree
 
 
 @functools.cache  # reading package metadata costs ~10 ms, on every simulate call
+@functools.cache
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -42,9 +43,11 @@ def provenance(flow, solver, controller, **settings) -> dict[str, Any]:
 
 
 def _result_name(result) -> str:
+    # Compared as Python ints: `result == RESULTS.x` is an eager jax op (~30 µs) each.
+    code = int(np.asarray(result._value))
     for name in ("successful", "event_occurred", "max_steps_reached", "dt_min_reached",
                  "max_steps_rejected", "internal_error"):
-        if result == getattr(diffrax.RESULTS, name):
+        if code == int(np.asarray(getattr(diffrax.RESULTS, name)._value)):
             return name
     return "nonlinear_solver_failed"
 
