@@ -216,7 +216,7 @@ def _check_user_functions(problem: Problem, monitors, events, t0: float, w: PyTr
     if not checks:
         return
     params = problem.params(w)
-    velocity = problem.params(jax.tree.map(jnp.zeros_like, w) if v is None else v)
+    velocity = problem.params(_zeros_like(w) if v is None else v)
     t = jnp.asarray(t0, jnp.result_type(float))
     for what, fn, scalar in checks:
         try:

@@ -158,10 +158,11 @@ class Trajectory(eqx.Module):
                 # shrink instead): say what to change, not only optimistix's words
                 hint = (" An implicit solver's stage equations did not converge at this "
                         "step: use a smaller dt0, an adaptive stepsize_controller, or a "
-                        "Newton root finder; for dyn.solvers.GaussLegendre on a network, "
+                        "Newton root finder; for dyn.solvers.GaussLegendre keep its "
+                        "default fallback (Newton with matrix-free GMRES, for when the "
+                        "fixed-point iteration stalls: h·Lip(∇L) not small) or pass "
                         "root_finder=optx.Newton(rtol, atol, linear_solver=lx.GMRES(rtol, "
-                        "atol)) (matrix-free; the default fixed-point iteration needs "
-                        "h·Lip(∇L) small).")
+                        "atol)), and raise max_iterations.")
             raise RuntimeError(
                 f"simulate failed: {message}{hint} (pass throw=False to get the partial "
                 "trajectory back, flagged, instead of an error)."

@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 import pytest
 
 import dynamics as dyn
@@ -303,12 +304,55 @@ def test_gauss_legendre_failed_stage_solve_says_what_to_change():
     throw=False the partial run comes back flagged (its last step is the failed one, as
     diffrax keeps a fixed step whose solve failed). One fixed-point iteration cannot
     solve the stage equations to 2e-12 at h = 0.5 on the toy (contraction ~0.5)."""
-    solver = dyn.solvers.GaussLegendre(2, max_iterations=1)
+    solver = dyn.solvers.GaussLegendre(2, fallback=None, max_iterations=1)
     run = dict(t1=1.0, dt0=0.5, solver=solver, stepsize_controller=FIXED)
     with pytest.raises(RuntimeError, match="smaller dt0.*GMRES"):
         dyn.simulate(dyn.GradientFlow(), W0, TOY, **run)
     traj = dyn.simulate(dyn.GradientFlow(), W0, TOY, throw=False, **run)
     assert not traj.success and "nonlinear solver" in traj.result
+
+
+def test_gauss_legendre_falls_back_to_newton_where_fixed_point_stalls():
+    """At h = 1 and 2 the fixed-point iteration does not contract on this RePU(2) net
+    (without the fallback the run stops at its first step); the default retries those
+    steps with Newton–GMRES. Checked against two independent facts: the rescaling
+    charges, quadratic invariants that any solution of the stage equations keeps
+    exactly (Hairer, Lubich & Wanner, Thm. IV.2.2), hold to rounding; and the states
+    equal a run whose every step Newton solves with a dense LU (another linear solver,
+    the same collocation map). Then a vmapped sweep over h = 0.5 (no fallback needed)
+    and h = 1 gives the same as the single runs: the retry loop runs per cell there."""
+    x = 0.7 * jax.random.normal(jax.random.key(0), (16, 3))
+    y = jnp.sin(x[:, :2])
+    model = dyn.MLP((3, 4, 2), dyn.RePU(2), key=jax.random.key(1), init="lecun")
+    loss = lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)  # noqa: E731
+    # save times at step ends: between steps the Hermite dense output does not keep Q
+    run = dict(t1=8.0, stepsize_controller=FIXED, ts=np.array([0.0, 4.0, 8.0]),
+               monitors=(dyn.monitors.RescalingCharges(),))
+
+    def sim(h, **solver_kwargs):
+        return dyn.simulate(dyn.GradientFlow(), model, loss, dt0=h, throw=False,
+                            solver=dyn.solvers.GaussLegendre(2, **solver_kwargs), **run)
+
+    plain = sim(1.0, fallback=None)
+    assert not plain.success and plain.t_final == 1.0
+    dense = optx.Newton(rtol=1e-13, atol=1e-13)
+    for h in (1.0, 2.0):
+        traj, ref = sim(h), sim(h, root_finder=dense)
+        assert traj.success and traj.t_final == 8.0
+        q = traj.monitors["rescaling_charges"]
+        assert np.abs(q - q[0]).max() < 1e-13 * np.abs(q[0]).max()  # rounding: ~4e-16
+        diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), traj.final_params,
+                            ref.final_params)
+        assert max(jax.tree.leaves(diff)) < 1e-10  # both solve to ~1e-12
+
+    def cell(h):
+        return dyn.Simulation(dyn.GradientFlow(), model, loss, dt0=h,
+                              solver=dyn.solvers.GaussLegendre(2), **run)
+
+    swept = dyn.sweep(cell, {"h": [0.5, 1.0]}, progress=False).dataset
+    for h in (0.5, 1.0):
+        np.testing.assert_allclose(swept["rescaling_charges"].sel(h=h).values,
+                                   sim(h).monitors["rescaling_charges"], rtol=1e-12)
 
 
 def test_structure_preserving_solvers_bad_input():
@@ -317,6 +361,8 @@ def test_structure_preserving_solvers_bad_input():
             dyn.solvers.GaussLegendre(s)
     with pytest.raises(ValueError, match="root_finder"):
         dyn.solvers.GaussLegendre(2, root_finder="newton")
+    with pytest.raises(ValueError, match="fallback"):
+        dyn.solvers.GaussLegendre(2, fallback=optx.FixedPointIteration(1e-8, 1e-8))
     gf = dict(t1=1.0, dt0=0.1, stepsize_controller=FIXED)
     for solver in (dyn.solvers.VelocityVerlet(), dyn.solvers.Yoshida4()):
         with pytest.raises(ValueError, match="NewtonianFlow"):  # a first-order flow
