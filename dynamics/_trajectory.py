@@ -15,7 +15,6 @@ from jaxtyping import Array, PyTree
 
 
 @functools.cache  # reading package metadata costs ~10 ms, on every simulate call
-@functools.cache
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -42,14 +41,18 @@ def provenance(flow, solver, controller, **settings) -> dict[str, Any]:
     return meta
 
 
-def _result_name(result) -> str:
-    # Compared as Python ints: `result == RESULTS.x` is an eager jax op (~30 µs) each.
-    code = int(np.asarray(result._value))
-    for name in ("successful", "event_occurred", "max_steps_reached", "dt_min_reached",
-                 "max_steps_rejected", "internal_error"):
-        if code == int(np.asarray(getattr(diffrax.RESULTS, name)._value)):
-            return name
-    return "nonlinear_solver_failed"
+@functools.cache
+def _result_names() -> dict[str, str]:
+    # diffrax's message of each outcome `simulate` tells apart (all distinct) -> name.
+    names = ("successful", "event_occurred", "max_steps_reached", "dt_min_reached",
+             "max_steps_rejected", "internal_error")
+    return {diffrax.RESULTS[getattr(diffrax.RESULTS, n)]: n for n in names}
+
+
+def _result_name(message: str) -> str:
+    # By the message `RESULTS[result]` gives anyway: comparing `result == RESULTS.x`
+    # is an eager jax op (~30 µs) per outcome.
+    return _result_names().get(message, "nonlinear_solver_failed")
 
 
 def _stack_time(saved: PyTree, n_kept: int, final: PyTree | None) -> PyTree:
@@ -148,8 +151,8 @@ class Trajectory(eqx.Module):
             count, times = int(np.asarray(acted[0])), np.asarray(acted[1])
             actions = times[: min(count, times.size)]
             stats["num_actions"] = count
-        name = _result_name(result)
         message = diffrax.RESULTS[result]
+        name = _result_name(message)
         success = name in ("successful", "event_occurred")
         if throw and not success:
             hint = ""
