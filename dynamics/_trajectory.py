@@ -151,7 +151,9 @@ class Trajectory(eqx.Module):
             count, times = int(np.asarray(acted[0])), np.asarray(acted[1])
             actions = times[: min(count, times.size)]
             stats["num_actions"] = count
-        message = diffrax.RESULTS[result]
+        # An array inside, as diffrax leaves it: a sweep's per-cell slice holds a NumPy
+        # scalar there, which `RESULTS[...]` reads as "unknown".
+        message = diffrax.RESULTS[jax.tree.map(np.asarray, result)]
         name = _result_name(message)
         success = name in ("successful", "event_occurred")
         if throw and not success:
