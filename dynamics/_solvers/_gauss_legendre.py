@@ -106,7 +106,8 @@ class GaussLegendre(diffrax.AbstractAdaptiveSolver):
       `root_finder` is a fixed-point solver, none when it is a root finder already. It
       runs only on the steps that need it (a loop of at most one trip, so a vmapped
       sweep pays for it only while some cell needs it, where a `lax.cond` would run it
-      for every cell).
+      for every cell). It costs compile time even where it never runs: 2.2 → 6.4 s on
+      the 64-128-128-10 digits MLP; pass None to save that.
     - `max_iterations`: the most iterations of each stage solve per step; a step whose
       solves fail is rejected (adaptive) or ends the run with an error (fixed steps).
     """
