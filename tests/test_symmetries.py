@@ -85,6 +85,7 @@ def test_charges_bad_input():
 from dynamics._symmetries._count import (  # noqa: E402
     _alive,
     _input_deficits,
+    _patterns,
     generic,
     random_alive_mlp,
 )
@@ -157,7 +158,7 @@ def _count_case(widths, relu, bias, seed):
     # a clean gap at the threshold 1e-9 (measured: kept ≥ 2e-4, dropped ≤ 2e-13), but on
     # nets with dead connections, whose neighbours can be nearly dead (a gradient direction
     # of 1e-9): there the rounding floor decides (test_count_dead_connections)
-    if not any(z.any() for z in _input_deficits(model, x)[1]):
+    if not any(z.any() for z in _input_deficits(model, _patterns(model, x))[1]):
         assert result.singular_values.min() > 1e-6 and result.largest_dropped < 1e-11
     return result
 
@@ -225,10 +226,10 @@ def test_count_width_two_bottleneck():
         ks = jax.random.split(jax.random.fold_in(key, 1000 + k), 4)
         m = eqx.tree_at(lambda t: t.biases, m,
                         tuple(0.3 * jax.random.normal(kb, b.shape) for kb, b in zip(ks, m.biases)))
-        if _alive(m, x):
+        if _alive(_patterns(m, x)):
             model = m
             break
-    ranks, dead = _input_deficits(model, x)
+    ranks, dead = _input_deficits(model, _patterns(model, x))
     deficits = [d.tolist() for d in ranks[1:]]
     assert deficits == [d.tolist() for d in dead[1:]]  # all dead inputs
     assert sum(map(sum, deficits)) == 5 and generic(model, x)
@@ -255,7 +256,7 @@ def test_count_dead_connections(widths, seed, dead, laws, floor):
     key = jax.random.key(seed)
     x = jax.random.normal(jax.random.fold_in(key, 7), (60, widths[0]))
     model = random_alive_mlp(widths, x, relu=True, bias=False, key=key)
-    assert sum(int(z.sum()) for z in _input_deficits(model, x)[1]) == dead
+    assert sum(int(z.sum()) for z in _input_deficits(model, _patterns(model, x))[1]) == dead
     result = dyn.symmetries.count_conservation_laws(model, x, key=key)
     assert result.count == laws == dyn.symmetries.known_count(model, x)
     # with `floor`: a gap of ~2× only at the threshold, the case the floor is for

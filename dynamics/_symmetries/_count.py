@@ -16,8 +16,8 @@ orthonormal basis, SVD of the residual, float64).
 """
 
 import functools
-import itertools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -409,7 +409,22 @@ def _live(model: MLP, zs: list[np.ndarray]) -> list[np.ndarray]:
     return live
 
 
-def _input_deficits(model: MLP, x) -> tuple[list[np.ndarray], list[np.ndarray]]:
+class _Patterns(NamedTuple):
+    """One forward pass over the samples: every layer's inputs `hs` and pre-activations
+    `zs` (`_layers`) and its live mask (`_live`); the closed-form helpers below all read
+    it, so `known_count` and `generic` run the network once."""
+
+    hs: list[np.ndarray]
+    zs: list[np.ndarray]
+    live: list[np.ndarray]
+
+
+def _patterns(model: MLP, x) -> _Patterns:
+    hs, zs = (list(a) for a in zip(*_layers(model, x), strict=True))
+    return _Patterns(hs, zs, _live(model, zs))
+
+
+def _input_deficits(model: MLP, p: _Patterns) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per layer k (0-based) and neuron i, from the inputs it receives (with a 1 for the
     bias) on the samples where it is live (`_live`), what its in-weights' gradients are
     made of:
@@ -421,9 +436,8 @@ def _input_deficits(model: MLP, x) -> tuple[list[np.ndarray], list[np.ndarray]]:
       gradient from any loss of the outputs on a neighbourhood of θ (the patterns are
       locally constant), so it is itself a conservation law."""
     bias = model.biases is not None
-    layers = list(_layers(model, x))
     deficits, dead = [], []
-    for (h, _), live in zip(layers, _live(model, [z for _, z in layers]), strict=True):
+    for h, live in zip(p.hs, p.live, strict=True):
         inputs = np.concatenate([h, np.ones((h.shape[0], 1))], 1) if bias else h
         seen = [inputs[live[:, i]] for i in range(live.shape[1])]
         deficits.append(np.array([inputs.shape[1] - (np.linalg.matrix_rank(a) if a.size else 0)
@@ -438,24 +452,27 @@ def _only_dead_connections(deficits, dead) -> bool:
     return all(np.all(d == z) for d, z in zip(deficits[1:], dead[1:], strict=True))
 
 
-def _shared_patterns(model: MLP, x) -> list[int]:
+def _shared_patterns(p: _Patterns) -> list[int]:
     """The sizes (≥ 2) of the groups of neurons of one hidden layer that are live on
     exactly the same samples of x, over all hidden layers."""
     out = []
-    for live in _live(model, [z for _, z in _layers(model, x)])[:-1]:
+    for live in p.live[:-1]:
         _, sizes = np.unique(live, axis=1, return_counts=True)
         out += [int(n) for n in sizes if n > 1]
     return out
 
 
-def _alive(model: MLP, x) -> bool:
+def _alive(p: _Patterns) -> bool:
     """Every hidden neuron active on 5–95% of the samples and live on some."""
-    zs = [z for _, z in _layers(model, x)]
-    for z, live in itertools.islice(zip(zs, _live(model, zs)), model.depth - 1):
+    for z, live in zip(p.zs[:-1], p.live[:-1], strict=True):
         on = np.mean(z > 0, axis=0)
         if not np.all((on > 0.05) & (on < 0.95) & np.any(live, axis=0)):
             return False
     return True
+
+
+def _generic(model: MLP, p: _Patterns) -> bool:
+    return _alive(p) and _only_dead_connections(*_input_deficits(model, p))
 
 
 def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
@@ -501,15 +518,16 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
         if model.biases is not None:
             raise ValueError("known_count: for linear networks only bias=False is known.")
         return _rank(_balance_jacobian(model), threshold)[0]
-    if not _alive(model, x):
+    p = _patterns(model, x)
+    if not _alive(p):
         raise ValueError("known_count: a hidden neuron is active on fewer than 5% or more "
                          "than 95% of `x`, or live on none; the closed form needs every "
                          "neuron alive.")
-    deficits, dead = _input_deficits(model, x)
+    deficits, dead = _input_deficits(model, p)
     if not _only_dead_connections(deficits, dead):
         raise ValueError("known_count: a neuron of layers 2..K sees inputs of deficient rank on "
                          "the samples where it is live; no closed form for that case.")
-    shared = sum(k * (k - 1) // 2 for k in _shared_patterns(model, x))
+    shared = sum(k * (k - 1) // 2 for k in _shared_patterns(p))
     return (sum(model.widths[1:-1]) + shared + int(deficits[0].sum())
             + sum(int(z.sum()) for z in dead[1:]))
 
@@ -518,7 +536,7 @@ def generic(model: MLP, x: ArrayLike) -> bool:
     """Whether `known_count` covers a ReLU `model` on `x`: every hidden neuron alive and
     every neuron of layers 2..K seeing full-rank inputs where it is live, but for dead
     connections."""
-    return _alive(model, x) and _only_dead_connections(*_input_deficits(model, x))
+    return _generic(model, _patterns(model, x))
 
 
 def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGKeyArray,
@@ -538,9 +556,12 @@ def random_alive_mlp(widths, x: ArrayLike, *, relu: bool, bias: bool, key: PRNGK
             model = eqx.tree_at(lambda m: m.biases, model, tuple(
                 from_numpy(0.3 * np.asarray(normal(kb, b.shape)))
                 for kb, b in zip(ks, model.biases)))
-        if not relu or generic(model, x):
+        if not relu:
             return model
-        if alive is None and _alive(model, x):
+        p = _patterns(model, x)
+        if _generic(model, p):
+            return model
+        if alive is None and _alive(p):
             alive = model
     if alive is not None and not require_generic:
         return alive
