@@ -264,11 +264,16 @@ def test_conformal_symplectic_matches_the_dissipation_law_to_second_order():
     assert abs(_observed_order(hs, errors) - 2) < 0.1  # the issue's ±0.1
 
 
-def _charges_drift(solver, activation):
+def _small_net(activation):
+    """A 3-4-2 MLP and its mean squared error on 16 random points: the charge tests' net."""
     x = 0.7 * jax.random.normal(jax.random.key(0), (16, 3))
     y = jnp.sin(x[:, :2])
     model = dyn.MLP((3, 4, 2), activation, key=jax.random.key(1), init="lecun")
-    loss = lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+    return model, lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+
+
+def _charges_drift(solver, activation):
+    model, loss = _small_net(activation)
     traj = dyn.simulate(dyn.GradientFlow(), model, loss, t1=10.0, dt0=0.05, solver=solver,
                         stepsize_controller=FIXED, ts=np.linspace(0.0, 10.0, 5),
                         monitors=(dyn.monitors.RescalingCharges(),), save_params=False)
@@ -323,10 +328,7 @@ def test_gauss_legendre_falls_back_to_newton_where_fixed_point_stalls():
     equal a run whose every step Newton solves with a dense LU (another linear solver,
     the same collocation map). Then a vmapped sweep over h = 0.5 (no fallback needed)
     and h = 1 gives the same as the single runs: the retry loop runs per cell there."""
-    x = 0.7 * jax.random.normal(jax.random.key(0), (16, 3))
-    y = jnp.sin(x[:, :2])
-    model = dyn.MLP((3, 4, 2), dyn.RePU(2), key=jax.random.key(1), init="lecun")
-    loss = lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)  # noqa: E731
+    model, loss = _small_net(dyn.RePU(2))
     # save times at step ends: between steps the Hermite dense output does not keep Q
     run = dict(t1=8.0, stepsize_controller=FIXED, ts=np.array([0.0, 4.0, 8.0]),
                monitors=(dyn.monitors.RescalingCharges(),))
