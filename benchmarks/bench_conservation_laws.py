@@ -23,7 +23,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynamics._symmetries._count import _padded_level_values  # noqa: E402
+from dynamics.symmetries._count import _padded_level_values  # noqa: E402
 from studies.conservation_laws import architectures, count_one  # noqa: E402
 
 

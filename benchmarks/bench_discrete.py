@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import dynamics as dyn
-import dynamics._discrete._run as _run_module
+import dynamics.discrete._run as _run_module
 
 
 def main():

@@ -32,8 +32,8 @@ from _common import compare, digits_problem, parse_args, print_stats, ratio, sav
 
 import dynamics as dyn
 from dynamics import _simulate
-from dynamics._events import AbstractDivergenceEvent
 from dynamics._trajectory import Trajectory
+from dynamics.events._events import AbstractDivergenceEvent
 
 
 def _parts(flow, params, loss, kwargs, repeat):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from ._solvers import LossCarryingEuler
+from .solvers._loss_carrying import LossCarryingEuler
 
 
 class AbstractAction(eqx.Module):

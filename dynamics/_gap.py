@@ -18,15 +18,15 @@ import numpy as np
 import xarray as xr
 from jaxtyping import PyTree, Scalar
 
-from ._discrete._algorithms import AbstractDiscreteAlgorithm
-from ._discrete._run import _top_eigenvalue, run as discrete_run
 from ._filippov import Filippov
 from ._flows import AbstractFirstOrderFlow, AbstractFlow, AbstractKappaFlow
-from ._monitors import AbstractMonitor
 from ._problem import Problem
 from ._simulate import simulate
 from ._trajectory import Trajectory
 from ._tree import partition
+from .discrete._algorithms import AbstractDiscreteAlgorithm
+from .discrete._run import _top_eigenvalue, run as discrete_run
+from .monitors._monitors import AbstractMonitor
 
 # Algorithms that have no first-order limit: Leapfrog's flow conserves energy and NAGD's
 # damping 3/t vanishes, so pairing them with a first-order flow compares unlike things.

@@ -22,7 +22,7 @@ import equinox as eqx
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._events import AbstractEvent
+from .events._events import AbstractEvent
 
 
 class AbstractProjection(eqx.Module):

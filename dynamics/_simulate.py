@@ -26,12 +26,7 @@ from ._actions import (
     LandOnGrid,
     OnCondition,
 )
-from ._events import (
-    AbstractDivergenceEvent,
-    AbstractEvent,
-    EventRootFinder,
-    IllinoisRootFinder,
-)
+from ._driver._prepare import _MODE_MONITORS, _check_scalar_loss, _prepare, warn_if_chattering
 from ._filippov import (
     Filippov,
     FilippovAction,
@@ -46,13 +41,19 @@ from ._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
 )
-from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
-from ._prepare import _MODE_MONITORS, _check_scalar_loss, _prepare, warn_if_chattering
 from ._problem import Problem
 from ._projection import AbstractProjection, AbstractSchedule, OnEvent
-from ._solvers import AbstractFlowSolver, LossCarryingEuler
 from ._trajectory import Trajectory
 from ._tree import partition
+from .events._events import (
+    AbstractDivergenceEvent,
+    AbstractEvent,
+    EventRootFinder,
+    IllinoisRootFinder,
+)
+from .monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
+from .solvers._base import AbstractFlowSolver
+from .solvers._loss_carrying import LossCarryingEuler
 
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
 # solver tolerance a study uses, so the interpolant, not the root find, limits them;

@@ -28,10 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from ._events import AbstractDivergenceEvent
+from ._driver._prepare import _check_finite, _prepare, _strong
 from ._flows import AbstractFirstOrderFlow, NesterovFlow
 from ._io import load, save
-from ._prepare import _check_finite, _prepare, _strong
 from ._simulate import _solve, simulate
 from ._sweep_records import (
     _batch_records,
@@ -44,6 +43,7 @@ from ._sweep_records import (
 )
 from ._trajectory import Trajectory
 from ._tree import partition
+from .events._events import AbstractDivergenceEvent
 
 # Axis names whose values must be > 0: tolerances and step sizes.
 _TOLERANCE_AXES = ("rtol", "atol", "tol", "tolerance")

@@ -17,10 +17,10 @@ from jaxtyping import PyTree, Scalar
 from ._convergence import REFERENCE_TOLERANCE
 from ._filippov import Filippov
 from ._flows import AbstractFirstOrderFlow, AbstractFlow
-from ._monitors import AbstractMonitor
 from ._problem import Problem
 from ._simulate import simulate
 from ._tree import partition
+from .monitors._monitors import AbstractMonitor
 
 _SCIPY_METHODS = ("RK45", "DOP853", "LSODA", "RK23", "Radau", "BDF")
 

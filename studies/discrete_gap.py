@@ -167,7 +167,7 @@ def _decay(cfg) -> xr.Dataset:
         coords={"step": np.arange(steps + 1)},
         attrs={**DECAY, "activation": "ReLU", "max_relative_error": err,
                "law": "Q_{k+1} = a^2 Q_k + beta^2 Q_{k-1} - 2 a beta S_{k-1} + F_k, "
-                      "a = 1 + beta - eta*lambda (exact; see dynamics/_discrete/_laws.py)"},
+                      "a = 1 + beta - eta*lambda (exact; see dynamics/symmetries/_laws.py)"},
     )
 
 

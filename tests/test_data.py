@@ -9,8 +9,8 @@ import sklearn.metrics
 import sklearn.preprocessing
 
 from dynamics import datasets, losses
-from dynamics._datasets import Dataset
 from dynamics._models import MLP, Swish, Tanh
+from dynamics.datasets._datasets import Dataset
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def _observed_order(hs, errors):
 
 def test_gauss_legendre_tableaus_are_hairer_wanners():
     """Table IV.5.1 of Hairer & Wanner II (s = 2, 3), written out in closed form."""
-    from dynamics._solvers._gauss_legendre import tableau
+    from dynamics.solvers._gauss_legendre import tableau
 
     r3, r15 = np.sqrt(3.0), np.sqrt(15.0)
     A, b, c, _ = tableau(2)

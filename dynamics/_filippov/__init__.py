@@ -11,7 +11,6 @@ from ._mode import (
     Switching as Switching,
 )
 from ._surfaces import (
-    ActivePattern as ActivePattern,
     Surfaces as Surfaces,
     data_term_index as data_term_index,
     is_piecewise_linear as is_piecewise_linear,

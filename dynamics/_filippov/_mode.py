@@ -38,9 +38,9 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 from .._actions import AbstractAction, AbstractExactTrigger
-from .._events import AbstractEvent
 from .._problem import Problem
 from .._validate import positive_int
+from ..events._events import AbstractEvent
 from ._surfaces import Surfaces, pair_location
 
 

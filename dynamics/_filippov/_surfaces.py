@@ -11,13 +11,12 @@ The pair index p runs over hidden layers, then examples, then units:
 p = offset_l + n·width_l + i.
 """
 
-from typing import ClassVar
-
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._losses import (
+from .._models import MLP, LeakyReLU, ReLU
+from ..losses._losses import (
     AbstractLoss,
     CrossEntropy,
     ExponentialLoss,
@@ -27,8 +26,6 @@ from .._losses import (
     MeanSquaredError,
     Sum,
 )
-from .._models import MLP, LeakyReLU, ReLU
-from .._monitors import AbstractMonitor
 
 # Losses whose inputs the surfaces are taken on (they evaluate `vmap(model)(x)`).
 DATA_LOSSES = (MeanSquaredError, CrossEntropy, ExponentialLoss, LogisticLoss)
@@ -175,27 +172,3 @@ def pair_location(surfaces: Surfaces, p: int) -> tuple[int, int, int]:
             return layer, p // width, p % width
         p -= n * width
     raise IndexError(p)
-
-
-class ActivePattern(AbstractMonitor):
-    """Fraction of (example, unit) pairs with a positive pre-activation, per hidden
-    layer, on the inputs of the loss (a data loss of `dyn.losses`): how much of a ReLU
-    network is switched on along a run. One value per hidden layer."""
-
-    name: ClassVar[str] = "active_fraction"
-
-    def __call__(self, t, w, v, problem):
-        model = problem.params(w)
-        if not isinstance(model, MLP):
-            raise ValueError(
-                f"ActivePattern: needs a dyn.MLP, got {type(model).__name__}."
-            )
-        if data_term_index(problem.user_loss) is None:
-            raise ValueError(
-                "ActivePattern: reads the inputs of the loss, which must be a data loss "
-                "of dyn.losses (mse, cross_entropy, exponential, logistic), alone or plus "
-                f"penalties; got {type(problem.user_loss).__name__}."
-            )
-        if model.depth < 2:
-            raise ValueError("ActivePattern: the MLP has no hidden layer.")
-        return Surfaces(problem.user_loss, model).active_fraction(model)

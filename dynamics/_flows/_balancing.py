@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array
 
-from .._regularizers import (
+from .._tree import is_concrete, vdot
+from ..regularizers._regularizers import (
     AbstractRegularizer,
     Lpq,
     as_regularizer,
     check_homogeneous_mlp,
 )
-from .._tree import is_concrete, vdot
 from ._base import AbstractFirstOrderFlow, _check_finite_nonneg, _float_array
 
 

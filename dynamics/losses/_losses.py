@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
-from ._datasets import Dataset
-from ._models import MLP
-from ._tree import is_concrete
-from ._validate import real
+from .._models import MLP
+from .._tree import is_concrete
+from .._validate import real
+from ..datasets._datasets import Dataset
 
 __all__ = [
     "AbstractLoss",

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree, Scalar
 
-from .._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
-from .._prepare import _check_scalar_loss, _validate_params
+from .._driver._prepare import _check_scalar_loss, _validate_params
 from .._problem import Problem
 from .._projection import AbstractSchedule, Every
 from .._trajectory import Trajectory, provenance
 from .._tree import all_finite, partition, sqnorm
+from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
 
 # Power iteration for λ_max(∇²L): enough iterations to tell η·λ > limit from η·λ well

@@ -15,28 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
-from ._events import AbstractEvent, Condition, NonFinite
-from ._filippov import (
+from .._filippov import (
     ChatteringWarning,
     Filippov,
     FilippovStall,
     data_term_index,
     is_piecewise_linear,
 )
-from ._flows import (
+from .._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
     AbstractSeparableFlow,
     NesterovFlow,
 )
-from ._models import MLP
-from ._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
-from ._problem import Problem
-from ._projection import AbstractProjection, AbstractSchedule, Every
-from ._solvers import AbstractFlowSolver
-from ._trajectory import check_variable_name, provenance
-from ._tree import is_concrete, partition
-from ._validate import as_tuple, check_tolerance, class_hint, positive_int, real
+from .._models import MLP
+from .._problem import Problem
+from .._projection import AbstractProjection, AbstractSchedule, Every
+from .._trajectory import check_variable_name, provenance
+from .._tree import is_concrete, partition
+from .._validate import as_tuple, check_tolerance, class_hint, positive_int, real
+from ..events._events import AbstractEvent, Condition, NonFinite
+from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
+from ..solvers._base import AbstractFlowSolver
 
 # The default controller: rtol = 1e-7 in float64; float32 resolves only ~1.2e-7, so
 # there the default is 100 eps (~1e-5), with atol two decades below rtol as in float64.

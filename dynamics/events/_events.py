@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from ._problem import Problem
-from ._tree import all_finite, sqnorm
-from ._validate import traced_scalar
+from .._problem import Problem
+from .._tree import all_finite, sqnorm
+from .._validate import traced_scalar
 
 
 class AbstractEvent(eqx.Module):

@@ -4,8 +4,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ..regularizers._regularizers import AbstractRegularizer, Lpq, as_regularizer, imbalance
 from ._monitors import AbstractMonitor
-from ._regularizers import AbstractRegularizer, Lpq, as_regularizer, imbalance
 
 
 class Imbalance(AbstractMonitor):

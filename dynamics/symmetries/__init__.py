@@ -2,17 +2,20 @@
 `LinearLayer(layer, A)`, `InputRotation(P)`, `TimeTranslation()`,
 `check(gen, loss, params, key=key)` and `count_conservation_laws(model, x, key=key)`."""
 
-from ._symmetries import (
+from ._charges import linear_balance as linear_balance, rescaling as rescaling
+from ._count import (
+    ConservationLawCount as ConservationLawCount,
+    count_conservation_laws as count_conservation_laws,
+    independent_functions as independent_functions,
+    known_count as known_count,
+)
+from ._generators import (
     AbstractGenerator as AbstractGenerator,
     AbstractLinearGenerator as AbstractLinearGenerator,
-    ConservationLawCount as ConservationLawCount,
     InputRotation as InputRotation,
     LayerRescaling as LayerRescaling,
     LinearLayer as LinearLayer,
     Rescaling as Rescaling,
     TimeTranslation as TimeTranslation,
     check as check,
-    count_conservation_laws as count_conservation_laws,
-    independent_functions as independent_functions,
-    known_count as known_count,
 )

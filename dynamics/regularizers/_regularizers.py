@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Scalar
 
-from ._flows._base import _float_array
-from ._models import MLP
-from ._tree import is_concrete
+from .._flows._base import _float_array
+from .._models import MLP
+from .._tree import is_concrete
 
 Weights = Sequence[Array]
 

@@ -1,13 +1,12 @@
 """Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
 
-from ._balance_monitors import Imbalance as Imbalance, LpqNorm as LpqNorm
-from ._discrete._laws import (
+from ._balance import Imbalance as Imbalance, LpqNorm as LpqNorm
+from ._charge_laws import (
     ChargeForcing as ChargeForcing,
     GDChargeDrift as GDChargeDrift,
     HeavyBallChargeDrift as HeavyBallChargeDrift,
 )
-from ._filippov import ActivePattern as ActivePattern
-from ._margin_monitors import (
+from ._margin import (
     Margin as Margin,
     NormProduct as NormProduct,
     NullSpaceComponent as NullSpaceComponent,
@@ -22,7 +21,8 @@ from ._monitors import (
     Loss as Loss,
     RescalingCharges as RescalingCharges,
 )
-from ._symmetry_monitors import (
+from ._pattern import ActivePattern as ActivePattern
+from ._symmetry import (
     AngularMomentum as AngularMomentum,
     ChargeLaw as ChargeLaw,
     EnergyLaw as EnergyLaw,

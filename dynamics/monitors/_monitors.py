@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from ._problem import Problem
-from ._symmetries import rescaling
-from ._tree import leaves, sqnorm
+from .._problem import Problem
+from .._tree import leaves, sqnorm
+from ..symmetries._charges import rescaling
 
 
 class AbstractMonitor(eqx.Module):

@@ -5,14 +5,12 @@ unchanged and minimize a regularizer (Saul, Alg. 1; Baldi et al., sec. 2; Stock 
 2019), or restore the gradient-flow charges; each also an `AbstractProjection`.
 """
 
-from ._balance import (
-    BalanceInfo as BalanceInfo,
-    ChargeProjection as ChargeProjection,
+from ._charge import ChargeProjection as ChargeProjection
+from ._common import BalanceInfo as BalanceInfo, lpq_norm as lpq_norm
+from ._minnorm import MinNormFix as MinNormFix, min_norm_fix as min_norm_fix
+from ._neuron import (
     ENorm as ENorm,
-    MinNormFix as MinNormFix,
     NeuronBalance as NeuronBalance,
     enorm as enorm,
-    lpq_norm as lpq_norm,
-    min_norm_fix as min_norm_fix,
     neuron_balance as neuron_balance,
 )

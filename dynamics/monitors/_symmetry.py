@@ -7,7 +7,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ._flows import (
+from .._flows import (
     AbstractFirstOrderFlow,
     AbstractKappaFlow,
     AbstractSecondOrderFlow,
@@ -17,17 +17,17 @@ from ._flows import (
     NesterovFlow,
     NewtonianFlow,
 )
-from ._flows._base import _integral
-from ._models import MLP
-from ._monitors import AbstractIntegralMonitor, AbstractMonitor
-from ._symmetries import linear_balance
-from ._symmetries._generators import (
+from .._flows._base import _integral
+from .._models import MLP
+from .._tree import sqnorm, vdot
+from ..symmetries._charges import linear_balance
+from ..symmetries._generators import (
     AbstractGenerator,
     AbstractLinearGenerator,
     Rescaling,
     _degree,
 )
-from ._tree import sqnorm, vdot
+from ._monitors import AbstractIntegralMonitor, AbstractMonitor
 
 
 def _generator(g, owner: str, linear: bool = False) -> AbstractGenerator:

@@ -37,8 +37,6 @@ drift). The identities are algebraic: they hold to rounding error at every step,
 whatever the step size.
 """
 
-from typing import ClassVar
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -46,8 +44,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike
 
 from .._models import MLP
-from .._monitors import AbstractMonitor
-from .._symmetries._charges import _check_mlp
+from ._charges import _check_mlp
 
 
 def _blocks(tree: MLP, h: int) -> tuple[Array, Array]:
@@ -99,105 +96,6 @@ def gd_charge_drift(grad: MLP, eta, degree, params: MLP | None = None,
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         raise ValueError("gd_charge_drift: pass `params` along with a `weight_decay`.")
     return tuple(eta**2 * d for d in _mdot(grad, grad, degree))
-
-
-def _scalar(name, value, low, high, low_open):
-    value = jnp.asarray(value, dtype=jnp.result_type(float))
-    ok = value.shape == () and bool(jnp.isfinite(value)) and bool(
-        (value > low if low_open else value >= low) & (value < high))
-    if not ok:
-        bound = f"({low}, {high})" if low_open else f"[{low}, {high})"
-        raise ValueError(f"`{name}` must be a number in {bound}, got {value!r}.")
-    return value
-
-
-class _ChargeLawMonitor(AbstractMonitor):
-    """Shared by the charge-law monitors: the homogeneous MLP, its degree, and ∇L of
-    the symmetric loss, i.e. ∇(loss) − λw for a loss that includes (λ/2)‖w‖²."""
-
-    def _parts(self, w, v, problem, weight_decay):
-        model = _check_mlp(problem.params(w), "params")
-        degree = model.activation.degree
-        if degree is None or model.betas is not None:
-            raise ValueError(
-                f"{type(self).__name__} needs an MLP with a positively homogeneous "
-                f"activation (ReLU, RePU, Polynomial, Identity), got "
-                f"{type(model.activation).__name__}."
-            )
-        grad = jax.tree.map(lambda g, x: g - weight_decay * x, jax.grad(problem.loss)(w), w)
-        velocity = None if v is None else eqx.combine(v, problem.static)
-        return model, velocity, eqx.combine(grad, problem.static), degree
-
-
-class GDChargeDrift(_ChargeLawMonitor):
-    """The predicted change Q_i(w_{k+1}) − Q_i(w_k) = η²(‖g_in‖² − p‖g_out‖²) of every
-    per-neuron rescaling charge in the next GD step of size `eta` (with
-    `weight_decay` λ, for a loss that includes (λ/2)‖w‖²: ((1−ηλ)² − 1)Q_i + the same
-    η² term), concatenated over hidden layers like `RescalingCharges` (module
-    `_discrete._laws`). Saved at every step, its running sum is Q_k − Q_0 exactly, so
-    measured and predicted drift can be drawn on top of each other."""
-
-    eta: Array
-    weight_decay: Array
-    name: ClassVar[str] = "gd_charge_drift"
-
-    def __init__(self, eta, weight_decay=0.0):
-        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
-        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
-
-    def __call__(self, t, w, v, problem):
-        model, _, grad, degree = self._parts(w, None, problem, self.weight_decay)
-        return jnp.concatenate(gd_charge_drift(grad, self.eta, degree, model,
-                                               self.weight_decay))
-
-
-class HeavyBallChargeDrift(_ChargeLawMonitor):
-    """The exact change Q_i(w_{k+1}) − Q_i(w_k) of every per-neuron rescaling charge in
-    the next heavy-ball step (`heavy_ball_charge_drift`; `weight_decay` λ for a loss
-    that includes (λ/2)‖w‖²), from the iterate and its velocity v_k = (w_k − w_{k−1})/η
-    as `dyn.discrete.run(HeavyBall(eta, beta), ...)` records them."""
-
-    eta: Array
-    beta: Array
-    weight_decay: Array
-    name: ClassVar[str] = "heavy_ball_charge_drift"
-
-    def __init__(self, eta, beta, weight_decay=0.0):
-        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
-        self.beta = _scalar("beta", beta, 0.0, 1.0, False)
-        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
-
-    def __call__(self, t, w, v, problem):
-        if v is None:
-            raise ValueError("HeavyBallChargeDrift needs a heavy-ball run (with velocities).")
-        model, velocity, grad, degree = self._parts(w, v, problem, self.weight_decay)
-        return jnp.concatenate(heavy_ball_charge_drift(
-            model, velocity, grad, self.eta, self.beta, degree, self.weight_decay))
-
-
-class ChargeForcing(_ChargeLawMonitor):
-    """F_k = η²(⟨g, g⟩_M − 2β⟨v, g⟩_M) per hidden neuron: the only place where the
-    gradient g = ∇L(w_k) enters the exact charge recurrence of GD (β = 0) and heavy ball
-    (module `_discrete._laws`); saved at every step, `charge_closed_form` turns it into
-    Q_k. `weight_decay` λ for a loss that includes (λ/2)‖w‖² (g is then ∇ of the rest)."""
-
-    eta: Array
-    beta: Array
-    weight_decay: Array
-    name: ClassVar[str] = "charge_forcing"
-
-    def __init__(self, eta, beta=0.0, weight_decay=0.0):
-        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
-        self.beta = _scalar("beta", beta, 0.0, 1.0, False)
-        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
-
-    def __call__(self, t, w, v, problem):
-        model, velocity, grad, degree = self._parts(w, v, problem, self.weight_decay)
-        gg = _mdot(grad, grad, degree)
-        vg = gg if velocity is None else _mdot(velocity, grad, degree)
-        beta = self.beta if velocity is not None else 0.0
-        return jnp.concatenate([self.eta**2 * (a - 2 * beta * b)
-                                for a, b in zip(gg, vg, strict=True)])
 
 
 def charge_start(params: MLP, velocity: MLP | None, eta) -> tuple[Array, Array, Array]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._models import MLP, Swish
-from .._regularizers import Lpq
+from ..regularizers._regularizers import Lpq
 
 _VELOCITY_RULES = ("pushforward", "keep", "zero")
 _SCHEDULES = ("sequential", "stochastic", "layer", "tied")

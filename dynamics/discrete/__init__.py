@@ -4,7 +4,18 @@ Each algorithm knows its continuous counterpart (`alg.flow`) and time map
 (`alg.time_step`), so `dyn.gap` can measure how far the iterates stray from the flow.
 """
 
-from ._discrete._algorithms import (
+from ..monitors._charge_laws import (
+    ChargeForcing as ChargeForcing,
+    GDChargeDrift as GDChargeDrift,
+    HeavyBallChargeDrift as HeavyBallChargeDrift,
+)
+from ..symmetries._laws import (
+    charge_closed_form as charge_closed_form,
+    charge_start as charge_start,
+    gd_charge_drift as gd_charge_drift,
+    heavy_ball_charge_drift as heavy_ball_charge_drift,
+)
+from ._algorithms import (
     GD as GD,
     NAGD as NAGD,
     AbstractDiscreteAlgorithm as AbstractDiscreteAlgorithm,
@@ -15,14 +26,5 @@ from ._discrete._algorithms import (
     NesterovMomentum as NesterovMomentum,
     State as State,
 )
-from ._discrete._laws import (
-    ChargeForcing as ChargeForcing,
-    GDChargeDrift as GDChargeDrift,
-    HeavyBallChargeDrift as HeavyBallChargeDrift,
-    charge_closed_form as charge_closed_form,
-    charge_start as charge_start,
-    gd_charge_drift as gd_charge_drift,
-    heavy_ball_charge_drift as heavy_ball_charge_drift,
-)
-from ._discrete._nmgd import NMGD as NMGD
-from ._discrete._run import edge_of_stability as edge_of_stability, run as run
+from ._nmgd import NMGD as NMGD
+from ._run import edge_of_stability as edge_of_stability, run as run

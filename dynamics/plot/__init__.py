@@ -12,4 +12,4 @@ from ._plot import (
     positions as positions,
     series as series,
 )
-from ._plot_wp import plot_work_precision as plot_work_precision
+from ._work_precision import plot_work_precision as plot_work_precision

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._datasets import Dataset
-from ._losses import _binary_signs, _check_dataset
+from ..datasets._datasets import Dataset
+from ..losses._losses import _binary_signs, _check_dataset
 from ._monitors import AbstractMonitor, layer_arrays, layer_norms
 
 

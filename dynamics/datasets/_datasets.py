@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._models import MLP, AbstractActivation
-from ._tree import is_concrete
-from ._validate import positive_int, prng_key, real
+from .._models import MLP, AbstractActivation
+from .._tree import is_concrete
+from .._validate import positive_int, prng_key, real
 
 __all__ = ["Dataset", "digits", "teacher_student", "rotational", "circles"]
 
