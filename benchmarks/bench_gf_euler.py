@@ -73,11 +73,11 @@ def main():
 
     fns = {
         "scan": lambda: plain(w0, loss),
-        "simulate_solve": inner_call(_simulate, "_solve", sim),
+        "simulate_solve": inner_call(_simulate, "solve", sim),
         "simulate_call": lambda: sim().ts,
         "scan_value_and_grad": lambda: value_and_grad(w0, loss),
         "scan_separate_loss": lambda: separate(w0, loss),
-        "simulate_loss_solve": inner_call(_simulate, "_solve", sim_loss),
+        "simulate_loss_solve": inner_call(_simulate, "solve", sim_loss),
         "simulate_loss_call": lambda: sim_loss().monitors["loss"],
     }
     stats = compare(fns, args.repeat)

@@ -41,14 +41,14 @@ def child(save_params: bool) -> dict:
     import dynamics.datasets
     import dynamics.losses
 
-    solve, after_solve = dynamics._simulate._solve, {}
+    solve, after_solve = dynamics._simulate.solve, {}
 
     def spy(*args, **kwargs):
         out = jax.block_until_ready(solve(*args, **kwargs))
         after_solve["peak_gb"] = peak_gb()
         return out
 
-    dynamics._simulate._solve = spy
+    dynamics._simulate.solve = spy
     jax.config.update("jax_enable_x64", True)
     kx, ky = jax.random.split(jax.random.key(1))
     data = dynamics.datasets.Dataset(

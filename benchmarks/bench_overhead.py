@@ -15,8 +15,8 @@ Problems (float64, CPU, compiled solves reused: compilation excluded):
 
 For each: `simulate` (the whole call, parameters not saved); `diffrax`: a jitted
 `diffeqsolve` of the same vector field, steps and saves (the loss by `SaveAt(fn=...)`,
-no events, no result object); and `simulate`'s three parts timed alone (`_prepare`,
-the compiled `_solve`, `Trajectory.from_solve`). Reported: medians of interleaved
+no events, no result object); and `simulate`'s three parts timed alone (`prepare`,
+the compiled `solve`, `Trajectory.from_solve`). Reported: medians of interleaved
 runs and simulate / diffrax. No target: a record of what a call costs, kept so that a
 change that makes it slower shows.
 """
@@ -31,24 +31,25 @@ import numpy as np
 from _common import compare, digits_problem, parse_args, print_stats, ratio, save
 
 import dynamics as dyn
-from dynamics import _simulate
+from dynamics._driver._prepare import prepare
+from dynamics._driver._solve import solve
 from dynamics._trajectory import Trajectory
 from dynamics.events._events import AbstractDivergenceEvent
 
 
 def _parts(flow, params, loss, kwargs, repeat):
-    """Median seconds of `_prepare`, `_solve` and `from_solve`, each timed alone."""
-    full = dict(t0=0.0, v0=None, dt0=None, events=(), projection=None, progress=False,
+    """Median seconds of `prepare`, `solve` and `from_solve`, each timed alone."""
+    full = dict(t0=0.0, v0=None, dt0=None, events=(), projection=None,
                 max_steps=4096, nonsmooth=None, **kwargs)
     times = {"prepare": [], "solve": [], "trajectory": []}
     for k in range(repeat + 2):
         a = time.perf_counter()
-        problem, events, args, meta = _simulate._prepare(flow, params, loss, **full)
+        prepared = prepare(flow, params, loss, **full)
         b = time.perf_counter()
-        out = jax.block_until_ready(_simulate._solve(*args))
+        out = jax.block_until_ready(solve(prepared.spec))
         c = time.perf_counter()
-        Trajectory.from_solve(problem, events, out, throw=True, meta=meta,
-                              divergence=AbstractDivergenceEvent)
+        Trajectory.from_solve(prepared.spec.problem, prepared.spec.events, out, throw=True,
+                              meta=prepared.meta, divergence=AbstractDivergenceEvent)
         d = time.perf_counter()
         if k >= 2:  # the first two warm up (compile, caches)
             for name, dt in zip(times, (b - a, c - b, d - c), strict=True):

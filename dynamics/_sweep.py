@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from ._driver._prepare import _check_finite, _prepare, _strong
+from ._driver._prepare import check_finite, prepare, strong
+from ._driver._solve import solve
+from ._driver._spec import Prepared
 from ._flows import AbstractFirstOrderFlow, NesterovFlow
 from ._io import load, save
-from ._simulate import _solve, simulate
+from ._simulate import simulate
 from ._sweep_records import (
     _batch_records,
     _combine,
@@ -85,8 +87,9 @@ class Simulation:
         self.kwargs = {**{k: _SIMULATE_DEFAULTS[k] for k in _SIMULATE_KWARGS
                           if k in _SIMULATE_DEFAULTS}, **kwargs}
 
-    def prepare(self):
-        """(problem, events, `_solve` arguments without the progress meter, provenance)."""
+    def prepare(self) -> Prepared:
+        """The validated spec of the solve and its provenance (without the creation
+        time: cells written at different times must compare equal)."""
         if "t1" not in self.kwargs:
             raise ValueError("Simulation needs `t1`, the end of the time interval.")
         controller = self.kwargs.get("stepsize_controller")
@@ -97,20 +100,18 @@ class Simulation:
                     f"`stepsize_controller.{name}` must be > 0, got {value!r}; tolerances "
                     "are positive numbers such as 1e-6."
                 )
-        problem, events, args, meta = _prepare(
-            self.flow, self.params, self.loss, progress=False, **self.kwargs
-        )
-        meta = {k: v for k, v in meta.items() if k != "created"}
-        return problem, events, args[:-1], meta
+        prepared = prepare(self.flow, self.params, self.loss, **self.kwargs)
+        meta = {k: v for k, v in prepared.meta.items() if k != "created"}
+        return Prepared(prepared.spec, meta)
 
-    def prepare_like(self, template: "Simulation", prepared: tuple):
+    def prepare_like(self, template: "Simulation", prepared: Prepared) -> Prepared | None:
         """`prepare()`, short-cut when this simulation differs from `template` (already
         prepared as `prepared`) only in the values of `params` and `v0`: then every
-        other check `_prepare` makes has the same outcome, so only the new parameters
+        other check `prepare` makes has the same outcome, so only the new parameters
         and velocity are checked (structure, shapes, dtypes, finiteness) and put into
         the template's arguments. Returns None when the short cut does not apply.
 
-        A seed axis is the common case: `_prepare` costs ~1-5 ms per cell, this ~0.1 ms,
+        A seed axis is the common case: `prepare` costs ~1-5 ms per cell, this ~0.1 ms,
         and in a vmapped sweep the per-cell Python work, not the solve, was the cost."""
         if self.kwargs.keys() != template.kwargs.keys():
             return None
@@ -120,23 +121,23 @@ class Simulation:
                             {k: v for k, v in sim.kwargs.items() if k != "v0"})
         if not _same_values(rest(self), rest(template)):
             return None
-        problem, events, args, meta = prepared
-        old_w = args[1] if isinstance(self.flow, AbstractFirstOrderFlow) else args[1][0]
-        w = _values_like(self.params, old_w, problem.static, "params")
+        spec = prepared.spec
+        old_w = spec.y0 if isinstance(self.flow, AbstractFirstOrderFlow) else spec.y0[0]
+        w = _values_like(self.params, old_w, spec.problem.static, "params")
         if w is None:
             return None
         if isinstance(self.flow, AbstractFirstOrderFlow):
             if self.kwargs.get("v0") is not None:
-                return None  # `_prepare` raises the error for this
+                return None  # `prepare` raises the error for this
             y0 = w
         elif self.kwargs.get("v0") is None:
-            y0 = (w, args[1][1])  # the template's zero velocity: one array, shared
+            y0 = (w, spec.y0[1])  # the template's zero velocity: one array, shared
         else:
             v = _values_like(self.kwargs["v0"], old_w, None, "v0")
             if v is None:
                 return None
             y0 = (w, v)
-        return problem, events, (args[0], y0) + args[2:], meta
+        return Prepared(eqx.tree_at(lambda s: s.y0, spec, y0), prepared.meta)
 
 
 def _is_array(x) -> bool:
@@ -175,11 +176,11 @@ def _values_like(tree, like, static, name):
         return None
     if static is not None and not _same_values(rest, static):
         return None
-    w = _strong(w)
+    w = strong(w)
     for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(like), strict=True):
         if a.shape != b.shape or a.dtype != b.dtype:
             return None
-    _check_finite(name, w)
+    check_finite(name, w)
     return w
 
 
@@ -317,7 +318,7 @@ def _same(a, b) -> bool:
 
 @eqx.filter_jit
 def _solve_batch(dynamic, static, batched=None):
-    """`_solve` vmapped over the leading axis of the leaves of `dynamic` flagged in
+    """`solve` vmapped over the leading axis of the leaves of `dynamic` flagged in
     `batched` (a tuple of bools over its leaves; default all); the other leaves (save
     times, tolerances, a shared loss's data) are shared by every cell, not copied."""
     global _TRACES
@@ -326,7 +327,7 @@ def _solve_batch(dynamic, static, batched=None):
     if batched is None:
         batched = (True,) * len(leaves)
     axes = jax.tree.unflatten(treedef, [0 if b else None for b in batched])
-    return jax.vmap(lambda d: _solve(*eqx.combine(d, static), diffrax.NoProgressMeter()),
+    return jax.vmap(lambda d: solve(eqx.combine(d, static), diffrax.NoProgressMeter()),
                     in_axes=(axes,))(dynamic)
 
 
@@ -378,8 +379,7 @@ def _solve_group(items: list, size: int, devices: Sequence, group: list) -> list
     for i, it in enumerate(items):
         if results[i] is not None:
             continue
-        # (ts, ys, result, event mask, stats, actions) of cell i, as `_solve` returns them
-        cell = jax.tree.map(lambda a, i=i: a[i], out)
+        cell = jax.tree.map(lambda a, i=i: a[i], out)  # cell i's RawSolution
         traj = Trajectory.from_solve(it["problem"], it["events"], cell,
                                      throw=False, meta=it["meta"],
                                      divergence=AbstractDivergenceEvent)
@@ -413,24 +413,25 @@ def _run_cells(run_fn: Callable, cells: list, chunk_size: int | None,
             for template, prepared, group, dynamic, static, ts in reversed(templates):
                 fast = out.prepare_like(template, prepared)
                 if fast is not None:
-                    problem, events, args, meta = fast
+                    spec, meta = fast.spec, fast.meta
                     # Only the state differs from the template: its arrays, nothing else.
-                    dynamic = dynamic[:1] + (args[1],) + dynamic[2:]
+                    dynamic = eqx.tree_at(lambda s: s.y0, dynamic, spec.y0)
                     break
             if fast is None:
-                problem, events, args, meta = prepared = out.prepare()
-                dynamic, static = eqx.partition(args, eqx.is_array)
+                prepared = out.prepare()
+                spec, meta = prepared.spec, prepared.meta
+                dynamic, static = eqx.partition(spec, eqx.is_array)
                 key = _group_key(dynamic, static)
                 group = next((g for g in groups if _same(g[0], key)), None)
                 if group is None:
                     group = [key, [], None]
                     groups.append(group)
-                ts = np.asarray(args[7])
+                ts = np.asarray(spec.ts)
                 # A few recent ones, so that a seed axis inside another (seed x dt) finds
                 # its dt's template; each miss costs a tree comparison.
                 templates = (templates + [(out, prepared, group, dynamic, static, ts)])[-4:]
             group[1].append(dict(index=index, dynamic=dynamic, static=static,
-                                 problem=problem, events=events, meta=meta, ts=ts))
+                                 problem=spec.problem, events=spec.events, meta=meta, ts=ts))
             if len(group[1]) >= limit:
                 yield from flush(group)
         elif isinstance(out, Trajectory):

@@ -217,7 +217,7 @@ def _sweep_attrs(axes_labels: dict, fingerprint: str) -> dict:
 
 
 
-def _batch_records(items: list[dict], out: tuple) -> list[dict | None]:
+def _batch_records(items: list[dict], out) -> list[dict | None]:
     """Records of the cells of one vmapped solve that ran to t1 without an event, read
     off the batched arrays directly (what `_trajectory_record(Trajectory.from_solve())`
     gives, without building a Trajectory per cell: that was ~5 ms a cell, more than
@@ -226,9 +226,10 @@ def _batch_records(items: list[dict], out: tuple) -> list[dict | None]:
     path's (a check that costs one slow record per batch)."""
     n = len(items)
     none: list[dict | None] = [None] * n
-    (ts_saved, ts_end), (ys_saved, ys_final), result, event_mask, stats, acted = out
+    ts_saved, ts_end, ys_saved, ys_final = out.ts, out.t_end, out.saved, out.final
+    result, event_mask, stats = out.result, out.event_mask, out.stats
     problem = items[0]["problem"]
-    if acted is not None or any(isinstance(x, np.ndarray | jax.Array)
+    if out.action_count is not None or any(isinstance(x, np.ndarray | jax.Array)
                                 for x in jax.tree.leaves(problem.static)):
         return none
     ts_saved = np.asarray(ts_saved)[:n]

@@ -144,11 +144,15 @@ class Trajectory(eqx.Module):
     @classmethod
     def from_solve(cls, problem, events, out, *, throw, meta,
                    divergence) -> "Trajectory":
-        (ts_saved, ts_end), (ys_saved, ys_final), result, event_mask, stats, acted = out
-        stats = dict(stats)
+        """The Trajectory of a compiled solve's `RawSolution` `out` (`dynamics/_driver/
+        _spec.py`) of `problem` with `events`; `throw`: raise a RuntimeError on a
+        failure other than an event; `divergence`: the event class whose firing means
+        the run diverged."""
+        ts_saved, ts_end, ys_saved, ys_final = out.ts, out.t_end, out.saved, out.final
+        result, event_mask, stats = out.result, out.event_mask, dict(out.stats)
         actions = np.zeros(0)
-        if acted is not None:
-            count, times = int(np.asarray(acted[0])), np.asarray(acted[1])
+        if out.action_count is not None:
+            count, times = int(np.asarray(out.action_count)), np.asarray(out.action_times)
             actions = times[: min(count, times.size)]
             stats["num_actions"] = count
         # An array inside, as diffrax leaves it: a sweep's per-cell slice holds a NumPy

@@ -282,17 +282,17 @@ def test_unreachable_scheduler(monkeypatch):
 def test_seed_axis_prepares_once_and_equals_the_per_cell_path(monkeypatch):
     """Cells that differ only in their initial weights are checked against one fully
     prepared template and their records read off the batched solve; the Dataset is the
-    one the per-cell path (`_prepare` and a Trajectory for every cell) gives, diverged
+    one the per-cell path (`prepare` and a Trajectory for every cell) gives, diverged
     cells included, and the numbers are numpy's."""
     axes = {"dt": [0.25, 0.05], "seed": range(12)}
     prepared = []
-    full_prepare = _sweep._prepare
+    full_prepare = _sweep.prepare
 
     def counting(*args, **kwargs):
         prepared.append(1)
         return full_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(_sweep, "_prepare", counting)
+    monkeypatch.setattr(_sweep, "prepare", counting)
     fast = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
     assert len(prepared) == 2  # once per step size, not per cell
     # Both paths taken: diverged cells go the per-cell way.

@@ -1,12 +1,11 @@
-"""`simulate`'s input checks and the arguments of its compiled solve.
+"""`simulate`'s input checks, and the `SolveSpec` they produce.
 
 Everything here runs in Python before anything is traced, and fails with a
-`ValueError` that names the argument and says how to fix it. `_prepare` returns the
-positional arguments of `_simulate._solve`; `dyn.sweep` calls it once per cell.
+`ValueError` that names the argument and says how to fix it. `prepare` returns the
+spec of the compiled solve (`_solve.solve`) and the run's provenance; `dyn.sweep` calls
+it once per cell.
 """
 
-import warnings
-from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -15,20 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
-from .._filippov import (
-    ChatteringWarning,
-    Filippov,
-    FilippovStall,
-    data_term_index,
-    is_piecewise_linear,
-)
 from .._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
     AbstractSeparableFlow,
     NesterovFlow,
 )
-from .._models import MLP
 from .._problem import Problem
 from .._projection import AbstractProjection, AbstractSchedule, Every
 from .._trajectory import check_variable_name, provenance
@@ -37,17 +28,16 @@ from .._validate import as_tuple, check_tolerance, class_hint, positive_int, rea
 from ..events._events import AbstractEvent, Condition, NonFinite
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
 from ..solvers._base import AbstractFlowSolver
+from ._hooks import AbstractNonsmooth
+from ._spec import Prepared, SolveSpec
+from ._terms import partitioned
 
 # The default controller: rtol = 1e-7 in float64; float32 resolves only ~1.2e-7, so
 # there the default is 100 eps (~1e-5), with atol two decades below rtol as in float64.
 _DEFAULT_RTOL = {8: (1e-7, 1e-9), 4: (1e-5, 1e-7), 2: (1e-2, 1e-4)}
 
 
-def _float(name: str, value: Any) -> float:
-    return real(value, name)
-
-
-def _check_finite(name: str, tree: PyTree) -> None:
+def check_finite(name: str, tree: PyTree) -> None:
     if not is_concrete(tree):
         return
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -58,7 +48,7 @@ def _check_finite(name: str, tree: PyTree) -> None:
             )
 
 
-def _strong(tree: PyTree) -> PyTree:
+def strong(tree: PyTree) -> PyTree:
     # `jnp.full(3, 2.0)` is weakly typed and `jnp.zeros(3)` is not: without this the
     # two would compile separately although they are the same problem. Leaves that are
     # strongly typed jax arrays already (most: jax.random's, a model's) are kept as
@@ -82,9 +72,9 @@ def _scalar(value: float, dtype) -> np.ndarray:
     return np.asarray(value, dtype)
 
 
-def _validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
+def validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
     w, static = partition(params)
-    w = _strong(w)
+    w = strong(w)
     if not jax.tree.leaves(w):
         raise ValueError(
             "`params` holds no floating-point arrays to evolve; pass a model (e.g. "
@@ -100,7 +90,7 @@ def _validate_params(params: PyTree) -> tuple[PyTree, PyTree]:
                 "on real parameters: split z into real and imaginary parts, e.g. "
                 "{'re': z.real, 'im': z.imag}."
             )
-    _check_finite("params", w)
+    check_finite("params", w)
     return w, static
 
 
@@ -129,7 +119,7 @@ def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: flo
                     f"shape {jnp.shape(a)}; give one velocity per parameter."
                 )
         v = jax.tree.map(lambda a, b: jnp.asarray(b, dtype=a.dtype), w, v)
-        _check_finite("v0", v)
+        check_finite("v0", v)
     if isinstance(flow, NesterovFlow):
         nonzero = is_concrete(v) and any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(v))
         if t0 < 0:
@@ -238,7 +228,8 @@ def _check_user_functions(problem: Problem, monitors, events, t0: float, w: PyTr
             )
 
 
-def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
+def check_scalar_loss(problem: Problem, w) -> None:
+    """A ValueError unless `problem.loss(w)` is a real scalar (on shapes alone)."""
     try:
         out = jax.eval_shape(problem.loss, w)
     except ValueError:  # already says what is wrong (e.g. an MLP given the wrong input)
@@ -253,99 +244,15 @@ def _check_scalar_loss(problem: Problem, w: PyTree) -> None:
         )
 
 
-# Monitors a Filippov solve adds (see `_simulate._mode_record`).
-_MODE_MONITORS = ("crossings", "sliding_entries", "sliding_exits", "sliding_overflow",
-                  "sliding_pairs")
+def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
+            monitors, events, projection, max_steps, save_params,
+            nonsmooth=None) -> Prepared:
+    """`simulate`'s validation, apart from the solve: the `SolveSpec` of the compiled
+    solve and the run's provenance. `dyn.sweep` calls it per cell and runs the solve under
+    `jax.vmap` over the cells of one structure.
 
-# A run rejecting more than this fraction of its steps on a piecewise-linear network is
-# chattering at kinks.
-_CHATTER_FRACTION = 1.0 / 3.0
-
-
-def warn_if_chattering(traj, params) -> None:
-    """Warn when a run on a ReLU / LeakyReLU MLP rejected more than a third of its
-    steps without `nonsmooth`: the adaptive solver is chattering at the kinks."""
-    if not is_piecewise_linear(params):
-        return
-    steps = traj.stats.get("num_steps", 0)
-    rejected = traj.stats.get("num_rejected_steps", 0)
-    if steps and rejected / steps > _CHATTER_FRACTION:
-        warnings.warn(
-            f"simulate: {rejected} of {steps} steps ({100 * rejected / steps:.0f}%) were "
-            f"rejected on a network with {type(params.activation).__name__} activations: "
-            "the solver is chattering at the kinks of the loss (its gradient is "
-            "discontinuous there). Pass nonsmooth=dyn.Filippov() to integrate through "
-            "the kinks exactly, or loosen the tolerance.",
-            ChatteringWarning,
-            stacklevel=3,
-        )
-
-
-def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, schedule, monitors,
-                        flow):
-    if nonsmooth is None:
-        return None
-    if not isinstance(nonsmooth, Filippov):
-        raise ValueError(
-            f"`nonsmooth` must be dyn.Filippov(...) or None, got "
-            f"{nonsmooth!r}{class_hint(nonsmooth, Filippov)}."
-        )
-    if not isinstance(params, MLP):
-        raise ValueError(
-            "`nonsmooth`: the Filippov mode reads its switching surfaces from a dyn.MLP "
-            f"with ReLU or LeakyReLU activations; `params` is a {type(params).__name__}."
-        )
-    if not is_piecewise_linear(params):
-        raise ValueError(
-            f"`nonsmooth`: the Filippov mode is for piecewise-linear activations (ReLU, "
-            f"LeakyReLU); {type(params.activation).__name__} is smooth, so its flow needs "
-            "no switching: drop `nonsmooth`."
-        )
-    if data_term_index(loss) is None:
-        raise ValueError(
-            "`nonsmooth`: the switching surfaces are the pre-activations on the loss's "
-            "inputs, which the package can only see in its own data losses: "
-            "dyn.losses.mse, cross_entropy, exponential or logistic, alone or plus "
-            f"dyn.losses.l2 / lp penalties; got {type(loss).__name__}."
-        )
-    partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
-    if (not isinstance(solver, diffrax.AbstractAdaptiveSolver) or partitioned
-            or isinstance(solver, AbstractFlowSolver)):
-        raise ValueError(
-            f"`nonsmooth`: the crossings are root-found on the dense output of an adaptive "
-            f"Runge–Kutta step; `solver` {type(solver).__name__} has none (or its own "
-            "terms). Use diffrax.Tsit5(), Dopri5() or Dopri8()."
-        )
-    if not isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
-        raise ValueError(
-            "`nonsmooth`: steps must end at the crossings, which needs an adaptive "
-            "`stepsize_controller` such as diffrax.PIDController(rtol=1e-8, atol=1e-8)."
-        )
-    if schedule is not None:
-        raise ValueError(
-            "`nonsmooth` and `projection` cannot be combined yet: both act inside the "
-            "solve; run the projection as a separate stage."
-        )
-    if any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
-        raise ValueError(
-            "`nonsmooth`: integral monitors evaluate the network's own activation, not "
-            "the Filippov field of the frozen pattern; drop them for this run."
-        )
-    clash = [m.name for m in monitors if m.name in _MODE_MONITORS]
-    if clash:
-        raise ValueError(
-            f"`monitors` {clash}: these names are the Filippov mode's own records "
-            f"{_MODE_MONITORS}; rename your monitor."
-        )
-    return nonsmooth
-
-
-def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
-             monitors, events, projection, progress, max_steps, save_params,
-             nonsmooth=None):
-    """`simulate`'s validation, apart from the solve: returns the Problem, the events
-    (with NonFinite), the positional arguments of `_solve` and the provenance. `dyn.sweep`
-    calls it per cell and runs `_solve` under `jax.vmap` over cells of one structure."""
+    **Raises:** `ValueError`, naming the argument and the fix, for anything the solve
+    could not run or would run wrongly."""
     if not isinstance(flow, AbstractFlow):
         raise ValueError(
             f"`flow` must be a catalogue entry such as dyn.GradientFlow(), got "
@@ -353,10 +260,10 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
         )
     if not callable(loss):
         raise ValueError("`loss` must be a function params -> scalar.")
-    t0, t1 = _float("t0", t0), _float("t1", t1)
+    t0, t1 = real(t0, "t0"), real(t1, "t1")
     if t1 <= t0:
         raise ValueError(f"`t1` = {t1} must be greater than `t0` = {t0}.")
-    w0, static = _validate_params(params)
+    w0, static = validate_params(params)
     v0 = _validate_velocity(flow, w0, v0, t0)
     ts_given = ts
     ts = _validate_ts(ts, t0, t1)
@@ -366,8 +273,8 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
             f"`solver` must be a diffrax solver, got "
             f"{solver!r}{class_hint(solver, diffrax.AbstractSolver)}."
         )
-    partitioned = isinstance(solver.term_structure, tuple) and len(solver.term_structure) == 2
-    if partitioned and not isinstance(flow, AbstractSeparableFlow):
+    split = partitioned(solver)
+    if split and not isinstance(flow, AbstractSeparableFlow):
         raise ValueError(
             f"`solver` {type(solver).__name__} integrates ẇ = v, v̇ = F(w) and needs a "
             f"force independent of the velocity; {type(flow).__name__} is not separable. "
@@ -413,8 +320,6 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
         dt0 = real(dt0, "dt0", low=0.0, strict=True)
     if max_steps is not None:
         max_steps = positive_int(max_steps, "max_steps")
-    if not isinstance(progress, bool):
-        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
     if not isinstance(save_params, bool):
         raise ValueError(f"`save_params` must be True or False, got {save_params!r}.")
     monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
@@ -427,7 +332,7 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
     if not any(isinstance(e, NonFinite) for e in events):
         events = events + (NonFinite(),)
     schedule = _validate_projection(projection, stepsize_controller, dt0)
-    own_terms = partitioned or isinstance(solver, AbstractFlowSolver)
+    own_terms = split or isinstance(solver, AbstractFlowSolver)
     if own_terms and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
         raise ValueError(
             f"integral monitors carry their integral in the state, which the "
@@ -436,34 +341,54 @@ def _prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller
             "integral monitor."
         )
 
-    nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver, stepsize_controller,
-                                    schedule, monitors, flow)
     if nonsmooth is not None:
-        events = events + (FilippovStall(),)
+        nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver,
+                                        stepsize_controller, schedule, monitors)
+        events = events + nonsmooth.events()
     problem = Problem(flow, loss, static)
     y0 = w0 if v0 is None else (w0, v0)
     _check_user_functions(problem, monitors, events, t0, w0, v0)
-    progress_meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
-    args = (
-        problem,
-        y0,
-        solver,
-        _traced_tolerances(stepsize_controller, dtype),
-        _scalar(t0, dtype),
-        _scalar(t1, dtype),
-        None if dt0 is None else _scalar(dt0, dtype),
-        ts.astype(dtype),
-        monitors,
-        events,
-        schedule,
-        save_params,
-        max_steps,
-        nonsmooth,
-        progress_meter,
+    spec = SolveSpec(
+        problem=problem,
+        y0=y0,
+        solver=solver,
+        controller=_traced_tolerances(stepsize_controller, dtype),
+        t0=_scalar(t0, dtype),
+        t1=_scalar(t1, dtype),
+        dt0=None if dt0 is None else _scalar(dt0, dtype),
+        ts=ts.astype(dtype),
+        monitors=monitors,
+        events=events,
+        schedule=schedule,
+        nonsmooth=nonsmooth,
+        save_params=save_params,
+        max_steps=max_steps,
     )
     meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
                       max_steps=max_steps,
                       projection=None if schedule is None
                       else eqx.tree_pformat(schedule, short_arrays=False),
                       nonsmooth=None if nonsmooth is None else repr(nonsmooth))
-    return problem, events, args, meta
+    return Prepared(spec, meta)
+
+
+def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, schedule, monitors):
+    if not isinstance(nonsmooth, AbstractNonsmooth):
+        raise ValueError(
+            f"`nonsmooth` must be a nonsmooth mode such as dyn.Filippov() or None, got "
+            f"{nonsmooth!r}{class_hint(nonsmooth, AbstractNonsmooth)}."
+        )
+    nonsmooth.check(params=params, loss=loss, solver=solver, controller=controller,
+                    monitors=monitors)
+    if schedule is not None:
+        raise ValueError(
+            "`nonsmooth` and `projection` cannot be combined yet: both act inside the "
+            "solve; run the projection as a separate stage."
+        )
+    clash = [m.name for m in monitors if m.name in nonsmooth.record_names()]
+    if clash:
+        raise ValueError(
+            f"`monitors` {clash}: these names are the nonsmooth mode's own records "
+            f"{nonsmooth.record_names()}; rename your monitor."
+        )
+    return nonsmooth

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree, Scalar
 
-from .._driver._prepare import _check_scalar_loss, _validate_params
+from .._driver._prepare import check_scalar_loss, validate_params
 from .._problem import Problem
 from .._projection import AbstractSchedule, Every
 from .._trajectory import Trajectory, provenance
@@ -76,7 +76,7 @@ def _where(ok, new, old):
 @eqx.filter_jit
 def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_every,
          save_params):
-    _check_scalar_loss(problem, w0)
+    check_scalar_loss(problem, w0)
     value_and_grad = jax.value_and_grad(problem.loss)
     dt = alg.time_step
 
@@ -284,7 +284,7 @@ def run(
         raise ValueError(
             f"`steps` = {steps} must be a multiple of `save_every` = {save_every}."
         )
-    w0, static = _validate_params(params)
+    w0, static = validate_params(params)
     if isinstance(alg, ExponentiatedGD) and any(np.any(np.asarray(x) == 0)
                                                 for x in jax.tree.leaves(w0)):
         raise ValueError(

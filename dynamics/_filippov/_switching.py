@@ -29,137 +29,16 @@ invariants of the Filippov solution, conserved to the solver's tolerance.
 """
 
 from collections.abc import Callable
-from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, PyTree
+from jaxtyping import Array
 
-from .._actions import AbstractAction, AbstractExactTrigger
 from .._problem import Problem
-from .._validate import positive_int
-from ..events._events import AbstractEvent
-from ._surfaces import Surfaces, pair_location
-
-
-class Filippov(eqx.Module):
-    """Integrate a flow on a ReLU or LeakyReLU `dyn.MLP` exactly through its kinks:
-    `simulate(..., nonsmooth=dyn.Filippov())`.
-
-    The switching surfaces z_{n,i}(w) = 0 are the pre-activations of every hidden unit
-    on every input of the loss (a data loss of `dyn.losses`, alone or plus penalties).
-    Between crossings the activation pattern is frozen, so the solver sees a smooth
-    field and keeps its order; a crossing is root-found on the step's dense output and
-    the solve restarts there; where both sides push into a surface the solution slides
-    along it (Filippov's convex combination). See `dynamics/_filippov/_mode.py`.
-
-    **Arguments:**
-
-    - `max_sliding`: how many pairs may slide at once (the multiplier system's size
-      K: a K-column Jacobian when the sliding set changes, a K×K LU solve per field
-      evaluation while pairs slide). A pair that would slide while all slots are taken
-      crosses instead, and the run reports it (`monitors["sliding_overflow"]`); when
-      such pairs chatter (crossing back and forth without progress) the run stops with
-      the event `filippov_stall` and a message naming this argument. 64 by default: the
-      5-7-6-3 net of the tests has up to ~8 pairs sliding at once, the 64-32-32-10
-      digits MLP on 64 examples 16 (and stalled at 16 slots); 64 slots cost that run
-      ~15% more than 16.
-    - `samples`: dense-output points per step at which the switching functions are
-      checked; a pair that dips across and back between two samples is missed.
-
-    The trajectory gains the monitors `crossings`, `sliding_entries`, `sliding_exits`
-    (cumulative counts), `sliding_pairs` (the flat indices of the sliding pairs at each
-    save, -1 for an empty slot; `Filippov.pair(p, model, loss)` names a pair) and
-    `sliding_overflow`. `dyn.monitors.ActivePattern()` records the fraction of active
-    pairs per hidden layer.
-    """
-
-    max_sliding: int = eqx.field(static=True)
-    samples: int = eqx.field(static=True)
-
-    def __init__(self, max_sliding: int = 64, samples: int = 4):
-        self.max_sliding = positive_int(max_sliding, "max_sliding", "Filippov")
-        self.samples = positive_int(samples, "samples", "Filippov")
-
-    @staticmethod
-    def pair(p: int, model, loss) -> tuple[int, int, int]:
-        """(hidden layer, example, unit) of the flat pair index `p` that the
-        `sliding_pairs` monitor records, for `model` and `loss` of the run."""
-        surfaces = Surfaces(loss, model)
-        p = positive_int(p, "p", "Filippov.pair", low=0)
-        if p >= surfaces.num_pairs:
-            raise ValueError(f"Filippov.pair: `p` = {p} >= {surfaces.num_pairs} pairs.")
-        return pair_location(surfaces, p)
-
-
-class ChatteringWarning(UserWarning):
-    """`simulate` on a ReLU or LeakyReLU `dyn.MLP` without `nonsmooth` rejected more than
-    a third of its steps: the adaptive solver is chattering at the activation kinks.
-    The remedy is `nonsmooth=dyn.Filippov()` (or a looser tolerance). A study that runs
-    such a net at a loose tolerance on purpose can filter this class alone."""
-
-
-class FilippovState(eqx.Module):
-    """The discrete mode, carried in the solver's state vector with zero derivative
-    (so that saves see it; the step-size control ignores it).
-
-    `high`: 1.0 for pairs on their high side (slope 1), 0.0 on the low side (slope α);
-    `slots`: the sliding pairs' indices, -1.0 for a free slot; `counts`: crossings,
-    sliding entries, sliding exits, overflows (floats, exact integers); `band`: how far
-    past its surface a pair must go to count as crossed (see `Switching.values`);
-    `clock`: the time of the last switch, the start of the current window and how
-    many switches in it overflowed or came without time advancing (`FilippovStall`)."""
-
-    high: Array
-    slots: Array
-    counts: Array
-    band: Array
-    clock: Array
-
-
-class FilippovStall(AbstractEvent):
-    """Stops a Filippov solve that no longer makes progress: `switches` switches within
-    `window` in t each of which overflowed (a pair that should slide, every slot taken,
-    crosses, is pushed straight back, crosses again: a chattering that advances t by
-    ~1e-9 per switch, measured on the digits MLP with an occasional plain crossing
-    between) or came at the instant of the last one (a Zeno loop). A healthy run has
-    nowhere near 64 of them in 1e-6. `simulate` adds this event to every Filippov run
-    and reports it, naming the remedy (a larger `max_sliding`)."""
-
-    name: ClassVar[str] = "filippov_stall"
-    direction: ClassVar[bool | None] = None
-    switches: ClassVar[int] = 64
-    window: ClassVar[float] = 1e-6
-
-    def condition(self, t, w, v, problem):
-        raise NotImplementedError("read from the Filippov mode in the solver state")
-
-    def stalled(self, mode: "FilippovState") -> Array:
-        return mode.clock[2] >= self.switches
-
-    @classmethod
-    def tick(cls, t, old: "FilippovState", new: "FilippovState") -> "FilippovState":
-        """`new` (the mode after a switch at t from `old`) with its clock advanced."""
-        last, start, count = old.clock
-        scale = jnp.maximum(jnp.abs(t), 1.0)
-        still = t - last <= 1e3 * jnp.finfo(old.clock.dtype).eps * scale
-        stuck = still | (new.counts[3] > old.counts[3])
-        later = t - start > cls.window * scale
-        clock = jnp.stack([t, jnp.where(later, t, start),
-                           jnp.where(later, 0.0, count) + stuck]).astype(old.clock.dtype)
-        return eqx.tree_at(lambda m: m.clock, new, clock)
-
-
-class Linearisation(eqx.Module):
-    """The sliding multipliers `s` at a step's start, the lineax LU state of their
-    system's Jacobian (identity while nothing slides), and the `slots` they were solved
-    for: a later step with the same sliding pairs starts from them."""
-
-    s: Array
-    lu: PyTree
-    slots: Array
+from ._state import FilippovState, Linearisation
+from ._surfaces import Surfaces
 
 
 def _iterate(step: Callable, s: Array, max_iter: int) -> tuple[Array, Array, Array]:
@@ -543,49 +422,3 @@ def _chord(switching: Switching, t, w, mode: FilippovState, s, lu_state, max_ite
 @eqx.filter_jit
 def _factor(switching: Switching, t, w, mode: FilippovState, s):
     return switching._factor(t, w, mode, s)
-
-
-class FilippovTrigger(AbstractExactTrigger):
-    """The switching functions of `Switching`, on the solver state `y`."""
-
-    switching: Switching
-    unpack: Callable
-    samples: int = eqx.field(static=True)
-
-    def values(self, t, y, state, args=None):
-        w, _, mode = self.unpack(y)
-        return self.switching.values(t, w, mode, guess=args)
-
-    def step_args(self, t0, y0, aux, previous=None):
-        w, _, mode = self.unpack(y0)
-        return self.switching.linearise(t0, w, mode, previous)
-
-
-class FilippovAction(AbstractAction):
-    """At an event: switch the mode, then correct the state for the time t1 − t_c it
-    spent on the old piece past the crossing (≤ 1e-6 of the step): y += (t1 − t_c)
-    (f_new − f_old), exact to O((t1 − t_c)²)."""
-
-    switching: Switching
-    unpack: Callable
-    pack: Callable
-    corrects_itself: ClassVar[bool] = True  # it also processes pairs that crossed after t_c
-
-    def __call__(self, t, y, aux):
-        raise NotImplementedError("the Filippov action is only fired at located events")
-
-    def at_event(self, t, y, aux, t_event, info, args=None):
-        sw = self.switching
-        w, v, mode = self.unpack(y)
-        s = sw.multipliers(t, w, mode, args)  # args: the step's Linearisation
-        phi = sw.values(t, w, mode, s)
-        new, s_new = sw.switch(t, w, v, mode, (phi < 0) & info, phi, args)
-        new = FilippovStall.tick(t, mode, new)  # counts switches that make no progress
-        f_old, f_new = sw.rate(t, w, v, mode, s), sw.rate(t, w, v, new, s_new)
-        gap = jnp.maximum(t - t_event, 0.0)
-        step = jax.tree.map(lambda a, b: gap * (b - a), f_old, f_new)
-        if sw.first_order:
-            w = jax.tree.map(jnp.add, w, step)
-        else:
-            w, v = jax.tree.map(jnp.add, (w, v), step)
-        return self.pack(w, v, new), aux

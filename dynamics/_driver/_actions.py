@@ -40,7 +40,14 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from .solvers._loss_carrying import LossCarryingEuler
+from ..events._events import IllinoisRootFinder
+from ..solvers._loss_carrying import LossCarryingEuler
+
+# The exact triggers' crossings are root-found to ~1e-13 in t, well below any solver
+# tolerance a study uses, never below 4 ulps of t in the solve's dtype (float32: ~5e-7
+# relative), which is as fine as a bracket in that dtype can get; by Illinois steps,
+# since a solve may locate thousands of crossings.
+ACTION_ROOT_FINDER = IllinoisRootFinder(rtol=1e-13, atol=1e-13, ulps=4.0)
 
 
 class AbstractAction(eqx.Module):

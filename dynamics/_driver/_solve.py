@@ -1,0 +1,183 @@
+"""The compiled solve: one `diffrax.diffeqsolve` of a validated `SolveSpec`.
+
+`solve` is `eqx.filter_jit`-compiled, so a second run with the same flow, loss,
+solver and shapes reuses the compiled code (studies and sweeps depend on it); a sweep
+vmaps it over cells. It lays out the state (`StateLayout`), builds the terms, lets a
+nonsmooth mode (`AbstractSwitchedField`) and a projection (`acting`) wrap the solver,
+saves the monitors and evaluates the events, all inside the solve.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._flows import AbstractFirstOrderFlow
+from .._problem import Problem
+from ..events._events import EventRootFinder
+from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
+from ..solvers._loss_carrying import LossCarryingEuler
+from ._actions import ACTION_ROOT_FINDER
+from ._layout import StateLayout, Unpacked
+from ._prepare import check_scalar_loss
+from ._projecting import acting, record_limit
+from ._spec import RawSolution, SolveSpec
+from ._terms import make_terms
+
+# Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
+# solver tolerance a study uses, so the interpolant, not the root find, limits them;
+# never below 4 ulps of t in the solve's dtype (float32: ~5e-7 relative), which is as
+# fine as a bracket in that dtype can get.
+EVENT_ROOT_FINDER = EventRootFinder(rtol=1e-13, atol=1e-13, ulps=4.0)
+
+# Action times kept on the Trajectory (the solver state holds them; an adaptive
+# controller copies that buffer on every step). `stats["num_actions"]` counts all.
+MAX_RECORDED_ACTIONS = 10_000
+
+
+def carries(flow, solver: diffrax.AbstractSolver, monitors) -> bool | None:
+    """None, or whether `LossCarryingEuler` should carry ẇ besides L(w): exactly
+    diffrax.Euler (a subclass may step differently), a flow that evaluates the loss with
+    its gradient, and a monitor to use what the step computed (`Loss`, or one that
+    `reads_velocity`). Integral monitors need their own state components: none then."""
+    loss = any(isinstance(m, Loss) for m in monitors)
+    field = any(m.reads_velocity for m in monitors)
+    if (
+        type(solver) is diffrax.Euler
+        and isinstance(flow, AbstractFirstOrderFlow)
+        and (loss or field)
+        and not any(isinstance(m, AbstractIntegralMonitor) for m in monitors)
+    ):
+        return field
+    return None
+
+
+def _monitor(m: AbstractMonitor, t, u: Unpacked, problem: Problem):
+    if isinstance(m, AbstractIntegralMonitor):
+        return m.value(t, u.w, u.v, problem, u.integrals[m.name])
+    if u.carried is None:
+        return m(t, u.w, u.v, problem)
+    # What the step computed with its gradient; NaN between step ends (see
+    # `_LossCarryingInterpolation`), where the monitor evaluates it after all.
+    loss, field = u.carried
+    between = jnp.isnan(loss)
+    if isinstance(m, Loss):
+        return jax.lax.cond(between, lambda: problem.loss(u.w), lambda: loss)
+    if field is not None and m.reads_velocity:
+        return jax.lax.cond(between, lambda: m(t, u.w, None, problem),
+                            lambda: m(t, u.w, field, problem))
+    return m(t, u.w, u.v, problem)
+
+
+@eqx.filter_jit
+def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolution:
+    """Run `spec` to its end (or its first event) and return what diffrax saved."""
+    problem, solver, controller = spec.problem, spec.solver, spec.controller
+    t0, y0 = spec.t0, spec.y0
+    first_order = isinstance(problem.flow, AbstractFirstOrderFlow)
+    w0, v0 = (y0, None) if first_order else y0
+    # Raised at trace time, so a second call with the same shapes never reaches it.
+    check_scalar_loss(problem, w0)
+    monitors = spec.monitors
+    integrals = tuple(m for m in monitors if isinstance(m, AbstractIntegralMonitor))
+    carry_field = carries(problem.flow, solver, monitors)
+    field = None
+    if spec.nonsmooth is not None:
+        field = spec.nonsmooth.build(problem, first_order, w0)
+    layout = StateLayout(first_order, carry_field is not None, bool(integrals),
+                         mode=field is not None)
+
+    carried = None
+    if layout.carry:
+        solver = LossCarryingEuler(field=carry_field)
+        if carry_field:
+            field0, loss0 = problem.flow.vector_field_and_loss(t0, w0, problem.loss)
+            carried = (loss0, field0)
+        else:  # a forward pass is enough for the loss alone
+            carried = (problem.loss(w0), None)
+    ints0 = None
+    if integrals:
+        shapes = {m.name: eqx.filter_eval_shape(m.integrand, t0, w0, v0, problem)
+                  for m in integrals}
+        ints0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    mode0 = None if field is None else field.init(t0, w0, v0)
+    y0 = layout.pack(w0, v0, carried=carried, integrals=ints0, mode=mode0)
+
+    n_record = min(MAX_RECORDED_ACTIONS, spec.max_steps or MAX_RECORDED_ACTIONS)
+    if field is not None:
+        def unpack(y):
+            u = layout.unpack(y)
+            return u.w, u.v, u.mode
+
+        def pack(y, w, v, mode):  # y with (w, v) and the mode replaced, the rest kept
+            u = layout.unpack(y)
+            return layout.pack(w, v, carried=u.carried, integrals=u.integrals, mode=mode)
+
+        solver, controller = field.wrap(solver, controller, unpack, pack, n_record)
+    terms = make_terms(problem, solver, layout, integrals, field)
+    schedule = spec.schedule
+    if schedule is not None:
+        solver, controller = acting(
+            schedule, solver, controller, problem, layout, y0, t0,
+            record_limit(schedule, spec.max_steps, MAX_RECORDED_ACTIONS),
+            ACTION_ROOT_FINDER, field)
+
+    def save(with_params):
+        def fn(t, y, _):
+            u = layout.unpack(y)
+            out = {"monitors": {m.name: _monitor(m, t, u, problem) for m in monitors}}
+            if field is not None:
+                out["monitors"].update(field.record(u.mode))
+            if with_params:
+                out["w"], out["v"] = u.w, u.v
+            return out
+
+        return fn
+
+    def cond(event):
+        def fn(t, y, args, **kwargs):
+            u = layout.unpack(y)
+            own = None if field is None else field.stops(event, u.mode)
+            return own if own is not None else event.condition(t, u.w, u.v, problem)
+
+        return fn
+
+    conds = tuple(cond(e) for e in spec.events)
+    # Boolean conditions stop at the end of a step; only real ones need a root find,
+    # and leaving the root finder out when none is real saves a good part of compile.
+    real = [
+        jnp.issubdtype(jax.eval_shape(lambda c=c: c(t0, y0, None)).dtype, jnp.floating)
+        for c in conds
+    ]
+    event = diffrax.Event(
+        cond_fn=conds,
+        root_finder=EVENT_ROOT_FINDER if any(real) else None,
+        direction=tuple(e.direction for e in spec.events),
+    )
+    # The save times (params only if asked: memory then grows with the monitors alone),
+    # and the final state, always, at t1 or wherever the run stopped.
+    saveat = diffrax.SaveAt(
+        subs=(diffrax.SubSaveAt(ts=spec.ts, fn=save(spec.save_params)),
+              diffrax.SubSaveAt(t1=True, fn=save(True))),
+        solver_state=schedule is not None or field is not None,
+    )
+    sol = diffrax.diffeqsolve(
+        terms, solver, t0, spec.t1, spec.dt0, y0,
+        saveat=saveat,
+        stepsize_controller=controller,
+        event=event,
+        max_steps=spec.max_steps,
+        throw=False,  # failures are reported on the Trajectory (and raised if asked)
+        progress_meter=progress_meter,
+        # `simulate` is not differentiated (it reads the result in Python), so no
+        # checkpointed loop: a plain while loop traces and compiles ~10-30% faster.
+        adjoint=diffrax.ForwardMode(),
+    )
+    (ts, t_end), (saved, final) = sol.ts, sol.ys
+    count = times = None
+    if schedule is not None or field is not None:  # the outermost acting solver's
+        count, times = sol.solver_state.count, sol.solver_state.times
+    return RawSolution(ts=ts, t_end=t_end, saved=saved, final=final, result=sol.result,
+                       event_mask=sol.event_mask, stats=sol.stats, action_count=count,
+                       action_times=times)
+

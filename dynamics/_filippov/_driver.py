@@ -1,0 +1,260 @@
+"""`dyn.Filippov`: the exact mode for piecewise-linear networks, and its part in the
+compiled solve (the driver's hook, `dynamics/_driver/_hooks.py`): the switching
+functions as an exact trigger, the switch as an action, the mode's records, its stall
+event, and the message a stalled run ends with."""
+
+import warnings
+from collections.abc import Callable
+from typing import ClassVar
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._driver._actions import (
+    ACTION_ROOT_FINDER,
+    AbstractAction,
+    AbstractExactTrigger,
+    ActingSolver,
+    LandOnEvent,
+)
+from .._driver._hooks import AbstractNonsmooth, AbstractSwitchedField
+from .._driver._terms import partitioned
+from .._models import MLP
+from .._validate import positive_int
+from ..solvers._base import AbstractFlowSolver
+from ._state import FilippovStall, Linearisation
+from ._surfaces import Surfaces, data_term_index, is_piecewise_linear, pair_location
+from ._switching import Switching
+
+# What a Filippov solve records at every save (`FilippovField.record`).
+RECORDS = ("crossings", "sliding_entries", "sliding_exits", "sliding_overflow",
+           "sliding_pairs")
+
+
+class Filippov(AbstractNonsmooth):
+    """Integrate a flow on a ReLU or LeakyReLU `dyn.MLP` exactly through its kinks:
+    `simulate(..., nonsmooth=dyn.Filippov())`.
+
+    The switching surfaces z_{n,i}(w) = 0 are the pre-activations of every hidden unit
+    on every input of the loss (a data loss of `dyn.losses`, alone or plus penalties).
+    Between crossings the activation pattern is frozen, so the solver sees a smooth
+    field and keeps its order; a crossing is root-found on the step's dense output and
+    the solve restarts there; where both sides push into a surface the solution slides
+    along it (Filippov's convex combination). See `dynamics/_filippov/_switching.py`.
+
+    **Arguments:**
+
+    - `max_sliding`: how many pairs may slide at once (the multiplier system's size
+      K: a K-column Jacobian when the sliding set changes, a K×K LU solve per field
+      evaluation while pairs slide). A pair that would slide while all slots are taken
+      crosses instead, and the run reports it (`monitors["sliding_overflow"]`); when
+      such pairs chatter (crossing back and forth without progress) the run stops with
+      the event `filippov_stall` and a message naming this argument. 64 by default: the
+      5-7-6-3 net of the tests has up to ~8 pairs sliding at once, the 64-32-32-10
+      digits MLP on 64 examples 16 (and stalled at 16 slots); 64 slots cost that run
+      ~15% more than 16.
+    - `samples`: dense-output points per step at which the switching functions are
+      checked; a pair that dips across and back between two samples is missed.
+
+    The trajectory gains the monitors `crossings`, `sliding_entries`, `sliding_exits`
+    (cumulative counts), `sliding_pairs` (the flat indices of the sliding pairs at each
+    save, -1 for an empty slot; `Filippov.pair(p, model, loss)` names a pair) and
+    `sliding_overflow`. `dyn.monitors.ActivePattern()` records the fraction of active
+    pairs per hidden layer.
+    """
+
+    max_sliding: int = eqx.field(static=True)
+    samples: int = eqx.field(static=True)
+
+    def __init__(self, max_sliding: int = 64, samples: int = 4):
+        self.max_sliding = positive_int(max_sliding, "max_sliding", "Filippov")
+        self.samples = positive_int(samples, "samples", "Filippov")
+
+    @staticmethod
+    def pair(p: int, model, loss) -> tuple[int, int, int]:
+        """(hidden layer, example, unit) of the flat pair index `p` that the
+        `sliding_pairs` monitor records, for `model` and `loss` of the run."""
+        surfaces = Surfaces(loss, model)
+        p = positive_int(p, "p", "Filippov.pair", low=0)
+        if p >= surfaces.num_pairs:
+            raise ValueError(f"Filippov.pair: `p` = {p} >= {surfaces.num_pairs} pairs.")
+        return pair_location(surfaces, p)
+
+    # -- the hook of the driver (`dynamics/_driver/_hooks.py`) ------------------------
+
+    def check(self, *, params, loss, solver, controller, monitors) -> None:
+        if not isinstance(params, MLP):
+            raise ValueError(
+                "`nonsmooth`: the Filippov mode reads its switching surfaces from a "
+                "dyn.MLP with ReLU or LeakyReLU activations; `params` is a "
+                f"{type(params).__name__}."
+            )
+        if not is_piecewise_linear(params):
+            raise ValueError(
+                "`nonsmooth`: the Filippov mode is for piecewise-linear activations (ReLU, "
+                f"LeakyReLU); {type(params.activation).__name__} is smooth, so its flow "
+                "needs no switching: drop `nonsmooth`."
+            )
+        if data_term_index(loss) is None:
+            raise ValueError(
+                "`nonsmooth`: the switching surfaces are the pre-activations on the loss's "
+                "inputs, which the package can only see in its own data losses: "
+                "dyn.losses.mse, cross_entropy, exponential or logistic, alone or plus "
+                f"dyn.losses.l2 / lp penalties; got {type(loss).__name__}."
+            )
+        if (not isinstance(solver, diffrax.AbstractAdaptiveSolver) or partitioned(solver)
+                or isinstance(solver, AbstractFlowSolver)):
+            raise ValueError(
+                "`nonsmooth`: the crossings are root-found on the dense output of an "
+                f"adaptive Runge–Kutta step; `solver` {type(solver).__name__} has none (or "
+                "its own terms). Use diffrax.Tsit5(), Dopri5() or Dopri8()."
+            )
+        if not isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
+            raise ValueError(
+                "`nonsmooth`: steps must end at the crossings, which needs an adaptive "
+                "`stepsize_controller` such as diffrax.PIDController(rtol=1e-8, atol=1e-8)."
+            )
+
+    def events(self):
+        return (FilippovStall(),)
+
+    def record_names(self):
+        return RECORDS
+
+    def build(self, problem, first_order, w0):
+        surfaces = Surfaces(problem.user_loss, problem.params(w0))
+        switching = Switching(problem, surfaces, first_order, self.max_sliding)
+        return FilippovField(switching, self.samples)
+
+    def finish(self, traj, *, throw):
+        for name in RECORDS:
+            traj.monitors[name] = np.asarray(traj.monitors[name]).astype(int)
+        if traj.event != FilippovStall.name:
+            return traj
+        overflow = int(traj.monitors["sliding_overflow"][-1])
+        message = (
+            f"simulate: the Filippov mode stalled at t = {traj.t_final:.6g}: "
+            f"{FilippovStall.switches} switches within {FilippovStall.window:g} in t that "
+            f"overflowed or did not advance time ({overflow} sliding overflows in all, "
+            f"max_sliding = {self.max_sliding}); pass dyn.Filippov(max_sliding=...) "
+            "with more slots."
+        )
+        if throw:
+            raise RuntimeError(message + " (throw=False returns the partial trajectory.)")
+        return eqx.tree_at(lambda t: (t.success, t.result), traj, (False, message))
+
+
+class ChatteringWarning(UserWarning):
+    """`simulate` on a ReLU or LeakyReLU `dyn.MLP` without `nonsmooth` rejected more than
+    a third of its steps: the adaptive solver is chattering at the activation kinks.
+    The remedy is `nonsmooth=dyn.Filippov()` (or a looser tolerance). A study that runs
+    such a net at a loose tolerance on purpose can filter this class alone."""
+
+
+# A run rejecting more than this fraction of its steps on a piecewise-linear network is
+# chattering at kinks.
+_CHATTER_FRACTION = 1.0 / 3.0
+
+
+def warn_if_chattering(traj, params) -> None:
+    """Warn when a run on a ReLU / LeakyReLU MLP rejected more than a third of its
+    steps without `nonsmooth`: the adaptive solver is chattering at the kinks."""
+    if not is_piecewise_linear(params):
+        return
+    steps = traj.stats.get("num_steps", 0)
+    rejected = traj.stats.get("num_rejected_steps", 0)
+    if steps and rejected / steps > _CHATTER_FRACTION:
+        warnings.warn(
+            f"simulate: {rejected} of {steps} steps ({100 * rejected / steps:.0f}%) were "
+            f"rejected on a network with {type(params.activation).__name__} activations: "
+            "the solver is chattering at the kinks of the loss (its gradient is "
+            "discontinuous there). Pass nonsmooth=dyn.Filippov() to integrate through "
+            "the kinks exactly, or loosen the tolerance.",
+            ChatteringWarning,
+            stacklevel=3,
+        )
+
+
+class FilippovField(AbstractSwitchedField):
+    """The traced part of `Filippov`: the mode (`FilippovState`) in the solver state,
+    the field of its piece, and the solver that switches it at the crossings."""
+
+    switching: Switching
+    samples: int = eqx.field(static=True)
+
+    def init(self, t0, w0, v0):
+        return self.switching.init(w0)
+
+    def rate(self, t, w, v, mode, args):
+        # inside a step, args is the step's Linearisation (FilippovTrigger.step_args)
+        guess = args if isinstance(args, Linearisation) else None
+        return self.switching.rate(t, w, v, mode, guess=guess)
+
+    def wrap(self, solver, controller, unpack, pack, n_record):
+        trigger = FilippovTrigger(self.switching, unpack, self.samples)
+        action = FilippovAction(self.switching, unpack, pack)
+        solver = ActingSolver(solver, trigger, action, n_record, ACTION_ROOT_FINDER)
+        return solver, LandOnEvent(controller, split=True)
+
+    def record(self, mode):
+        # The mode rides in the state, so every save sees it: cumulative event counts
+        # and which pairs slide (their flat indices, -1 for a free slot). Floats here
+        # (diffrax fills unreached saves with inf), integers on the Trajectory.
+        c = mode.counts
+        return {"crossings": c[0], "sliding_entries": c[1], "sliding_exits": c[2],
+                "sliding_overflow": c[3], "sliding_pairs": mode.slots}
+
+    def stops(self, event, mode):
+        return event.stalled(mode) if isinstance(event, FilippovStall) else None
+
+    def reset(self, t, w, v, mode):
+        raise NotImplementedError("a projection inside a Filippov solve is refused")
+
+
+class FilippovTrigger(AbstractExactTrigger):
+    """The switching functions of `Switching`, on the solver state `y`."""
+
+    switching: Switching
+    unpack: Callable
+    samples: int = eqx.field(static=True)
+
+    def values(self, t, y, state, args=None):
+        w, _, mode = self.unpack(y)
+        return self.switching.values(t, w, mode, guess=args)
+
+    def step_args(self, t0, y0, aux, previous=None):
+        w, _, mode = self.unpack(y0)
+        return self.switching.linearise(t0, w, mode, previous)
+
+
+class FilippovAction(AbstractAction):
+    """At an event: switch the mode, then correct the state for the time t1 − t_c it
+    spent on the old piece past the crossing (≤ 1e-6 of the step): y += (t1 − t_c)
+    (f_new − f_old), exact to O((t1 − t_c)²)."""
+
+    switching: Switching
+    unpack: Callable
+    pack: Callable
+    corrects_itself: ClassVar[bool] = True  # it also processes pairs that crossed after t_c
+
+    def __call__(self, t, y, aux):
+        raise NotImplementedError("the Filippov action is only fired at located events")
+
+    def at_event(self, t, y, aux, t_event, info, args=None):
+        sw = self.switching
+        w, v, mode = self.unpack(y)
+        s = sw.multipliers(t, w, mode, args)  # args: the step's Linearisation
+        phi = sw.values(t, w, mode, s)
+        new, s_new = sw.switch(t, w, v, mode, (phi < 0) & info, phi, args)
+        new = FilippovStall.tick(t, mode, new)  # counts switches that make no progress
+        f_old, f_new = sw.rate(t, w, v, mode, s), sw.rate(t, w, v, new, s_new)
+        gap = jnp.maximum(t - t_event, 0.0)
+        step = jax.tree.map(lambda a, b: gap * (b - a), f_old, f_new)
+        if sw.first_order:
+            w = jax.tree.map(jnp.add, w, step)
+        else:
+            w, v = jax.tree.map(jnp.add, (w, v), step)
+        return self.pack(y, w, v, new), aux

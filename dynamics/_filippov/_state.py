@@ -1,0 +1,71 @@
+"""The discrete state of a Filippov solve, its stall event, and the linearisation of
+the sliding multipliers that a step carries."""
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from ..events._events import AbstractEvent
+
+
+class FilippovState(eqx.Module):
+    """The discrete mode, carried in the solver's state vector with zero derivative
+    (so that saves see it; the step-size control ignores it).
+
+    `high`: 1.0 for pairs on their high side (slope 1), 0.0 on the low side (slope α);
+    `slots`: the sliding pairs' indices, -1.0 for a free slot; `counts`: crossings,
+    sliding entries, sliding exits, overflows (floats, exact integers); `band`: how far
+    past its surface a pair must go to count as crossed (see `Switching.values`);
+    `clock`: the time of the last switch, the start of the current window and how
+    many switches in it overflowed or came without time advancing (`FilippovStall`)."""
+
+    high: Array
+    slots: Array
+    counts: Array
+    band: Array
+    clock: Array
+
+
+class FilippovStall(AbstractEvent):
+    """Stops a Filippov solve that no longer makes progress: `switches` switches within
+    `window` in t each of which overflowed (a pair that should slide, every slot taken,
+    crosses, is pushed straight back, crosses again: a chattering that advances t by
+    ~1e-9 per switch, measured on the digits MLP with an occasional plain crossing
+    between) or came at the instant of the last one (a Zeno loop). A healthy run has
+    nowhere near 64 of them in 1e-6. `simulate` adds this event to every Filippov run
+    and reports it, naming the remedy (a larger `max_sliding`)."""
+
+    name: ClassVar[str] = "filippov_stall"
+    direction: ClassVar[bool | None] = None
+    switches: ClassVar[int] = 64
+    window: ClassVar[float] = 1e-6
+
+    def condition(self, t, w, v, problem):
+        raise NotImplementedError("read from the Filippov mode in the solver state")
+
+    def stalled(self, mode: "FilippovState") -> Array:
+        return mode.clock[2] >= self.switches
+
+    @classmethod
+    def tick(cls, t, old: "FilippovState", new: "FilippovState") -> "FilippovState":
+        """`new` (the mode after a switch at t from `old`) with its clock advanced."""
+        last, start, count = old.clock
+        scale = jnp.maximum(jnp.abs(t), 1.0)
+        still = t - last <= 1e3 * jnp.finfo(old.clock.dtype).eps * scale
+        stuck = still | (new.counts[3] > old.counts[3])
+        later = t - start > cls.window * scale
+        clock = jnp.stack([t, jnp.where(later, t, start),
+                           jnp.where(later, 0.0, count) + stuck]).astype(old.clock.dtype)
+        return eqx.tree_at(lambda m: m.clock, new, clock)
+
+
+class Linearisation(eqx.Module):
+    """The sliding multipliers `s` at a step's start, the lineax LU state of their
+    system's Jacobian (identity while nothing slides), and the `slots` they were solved
+    for: a later step with the same sliding pairs starts from them."""
+
+    s: Array
+    lu: PyTree
+    slots: Array
