@@ -24,7 +24,7 @@ import numpy as np
 from _common import compare, parse_args, print_stats, ratio, save
 
 import dynamics as dyn
-from dynamics import _sweep
+from dynamics._sweep import _sweep
 
 N_SEEDS, N_SAVES, T1 = 256, 1000, 10.0
 

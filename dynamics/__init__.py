@@ -69,9 +69,9 @@ from ._projection import (
 )
 from ._reparam import NormCoordinates as NormCoordinates
 from ._simulate import simulate as simulate
-from ._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
+from ._sweep._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory
-from ._work_precision import (
+from ._work_precision._work_precision import (
     NonsmoothMethod as NonsmoothMethod,
     ScipyMethod as ScipyMethod,
     TorchdiffeqMethod as TorchdiffeqMethod,

@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 
 import dynamics as dyn
-from dynamics import _sweep
+from dynamics._sweep import _sweep
 
 LOSS = dyn.losses.rotational_toy()  # L(w) = (|w|^2 - 1)^2, grad L = 4 (|w|^2 - 1) w
 T1 = 4.0
@@ -207,7 +207,7 @@ _SHARDED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import test_sweep as t
     import dynamics as dyn
-    from dynamics import _sweep
+    from dynamics._sweep import _sweep
     assert len(jax.local_devices()) == 2
     seen = []
     shard = _sweep._shard

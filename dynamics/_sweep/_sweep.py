@@ -28,13 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from ._driver._prepare import check_finite, prepare, strong
-from ._driver._solve import solve
-from ._driver._spec import Prepared
-from ._flows import AbstractFirstOrderFlow, NesterovFlow
-from ._io import load, save
-from ._simulate import simulate
-from ._sweep_records import (
+from .._driver._prepare import check_finite, prepare, strong
+from .._driver._solve import solve
+from .._driver._spec import Prepared
+from .._flows import AbstractFirstOrderFlow, NesterovFlow
+from .._io import load, save
+from .._simulate import simulate
+from .._trajectory import Trajectory
+from .._tree import partition
+from ..events._events import AbstractDivergenceEvent
+from ._records import (
     _batch_records,
     _combine,
     _dict_record,
@@ -43,9 +46,6 @@ from ._sweep_records import (
     _trajectory_record,
     _write_batch,
 )
-from ._trajectory import Trajectory
-from ._tree import partition
-from .events._events import AbstractDivergenceEvent
 
 # Axis names whose values must be > 0: tolerances and step sizes.
 _TOLERANCE_AXES = ("rtol", "atol", "tol", "tolerance")

@@ -14,13 +14,13 @@ import xarray as xr
 from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree, Scalar
 
-from ._convergence import REFERENCE_TOLERANCE
-from ._filippov import Filippov
-from ._flows import AbstractFirstOrderFlow, AbstractFlow
-from ._problem import Problem
-from ._simulate import simulate
-from ._tree import partition
-from .monitors._monitors import AbstractMonitor
+from .._convergence import REFERENCE_TOLERANCE
+from .._filippov import Filippov
+from .._flows import AbstractFirstOrderFlow, AbstractFlow
+from .._problem import Problem
+from .._simulate import simulate
+from .._tree import partition
+from ..monitors._monitors import AbstractMonitor
 
 _SCIPY_METHODS = ("RK45", "DOP853", "LSODA", "RK23", "Radau", "BDF")
 

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import xarray as xr
 
-from ._io import load, save
-from ._trajectory import Trajectory, _var_name
-from .events._events import AbstractDivergenceEvent
+from .._io import load, save
+from .._trajectory import Trajectory, _var_name
+from ..events._events import AbstractDivergenceEvent
 
 
 def _trajectory_record(traj: Trajectory, ts_requested: np.ndarray | None) -> dict:
