@@ -24,7 +24,7 @@ import numpy as np
 from _common import compare, parse_args, print_stats, ratio, save
 
 import dynamics as dyn
-from dynamics._sweep import _sweep
+from dynamics._sweep import _batch
 
 N_SEEDS, N_SAVES, T1 = 256, 1000, 10.0
 
@@ -50,12 +50,12 @@ def main():
                              solver=diffrax.Tsit5(), ts=ts, monitors=monitors)
                 for seed in range(N_SEEDS)]
 
-    prepared = [run(seed).prepare()[2] for seed in range(N_SEEDS)]
+    prepared = [run(seed).prepare().spec for seed in range(N_SEEDS)]
     parts = [eqx.partition(args, eqx.is_array) for args in prepared]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[d for d, _ in parts])
 
     def vmapped_solve():
-        return _sweep._solve_batch(stacked, parts[0][1])
+        return _batch._solve_batch(stacked, parts[0][1])
 
     ds, trajs = sweep(), loop()
     loop_loss = np.stack([t.monitors["loss"] for t in trajs])

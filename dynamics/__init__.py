@@ -69,14 +69,15 @@ from ._projection import (
 )
 from ._reparam import NormCoordinates as NormCoordinates
 from ._simulate import simulate as simulate
-from ._sweep._sweep import Simulation as Simulation, SweepResult as SweepResult, sweep as sweep
+from ._sweep._simulation import Simulation as Simulation
+from ._sweep._sweep import SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory
-from ._work_precision._work_precision import (
-    NonsmoothMethod as NonsmoothMethod,
+from ._work_precision._diffrax import NonsmoothMethod as NonsmoothMethod
+from ._work_precision._external import (
     ScipyMethod as ScipyMethod,
     TorchdiffeqMethod as TorchdiffeqMethod,
-    work_precision as work_precision,
 )
+from ._work_precision._work_precision import work_precision as work_precision
 
 try:
     __version__ = importlib.metadata.version("dynamics")

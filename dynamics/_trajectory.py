@@ -96,7 +96,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _var_name(prefix: str, path) -> str:
+def variable_name(prefix: str, path) -> str:
     parts = [prefix]
     for key in path:
         for attr in ("name", "key", "idx"):
@@ -258,7 +258,7 @@ class Trajectory(eqx.Module):
                 if not isinstance(leaf, (np.ndarray, Array)):
                     continue
                 where = f"the {prefix} leaf {jax.tree_util.keystr(path) or '(root)'}"
-                add(_var_name(prefix, path), leaf, where)
+                add(variable_name(prefix, path), leaf, where)
         if self.actions.size:
             add("action_time", self.actions, "the action times", lead="action")
         attrs = {k: _plain(v) for k, v in self.meta.items()}

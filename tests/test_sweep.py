@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 
 import dynamics as dyn
-from dynamics._sweep import _sweep
+from dynamics._sweep import _batch, _executors, _simulation
 
 LOSS = dyn.losses.rotational_toy()  # L(w) = (|w|^2 - 1)^2, grad L = 4 (|w|^2 - 1) w
 T1 = 4.0
@@ -72,11 +72,11 @@ def cells_equal(a: xr.Dataset, b: xr.Dataset):
 
 def test_step_size_sweep_compiles_once_and_matches_numpy():
     dts = [1.0 / k for k in range(5, 21)]
-    before = _sweep._TRACES
+    before = _batch.traces
     res = dyn.sweep(lambda dt: simulation(0, dt), {"dt": dts}, chunk_size=CHUNK,
                     progress=False)
     # One trace for 16 step sizes (0 if an earlier test compiled this structure).
-    assert _sweep._TRACES - before <= 1
+    assert _batch.traces - before <= 1
     ds = res.dataset
     assert ds["loss"].dims == ("dt", "time") and np.allclose(ds["dt"], dts)
     np.testing.assert_array_equal(ds["time"], TS)
@@ -91,9 +91,9 @@ def test_step_size_sweep_compiles_once_and_matches_numpy():
     table = res.table
     assert list(table["dt"]) == dts and "final_loss" in table and "diverged" in table
     # A second sweep of the same structure reuses the compiled call.
-    before = _sweep._TRACES
+    before = _batch.traces
     dyn.sweep(lambda dt: simulation(1, dt), {"dt": dts[:3]}, chunk_size=CHUNK, progress=False)
-    assert _sweep._TRACES == before
+    assert _batch.traces == before
 
 
 class Interrupt(Exception):
@@ -207,17 +207,17 @@ _SHARDED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import test_sweep as t
     import dynamics as dyn
-    from dynamics._sweep import _sweep
+    from dynamics._sweep import _batch
     assert len(jax.local_devices()) == 2
     seen = []
-    shard = _sweep._shard
+    shard = _batch._shard
     def spy(tree, devices, batched):
         out = shard(tree, devices, batched)
         # The cells' own arguments are split over both devices (shared ones are not).
         seen.extend(len(x.sharding.device_set)
                     for x, b in zip(jax.tree.leaves(out), batched) if b)
         return out
-    _sweep._shard = spy
+    _batch._shard = spy
     res = dyn.sweep(t.simulation, {"seed": range(3), "dt": [0.25, 0.125]},
                     chunk_size=t.CHUNK, progress=False)
     assert seen and set(seen) == {2}, seen
@@ -274,7 +274,7 @@ def test_dask_local_cluster_equals_in_process(monkeypatch, processes):
 
 def test_unreachable_scheduler(monkeypatch):
     pytest.importorskip("distributed", reason="Dask distributed is not installed")
-    monkeypatch.setattr(_sweep, "_CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr(_executors, "CONNECT_TIMEOUT", "1s")
     with pytest.raises(ConnectionError, match="could not reach a Dask scheduler at"):
         dyn.sweep(lambda seed: {"x": seed}, {"seed": [0]}, executor="tcp://127.0.0.1:1")
 
@@ -286,20 +286,20 @@ def test_seed_axis_prepares_once_and_equals_the_per_cell_path(monkeypatch):
     cells included, and the numbers are numpy's."""
     axes = {"dt": [0.25, 0.05], "seed": range(12)}
     prepared = []
-    full_prepare = _sweep.prepare
+    full_prepare = _simulation.prepare
 
     def counting(*args, **kwargs):
         prepared.append(1)
         return full_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(_sweep, "prepare", counting)
+    monkeypatch.setattr(_simulation, "prepare", counting)
     fast = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
     assert len(prepared) == 2  # once per step size, not per cell
     # Both paths taken: diverged cells go the per-cell way.
     assert 0 < diverged_against_numpy(fast, axes) < 24
 
     monkeypatch.setattr(dyn.Simulation, "prepare_like", lambda *a: None)
-    monkeypatch.setattr(_sweep, "_batch_records", lambda items, out: [None] * len(items))
+    monkeypatch.setattr(_batch, "batch_records", lambda items, out: [None] * len(items))
     slow = dyn.sweep(simulation, axes, chunk_size=CHUNK, progress=False).dataset
     assert len(prepared) == 2 + 24
     cells_equal(slow, fast)

@@ -17,11 +17,11 @@ import numpy as np
 import xarray as xr
 
 from .._io import load, save
-from .._trajectory import Trajectory, _var_name
+from .._trajectory import Trajectory, variable_name
 from ..events._events import AbstractDivergenceEvent
 
 
-def _trajectory_record(traj: Trajectory, ts_requested: np.ndarray | None) -> dict:
+def trajectory_record(traj: Trajectory, ts_requested: np.ndarray | None) -> dict:
     """A cell's results: time series on the requested save times (NaN past the end of a
     run that stopped early; where and how it stopped is in the scalars)."""
     ts = np.asarray(traj.ts)
@@ -52,7 +52,7 @@ def _trajectory_record(traj: Trajectory, ts_requested: np.ndarray | None) -> dic
             continue
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             if isinstance(leaf, np.ndarray | jax.Array):
-                var = _var_name(prefix, path)
+                var = variable_name(prefix, path)
                 leaf = np.asarray(leaf)
                 data[var] = (("time",) + tuple(f"{var}_dim{i}" for i in range(1, leaf.ndim)),
                              series(leaf))
@@ -67,7 +67,7 @@ def _trajectory_record(traj: Trajectory, ts_requested: np.ndarray | None) -> dic
     return {"data": data, "time": time, "meta": json.loads(_json(meta))}
 
 
-def _dict_record(out: Mapping) -> dict:
+def dict_record(out: Mapping) -> dict:
     data = {}
     for name, value in out.items():
         value = np.asarray(value)
@@ -89,13 +89,13 @@ def _uniform(records: list[dict]) -> bool:
                and (None if r["time"] is None else len(r["time"])) == t for r in records)
 
 
-def _write_batch(folder: Path, batch: list[tuple[str, dict]]) -> None:
+def write_batch(folder: Path, batch: list[tuple[str, dict]]) -> None:
     """Cells that finished together, in one netCDF file along a `cell` dimension labelled
     by the cells' keys (one file per cell costs ~10 ms per variable in h5netcdf)."""
     records = [r for _, r in batch]
     if len(batch) > 1 and not _uniform(records):
         for item in batch:
-            _write_batch(folder, [item])
+            write_batch(folder, [item])
         return
     data = {}
     for name, (dims, _) in records[0]["data"].items():
@@ -111,7 +111,7 @@ def _write_batch(folder: Path, batch: list[tuple[str, dict]]) -> None:
          folder / f"{keys[0]}.nc")
 
 
-def _read_batch(path: Path) -> Iterator[tuple[str, dict]]:
+def read_batch(path: Path) -> Iterator[tuple[str, dict]]:
     ds = load(path)
     names = [n for n in ds.data_vars if not n.startswith("sweep_")]
     for j, key in enumerate(ds["cell"].values):
@@ -128,7 +128,7 @@ def _normal(value):
     return value
 
 
-def _combine(axes: dict[str, list], records: dict[tuple, dict], attrs: dict) -> xr.Dataset:
+def combine(axes: dict[str, list], records: dict[tuple, dict], attrs: dict) -> xr.Dataset:
     """Place each cell's record at its index on the grid: dims (*axes, *own dims); a
     variable whose shape differs between cells (a width axis) is NaN-padded."""
     names = list(axes)
@@ -200,7 +200,7 @@ def _eq(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _sweep_attrs(axes_labels: dict, fingerprint: str) -> dict:
+def sweep_attrs(axes_labels: dict, fingerprint: str) -> dict:
     attrs = {"sweep_axes": json.dumps(list(axes_labels)),
              "sweep_grid": json.dumps(axes_labels, default=str),
              "sweep_fingerprint": fingerprint,
@@ -217,9 +217,9 @@ def _sweep_attrs(axes_labels: dict, fingerprint: str) -> dict:
 
 
 
-def _batch_records(items: list[dict], out) -> list[dict | None]:
+def batch_records(items: list[dict], out) -> list[dict | None]:
     """Records of the cells of one vmapped solve that ran to t1 without an event, read
-    off the batched arrays directly (what `_trajectory_record(Trajectory.from_solve())`
+    off the batched arrays directly (what `trajectory_record(Trajectory.from_solve())`
     gives, without building a Trajectory per cell: that was ~5 ms a cell, more than
     the vmapped solve itself). None for the other cells, which take that slow path;
     also for all of them if the first regular cell's record differs from the slow
@@ -246,12 +246,12 @@ def _batch_records(items: list[dict], out) -> list[dict | None]:
         return none
     first = int(np.argmax(ok))
     it = items[first]
-    template = _trajectory_record(
+    template = trajectory_record(
         Trajectory.from_solve(problem, it["events"], jax.tree.map(lambda a: a[first], out),
                               throw=False, meta=it["meta"],
                               divergence=AbstractDivergenceEvent), it["ts"])
 
-    # Batched sources of the record's variables, named as `_trajectory_record` names them.
+    # Batched sources of the record's variables, named as `trajectory_record` names them.
     source: dict[str, np.ndarray] = {}
     for name, values in ys_saved["monitors"].items():
         source[name] = np.asarray(values)
@@ -263,7 +263,7 @@ def _batch_records(items: list[dict], out) -> list[dict | None]:
             continue
         for path, leaf in jax.tree_util.tree_leaves_with_path(
                 eqx.combine(tree, problem.static)):
-            source[_var_name(prefix, path)] = np.asarray(leaf)
+            source[variable_name(prefix, path)] = np.asarray(leaf)
     source["t_final"] = np.asarray(ts_end)[:, -1]
     for k, v in stats.items():
         if v is not None and np.ndim(v) == 1:
