@@ -28,7 +28,7 @@ def main():
     args = parse_args(__doc__, repeat=5,
                       max_iter=(int, 1000, "iterations that define the global minimum"))
     import dynamics as dyn
-    from dynamics.balance._common import _float_array
+    from dynamics._validate import float_array as _float_array
     from dynamics.balance._minnorm import _min_norm_scales
 
     model = dyn.MLP(WIDTHS, dyn.ReLU(), bias=True, key=jax.random.key(0))

@@ -25,7 +25,7 @@ from ._simulate import simulate
 from ._trajectory import Trajectory
 from ._tree import partition
 from .discrete._algorithms import AbstractDiscreteAlgorithm
-from .discrete._run import _top_eigenvalue, run as discrete_run
+from .discrete._run import run as discrete_run, top_eigenvalue
 from .monitors._monitors import AbstractMonitor
 
 # Algorithms that have no first-order limit: Leapfrog's flow conserves energy and NAGD's
@@ -78,7 +78,7 @@ def _check_pairing(traj: Trajectory, flow: AbstractFlow) -> str:
 def sharpness_warning(traj: Trajectory, loss: Callable, params0: PyTree) -> float:
     """η·λ_max(∇²L) at the run's start, with a RuntimeWarning past the algorithm's limit."""
     w, static = partition(params0)
-    lam = float(_top_eigenvalue(Problem(None, loss, static), w, jax.random.key(0)))
+    lam = float(top_eigenvalue(Problem(None, loss, static), w, jax.random.key(0)))
     lr = float(traj.meta["learning_rate"])
     limit = float(traj.meta.get("stability_limit", 2.0))
     if lr * lam > limit:

@@ -35,11 +35,6 @@ __all__ = [
 ]
 
 
-def _real(value, name: str, owner: str) -> float:
-    """A finite Python float, or a ValueError that names the argument."""
-    return real(value, name, owner)
-
-
 def _exponent(value: float) -> int | float:
     # An integral exponent goes to `lax.integer_pow`, which is exact and has a
     # well-defined derivative at 0; a fractional one needs the general `pow`.
@@ -82,7 +77,7 @@ class LeakyReLU(AbstractActivation):
     degree: ClassVar[int] = 1
 
     def __init__(self, alpha: float = 0.01):
-        self.alpha = _real(alpha, "alpha", "LeakyReLU")
+        self.alpha = real(alpha, "alpha", "LeakyReLU")
 
     def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
@@ -99,7 +94,7 @@ class RePU(AbstractActivation):
     p: int | float = eqx.field(static=True)
 
     def __init__(self, p: float):
-        p = _real(p, "p", "RePU")
+        p = real(p, "p", "RePU")
         if p < 1:
             raise ValueError(
                 f"RePU: `p` must be >= 1 (a rectified power with p < 1 is not "
@@ -147,7 +142,7 @@ class Swish(AbstractActivation):
     degree: ClassVar[None] = None
 
     def __init__(self, beta: float = 1.0, trainable: bool = True):
-        self.beta = _real(beta, "beta", "Swish")
+        self.beta = real(beta, "beta", "Swish")
         if not isinstance(trainable, bool):
             raise ValueError(f"Swish: `trainable` must be True or False, got {trainable!r}.")
         self.trainable = trainable

@@ -16,12 +16,11 @@ here is its most common user-facing form.
 """
 
 import abc
-import numbers
 
 import equinox as eqx
-import numpy as np
 from jaxtyping import Array, PyTree
 
+from ._validate import positive_int, traced_scalar
 from .events._events import AbstractEvent
 
 
@@ -48,22 +47,6 @@ class AbstractProjection(eqx.Module):
         self, params: PyTree, velocity: PyTree | None, state: PyTree = None
     ) -> tuple[PyTree, PyTree | None]:
         """The projected (params, velocity)."""
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive int (a number of steps), got {value!r}.")
-    return int(value)
-
-
-def _positive_float(name: str, value) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}.") from None
-    if not (out > 0 and out < float("inf")):
-        raise ValueError(f"`{name}` must be a positive, finite number, got {value!r}.")
-    return out
 
 
 def _check_projection(projection) -> None:
@@ -101,8 +84,9 @@ class Every(AbstractSchedule):
                 "`time` (apply every Δt of time), e.g. dyn.Every(fix, steps=50)."
             )
         self.projection = projection
-        self.steps = None if steps is None else _positive_int("steps", steps)
-        self.time = None if time is None else np.asarray(_positive_float("time", time))
+        self.steps = None if steps is None else positive_int(steps, "steps", "Every")
+        self.time = None if time is None else traced_scalar(time, "time", "Every", low=0.0,
+                                                               strict=True)
 
 
 class OnEvent(AbstractSchedule):

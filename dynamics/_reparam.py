@@ -87,7 +87,7 @@ class NormCoordinates(eqx.Module):
         return self.to_mlp()(x)
 
 
-def _check_coordinates(w, owner: str, *, normalize: bool) -> None:
+def check_coordinates(w, owner: str, *, normalize: bool) -> None:
     if not isinstance(w, NormCoordinates):
         raise ValueError(
             f"{owner} acts on layer norms and directions: pass the parameters as "

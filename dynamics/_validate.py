@@ -6,9 +6,11 @@ the same mistake with the same ValueError (naming the argument and the fix):
 - `as_tuple`: a single object or a sequence of them (`monitors=Loss()` is accepted);
 - `prng_key`: a JAX PRNG key, or an int seed (converted with `jax.random.key`);
 - `real`, `positive_int`: Python numbers, `bool` rejected (`max_steps=True` is a bug);
-- `traced_scalar`: a user number stored as an array, so that jit traces it instead of
-  hashing it and a new value (an event threshold, a reference time) does not compile
-  the solve again;
+- `traced_scalar`, `float_array`: a user number stored as an array, so that jit traces
+  it instead of hashing it and a new value (an event threshold, a reference time, a
+  flow's coefficient) does not compile the solve again; `finite_nonnegative` checks
+  such an array where it is concrete;
+- `one_of`: a choice among named options;
 - `dtype_eps`, `check_tolerance`: tolerances that follow the floating dtype in force.
 """
 
@@ -87,9 +89,9 @@ def prng_key(key: Any, owner: str, name: str = "key"):
 
 
 def real(value: Any, name: str, owner: str | None = None, *, low: float | None = None,
-         strict: bool = False) -> float:
+         strict: bool = False, high: float | None = None) -> float:
     """A finite Python float (a 0-d array is accepted, a bool is not). With `low`, also
-    value > low (`strict`) or value >= low."""
+    value > low (`strict`) or value >= low; with `high`, also value < high."""
     if isinstance(value, bool | np.bool_):
         raise ValueError(f"{_where(owner)}`{name}` must be a real number, got {value!r}.")
     if isinstance(value, jax.Array | np.ndarray | np.generic):
@@ -111,8 +113,11 @@ def real(value: Any, name: str, owner: str | None = None, *, low: float | None =
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{_where(owner)}`{name}` must be finite, got {value!r}.")
-    if low is not None and (value <= low if strict else value < low):
-        bound = f"> {low:g}" if strict else f">= {low:g}"
+    too_low = low is not None and (value <= low if strict else value < low)
+    if too_low or (high is not None and value >= high):
+        bound = "" if low is None else (f"> {low:g}" if strict else f">= {low:g}")
+        if high is not None:
+            bound = f"{bound} and < {high:g}" if bound else f"< {high:g}"
         raise ValueError(f"{_where(owner)}`{name}` must be {bound}, got {value!r}.")
     return value
 
@@ -126,7 +131,8 @@ def positive_int(value: Any, name: str, owner: str | None = None, low: int = 1) 
 
 
 def traced_scalar(value: Any, name: str, owner: str | None = None, *,
-                  low: float | None = None, strict: bool = False) -> Array:
+                  low: float | None = None, strict: bool = False,
+                  high: float | None = None) -> Array:
     """A user number as a 0-d float64 NumPy array, checked like `real`.
 
     Stored this way in a module, the number is a leaf that jit traces rather than a
@@ -137,7 +143,37 @@ def traced_scalar(value: Any, name: str, owner: str | None = None, *,
     """
     if not is_concrete(value):
         return value
-    return np.asarray(real(value, name, owner, low=low, strict=strict), dtype=np.float64)
+    return np.asarray(real(value, name, owner, low=low, strict=strict, high=high),
+                      dtype=np.float64)
+
+
+def float_array(x: Any) -> Array:
+    """A numeric coefficient as an array, not a Python float: jit then traces it instead
+    of hashing it, so a sweep over γ or κ compiles once. NumPy float64 rather than jnp:
+    the precision is then the one in force when the solve runs, not when the object was
+    built. Traced values (a vmapped sweep) pass through."""
+    if not is_concrete(x):
+        return x
+    return np.asarray(x, dtype=np.float64)
+
+
+def finite_nonnegative(value: Any, name: str, owner: str | None = None) -> None:
+    """A ValueError unless `value` (an array) is finite and >= 0 where it is concrete;
+    traced values (a sweep under vmap) pass."""
+    if is_concrete(value):
+        arr = np.asarray(value)
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(f"{_where(owner)}`{name}` must be finite and >= 0, got {value}.")
+
+
+def one_of(value: Any, name: str, options: tuple, owner: str | None = None,
+           meaning: str = "") -> Any:
+    """`value` if it is one of `options`, else a ValueError listing them (and what they
+    mean, when given)."""
+    if isinstance(value, str | int | float | bool | type(None)) and value in options:
+        return value
+    said = f" ({meaning})" if meaning else ""
+    raise ValueError(f"{_where(owner)}`{name}` must be one of {options}{said}, got {value!r}.")
 
 
 def dtype_eps(dtype: Any = None) -> float:

@@ -8,13 +8,14 @@ import lineax as lx
 from jaxtyping import Array
 
 from .._tree import is_concrete, vdot
+from .._validate import finite_nonnegative, float_array
 from ..regularizers._regularizers import (
     AbstractRegularizer,
     Lpq,
     as_regularizer,
     check_homogeneous_mlp,
 )
-from ._base import AbstractFirstOrderFlow, _check_finite_nonneg, _float_array
+from ._base import AbstractFirstOrderFlow
 
 
 def _lpq_velocity(reg: Lpq, w: Array, g: Array) -> Array:
@@ -70,7 +71,7 @@ class WeightBalancingFlow(AbstractFirstOrderFlow):
     """
 
     regularizer: AbstractRegularizer
-    lam: Array = eqx.field(converter=_float_array)
+    lam: Array = eqx.field(converter=float_array)
     linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=True)
 
     def __init__(self, regularizer, lam=0.0, *, linear_solver=None):
@@ -81,7 +82,7 @@ class WeightBalancingFlow(AbstractFirstOrderFlow):
         )
 
     def __check_init__(self):
-        _check_finite_nonneg("lam", self.lam)
+        finite_nonnegative(self.lam, "lam")
 
     def total_loss(self, w, loss):
         """L = E + λR (Saul eq. 13)."""

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from .._tree import is_concrete, sqnorm
+from .._tree import sqnorm
+from .._validate import float_array
 
 Loss = Callable[[PyTree], Scalar]
 
@@ -91,20 +92,10 @@ def _kinetic_plus_loss(w, v, loss, mass=1.0):
     return 0.5 * mass * sqnorm(v) + loss(w)
 
 
-def _float_array(x: Any) -> Array:
-    # Numeric coefficients are stored as arrays, not Python floats: jit then traces
-    # them instead of hashing them, so a sweep over γ or κ compiles once. NumPy float64
-    # rather than jnp: the precision is then the one in force when the flow runs, not
-    # when it was built. Traced values (a vmapped sweep) pass through.
-    if not is_concrete(x):
-        return x
-    return np.asarray(x, dtype=np.float64)
-
-
 class _Constant(eqx.Module):
     """A constant coefficient t ↦ c."""
 
-    value: Array = eqx.field(converter=_float_array)
+    value: Array = eqx.field(converter=float_array)
 
     def __call__(self, t):
         return self.value + 0.0 * t
@@ -124,20 +115,12 @@ def _as_schedule(name: str, k: Any) -> Callable:
     return _Constant(value)
 
 
-def _check_finite_nonneg(name: str, value: Any) -> None:
-    # Only concrete values can be checked here; traced ones (a sweep under vmap) pass.
-    if is_concrete(value):
-        arr = np.asarray(value)
-        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise ValueError(f"`{name}` must be finite and >= 0, got {value}.")
-
-
 # Gauss–Legendre nodes for ∫ κ1/κ2 in `GeneralFlow.lagrangian`. The value only fixes a
 # constant factor of ℒ; the Euler–Lagrange equations see its exact derivative (custom_jvp).
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(64)
 
 
-def _integral(f: Callable, a: ArrayLike, b: ArrayLike) -> Array:
+def gauss_integral(f: Callable, a: ArrayLike, b: ArrayLike) -> Array:
     """∫_a^b f, with d/db exactly f(b) under autodiff."""
 
     @jax.custom_jvp

@@ -12,16 +12,17 @@ import lineax as lx
 from jaxtyping import Array, PyTree, Scalar
 
 from .._tree import axpy, scale, vdot
-from ._base import AbstractSecondOrderFlow, _as_schedule, _float_array
+from .._validate import float_array
+from ._base import AbstractSecondOrderFlow, _as_schedule
 
 
 class _LogAffine(eqx.Module):
     """t ↦ c + k log t + s t: every schedule of Wibisono et al. (polynomial and
     exponential) is of this form, and its coefficients are arrays (one compile per sweep)."""
 
-    c: Array = eqx.field(converter=_float_array)
-    k: Array = eqx.field(converter=_float_array)
-    s: Array = eqx.field(converter=_float_array)
+    c: Array = eqx.field(converter=float_array)
+    k: Array = eqx.field(converter=float_array)
+    s: Array = eqx.field(converter=float_array)
 
     def __call__(self, t):
         # k = 0 schedules (exponential, mirror limit) are defined at t <= 0 too; the

@@ -13,18 +13,16 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree, Scalar
 
 from .._tree import axpy, scale, sqnorm, vdot
-from .._validate import traced_scalar
+from .._validate import finite_nonnegative, float_array, traced_scalar
 from ._base import (
     AbstractFirstOrderFlow,
     AbstractKappaFlow,
     AbstractSecondOrderFlow,
     AbstractSeparableFlow,
     _as_schedule,
-    _check_finite_nonneg,
     _Constant,
-    _float_array,
-    _integral,
     _kinetic_plus_loss,
+    gauss_integral,
 )
 
 
@@ -123,10 +121,10 @@ class NesterovFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
     footnote 2), where the limit ẅ(0) = −∇L/(1 + r) is used.
     """
 
-    r: float | Array = eqx.field(default=3.0, converter=_float_array)
+    r: float | Array = eqx.field(default=3.0, converter=float_array)
 
     def __check_init__(self):
-        _check_finite_nonneg("r", self.r)
+        finite_nonnegative(self.r, "r")
 
     def _damping(self, t):
         positive = t > 0
@@ -159,10 +157,10 @@ class HeavyBallFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
     H = ½‖ẇ‖² + L dissipates as dH/dt = −γ‖ẇ‖².
     """
 
-    gamma: float | Array = eqx.field(converter=_float_array)
+    gamma: float | Array = eqx.field(converter=float_array)
 
     def __check_init__(self):
-        _check_finite_nonneg("gamma", self.gamma)
+        finite_nonnegative(self.gamma, "gamma")
 
     def acceleration(self, t, w, v, loss):
         return axpy(-self.gamma, v, scale(-1.0, jax.grad(loss)(w)))
@@ -211,7 +209,7 @@ class GeneralFlow(AbstractSecondOrderFlow, AbstractKappaFlow):
         return scale(-1.0 / self.kappa2(t), force)
 
     def lagrangian(self, t, w, v, loss):
-        log_weight = _integral(lambda s: self.kappa1(s) / self.kappa2(s), self.t_ref, t)
+        log_weight = gauss_integral(lambda s: self.kappa1(s) / self.kappa2(s), self.t_ref, t)
         return jnp.exp(log_weight) * (0.5 * sqnorm(v) - loss(w) / self.kappa2(t))
 
     def kappas(self, t):

@@ -29,12 +29,13 @@ import numpy as np
 from jaxtyping import Array
 
 from .._tree import is_concrete, scale, sqnorm, vdot
-from ._base import AbstractFirstOrderFlow, _check_finite_nonneg, _float_array
+from .._validate import finite_nonnegative, float_array
+from ._base import AbstractFirstOrderFlow
 from ._classical import GeneralFlow
 
 
 def _check_eta(name, value):
-    _check_finite_nonneg(name, value)
+    finite_nonnegative(value, name)
 
 
 def _check_beta(value):
@@ -80,7 +81,7 @@ class ModifiedGradientFlow(AbstractModifiedFlow):
     compiles once.
     """
 
-    eta: Array = eqx.field(converter=_float_array)
+    eta: Array = eqx.field(converter=float_array)
 
     def __check_init__(self):
         _check_eta("eta", self.eta)
@@ -98,8 +99,8 @@ class ModifiedHeavyBallFlow(AbstractModifiedFlow):
     (w_{−1} = w_0 + η∇L(w_0)/(1−β)) stays O(η²) from it at t = kη.
     """
 
-    eta: Array = eqx.field(converter=_float_array)
-    beta: Array = eqx.field(converter=_float_array)
+    eta: Array = eqx.field(converter=float_array)
+    beta: Array = eqx.field(converter=float_array)
 
     def __check_init__(self):
         _check_eta("eta", self.eta)
@@ -119,8 +120,8 @@ class ModifiedNesterovMomentumFlow(AbstractModifiedFlow):
     coefficient 1+β by 2β(1−β)) and verified by a fitted gap order of 2.
     """
 
-    eta: Array = eqx.field(converter=_float_array)
-    beta: Array = eqx.field(converter=_float_array)
+    eta: Array = eqx.field(converter=float_array)
+    beta: Array = eqx.field(converter=float_array)
 
     def __check_init__(self):
         _check_eta("eta", self.eta)

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from .._reparam import _check_coordinates
+from .._reparam import check_coordinates
 from .._tree import is_concrete, vdot
-from ._base import AbstractFirstOrderFlow, _as_schedule, _check_finite_nonneg, _float_array
+from .._validate import finite_nonnegative, float_array
+from ._base import AbstractFirstOrderFlow, _as_schedule
 
 
 def _loss_rate(flow, t, w, loss):
@@ -47,7 +48,7 @@ class WeightNormFlow(AbstractFirstOrderFlow):
     """
 
     parametrization: str = eqx.field(default="tangent", static=True)
-    lambda_rho: float | Array = eqx.field(default=0.0, converter=_float_array)
+    lambda_rho: float | Array = eqx.field(default=0.0, converter=float_array)
 
     def __check_init__(self):
         if self.parametrization not in ("tangent", "standard"):
@@ -56,10 +57,10 @@ class WeightNormFlow(AbstractFirstOrderFlow):
                 "Theory III eqs. 42-43) or 'standard' (Salimans & Kingma weight "
                 f"normalization), got {self.parametrization!r}."
             )
-        _check_finite_nonneg("lambda_rho", self.lambda_rho)
+        finite_nonnegative(self.lambda_rho, "lambda_rho")
 
     def vector_field(self, t, w, loss):
-        _check_coordinates(w, "WeightNormFlow", normalize=True)
+        check_coordinates(w, "WeightNormFlow", normalize=True)
         # Autodiff through W_k = ρ_k U_k/‖U_k‖ gives ∂L/∂ρ_k = ⟨V_k, G_k⟩ and
         # ∂L/∂U_k = (ρ_k/‖U_k‖)(I − V_k V_kᵀ) G_k; the two parametrizations rescale them.
         grad = jax.grad(loss)(w)
@@ -118,7 +119,7 @@ class LagrangeMultiplierFlow(AbstractFirstOrderFlow):
             self.lam = _as_schedule("lam", lam)
 
     def vector_field(self, t, w, loss):
-        _check_coordinates(w, "LagrangeMultiplierFlow", normalize=False)
+        check_coordinates(w, "LagrangeMultiplierFlow", normalize=False)
         grad = jax.grad(loss)(w)
         f = jax.tree.map(lambda g: -g, grad)
         v_dot = []
@@ -141,8 +142,8 @@ class PowerDecay(eqx.Module):
     """λ(t) = (1 + t/scale)^(−a): decays to 0 with ∫λ = ∞ for 0 < a ≤ 1 (Halpern's
     conditions, Theory III App. 12, continuous form of λ_n = n^(−a))."""
 
-    a: Array = eqx.field(converter=_float_array)
-    scale: Array = eqx.field(default=1.0, converter=_float_array)
+    a: Array = eqx.field(converter=float_array)
+    scale: Array = eqx.field(default=1.0, converter=float_array)
 
     def __check_init__(self):
         if is_concrete(self.a) and not (0 < float(self.a) <= 1):

@@ -7,7 +7,8 @@ import jax.scipy.linalg as jsl
 
 from .._models import MLP
 from .._projection import AbstractProjection
-from ._common import _apply, _check_count, _check_model, _check_tol, _check_velocity_rule
+from .._validate import positive_int, real
+from ._common import _apply, _check_model, _check_velocity_rule
 
 
 def _squares(model: MLP):
@@ -135,9 +136,9 @@ class ChargeProjection(AbstractProjection):
 
     def __init__(self, rtol: float = 1e-14, atol: float = 1e-14, max_steps: int = 64,
                  velocity: str = "pushforward"):
-        self.rtol = _check_tol(rtol, "ChargeProjection")
-        self.atol = _check_tol(atol, "ChargeProjection")
-        self.max_steps = _check_count("max_steps", max_steps, "ChargeProjection")
+        self.rtol = real(rtol, "rtol", "ChargeProjection", low=0.0, strict=True, high=1.0)
+        self.atol = real(atol, "atol", "ChargeProjection", low=0.0, strict=True, high=1.0)
+        self.max_steps = positive_int(max_steps, "max_steps", "ChargeProjection")
         self.velocity = _check_velocity_rule(velocity, "ChargeProjection")
 
     def init(self, params, velocity):

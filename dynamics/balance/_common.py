@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._models import MLP, Swish
+from .._validate import one_of
 from ..regularizers._regularizers import Lpq
 
 _VELOCITY_RULES = ("pushforward", "keep", "zero")
@@ -57,23 +58,10 @@ def _check_exponent(name: str, value, owner: str) -> float:
     return value
 
 
-def _check_tol(tol, owner: str) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0 < tol < 1):
-        raise ValueError(f"{owner}: `tol` must be a number in (0, 1), got {tol!r}.")
-    return float(tol)
-
-
-def _check_count(name: str, value, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{owner}: `{name}` must be a positive int, got {value!r}.")
-    return int(value)
-
-
 def _check_schedule(schedule, key, include_bias, owner: str):
     """`neuron_balance`'s schedule, its key (kept for "stochastic" only) and the bias
     convention."""
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"{owner}: `schedule` must be one of {_SCHEDULES}, got {schedule!r}.")
+    one_of(schedule, "schedule", _SCHEDULES, owner)
     if schedule == "stochastic" and key is None:
         raise ValueError(f"{owner}: the 'stochastic' schedule needs a PRNG key; pass "
                          "key=jax.random.key(0).")
@@ -83,20 +71,9 @@ def _check_schedule(schedule, key, include_bias, owner: str):
     return schedule, key if schedule == "stochastic" else None, include_bias
 
 
-def _check_c(c, owner: str) -> float:
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0 < c < math.inf):
-        raise ValueError(f"{owner}: the asymmetry coefficient `c` must be a positive number, "
-                         f"got {c!r}.")
-    return float(c)
-
-
 def _check_velocity_rule(rule, owner: str) -> str:
-    if rule not in _VELOCITY_RULES:
-        raise ValueError(
-            f"{owner}: `velocity` must be one of {_VELOCITY_RULES} (push the velocity forward "
-            f"by the same rescaling, keep it, or zero it), got {rule!r}."
-        )
-    return rule
+    return one_of(rule, "velocity", _VELOCITY_RULES, owner,
+                  "push the velocity forward by the same rescaling, keep it, or zero it")
 
 
 # rescaling
@@ -181,11 +158,3 @@ class BalanceInfo(eqx.Module):
     values: Array
     converged: Array
     log_scales: tuple[Array, ...]
-
-
-
-
-def _float_array(x):
-    return jnp.asarray(x, dtype=float)
-
-

@@ -8,15 +8,13 @@ from jaxtyping import Array
 
 from .._models import MLP
 from .._projection import AbstractProjection
+from .._validate import float_array, positive_int, real
 from ._common import (
     BalanceInfo,
     _apply,
-    _check_count,
     _check_exponent,
     _check_model,
-    _check_tol,
     _check_velocity_rule,
-    _float_array,
 )
 
 
@@ -124,16 +122,16 @@ class MinNormFix(AbstractProjection):
     def __init__(self, p: float = 2, q: float = 2, tol: float = 1e-8, max_iter: int = 1000,
                  velocity: str = "pushforward", *, _owner: str = "MinNormFix"):
         # `_owner`: the public name that error messages give (`min_norm_fix` builds one).
-        self.p = _float_array(_check_exponent("p", p, _owner))
-        self.q = _float_array(_check_exponent("q", q, _owner))
-        self.tol = _float_array(_check_tol(tol, _owner))
-        self.max_iter = _check_count("max_iter", max_iter, _owner)
+        self.p = float_array(_check_exponent("p", p, _owner))
+        self.q = float_array(_check_exponent("q", q, _owner))
+        self.tol = float_array(real(tol, "tol", _owner, low=0.0, strict=True, high=1.0))
+        self.max_iter = positive_int(max_iter, "max_iter", _owner)
         self.velocity = _check_velocity_rule(velocity, _owner)
 
     def _run(self, params, velocity, owner: str):
         d = _check_model(params, owner)
         u, it, values, conv = _min_norm_scales(tuple(jnp.abs(w) for w in params.weights),
-                                               self.p, self.q, _float_array(d), self.tol,
+                                               self.p, self.q, float_array(d), self.tol,
                                                self.max_iter)
         return *_apply(params, velocity, u, d, self.velocity), BalanceInfo(it, values, conv, u)
 

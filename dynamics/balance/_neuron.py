@@ -10,17 +10,14 @@ from jaxtyping import Array, PRNGKeyArray
 
 from .._models import MLP
 from .._projection import AbstractProjection
+from .._validate import float_array, positive_int, real
 from ._common import (
     BalanceInfo,
     _apply,
-    _check_c,
-    _check_count,
     _check_exponent,
     _check_model,
     _check_schedule,
-    _check_tol,
     _check_velocity_rule,
-    _float_array,
 )
 
 
@@ -243,11 +240,11 @@ class NeuronBalance(AbstractProjection):
                  velocity: str = "pushforward", *, _owner: str = "NeuronBalance"):
         # `_owner`: the public name that error messages give (`neuron_balance` builds one).
         owner = _owner
-        self.p = _float_array(_check_exponent("p", p, owner))
+        self.p = float_array(_check_exponent("p", p, owner))
         self.schedule, self.key, self.include_bias = _check_schedule(schedule, key,
                                                                      include_bias, owner)
-        self.tol = _float_array(_check_tol(tol, owner))
-        self.max_sweeps = _check_count("max_sweeps", max_sweeps, owner)
+        self.tol = float_array(real(tol, "tol", owner, low=0.0, strict=True, high=1.0))
+        self.max_sweeps = positive_int(max_sweeps, "max_sweeps", owner)
         self.regularizer = _check_g(regularizer, owner)
         self.velocity = _check_velocity_rule(velocity, owner)
 
@@ -257,9 +254,9 @@ class NeuronBalance(AbstractProjection):
         if self.include_bias and params.biases is not None:
             abs_b = tuple(jnp.abs(b) for b in params.biases)
         u, it, values, conv = _balance_scales(
-            tuple(jnp.abs(w) for w in params.weights), abs_b, self.p, _float_array(d),
+            tuple(jnp.abs(w) for w in params.weights), abs_b, self.p, float_array(d),
             self.regularizer, self.schedule, self.tol, self.max_sweeps, self.key,
-            _float_array(1.0))
+            float_array(1.0))
         return *_apply(params, velocity, u, d, self.velocity), BalanceInfo(it, values, conv, u)
 
     def __call__(self, params, velocity=None, state=None):
@@ -279,16 +276,16 @@ class ENorm(AbstractProjection):
                  max_sweeps: int = 1000, velocity: str = "pushforward", *,
                  _owner: str = "ENorm"):
         owner = _owner
-        self.p = _float_array(_check_exponent("p", p, owner))
-        self.c = _float_array(_check_c(c, owner))
-        self.tol = _float_array(_check_tol(tol, owner))
-        self.max_sweeps = _check_count("max_sweeps", max_sweeps, owner)
+        self.p = float_array(_check_exponent("p", p, owner))
+        self.c = float_array(real(c, "c", owner, low=0.0, strict=True))
+        self.tol = float_array(real(tol, "tol", owner, low=0.0, strict=True, high=1.0))
+        self.max_sweeps = positive_int(max_sweeps, "max_sweeps", owner)
         self.velocity = _check_velocity_rule(velocity, owner)
 
     def _run(self, params, velocity, owner: str):
         d = _check_model(params, owner)
         u, it, values, conv = _balance_scales(
-            tuple(jnp.abs(w) for w in params.weights), None, self.p, _float_array(d), None,
+            tuple(jnp.abs(w) for w in params.weights), None, self.p, float_array(d), None,
             "layer", self.tol, self.max_sweeps, None, self.c)
         return *_apply(params, velocity, u, d, self.velocity), BalanceInfo(it, values, conv, u)
 

@@ -20,18 +20,6 @@ from .._validate import positive_int, prng_key, real
 __all__ = ["Dataset", "digits", "teacher_student", "rotational", "circles"]
 
 
-def _positive_int(value, name: str, owner: str, low: int = 1) -> int:
-    return positive_int(value, name, owner, low)
-
-
-def _nonnegative(value, name: str, owner: str) -> float:
-    return real(value, name, owner, low=0.0)
-
-
-def _require_key(key, owner: str):
-    return prng_key(key, owner)
-
-
 def _as_array(value, name: str) -> Array:
     if isinstance(value, jax.Array):
         return value
@@ -100,7 +88,7 @@ class Dataset(eqx.Module):
                         "Dataset: pass `num_classes` when building from traced labels."
                     )
                 num_classes = int(y_np.max()) + 1 if y_np.size else 0
-            num_classes = _positive_int(num_classes, "num_classes", "Dataset")
+            num_classes = positive_int(num_classes, "num_classes", "Dataset")
             if y_np is not None and y_np.size and (y_np.min() < 0 or y_np.max() >= num_classes):
                 raise ValueError(
                     f"Dataset: labels `y` must lie in [0, {num_classes}) for "
@@ -212,9 +200,9 @@ def teacher_student(
     measure the distance of a student to it), build it yourself and pass `teacher=`.
     """
     owner = "teacher_student"
-    n = _positive_int(n, "n", owner)
-    noise = _nonnegative(noise, "noise", owner)
-    key = _require_key(key, owner)
+    n = positive_int(n, "n", owner)
+    noise = real(noise, "noise", owner, low=0.0)
+    key = prng_key(key, owner)
     if (widths is None) == (teacher is None):
         raise ValueError(
             f"{owner}: give exactly one of `widths` (to draw a random teacher) and "
@@ -247,9 +235,9 @@ def rotational(n: int, d: int = 3, *, key: PRNGKeyArray | None = None) -> Datase
     The target is centred (E‖x‖² = d).
     """
     owner = "rotational"
-    n = _positive_int(n, "n", owner)
-    d = _positive_int(d, "d", owner)
-    key = _require_key(key, owner)
+    n = positive_int(n, "n", owner)
+    d = positive_int(d, "d", owner)
+    key = prng_key(key, owner)
     return Dataset(*_rotational_data(key, n, d))
 
 
@@ -273,11 +261,11 @@ def circles(
     plus N(0, noise²) jitter on each coordinate, in an order shuffled by `key`.
     """
     owner = "circles"
-    n = _positive_int(n, "n", owner, low=2)
-    noise = _nonnegative(noise, "noise", owner)
+    n = positive_int(n, "n", owner, low=2)
+    noise = real(noise, "noise", owner, low=0.0)
     if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (0 < factor < 1):
         raise ValueError(f"{owner}: `factor` (inner radius) must lie in (0, 1), got {factor!r}.")
-    key = _require_key(key, owner)
+    key = prng_key(key, owner)
     x, y = _circles_data(key, jnp.asarray(noise), jnp.asarray(float(factor)), n)
     return Dataset(x, y, num_classes=2)
 

@@ -25,7 +25,6 @@ from typing import ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, PyTree, Scalar
 
 from .._flows import (
@@ -38,6 +37,7 @@ from .._flows import (
     modified_second_order_flow,
 )
 from .._tree import axpy, scale
+from .._validate import traced_scalar
 
 ValueAndGrad = Callable[[PyTree], tuple[Scalar, PyTree]]
 
@@ -51,28 +51,14 @@ class State(NamedTuple):
     grad: PyTree | None
 
 
-def _positive(name: str, value) -> np.ndarray:
-    try:
-        out = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}.") from None
-    if out.shape != () or not (np.isfinite(out) and out > 0):
-        raise ValueError(
-            f"`{name}` must be a positive, finite number (a step size), got {value!r}."
-        )
-    return out
+def _step_size(name: str):
+    """A converter to a step size: a number > 0 stored as an array (traced, not hashed:
+    a sweep over it compiles once), checked where it is concrete."""
+    return lambda x: traced_scalar(x, name, low=0.0, strict=True)
 
 
-def _momentum(value) -> np.ndarray:
-    try:
-        out = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"`beta` must be a number in [0, 1), got {value!r}.") from None
-    if out.shape != () or not (np.isfinite(out) and 0 <= out < 1):
-        raise ValueError(
-            f"`beta` must lie in [0, 1) (0 is plain GD; 1 has no damping), got {value!r}."
-        )
-    return out
+def _momentum(x):
+    return traced_scalar(x, "beta", low=0.0, high=1.0)
 
 
 class AbstractDiscreteAlgorithm(eqx.Module):
@@ -157,7 +143,7 @@ class AbstractFirstOrderAlgorithm(AbstractDiscreteAlgorithm):
 class GD(AbstractFirstOrderAlgorithm):
     """Gradient descent w_{k+1} = w_k − η∇L(w_k); gradient flow at t = kη."""
 
-    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
+    eta: Array = eqx.field(converter=_step_size("eta"))
 
     @property
     def learning_rate(self):
@@ -180,7 +166,7 @@ class Leapfrog(AbstractDiscreteAlgorithm):
     and starts it from (w_0, v_0) with the second-order w_1 above. Order 2 in h.
     """
 
-    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
+    eta: Array = eqx.field(converter=_step_size("eta"))
     first_order: ClassVar[bool] = False
 
     @property
@@ -220,7 +206,7 @@ class NAGD(AbstractDiscreteAlgorithm):
     The state is x_k with v_k = (x_k − x_{k−1})/√s; it starts at rest.
     """
 
-    s: Array = eqx.field(converter=lambda x: _positive("s", x))
+    s: Array = eqx.field(converter=_step_size("s"))
     first_order: ClassVar[bool] = False
 
     @property
@@ -258,7 +244,7 @@ class HeavyBall(AbstractDiscreteAlgorithm):
     that flow's slow manifold. v_k = (w_k − w_{k−1})/η.
     """
 
-    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
+    eta: Array = eqx.field(converter=_step_size("eta"))
     beta: Array = eqx.field(converter=_momentum)
     first_order: ClassVar[bool] = False
 
@@ -294,7 +280,7 @@ class NesterovMomentum(AbstractDiscreteAlgorithm):
     `ModifiedNesterovMomentumFlow(eta, beta)` to O(η²). v_k = (w_k − w_{k−1})/η.
     """
 
-    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
+    eta: Array = eqx.field(converter=_step_size("eta"))
     beta: Array = eqx.field(converter=_momentum)
     first_order: ClassVar[bool] = False
 
@@ -340,7 +326,7 @@ class ExponentiatedGD(AbstractFirstOrderAlgorithm):
     every weight must start non-zero.
     """
 
-    eta: Array = eqx.field(converter=lambda x: _positive("eta", x))
+    eta: Array = eqx.field(converter=_step_size("eta"))
 
     @property
     def learning_rate(self):

@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._flows import HalpernFlow
-from ._algorithms import AbstractFirstOrderAlgorithm, _positive
+from ._algorithms import AbstractFirstOrderAlgorithm, _step_size
 
 
 def _exponent(value) -> np.ndarray:
@@ -63,7 +63,7 @@ class NMGD(AbstractFirstOrderAlgorithm):
     limit, not their path (no gap order in γ is claimed).
     """
 
-    gamma: Array = eqx.field(converter=lambda x: _positive("gamma", x))
+    gamma: Array = eqx.field(converter=_step_size("gamma"))
     a: Array = eqx.field(converter=_exponent)
     # An array, not a static int: continuing a run from step n (n0 = n) reuses the compiled loop.
     n0: Array = eqx.field(default=1, converter=lambda v: np.float64(_first_index(v)))

@@ -19,6 +19,7 @@ from .._problem import Problem
 from .._projection import AbstractSchedule, Every
 from .._trajectory import Trajectory, provenance
 from .._tree import all_finite, partition, sqnorm
+from .._validate import positive_int
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
 
@@ -28,7 +29,7 @@ _POWER_ITERATIONS = 30
 
 
 @eqx.filter_jit
-def _top_eigenvalue(problem: Problem, w: PyTree, key) -> Scalar:
+def top_eigenvalue(problem: Problem, w: PyTree, key) -> Scalar:
     """|λ|_max of the Hessian of L at w, by power iteration on Hessian-vector products."""
     grad = jax.grad(problem.loss)
 
@@ -55,7 +56,7 @@ def edge_of_stability(alg: AbstractDiscreteAlgorithm, problem: Problem, w: PyTre
     """η·λ_max(∇²L(w)) for `alg` at `w`, warning when it exceeds `alg.stability_limit`:
     there the iteration is unstable along the top eigenvector and the modified
     equations (an expansion in η·λ) no longer describe it."""
-    lam = float(_top_eigenvalue(problem, w, jax.random.key(0)))
+    lam = float(top_eigenvalue(problem, w, jax.random.key(0)))
     sharpness = float(alg.learning_rate) * lam
     if warn and sharpness > alg.stability_limit:
         warnings.warn(
@@ -176,12 +177,6 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
     return saved, end, diverged_at
 
 
-def _check_steps(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return int(value)
-
-
 def _validate_v0(alg, w, v0):
     if alg.first_order:
         if v0 is not None:
@@ -278,8 +273,8 @@ def run(
         )
     if not callable(loss):
         raise ValueError("`loss` must be a function params -> scalar.")
-    steps = _check_steps("steps", steps)
-    save_every = _check_steps("save_every", save_every)
+    steps = positive_int(steps, "steps")
+    save_every = positive_int(save_every, "save_every")
     if steps % save_every:
         raise ValueError(
             f"`steps` = {steps} must be a multiple of `save_every` = {save_every}."

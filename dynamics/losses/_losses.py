@@ -47,7 +47,7 @@ def _float_dtype():
     return jnp.result_type(float)
 
 
-def _check_dataset(data, owner: str) -> Dataset:
+def check_dataset(data, owner: str) -> Dataset:
     if not isinstance(data, Dataset):
         raise ValueError(
             f"{owner}: `data` must be a dyn.datasets.Dataset, got {type(data).__name__}; "
@@ -193,7 +193,7 @@ def mse(data: Dataset) -> MeanSquaredError:
     Regression targets are used as they are; integer labels become one-hot vectors of
     length `data.num_classes`.
     """
-    data = _check_dataset(data, "mse")
+    data = check_dataset(data, "mse")
     if data.num_classes is not None:
         targets = jax.nn.one_hot(data.y, data.num_classes, dtype=data.x.dtype)
     else:
@@ -206,7 +206,7 @@ def cross_entropy(data: Dataset) -> CrossEntropy:
 
     `data` must hold integer class labels.
     """
-    data = _check_dataset(data, "cross_entropy")
+    data = check_dataset(data, "cross_entropy")
     if data.num_classes is None:
         raise ValueError(
             f"cross_entropy: needs integer class labels, but `data.y` holds float "
@@ -215,8 +215,8 @@ def cross_entropy(data: Dataset) -> CrossEntropy:
     return CrossEntropy(data.x, data.y, data.num_classes)
 
 
-def _binary_signs(data: Dataset, owner: str) -> Float[Array, " n"]:
-    data = _check_dataset(data, owner)
+def binary_signs(data: Dataset, owner: str) -> Float[Array, " n"]:
+    data = check_dataset(data, owner)
     y = data.y
     if y.ndim == 2:
         if y.shape[1] != 1:
@@ -249,8 +249,8 @@ def exponential(data: Dataset) -> ExponentialLoss:
     Labels {0, 1} map to ỹ = 2y − 1; labels already in {−1, +1} are used as they are.
     The model must have one scalar output.
     """
-    x = _check_dataset(data, "exponential").x
-    return ExponentialLoss(x, _binary_signs(data, "exponential"))
+    x = check_dataset(data, "exponential").x
+    return ExponentialLoss(x, binary_signs(data, "exponential"))
 
 
 def logistic(data: Dataset) -> LogisticLoss:
@@ -258,8 +258,8 @@ def logistic(data: Dataset) -> LogisticLoss:
 
     Labels as for `exponential`. The model must have one scalar output.
     """
-    x = _check_dataset(data, "logistic").x
-    return LogisticLoss(x, _binary_signs(data, "logistic"))
+    x = check_dataset(data, "logistic").x
+    return LogisticLoss(x, binary_signs(data, "logistic"))
 
 
 def _penalized_leaves(params: PyTree, include_bias: bool) -> list[Array]:

@@ -6,22 +6,12 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array
 
-from ..symmetries._charges import _check_mlp
-from ..symmetries._laws import _mdot, gd_charge_drift, heavy_ball_charge_drift
+from .._validate import traced_scalar
+from ..symmetries._charges import check_mlp
+from ..symmetries._laws import charge_inner, gd_charge_drift, heavy_ball_charge_drift
 from ._monitors import AbstractMonitor
-
-
-def _scalar(name, value, low, high, low_open):
-    value = jnp.asarray(value, dtype=jnp.result_type(float))
-    ok = value.shape == () and bool(jnp.isfinite(value)) and bool(
-        (value > low if low_open else value >= low) & (value < high))
-    if not ok:
-        bound = f"({low}, {high})" if low_open else f"[{low}, {high})"
-        raise ValueError(f"`{name}` must be a number in {bound}, got {value!r}.")
-    return value
 
 
 class _ChargeLawMonitor(AbstractMonitor):
@@ -29,7 +19,7 @@ class _ChargeLawMonitor(AbstractMonitor):
     the symmetric loss, i.e. ∇(loss) − λw for a loss that includes (λ/2)‖w‖²."""
 
     def _parts(self, w, v, problem, weight_decay):
-        model = _check_mlp(problem.params(w), "params")
+        model = check_mlp(problem.params(w), "params")
         degree = model.activation.degree
         if degree is None or model.betas is not None:
             raise ValueError(
@@ -55,8 +45,8 @@ class GDChargeDrift(_ChargeLawMonitor):
     name: ClassVar[str] = "gd_charge_drift"
 
     def __init__(self, eta, weight_decay=0.0):
-        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
-        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
+        self.eta = traced_scalar(eta, "eta", low=0.0, strict=True)
+        self.weight_decay = traced_scalar(weight_decay, "weight_decay", low=0.0)
 
     def __call__(self, t, w, v, problem):
         model, _, grad, degree = self._parts(w, None, problem, self.weight_decay)
@@ -76,9 +66,9 @@ class HeavyBallChargeDrift(_ChargeLawMonitor):
     name: ClassVar[str] = "heavy_ball_charge_drift"
 
     def __init__(self, eta, beta, weight_decay=0.0):
-        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
-        self.beta = _scalar("beta", beta, 0.0, 1.0, False)
-        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
+        self.eta = traced_scalar(eta, "eta", low=0.0, strict=True)
+        self.beta = traced_scalar(beta, "beta", low=0.0, high=1.0)
+        self.weight_decay = traced_scalar(weight_decay, "weight_decay", low=0.0)
 
     def __call__(self, t, w, v, problem):
         if v is None:
@@ -100,14 +90,14 @@ class ChargeForcing(_ChargeLawMonitor):
     name: ClassVar[str] = "charge_forcing"
 
     def __init__(self, eta, beta=0.0, weight_decay=0.0):
-        self.eta = _scalar("eta", eta, 0.0, np.inf, True)
-        self.beta = _scalar("beta", beta, 0.0, 1.0, False)
-        self.weight_decay = _scalar("weight_decay", weight_decay, 0.0, np.inf, False)
+        self.eta = traced_scalar(eta, "eta", low=0.0, strict=True)
+        self.beta = traced_scalar(beta, "beta", low=0.0, high=1.0)
+        self.weight_decay = traced_scalar(weight_decay, "weight_decay", low=0.0)
 
     def __call__(self, t, w, v, problem):
         model, velocity, grad, degree = self._parts(w, v, problem, self.weight_decay)
-        gg = _mdot(grad, grad, degree)
-        vg = gg if velocity is None else _mdot(velocity, grad, degree)
+        gg = charge_inner(grad, grad, degree)
+        vg = gg if velocity is None else charge_inner(velocity, grad, degree)
         beta = self.beta if velocity is not None else 0.0
         return jnp.concatenate([self.eta**2 * (a - 2 * beta * b)
                                 for a, b in zip(gg, vg, strict=True)])

@@ -9,7 +9,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ..datasets._datasets import Dataset
-from ..losses._losses import _binary_signs, _check_dataset
+from ..losses._losses import binary_signs, check_dataset
 from ._monitors import AbstractMonitor, layer_arrays, layer_norms
 
 
@@ -27,9 +27,9 @@ class Margin(AbstractMonitor):
     name: str = "margin"
 
     def __init__(self, data: Dataset, name: str = "margin"):
-        data = _check_dataset(data, "Margin")
+        data = check_dataset(data, "Margin")
         self.x = data.x
-        self.signs = _binary_signs(data, "Margin")
+        self.signs = binary_signs(data, "Margin")
         self.name = name
 
     def __call__(self, t, w, v, problem):

@@ -17,7 +17,7 @@ from .._flows import (
     NesterovFlow,
     NewtonianFlow,
 )
-from .._flows._base import _integral
+from .._flows._base import gauss_integral
 from .._models import MLP
 from .._tree import sqnorm, vdot
 from ..symmetries._charges import linear_balance
@@ -25,7 +25,7 @@ from ..symmetries._generators import (
     AbstractGenerator,
     AbstractLinearGenerator,
     Rescaling,
-    _degree,
+    homogeneity_degree,
 )
 from ._monitors import AbstractIntegralMonitor, AbstractMonitor
 
@@ -103,7 +103,7 @@ class RescalingResiduals(AbstractMonitor):
         if not isinstance(m, MLP):
             raise ValueError("RescalingResiduals needs a dyn.MLP.")
         xi0 = Rescaling(1, 0)  # validates the activation (homogeneous, or trainable Swish)
-        p, _ = _degree(m, xi0.degree)
+        p, _ = homogeneity_degree(m, xi0.degree)
         out = []
         for h in range(m.depth - 1):
             wi, wo, fi, fo = m.weights[h], m.weights[h + 1], f.weights[h], f.weights[h + 1]
@@ -131,7 +131,7 @@ def _weight(flow, t):
     if isinstance(flow, HeavyBallFlow):
         return jnp.exp(flow.gamma * t)
     if isinstance(flow, GeneralFlow):
-        return jnp.exp(_integral(lambda s: flow.kappa1(s) / flow.kappa2(s), flow.t_ref, t))
+        return jnp.exp(gauss_integral(lambda s: flow.kappa1(s) / flow.kappa2(s), flow.t_ref, t))
     raise ValueError(
         f"ChargeLaw: no integrating factor exp(∫κ1/κ2) is known for {type(flow).__name__}; "
         "use GradientFlow, NewtonianFlow, NesterovFlow, HeavyBallFlow or GeneralFlow."

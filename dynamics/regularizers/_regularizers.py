@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Scalar
 
-from .._flows._base import _float_array
 from .._models import MLP
 from .._tree import is_concrete
+from .._validate import float_array
 
 Weights = Sequence[Array]
 
@@ -62,8 +62,8 @@ class Lpq(AbstractRegularizer):
     **Arguments:** `p`, `q`: exponents >= 1 (Saul's updates and flows need p, q >= 1).
     """
 
-    p: Array = eqx.field(converter=_float_array)
-    q: Array = eqx.field(converter=_float_array)
+    p: Array = eqx.field(converter=float_array)
+    q: Array = eqx.field(converter=float_array)
 
     def __check_init__(self):
         for name in ("p", "q"):

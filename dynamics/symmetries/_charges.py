@@ -12,7 +12,7 @@ from jaxtyping import Array
 from .._models import MLP, Identity, Swish
 
 
-def _check_mlp(model, name: str = "model") -> MLP:
+def check_mlp(model, name: str = "model") -> MLP:
     if not isinstance(model, MLP):
         raise ValueError(f"`{name}` must be a dyn.MLP, got {type(model).__name__}.")
     return model
@@ -28,7 +28,7 @@ def rescaling(model: MLP) -> tuple[Array, ...]:
     Table 4 for Swish, where β_i scales by (1+ε)^{−1}). Conserved by gradient flow.
     Leading batch axes on the weights (a saved trajectory) are kept.
     """
-    model = _check_mlp(model)
+    model = check_mlp(model)
     activation = model.activation
     trainable_swish = isinstance(activation, Swish) and model.betas is not None
     if activation.degree is None and not trainable_swish:
@@ -59,7 +59,7 @@ def linear_balance(model: MLP) -> tuple[Array, ...]:
     (Arora et al. 2018; Głuch & Urbanke Table 2, linear case). Conserved by gradient
     flow when the activation is the identity.
     """
-    model = _check_mlp(model)
+    model = check_mlp(model)
     if not isinstance(model.activation, Identity):
         raise ValueError(
             "`model` must be a linear network (activation=dyn.Identity()) for the "

@@ -21,7 +21,7 @@ from .._flows import AbstractFlow
 from .._models import MLP, Identity, Swish
 from .._random import normal
 from .._tree import is_concrete, leaves, partition, vdot
-from ._charges import _check_mlp
+from ._charges import check_mlp
 
 
 def _zeros(params: PyTree) -> PyTree:
@@ -96,20 +96,20 @@ class Rescaling(AbstractLinearGenerator):
         self.degree = _optional_degree(degree)
 
     def __call__(self, params):
-        model = _check_mlp(params, "params")
+        model = check_mlp(params, "params")
         _hidden_layer(model, self.layer, "Rescaling")
         if self.neuron >= model.widths[self.layer]:
             raise ValueError(
                 f"Rescaling: `neuron` = {self.neuron} but hidden layer {self.layer} has "
                 f"{model.widths[self.layer]} neurons (numbered from 0)."
             )
-        return _rescale(model, self.layer, self.neuron, *_degree(model, self.degree))
+        return _rescale(model, self.layer, self.neuron, *homogeneity_degree(model, self.degree))
 
     def charge(self, params):
         return vdot(params, self(params))
 
 
-def _degree(model: MLP, degree: float | None) -> tuple[float, bool]:
+def homogeneity_degree(model: MLP, degree: float | None) -> tuple[float, bool]:
     """(p, trainable Swish) of a rescaling generator on `model`; `degree` forces p."""
     trainable_swish = isinstance(model.activation, Swish) and model.betas is not None
     if degree is not None:
@@ -162,9 +162,9 @@ class LayerRescaling(AbstractLinearGenerator):
         self.degree = _optional_degree(degree)
 
     def __call__(self, params):
-        model = _check_mlp(params, "params")
+        model = check_mlp(params, "params")
         _hidden_layer(model, self.layer, "LayerRescaling")
-        return _rescale(model, self.layer, slice(None), *_degree(model, self.degree))
+        return _rescale(model, self.layer, slice(None), *homogeneity_degree(model, self.degree))
 
     def charge(self, params):
         return vdot(params, self(params))
@@ -197,7 +197,7 @@ class LinearLayer(AbstractLinearGenerator):
         self.A = _square("A", A)
 
     def __call__(self, params):
-        model = _check_mlp(params, "params")
+        model = check_mlp(params, "params")
         _hidden_layer(model, self.layer, "LinearLayer")
         if not isinstance(model.activation, Identity):
             raise ValueError(
@@ -243,7 +243,7 @@ class InputRotation(AbstractLinearGenerator):
         self.P = P
 
     def __call__(self, params):
-        model = _check_mlp(params, "params")
+        model = check_mlp(params, "params")
         if self.P.shape[0] != model.widths[0]:
             raise ValueError(
                 f"InputRotation: `P` must be {model.widths[0]}x{model.widths[0]} (the input "

@@ -44,7 +44,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike
 
 from .._models import MLP
-from ._charges import _check_mlp
+from ._charges import check_mlp
 
 
 def _blocks(tree: MLP, h: int) -> tuple[Array, Array]:
@@ -55,7 +55,7 @@ def _blocks(tree: MLP, h: int) -> tuple[Array, Array]:
     return jnp.concatenate(rows, axis=1), tree.weights[h + 1].T
 
 
-def _mdot(a: MLP, b: MLP, degree) -> tuple[Array, ...]:
+def charge_inner(a: MLP, b: MLP, degree) -> tuple[Array, ...]:
     """⟨a, b⟩_M = ⟨a_in, b_in⟩ − p⟨a_out, b_out⟩ per hidden neuron, one array per layer."""
     out = []
     for h in range(len(a.weights) - 1):
@@ -78,9 +78,9 @@ def heavy_ball_charge_drift(params: MLP, velocity: MLP | None, grad: MLP, eta, b
         velocity, beta = jax.tree.map(jnp.zeros_like, params), 0.0
     step = jax.tree.map(lambda v, g, x: beta * v - g - weight_decay * x, velocity, grad,
                         params)
-    linear = _mdot(params, velocity, degree)
-    q = _mdot(params, params, degree)
-    quadratic = _mdot(step, step, degree)
+    linear = charge_inner(params, velocity, degree)
+    q = charge_inner(params, params, degree)
+    quadratic = charge_inner(step, step, degree)
     return tuple(2 * eta * (beta * lin - weight_decay * qq) + eta**2 * quad
                  for lin, qq, quad in zip(linear, q, quadratic, strict=True))
 
@@ -95,20 +95,20 @@ def gd_charge_drift(grad: MLP, eta, degree, params: MLP | None = None,
         return heavy_ball_charge_drift(params, None, grad, eta, 0.0, degree, weight_decay)
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         raise ValueError("gd_charge_drift: pass `params` along with a `weight_decay`.")
-    return tuple(eta**2 * d for d in _mdot(grad, grad, degree))
+    return tuple(eta**2 * d for d in charge_inner(grad, grad, degree))
 
 
 def charge_start(params: MLP, velocity: MLP | None, eta) -> tuple[Array, Array, Array]:
     """(Q_0, Q_{−1}, S_{−1} = ⟨w_0, w_{−1}⟩_M) per hidden neuron, concatenated over
     layers, with w_{−1} = w_0 − η v_0 (v_0 = 0, or None, for GD or a start at rest): the
     initial state of `charge_closed_form`."""
-    model = _check_mlp(params, "params")
+    model = check_mlp(params, "params")
     degree = model.activation.degree
     w0 = eqx.filter(model, eqx.is_inexact_array)
     prev = w0 if velocity is None else jax.tree.map(
         lambda x, v: x - eta * v, w0, eqx.filter(velocity, eqx.is_inexact_array))
     prev = eqx.combine(prev, eqx.filter(model, eqx.is_inexact_array, inverse=True))
-    return tuple(jnp.concatenate(_mdot(a, b, degree))
+    return tuple(jnp.concatenate(charge_inner(a, b, degree))
                  for a, b in ((model, model), (prev, prev), (model, prev)))
 
 
