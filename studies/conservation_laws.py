@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 import dynamics as dyn
 from dynamics._random import normal
-from dynamics.symmetries._count import generic, random_alive_mlp
+from dynamics.symmetries._known import generic
+from dynamics.symmetries._random_nets import random_alive_mlp
 
 from ._common import folders, require_x64, save_figures, save_tree, say
 

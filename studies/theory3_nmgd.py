@@ -189,7 +189,7 @@ def _fig_least_squares(runs, pinv_norm) -> Figure:
                   label=LABELS.get(name, name) if seed == 0 else None,
                   ls="--" if name == "Halpern flow" else "-")
         ax_d.plot(it[1:], traj.monitors["distance_to_pinv"][1:] / pinv_norm, **kw)
-        ax_n.plot(it[1:], np.maximum(traj.monitors["null_space"][1:], 1e-17), **kw)
+        ax_n.plot(it[1:], np.maximum(traj.monitors["null_space_component"][1:], 1e-17), **kw)
     for ax in (ax_d, ax_n):
         ax.set_xscale("log")
         ax.set_yscale("log")

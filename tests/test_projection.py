@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import dynamics as dyn
-from dynamics._driver._actions import AbstractAction, ActingSolver, EveryTime
+from dynamics._driver._actions import AbstractAction, ActingSolver
+from dynamics._driver._triggers import EveryTime
 from dynamics._tree import sqnorm
 
 C = jnp.array([2.0, -1.0, 0.5])

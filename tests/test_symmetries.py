@@ -83,13 +83,13 @@ def test_charges_bad_input():
 # --- generators, check, conservation-law count (issue 7) ---------------------------------
 
 from dynamics.symmetries import LayerRescaling, LinearLayer, Rescaling  # noqa: E402
-from dynamics.symmetries._count import (  # noqa: E402
+from dynamics.symmetries._known import (  # noqa: E402
     _alive,
     _input_deficits,
     _patterns,
     generic,
-    random_alive_mlp,
 )
+from dynamics.symmetries._random_nets import random_alive_mlp  # noqa: E402
 
 
 def test_check_flags_false_symmetries_and_passes_true_ones():

@@ -136,7 +136,7 @@ def test_halpern_null_space_closed_form_and_independence_of_start():
         model = dyn.MLP((6, 1), activation=dyn.Identity(), bias=False, key=jax.random.key(seed))
         h = dyn.simulate(dyn.HalpernFlow(0.5), model, loss, t1=400.0, ts=ts, monitors=mon,
                          stepsize_controller=TIGHT)
-        null = h.monitors["null_space"]
+        null = h.monitors["null_space_component"]
         expected = null[0] * np.exp(-2.0 * (np.sqrt(1.0 + np.asarray(ts)) - 1.0))
         # A closed form against a 1e-12 solve; the atol covers the roundoff floor near 0.
         np.testing.assert_allclose(null, expected, rtol=1e-8, atol=1e-13)
@@ -144,7 +144,7 @@ def test_halpern_null_space_closed_form_and_independence_of_start():
         if seed == 0:  # gradient flow keeps the start's null-space part exactly
             gf = dyn.simulate(dyn.GradientFlow(), model, loss, t1=400.0, ts=ts, monitors=mon,
                               stepsize_controller=TIGHT)
-            np.testing.assert_allclose(gf.monitors["null_space"], null[0], rtol=1e-9)
+            np.testing.assert_allclose(gf.monitors["null_space_component"], null[0], rtol=1e-9)
     finals = np.array(finals)
     # Three starts agree to 1e-6 at t = 400 (the claim): the start is forgotten as
     # exp(−∫λ) ~ 1e-17, and what is left is the same for all.
@@ -291,8 +291,8 @@ def test_nmgd_reaches_the_pseudo_inverse_and_gd_does_not(underdetermined):
             w_gd = np.asarray(gd.final_params.weights[0]).ravel()
             # GD converges to a solution but keeps the start's null-space part exactly.
             np.testing.assert_allclose(x @ w_gd, y.ravel(), atol=1e-10)
-            np.testing.assert_allclose(gd.monitors["null_space"], gd.monitors["null_space"][0],
-                                       rtol=1e-10)
+            null = gd.monitors["null_space_component"]
+            np.testing.assert_allclose(null, null[0], rtol=1e-10)
             assert np.linalg.norm(w_gd - pinv) > 0.3 * np.linalg.norm(pinv)
         # n0 = 100: the start is not erased; the null-space part shrinks by exactly
         # Π_{n=100}^{n0+k-1} (1 − n^(-a)) (P∇L = 0), here e^(−11) after 20,000 steps.
@@ -300,7 +300,7 @@ def test_nmgd_reaches_the_pseudo_inverse_and_gd_does_not(underdetermined):
                                save_every=5_000, monitors=mon)
         n = np.arange(100, 100 + 20_000)
         factor = np.concatenate([[1.0], np.cumprod(1.0 - n**-0.9)[5_000 - 1::5_000]])
-        null = run.monitors["null_space"]
+        null = run.monitors["null_space_component"]
         # A product of 20,000 factors against the iterates: roundoff grows like √k ulps.
         np.testing.assert_allclose(null, null[0] * factor, rtol=1e-9, atol=1e-15)
         finals[seed] = np.asarray(run.final_params.weights[0]).ravel()

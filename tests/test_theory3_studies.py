@@ -43,13 +43,15 @@ def test_theory3_nmgd_quick(tmp_path):
     for seed in range(3):
         gd = tree[f"least_squares/gd_seed{seed}"].to_dataset()
         # GD never touches the null-space part (to roundoff over 2,000 steps) ...
-        null = np.asarray(gd["null_space"])
+        null = np.asarray(gd["null_space_component"])
         np.testing.assert_allclose(null, null[0], rtol=1e-10)
         # ... NMGD from the paper's n0 = 1 erases it at its first step, and from n0 = 100
         # shrinks it by Π(1 − n^(-0.9)) ≈ 0.01 over 2,000 steps.
-        erased = np.asarray(tree[f"least_squares/nmgd_n01_seed{seed}"].to_dataset()["null_space"])
+        erased = np.asarray(
+            tree[f"least_squares/nmgd_n01_seed{seed}"].to_dataset()["null_space_component"])
         assert erased[1:].max() < 1e-13  # (index 0 is the start itself)
-        kept = np.asarray(tree[f"least_squares/nmgd_n0100_seed{seed}"].to_dataset()["null_space"])
+        kept = np.asarray(
+            tree[f"least_squares/nmgd_n0100_seed{seed}"].to_dataset()["null_space_component"])
         assert kept[-1] < 0.02 * kept[0]
     gd, nm = (tree[f"perturbed/{k}"].to_dataset() for k in ("gd", "nmgd"))
     # Perturb and retrain: GD returns to zero training loss before each perturbation and its

@@ -118,7 +118,7 @@ def test_energy_rate_is_the_preconditioned_descent_of_theorem_5():
 def _closed_and_implicit(reg, w, e):
     closed = dyn.WeightBalancingFlow(reg, LAM).vector_field(0.0, w, e)
     # The same R through the generic path: the lineax solve with H(ω) (eq. 24).
-    implicit = dyn.WeightBalancingFlow(dyn.regularizers.Function(reg), LAM)
+    implicit = dyn.WeightBalancingFlow(dyn.regularizers.FromFunction(reg), LAM)
     return closed, implicit.vector_field(0.0, w, e)
 
 

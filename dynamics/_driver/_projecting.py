@@ -8,18 +8,11 @@ import jax.numpy as jnp
 from .._problem import Problem
 from .._projection import AbstractProjection, AbstractSchedule, OnEvent
 from .._tree import partition
-from ._actions import (
-    AbstractAction,
-    ActingSolver,
-    CrossingTrigger,
-    EverySteps,
-    EveryTime,
-    LandOnEvent,
-    LandOnGrid,
-    OnCondition,
-)
+from ._actions import AbstractAction, ActingSolver
+from ._controllers import LandOnEvent, LandOnGrid
 from ._hooks import AbstractSwitchedField
 from ._layout import StateLayout
+from ._triggers import CrossingTrigger, EverySteps, EveryTime, OnCondition
 
 
 class ProjectAction(AbstractAction):

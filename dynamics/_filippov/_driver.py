@@ -13,20 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._driver._actions import (
-    ACTION_ROOT_FINDER,
-    AbstractAction,
-    AbstractExactTrigger,
-    ActingSolver,
-    LandOnEvent,
-)
+from .._driver._actions import ACTION_ROOT_FINDER, AbstractAction, ActingSolver
+from .._driver._controllers import LandOnEvent
 from .._driver._hooks import AbstractNonsmooth, AbstractSwitchedField
 from .._driver._terms import partitioned
+from .._driver._triggers import AbstractExactTrigger
 from .._models import MLP
+from .._surfaces import Surfaces, data_term_index, is_piecewise_linear, pair_location
 from .._validate import positive_int
 from ..solvers._base import AbstractFlowSolver
 from ._state import FilippovStall, Linearisation
-from ._surfaces import Surfaces, data_term_index, is_piecewise_linear, pair_location
 from ._switching import Switching
 
 # What a Filippov solve records at every save (`FilippovField.record`).
@@ -62,7 +58,7 @@ class Filippov(AbstractNonsmooth):
     The trajectory gains the monitors `crossings`, `sliding_entries`, `sliding_exits`
     (cumulative counts), `sliding_pairs` (the flat indices of the sliding pairs at each
     save, -1 for an empty slot; `Filippov.pair(p, model, loss)` names a pair) and
-    `sliding_overflow`. `dyn.monitors.ActivePattern()` records the fraction of active
+    `sliding_overflow`. `dyn.monitors.ActiveFraction()` records the fraction of active
     pairs per hidden layer.
     """
 

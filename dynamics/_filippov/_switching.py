@@ -37,8 +37,8 @@ import lineax as lx
 from jaxtyping import Array
 
 from .._problem import Problem
+from .._surfaces import Surfaces
 from ._state import FilippovState, Linearisation
-from ._surfaces import Surfaces
 
 
 def _iterate(step: Callable, s: Array, max_iter: int) -> tuple[Array, Array, Array]:

@@ -1,5 +1,9 @@
-"""Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ..."""
+"""Monitors recorded inside the solve: `dyn.monitors.Loss()`, `Energy()`, ...
 
+Each records under a name that is its class name in snake case (`GradNorm` ->
+`grad_norm`), unless the user names it (`Function`, `ChargeLaw`, ...)."""
+
+from .._deprecation import deprecated_names
 from ._balance import Imbalance as Imbalance, LpqNorm as LpqNorm
 from ._charge_laws import (
     ChargeForcing as ChargeForcing,
@@ -21,7 +25,7 @@ from ._monitors import (
     Loss as Loss,
     RescalingCharges as RescalingCharges,
 )
-from ._pattern import ActivePattern as ActivePattern
+from ._pattern import ActiveFraction as ActiveFraction
 from ._symmetry import (
     AngularMomentum as AngularMomentum,
     ChargeLaw as ChargeLaw,
@@ -31,3 +35,7 @@ from ._symmetry import (
     RescalingResiduals as RescalingResiduals,
     SymmetryResidual as SymmetryResidual,
 )
+
+__getattr__ = deprecated_names("dynamics.monitors", {
+    "ActivePattern": ("ActiveFraction", ActiveFraction),  # its record was `active_fraction`
+})

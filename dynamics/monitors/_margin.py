@@ -62,7 +62,7 @@ class NullSpaceComponent(AbstractMonitor):
     """
 
     projector: Float[Array, "d d"]
-    name: ClassVar[str] = "null_space"
+    name: ClassVar[str] = "null_space_component"
 
     def __init__(self, x):
         x = np.asarray(x, dtype=np.float64)

@@ -2,12 +2,12 @@
 
 from typing import ClassVar
 
-from .._filippov._surfaces import Surfaces, data_term_index
 from .._models import MLP
+from .._surfaces import Surfaces, data_term_index
 from ._monitors import AbstractMonitor
 
 
-class ActivePattern(AbstractMonitor):
+class ActiveFraction(AbstractMonitor):
     """Fraction of (example, unit) pairs with a positive pre-activation, per hidden
     layer, on the inputs of the loss (a data loss of `dyn.losses`): how much of a ReLU
     network is switched on along a run. One value per hidden layer."""
@@ -18,14 +18,14 @@ class ActivePattern(AbstractMonitor):
         model = problem.params(w)
         if not isinstance(model, MLP):
             raise ValueError(
-                f"ActivePattern: needs a dyn.MLP, got {type(model).__name__}."
+                f"ActiveFraction: needs a dyn.MLP, got {type(model).__name__}."
             )
         if data_term_index(problem.user_loss) is None:
             raise ValueError(
-                "ActivePattern: reads the inputs of the loss, which must be a data loss "
+                "ActiveFraction: reads the inputs of the loss, which must be a data loss "
                 "of dyn.losses (mse, cross_entropy, exponential, logistic), alone or plus "
                 f"penalties; got {type(problem.user_loss).__name__}."
             )
         if model.depth < 2:
-            raise ValueError("ActivePattern: the MLP has no hidden layer.")
+            raise ValueError("ActiveFraction: the MLP has no hidden layer.")
         return Surfaces(problem.user_loss, model).active_fraction(model)

@@ -116,9 +116,9 @@ class Lpq(AbstractRegularizer):
         return (self.q * self(weights)) ** (1.0 / self.q)
 
 
-class Function(AbstractRegularizer):
+class FromFunction(AbstractRegularizer):
     """Any differentiable regularizer given as a function `fn(weights) -> scalar` of the
-    tuple of weight matrices, e.g. `Function(lambda ws: sum(jnp.sum(w**4) for w in ws))`."""
+    tuple of weight matrices, e.g. `FromFunction(lambda ws: sum(jnp.sum(w**4) for w in ws))`."""
 
     fn: Callable[[Weights], Scalar]
 
@@ -138,7 +138,7 @@ def as_regularizer(regularizer, name: str = "regularizer") -> AbstractRegularize
     if isinstance(regularizer, AbstractRegularizer):
         return regularizer
     if callable(regularizer):
-        return Function(regularizer)
+        return FromFunction(regularizer)
     raise ValueError(
         f"`{name}` must be a dyn.regularizers object (e.g. dyn.regularizers.Lpq(2, 2)) or "
         f"a function of the tuple of weight matrices, got {type(regularizer).__name__}."

@@ -7,7 +7,6 @@ from ._count import (
     ConservationLawCount as ConservationLawCount,
     count_conservation_laws as count_conservation_laws,
     independent_functions as independent_functions,
-    known_count as known_count,
 )
 from ._generators import (
     AbstractGenerator as AbstractGenerator,
@@ -19,3 +18,4 @@ from ._generators import (
     TimeTranslation as TimeTranslation,
     check as check,
 )
+from ._known import known_count as known_count

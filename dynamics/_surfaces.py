@@ -15,8 +15,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._models import MLP, LeakyReLU, ReLU
-from ..losses._losses import (
+from ._models import MLP, LeakyReLU, ReLU
+from .losses._losses import (
     AbstractLoss,
     CrossEntropy,
     ExponentialLoss,

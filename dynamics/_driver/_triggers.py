@@ -1,0 +1,181 @@
+"""When an action fires inside a solve (`_actions.ActingSolver`): every k steps, on a
+time grid, when a condition turns, or exactly where switching functions cross zero
+(root-found on the step's dense output)."""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, PyTree
+
+
+class AbstractTrigger(eqx.Module):
+    """When an action is due, judged at the end of each step."""
+
+    def init(self, t0, y0: PyTree) -> PyTree:
+        return None
+
+    @abc.abstractmethod
+    def fires(self, t0, t1, y0, y1, state) -> tuple[Any, PyTree]:
+        """(fire now?, new trigger state) for the step [t0, t1] from y0 to y1."""
+
+    def reset(self, t1, y1, state) -> PyTree:
+        """The trigger state after an action moved the state to y1."""
+        return state
+
+
+class EverySteps(AbstractTrigger):
+    """Every `k` accepted steps (k = 1: every step, decided at trace time)."""
+
+    k: int = eqx.field(static=True)
+
+    def init(self, t0, y0):
+        return jnp.array(0)
+
+    def fires(self, t0, t1, y0, y1, state):
+        if self.k == 1:
+            return True, state
+        count = state + 1
+        fire = count >= self.k
+        return fire, jnp.where(fire, 0, count)
+
+
+class EveryTime(AbstractTrigger):
+    """At the grid times start + j·period, j = 1, 2, ...
+
+    `exact`: the controller lands on the grid (`LandOnGrid`), and the action fires on the
+    step that ends there. Otherwise (constant steps) it fires on the step end nearest to
+    the grid time, within half a step.
+    """
+
+    start: Array
+    period: Array
+    exact: bool = eqx.field(static=True)
+
+    def init(self, t0, y0):
+        return jnp.array(1)
+
+    def fires(self, t0, t1, y0, y1, state):
+        due = self.start + state * self.period
+        slack = 0.0 if self.exact else 0.5 * (t1 - t0)
+        fire = t1 >= due - slack
+        return fire, state + jnp.where(fire, 1, 0)
+
+
+class OnCondition(AbstractTrigger):
+    """When a condition c(t, y) crosses zero during a step (real c, in `direction`:
+    True upwards, False downwards, None either way), or is True at its end (boolean c).
+    The crossing is judged at the step ends: the action fires at the end of the step in
+    which c changed sign."""
+
+    condition: Callable
+    direction: bool | None = eqx.field(static=True)
+    real: bool = eqx.field(static=True)
+
+    def init(self, t0, y0):
+        return self.condition(t0, y0)
+
+    def fires(self, t0, t1, y0, y1, state):
+        c0, c1 = state, self.condition(t1, y1)
+        if not self.real:
+            return c1, c1
+        up = (c0 < 0) & (c1 >= 0)
+        down = (c0 > 0) & (c1 <= 0)
+        fire = {True: up, False: down, None: up | down}[self.direction]
+        return fire, c1
+
+    def reset(self, t1, y1, state):
+        return self.condition(t1, y1)
+
+
+# An exact trigger's crossing is acted on at the end of a step only if it lies within
+# this fraction of the step from the end; earlier, the step is retried to end just past
+# it. The action may use the gap t1 − t_event ≤ margin·h for a first-order correction
+# (the Filippov action does), whose error is O((margin·h)²): below 1e-12·h².
+_END_MARGIN = 1e-6
+
+
+class AbstractExactTrigger(AbstractTrigger):
+    """A trigger whose switching functions φ(t, y) are root-found inside the step.
+
+    A component fires when it goes from φ ≥ 0 to φ < 0. The step's dense output is
+    sampled at `samples` points, the first sample interval where an eligible component
+    went negative is root-found to ~1e-13 in t (the solver's `root_finder`, Illinois
+    in `simulate`), and the step is then
+    either retried to end just past the crossing (`LandOnEvent` reads the request) or,
+    when the crossing lies within `_END_MARGIN` of its end, acted on there. Components
+    negative at the start of a step (just switched, a few ulps on the wrong side) are
+    not eligible in it: the state carries the eligibility mask.
+    """
+
+    samples: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def values(self, t, y, state, args=None) -> Array:
+        """φ(t, y), a vector (or scalar) of switching values; `args` those of the step
+        (`step_args`), or None outside a step."""
+
+    def step_args(self, t0, y0, aux, previous=None):
+        """The `args` the wrapped solver's step (its field evaluations) and this
+        trigger's values see: data computed once per step at its start (the Filippov
+        mode's linearised multiplier system); by default the action's `aux`.
+        `previous`: what it returned for the last accepted step (or after the last
+        action), to start from; None at t0."""
+        return aux
+
+    def init(self, t0, y0):
+        return jnp.atleast_1d(self.values(t0, y0, None)) >= 0
+
+    def fires(self, t0, t1, y0, y1, state):
+        raise NotImplementedError("an exact trigger is located, not polled")
+
+    def reset(self, t1, y1, state, args=None):
+        return jnp.atleast_1d(self.values(t1, y1, state, args)) >= 0
+
+    def locate(self, t0, t1, interp, state, root_finder, args=None):
+        """(t_c, next state): the earliest crossing in (t0, t1] (inf if none) and the
+        eligibility for the next step if the step is accepted without an action."""
+        frac = jnp.arange(1, self.samples + 1, dtype=jnp.result_type(t0)) / self.samples
+        ts = t0 + (t1 - t0) * frac
+        # lax.map, not vmap: a switching function may branch (the Filippov multipliers
+        # are solved only while pairs slide), and under vmap both branches would run.
+        phi = jax.lax.map(
+            lambda t: jnp.atleast_1d(self.values(t, interp.evaluate(t), state, args)), ts)
+        crossed = (phi < 0) & state
+        any_j = crossed.any(axis=1)
+        j = jnp.argmax(any_j)
+        lo = jnp.where(j == 0, t0, ts[jnp.maximum(j - 1, 0)])
+        hi = ts[j]
+        which = crossed[j]
+
+        def psi(t, _):
+            vals = jnp.atleast_1d(self.values(t, interp.evaluate(t), state, args))
+            return jnp.min(jnp.where(which, vals, jnp.inf)), None
+
+        def find():
+            sol = optx.root_find(psi, root_finder, hi, has_aux=True,
+                                 options=dict(lower=lo, upper=hi), throw=False,
+                                 max_steps=256)
+            return sol.value
+
+        found = any_j.any()
+        t_c = jax.lax.cond(found, find, lambda: jnp.asarray(jnp.inf, hi.dtype))
+        return t_c, phi[-1] >= 0
+
+
+class CrossingTrigger(AbstractExactTrigger):
+    """When a real condition c(t, y) crosses zero, at the root-found time: upwards
+    (`direction` True), downwards (False) or either way (None)."""
+
+    condition: Callable
+    direction: bool | None = eqx.field(static=True)
+    samples: int = eqx.field(static=True, default=4)
+
+    def values(self, t, y, state, args=None):
+        c = jnp.asarray(self.condition(t, y))
+        # -c fires when c goes up through 0, c when it goes down.
+        return {True: -c[None], False: c[None], None: jnp.stack([c, -c])}[self.direction]
