@@ -3,8 +3,8 @@
 `gap` integrates a flow from a discrete run's initial state to the run's own save times
 (by `simulate` at a tight tolerance) and compares; `gap_order` repeats that over step
 sizes at a fixed flow time and fits the order p of ‖w_k − w(t_k)‖ = C hᵖ with a 95%
-confidence interval. Backward-error analysis (DESIGN.md, "Discrete versus continuous")
-predicts p = 1 for GD against gradient flow and p = 2 against its modified flow.
+confidence interval. Backward-error analysis predicts p = 1 for GD against gradient flow
+and p = 2 against its modified flow.
 """
 
 import warnings

@@ -36,7 +36,7 @@ class AbstractFlow(eqx.Module):
 
     @abc.abstractmethod
     def energy(self, t: ArrayLike, w: PyTree, v: PyTree | None, loss: Loss) -> Scalar:
-        """The flow's energy-like quantity (DESIGN.md, catalogue table)."""
+        """The flow's energy-like quantity (the catalogue table's last column)."""
 
     @abc.abstractmethod
     def energy_rate(self, t: ArrayLike, w: PyTree, v: PyTree | None, loss: Loss) -> Scalar:

@@ -7,7 +7,7 @@ whose gradient is taken at the position itself, L(w_k) and ∇L(w_k) from the sa
 `LossCarryingEuler` does), so n steps cost n + 1 gradient evaluations and the loss at
 every iterate is free.
 
-The table (DESIGN.md, "Discrete versus continuous"):
+The algorithms and their flows:
 
 | algorithm | update | flow | Δt per step |
 | GD | w ← w − η∇L | GF | η |
@@ -65,7 +65,7 @@ class AbstractDiscreteAlgorithm(eqx.Module):
     """A discrete optimizer that knows the flow it discretises and its time map.
 
     - `time_step`: the flow time Δt of one iteration (t_k = k Δt).
-    - `flow`: the continuous counterpart (DESIGN.md table).
+    - `flow`: the continuous counterpart (the module docstring's table).
     - `init(w, v, value_and_grad)`: the state at k = 0; `v` is the initial velocity in
       flow time (None for first-order algorithms, or to start at rest).
     - `step(k, state, value_and_grad)`: state k → state k + 1.

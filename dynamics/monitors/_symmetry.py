@@ -148,10 +148,10 @@ class ChargeLaw(AbstractIntegralMonitor):
         d/dt (μ J) = μ ⟨ẇ, A ẇ⟩,   i.e.   C = μ(t)⟨ẇ, A w⟩ − ∫_{t0}^t μ⟨ẇ, A ẇ⟩ ds
 
     is constant (derived here, checked numerically in tests/test_symmetry_monitors.py).
-    For A symmetric J = Q̇ with Q = ½⟨w, A w⟩, which is κ2 Q̈ + κ1 Q̇ = κ2⟨ẇ, A ẇ⟩ of
-    DESIGN.md; for A antisymmetric (`InputRotation`) the integrand vanishes and μJ (the
-    angular momentum, times t³ for Nesterov) is itself conserved. μ: 1 (ND), t^r
-    (Nesterov: t³⟨w, Aẇ⟩ − ∫ t³⟨ẇ, Aẇ⟩ dt), e^{γt} (heavy ball). For gradient flow
+    For A symmetric J = Q̇ with Q = ½⟨w, A w⟩, which is the charge law
+    κ2 Q̈ + κ1 Q̇ = κ2⟨ẇ, A ẇ⟩; for A antisymmetric (`InputRotation`) the integrand
+    vanishes and μJ (the angular momentum, times t³ for Nesterov) is itself conserved.
+    μ: 1 (ND), t^r (Nesterov: t³⟨w, Aẇ⟩ − ∫ t³⟨ẇ, Aẇ⟩ dt), e^{γt} (heavy ball). For gradient flow
     (κ2 = 0) the recorded value is Q = ½⟨w, A w⟩ itself, constant when ξ is a symmetry.
     """
 

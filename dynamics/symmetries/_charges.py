@@ -23,8 +23,8 @@ def rescaling(model: MLP) -> tuple[Array, ...]:
 
         Q_i = b_i² + ‖W_h[i, :]‖² − p ‖W_{h+1}[:, i]‖²   (− β_i² for trainable Swish)
 
-    from the generator in ×(1+ε), out ×(1+ε)^{−p} of a p-homogeneous unit (DESIGN.md,
-    "Symmetries and charges"; Głuch & Urbanke Table 2 for p = 1, Table 3 for x^p, and
+    from the generator in ×(1+ε), out ×(1+ε)^{−p} of a p-homogeneous unit (Głuch &
+    Urbanke Table 2 for p = 1, Table 3 for x^p, and
     Table 4 for Swish, where β_i scales by (1+ε)^{−1}). Conserved by gradient flow.
     Leading batch axes on the weights (a saved trajectory) are kept.
     """

@@ -114,11 +114,12 @@ def _level_values(w, static, x, key, level: int, samples: int, forward: Callable
 # identity) as traced values. Masked parameters get zero gradient and every bracket is zero
 # on them, so the rank is that of the real network; padded samples get zero bracket
 # coefficients. One compiled function per (bucket, bracket level) serves every
-# architecture in the bucket: the 100 random architectures of the issue compile 3–4.
+# architecture in the bucket: the 100 random architectures of the conservation-laws study
+# compile 3–4.
 
 _DEPTHS = (4, 8, 16)
 # One width bucket up to 12 (not 4, 8, 12): the padded net is still tiny, and every
-# architecture of the issue (widths 2–9) then shares one compiled function per level.
+# architecture of that study (widths 2–9) then shares one compiled function per level.
 _WIDTHS = (12, 16, 24, 32, 48, 64)
 
 

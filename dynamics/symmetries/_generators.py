@@ -3,8 +3,8 @@
 A generator is a map w ↦ ξ(w) (a pytree shaped like the model, zero on the parameters it
 does not move) with ⟨∇L(w), ξ(w)⟩ = 0 for every w when it is a symmetry of L. All the
 generators here are linear, ξ(w) = A w, which is what the charge laws need (`ChargeLaw`).
-For A symmetric the gradient-flow charge is ⟨w, A w⟩ (twice Q = ½⟨w, A w⟩ of DESIGN.md,
-to match `dyn.charges.rescaling`).
+For A symmetric the gradient-flow charge is ⟨w, A w⟩ (twice the Noether charge
+Q = ½⟨w, A w⟩, to match `dyn.charges.rescaling`).
 """
 
 import abc
@@ -69,7 +69,7 @@ class AbstractGenerator(eqx.Module):
 
 class AbstractLinearGenerator(AbstractGenerator):
     """Marker: ξ is linear in w, ξ(w) = A w, so it applies to velocities as well and the
-    charge law κ2 Q̈ + κ1 Q̇ = κ2 ⟨ẇ, A ẇ⟩ of Q = ½⟨w, A w⟩ holds (DESIGN.md)."""
+    charge law κ2 Q̈ + κ1 Q̇ = κ2 ⟨ẇ, A ẇ⟩ of Q = ½⟨w, A w⟩ holds (see `ChargeLaw`)."""
 
 
 class Rescaling(AbstractLinearGenerator):
