@@ -24,7 +24,8 @@ pattern frozen between located crossings, Filippov's sliding field on the kinks)
 reference is Dopri8 in that mode; `--max-steps` gives every run a step budget (plain
 solvers chatter on the kinks at tight tolerances and would run for hours; a run out of
 budget has not reached its tolerance). The mode's cost grows with examples × hidden units
-(README), so the ReLU comparison uses a smaller net (`--widths 64-16-10 --examples 256`).
+(docs/benchmarks.md), so the ReLU comparison uses a smaller net (`--widths 64-16-10
+--examples 256`).
 
 Each method runs over the tolerances 10^-3 ... 10^-tmax (`--tmax`); its error is the max
 norm of w(T) against a reference (Dopri8 through `simulate` at rtol = atol = `--ref-tol`;
@@ -33,8 +34,8 @@ The time a method needs for a target error is read off its (error, time) curve b
 interpolation in log-log between the two tolerances that bracket the target (the first
 crossing from the loose end); a method that never gets below the target is "not reached".
 Targets: `dynamics`' best >= 1.5x faster than scipy's best and >= 1x torchdiffeq's best at
-every accuracy both reach. Times are the minimum over `--wp-repeats` runs (the issue's
-"minimum wall time over repeats"), one method after another.
+every accuracy both reach. Times are the minimum over `--wp-repeats` runs (the minimum
+wall time over repeats), one method after another.
 """
 
 import os

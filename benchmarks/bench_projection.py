@@ -1,5 +1,5 @@
 """Cost of a projection inside `simulate`: `ChargeProjection` every step, `MinNormFix`
-every 50 steps (issue 6's targets).
+every 50 steps (targets 1.2× and 1.5× the plain run).
 
 Problem: MLP 64-64-10 (ReLU, biases; 4,810 parameters) on the first 512 digits (option
 --examples; fewer examples make a step cheaper and the projection's share larger) with

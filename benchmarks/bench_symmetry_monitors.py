@@ -1,5 +1,5 @@
 """Cost of monitoring every per-neuron charge and residual of a 64-200-200-200-10 ReLU MLP
-at every saved step, against the same run with the loss monitor alone (issue 7 target:
+at every saved step, against the same run with the loss monitor alone (target:
 at most 1.3x).
 
 Gradient flow, fixed-step Euler (200 steps, a save at every step), 512 digits, float64.

@@ -1,4 +1,4 @@
-"""The float32 subset (issue 12): the package end to end in JAX's default precision.
+"""The float32 subset: the package end to end in JAX's default precision.
 
 Run by `make test` as `DYNAMICS_FLOAT32=1 pytest -n 2 -m float32 tests/test_float32.py`;
 skipped in the float64 run. The default controller in float32 is rtol = 1e-5,
@@ -37,7 +37,7 @@ def test_real_events_float32():
     """LossBelow: L = e^{-2t} under GF from (1, 1), so L = 0.1 at t* = ½ ln 10. NormAbove:
     ẇ = w from (1, 1) reaches ‖w‖ = 10 at t* = ln(10/√2). Condition: t − 0.7 = 0. The
     root finder's tolerance follows the dtype (4 ulps of t in float32); a 1e-13
-    tolerance here ran the root find out of steps before issue 12."""
+    tolerance here ran the root find out of steps before the tolerance followed the dtype."""
     gf = dyn.GradientFlow()
     traj = dyn.simulate(gf, W0, quad, t1=5.0, events=dyn.events.LossBelow(0.1))
     assert traj.event == "loss_below" and traj.success

@@ -1,5 +1,5 @@
 """`dyn.gap` / `dyn.gap_order`: the gap against scipy's DOP853, the fitted orders that
-backward-error analysis predicts (DESIGN.md, "Discrete versus continuous"), compile-once
+backward-error analysis predicts (docs/guides/discrete.md), compile-once
 sweeps, and bad input. Smooth problem: log-cosh regression on 3 parameters."""
 
 import equinox as eqx

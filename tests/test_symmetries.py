@@ -80,7 +80,7 @@ def test_charges_bad_input():
         dyn.charges.rescaling(jnp.ones(3))
 
 
-# --- generators, check, conservation-law count (issue 7) ---------------------------------
+# --- generators, check, conservation-law count ------------------------------------------
 
 from dynamics.symmetries import LayerRescaling, LinearLayer, Rescaling  # noqa: E402
 from dynamics.symmetries._known import (  # noqa: E402

@@ -1,4 +1,4 @@
-"""Issue 12: the mistakes a new user makes, each answered by a ValueError that names the
+"""The mistakes a new user makes, each answered by a ValueError that names the
 argument (or by doing the right thing), and the silent wrong results it found.
 
 Few solves, all on one tiny quadratic, so this file compiles little."""
@@ -219,7 +219,7 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     assert target.read_text() == "x"
 
 
-# ---- more new-user mistakes (issue 12, "a dozen more") ----------------------------------
+# ---- more new-user mistakes ("a dozen more") --------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(monitors=dyn.monitors.Loss), r"did you mean Loss\(\)"),
