@@ -4,6 +4,7 @@
   per file (a later block sees the names an earlier one made), in a fresh temporary
   working directory, in float64 (conftest). A block is skipped when the line before it
   is an HTML comment `<!-- docs-test: skip (why) -->`: slow runs, or files a user gives.
+  `CHECKS` adds assertions on a page's namespace where its text makes claims (the tour).
 - Every name a public namespace exports (`from ._x import Y as Y` in `dynamics/__init__.py`
   and in each `dynamics/<namespace>`) has a `::: dynamics.<namespace>.Y` directive in
   docs/api/, so the API reference cannot forget a new name.
@@ -16,6 +17,7 @@ import pkgutil
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import dynamics
@@ -23,7 +25,7 @@ import dynamics
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SKIP = "<!-- docs-test: skip"
-_FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^`]*)$")
+_FENCE = re.compile(r"^(?P<indent> *)(?P<ticks>`{3,})(?P<info>[^`]*)$")
 
 
 def code_blocks(path: Path) -> list[tuple[int, str, bool]]:
@@ -35,9 +37,9 @@ def code_blocks(path: Path) -> list[tuple[int, str, bool]]:
         if m is None:
             i += 1
             continue
-        indent, info = m["indent"], m["info"].strip()
+        indent, ticks, info = m["indent"], m["ticks"], m["info"].strip()
         end = i + 1
-        while end < len(lines) and lines[end].rstrip() != f"{indent}```":
+        while end < len(lines) and lines[end].rstrip() != f"{indent}{ticks}":
             end += 1
         if info.split(" ")[0] == "python":
             before = next((s.strip() for s in reversed(lines[:i]) if s.strip()), "")
@@ -54,6 +56,19 @@ def _pages() -> list[Path]:
 RUNNABLE = [p for p in _pages() if any(not skip for _, _, skip in code_blocks(p))]
 
 
+def _check_tour(ns):
+    # The README's claims about its tour: the loss falls, and gradient flow keeps the
+    # rescaling charges of a ReLU net (rtol = atol = 1e-6 leaves ~3e-6, measured).
+    traj = ns["traj"]
+    assert traj.ts.shape == (11,) and traj.monitors["loss"][-1] < traj.monitors["loss"][0]
+    q = traj.monitors["rescaling_charges"]
+    np.testing.assert_allclose(q, np.broadcast_to(q[0], q.shape), atol=1e-4)
+
+
+# What a page's code claims beyond running, checked on its namespace afterwards.
+CHECKS = {"README.md": _check_tour}
+
+
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples write results/ where they run
@@ -62,6 +77,9 @@ def test_code_blocks_run(path, tmp_path, monkeypatch):
         if not skip:
             # Padded so that a traceback names the line of the page.
             exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+    check = CHECKS.get(str(path.relative_to(ROOT)))
+    if check is not None:
+        check(namespace)
 
 
 def public_namespaces() -> list[str]:
