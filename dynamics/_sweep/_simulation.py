@@ -114,8 +114,10 @@ def _same_values(a, b) -> bool:
         if x is y:
             continue
         if _is_array(x) or _is_array(y):
+            # `.dtype`, not np.result_type: that converts a jax array to a dtype
+            # implicitly, deprecated in NumPy (a DeprecationWarning per leaf and cell).
             if not (_is_array(x) and _is_array(y)) or np.shape(x) != np.shape(y) \
-                    or np.result_type(x) != np.result_type(y) \
+                    or x.dtype != y.dtype \
                     or not np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True):
                 return False
         elif type(x) is not type(y) or not (x == y):
