@@ -369,6 +369,29 @@ def test_bad_arguments(kwargs, match):
         dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, **kwargs)
 
 
+@pytest.mark.parametrize("rtol, atol, which", [(1e-3, -1.0, "atol"), (float("inf"), 1e-6, "rtol"),
+                                               (-1e-6, 1e-9, "rtol"), (0.0, 0.0, "both 0")])
+def test_bad_tolerances_are_refused_by_simulate_and_simulation(rtol, atol, which):
+    """A negative or infinite tolerance passes every error estimate: main returned a
+    wrong answer in 3 steps (and rtol=-1e-6 only warned to turn on float64)."""
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    import warnings
+
+    for call in (lambda: dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0,
+                                      stepsize_controller=controller),
+                 lambda: dyn.Simulation(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0,
+                                        stepsize_controller=controller).prepare()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused, not warned about
+            with pytest.raises(ValueError, match=f"stepsize_controller.*{which}"):
+                call()
+    # rtol = 0 with atol > 0 is absolute control: accepted, without the float64 warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0,
+                     stepsize_controller=diffrax.PIDController(rtol=0.0, atol=1e-8))
+
+
 def test_bad_params_and_loss():
     with pytest.raises(ValueError, match="params.*NaN"):
         dyn.simulate(dyn.GradientFlow(), jnp.array([0.1, jnp.nan, 0.1]), toy, **BASE)
