@@ -67,12 +67,17 @@ class Progress:
                              file=self.file, dynamic_ncols=True)
             return
         self._advance()
+        if self._fractional:
+            self._line("started")
+            return
         before = f", {self._count(initial)} done before" if initial else ""
         self._line(f"started ({self._count(total)}{before})")
 
+    @property
+    def _fractional(self) -> bool:  # a fraction of the work (a solve), not units
+        return self.total == 1 and not self.unit
+
     def _count(self, n) -> str:
-        if self.total == 1 and not self.unit:
-            return f"{100 * n:.0f}%"
         return f"{n:g} {self.unit}".strip()
 
     def _fraction(self) -> float:
@@ -100,8 +105,8 @@ class Progress:
             self._advance()
             elapsed = time.perf_counter() - self.start
             eta = elapsed * (1 / self._fraction() - 1)
-            of = "" if self.total == 1 and not self.unit else f" ({self._count(done)} of " \
-                f"{self._count(self.total)})"
+            of = "" if self._fractional else \
+                f" ({self._count(done)} of {self._count(self.total)})"
             self._line(f"{100 * self._fraction():.0f}%{of}, {_seconds(elapsed)}, "
                        f"about {_seconds(eta)} left")
 
@@ -119,11 +124,12 @@ class Progress:
             self._bar.close()
             return
         elapsed = _seconds(time.perf_counter() - self.start)
+        counts = "" if self._fractional else \
+            f"{self._count(self.done)} of {self._count(self.total)}, "
         if finished:
-            self._line(f"done ({self._count(self.total)}, {elapsed})")
+            self._line(f"done ({counts}{elapsed})")
         else:
-            self._line(f"stopped at {100 * self._fraction():.0f}% "
-                       f"({self._count(self.done)} of {self._count(self.total)}, {elapsed})")
+            self._line(f"stopped at {100 * self._fraction():.3g}% ({counts}{elapsed})")
 
     def __enter__(self) -> "Progress":
         return self

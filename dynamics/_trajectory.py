@@ -55,6 +55,42 @@ def _result_name(message: str) -> str:
     return _result_names().get(message, "nonlinear_solver_failed")
 
 
+def _failure_hint(name: str, stats: dict, t_final: float, meta: dict) -> str:
+    """What a run that stopped short of t1 without an event tells its user besides
+    diffrax's message: where it stopped, how many steps it took, and for a controller
+    that could not accept a step at all, what to pass."""
+    def count(key):
+        value = stats.get(key)
+        return None if value is None else int(np.asarray(value))
+
+    accepted, rejected = count("num_accepted_steps"), count("num_rejected_steps")
+    span = (f" of [{meta['t0']:g}, {meta['t1']:g}]"
+            if isinstance(meta.get("t0"), float) and isinstance(meta.get("t1"), float) else "")
+    if name == "max_steps_rejected":
+        text = (f" The solve stopped at t = {t_final:.6g}{span}: the step-size controller "
+                f"rejected a long run of steps in a row ({accepted} accepted before) and no "
+                "step size met the tolerance there.")
+        if accepted == 0:
+            return text + (
+                " Not one step was accepted: the first step is too large for the scale of "
+                "this problem (its error estimate overflows), or the tolerance is below "
+                "what the precision resolves. Pass a small `dt0` (e.g. dt0=1e-8), looser "
+                "tolerances, or rescale the problem (smaller initial weights or loss).")
+        return text + (
+            " The field may be discontinuous there (a ReLU network: pass "
+            "nonsmooth=dyn.Filippov()), or the tolerance below what the precision "
+            "resolves: loosen rtol and atol.")
+    if name == "max_steps_reached" and accepted is not None:
+        text = (f" It stopped at t = {t_final:.6g}{span} after {accepted} accepted and "
+                f"{rejected} rejected steps.")
+        if span and accepted > 1000 and (t_final - meta["t0"]) < 1e-3 * (meta["t1"] - meta["t0"]):
+            text += (" Steps this small mean the problem is stiff or badly scaled there: an "
+                     "implicit solver such as diffrax.Kvaerno5(), or smaller initial weights "
+                     "(or loss), may do better than a larger max_steps.")
+        return text
+    return ""
+
+
 def _stack_time(saved: PyTree, n_kept: int, final: PyTree | None) -> PyTree:
     """Saved values at the first `n_kept` save times, with the final state appended if
     given. A slice, not a mask: a view of the solver's buffer, so no second copy of
@@ -160,6 +196,8 @@ class Trajectory(eqx.Module):
         message = diffrax.RESULTS[jax.tree.map(np.asarray, result)]
         name = _result_name(message)
         success = name in ("successful", "event_occurred")
+        if not success:
+            message += _failure_hint(name, stats, float(np.asarray(out.t_end)[-1]), meta)
         if throw and not success:
             hint = ""
             if name == "nonlinear_solver_failed" and meta.get("nonsmooth", "none") == "none":

@@ -322,10 +322,57 @@ def test_tolerance_sweep_compiles_once():
         assert err < 100 * tol, (tol, err)  # global error within a few rtol
 
 
-def test_progress_bar(capsys):
+def test_progress_writes_a_few_lines_off_a_terminal(capsys):
+    """Off a terminal (pytest's capture is a pipe) progress is a few lines, not a tqdm
+    redraw per refresh (main wrote ~5,000 "0.00%" lines for a stuck solve), and a run
+    that stops short of t1 does not end on 100%."""
     traj = dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0, progress=True)
-    assert traj.success
-    assert "100.00%" in capsys.readouterr().err
+    lines = capsys.readouterr().err.splitlines()
+    assert traj.success and 2 <= len(lines) <= 5, lines
+    assert lines[0] == "simulate: started" and lines[-1].startswith("simulate: done")
+    traj = dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=10.0, max_steps=40,
+                        stepsize_controller=TIGHT, throw=False, progress=True)
+    err = capsys.readouterr().err
+    assert not traj.success and len(err.splitlines()) <= 5, err
+    assert "stopped at" in err and "done" not in err and "100" not in err, err
+
+
+class _NeverAccepts(diffrax.AbstractAdaptiveStepSizeController):
+    """A (broken) user controller that rejects every step."""
+
+    rtol: float = 1e-6
+    atol: float = 1e-6
+    norm: object = staticmethod(lambda x: 0.0)
+
+    def wrap(self, direction):
+        return self
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return t0 + 0.01, None
+
+    def adapt_step_size(self, t0, t1, y0, y1, args, y_error, error_order, state):
+        return False, t0, t0 + 0.5 * (t1 - t0), False, state, diffrax.RESULTS.successful
+
+
+def test_adaptive_solves_do_not_reject_without_end():
+    """Main rejected 100,000 steps (0 accepted) in three cases; each now ends early."""
+    gf, w = dyn.GradientFlow(), jnp.array([-1.0, 2.0])
+    # A field that is NaN (sqrt of a negative output): the non_finite event, diverged.
+    traj = dyn.simulate(gf, w, lambda w: jnp.sum(jnp.sqrt(w)), t1=1.0)
+    assert traj.event == "non_finite" and traj.diverged and traj.success
+    assert traj.stats["num_steps"] <= 30 and not np.all(np.isfinite(traj.final_params))
+    # A first step whose candidate overflows (inf, so diffrax's next step size was NaN):
+    # the step shrinks until it fits, and the run is right.
+    traj = dyn.simulate(gf, jnp.array([1.8]), lambda w: jnp.sum(w**40), t1=1.0)
+    assert traj.success and traj.stats["num_accepted_steps"] > 0
+    np.testing.assert_allclose(traj.final_params, (1.8**-38 + 1520) ** (-1 / 38), rtol=1e-6)
+    # A controller that never accepts: stopped after 100 rejections in a row, with advice.
+    with pytest.raises(RuntimeError, match="Not one step was accepted.*`dt0`"):
+        dyn.simulate(gf, w**2, toy, t1=1.0, stepsize_controller=_NeverAccepts())
+    traj = dyn.simulate(gf, w**2, toy, t1=1.0, stepsize_controller=_NeverAccepts(),
+                        throw=False)
+    assert not traj.success and traj.stats["num_rejected_steps"] == 100
+    assert "rejected a long run of steps in a row" in traj.result
 
 
 def test_provenance_in_xarray():
