@@ -44,9 +44,10 @@ class Progress:
     """`total` units of work (cells, runs, steps) named `unit`, under the label `desc`.
 
     `update(n)` adds finished units, `set(done)` sets them (a solve's fraction of
-    [t0, t1] with total=1), `close(ok)` ends: a line says "done" only if every unit
-    finished and `ok`. Disabled, it does nothing. Usable as a context manager (an
-    exception closes it as not finished)."""
+    [t0, t1] with total=1), `close(ok)` ends: "done" when `ok` (with "k of n" when the
+    work ended early by design, e.g. a rank that settled), "stopped at" otherwise.
+    Disabled, it does nothing. Usable as a context manager (an exception closes it as
+    stopped)."""
 
     def __init__(self, total: float, desc: str, *, unit: str = "", enabled: bool = True,
                  initial: float = 0, file=None):
@@ -80,6 +81,9 @@ class Progress:
     def _count(self, n) -> str:
         return f"{n:g} {self.unit}".strip()
 
+    def _of(self, n) -> str:
+        return f"{n:g} of {self._count(self.total)}"
+
     def _fraction(self) -> float:
         return self.done / self.total if self.total else 1.0
 
@@ -106,7 +110,7 @@ class Progress:
             elapsed = time.perf_counter() - self.start
             eta = elapsed * (1 / self._fraction() - 1)
             of = "" if self._fractional else \
-                f" ({self._count(done)} of {self._count(self.total)})"
+                f" ({self._of(done)})"
             self._line(f"{100 * self._fraction():.0f}%{of}, {_seconds(elapsed)}, "
                        f"about {_seconds(eta)} left")
 
@@ -117,16 +121,19 @@ class Progress:
         if not self.enabled or self.closed:
             return
         self.closed = True
-        finished = ok and self.done >= self.total
         if self._bar is not None:
-            if not finished:
+            if not ok:
                 self._bar.set_postfix_str("stopped")
             self._bar.close()
             return
         elapsed = _seconds(time.perf_counter() - self.start)
-        counts = "" if self._fractional else \
-            f"{self._count(self.done)} of {self._count(self.total)}, "
-        if finished:
+        if self._fractional:
+            counts = ""
+        elif ok and self.done >= self.total:
+            counts = f"{self._count(self.total)}, "
+        else:
+            counts = f"{self._of(self.done)}, "
+        if ok:
             self._line(f"done ({counts}{elapsed})")
         else:
             self._line(f"stopped at {100 * self._fraction():.3g}% ({counts}{elapsed})")

@@ -126,6 +126,19 @@ def test_times_are_checked_in_the_solves_float32():
         dyn.simulate(dyn.GradientFlow(), W0, quad, t1=0.3, max_steps=2**31)
 
 
+def test_default_references_finish_float32():
+    """The default reference was Dopri8 at 1e-13, which float32 cannot meet: the
+    convergence_order one ran into max_steps and work_precision's (unbounded) never
+    ended. In float32 it is 100 eps; GF on ½‖w‖² from (1, 1): Euler's order is 1."""
+    result = dyn.convergence_order(dyn.GradientFlow(), W0, quad, solver=diffrax.Euler(),
+                                   t1=1.0, progress=False)
+    assert 1 in result and result.reliable and result.used.sum() >= 3
+    ds = dyn.work_precision(dyn.GradientFlow(), W0, quad, {"Tsit5": diffrax.Tsit5()},
+                            t1=1.0, tolerances=(1e-3, 1e-5), repeats=1, progress=False)
+    assert ds.finished.values.all() and ds.attrs["reference"] == "Dopri8 rtol=atol=1.19209e-05"
+    assert np.all(ds.error.values < 1e-2)
+
+
 def test_tight_tolerance_warns_in_float32():
     with pytest.warns(UserWarning, match="float32"), pytest.raises(ValueError, match="max_"):
         dyn.simulate(dyn.GradientFlow(), W0, quad, t1=1.0, max_steps=0,

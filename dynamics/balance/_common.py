@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._models import MLP, Swish
-from .._validate import one_of
+from .._validate import one_of, prng_key
 from ..regularizers._regularizers import Lpq
 
 _VELOCITY_RULES = ("pushforward", "keep", "zero")
@@ -68,7 +68,10 @@ def _check_schedule(schedule, key, include_bias, owner: str):
     if not isinstance(include_bias, bool):
         raise ValueError(f"{owner}: `include_bias` must be True or False, got "
                          f"{include_bias!r}.")
-    return schedule, key if schedule == "stochastic" else None, include_bias
+    if schedule != "stochastic":
+        return schedule, None, include_bias
+    # An int seed is a key, as everywhere (a raw int reached jax.random.split: TypeError).
+    return schedule, prng_key(key, owner), include_bias
 
 
 def _check_velocity_rule(rule, owner: str) -> str:
