@@ -123,11 +123,18 @@ def real(value: Any, name: str, owner: str | None = None, *, low: float | None =
     return value
 
 
-def positive_int(value: Any, name: str, owner: str | None = None, low: int = 1) -> int:
-    """An int >= `low`; bools (`max_steps=True`) and floats (`n=10.0`) are rejected."""
+def positive_int(value: Any, name: str, owner: str | None = None, low: int = 1,
+                 high: int | None = None) -> int:
+    """An int >= `low` (and <= `high`, e.g. what an int32 counter holds); bools
+    (`max_steps=True`) and floats (`n=10.0`) are rejected."""
     if (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral)
             or value < low):
         raise ValueError(f"{_where(owner)}`{name}` must be an int >= {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(
+            f"{_where(owner)}`{name}` must be at most {high} (the int32 counter that holds "
+            f"it), got {value!r}."
+        )
     return int(value)
 
 

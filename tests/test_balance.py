@@ -416,6 +416,20 @@ def test_fixes_inside_simulate():
                                rtol=1e-12)
 
 
+def test_nan_weight_is_refused_or_not_converged():
+    """min_norm_fix on a NaN weight left every scale at 1 and reported converged=True."""
+    model = _net((3, 5, 4, 2), dyn.ReLU(), bias=False, seed=4)
+    bad = eqx.tree_at(lambda m: m.weights[1], model, model.weights[1].at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"min_norm_fix: `model` has NaN or Inf at .weights\[1\]"):
+        balance.min_norm_fix(bad)
+    with pytest.raises(ValueError, match="neuron_balance: `model` has NaN"):
+        balance.neuron_balance(bad)
+    # Traced (inside a solve, a jitted step) there is nothing to raise: not converged.
+    converged = eqx.filter_jit(lambda m: balance.min_norm_fix(m)[1].converged)(bad)
+    assert not bool(converged)
+    assert bool(eqx.filter_jit(lambda m: balance.min_norm_fix(m)[1].converged)(model))
+
+
 def test_stochastic_schedule_takes_an_int_seed():
     """An int seed is a key (README): `key=1` raised a raw TypeError in jax.random."""
     model = _net((3, 5, 4, 2), dyn.ReLU(), bias=False, seed=4)

@@ -96,6 +96,13 @@ def test_save_rejects_bad_input(tmp_path):
         dyn.save({"a": 1}, tmp_path / "x.nc")
     with pytest.raises(ValueError, match="path"):
         dyn.save(xr.Dataset(), tmp_path / "x.csv")
+    # A directory named like the file: IsADirectoryError from os.replace before.
+    (tmp_path / "run.nc").mkdir()
+    with pytest.raises(ValueError, match="`path` .*run.nc' is a directory"):
+        dyn.save(xr.Dataset(), tmp_path / "run.nc")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        dyn.save(xr.Dataset(), tmp_path / "file" / "run.nc")
 
 
 def test_monitor_only_run_has_no_params():

@@ -21,7 +21,7 @@ from .._flows import (
     NesterovFlow,
 )
 from .._problem import Problem
-from .._projection import AbstractProjection, AbstractSchedule, Every
+from .._projection import AbstractProjection, AbstractSchedule, Every, check_output
 from .._trajectory import check_variable_name, provenance
 from .._tree import is_concrete, partition
 from .._validate import as_tuple, check_tolerances, class_hint, positive_int, real
@@ -358,6 +358,9 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
     if not any(isinstance(e, NonFinite) for e in events):
         events = events + (NonFinite(),)
     schedule = _validate_projection(projection, stepsize_controller, dt0)
+    if schedule is not None:  # its output, on shapes alone (else a raw lax.cond error)
+        check_output(schedule.projection, params,
+                     None if v0 is None else eqx.combine(v0, static))
     own_terms = split or isinstance(solver, AbstractFlowSolver)
     if own_terms and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
         raise ValueError(
