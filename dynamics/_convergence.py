@@ -90,7 +90,10 @@ def _final_state(traj, first_order: bool) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x)) for x in leaves])
 
 
-def _fit(dts, errors, confidence):
+def fit_power_law(dts, errors, confidence: float = 0.95):
+    """(p, (low, high)): the order p of e ≈ C dt^p (1 + d dt) by least squares on
+    log e, with its Student-t `confidence` interval (three points or more)."""
+    dts, errors = np.asarray(dts, float), np.asarray(errors, float)
     # log e = log C + p log dt + d·dt: the leading error term C dt^p and its first
     # correction (1 + d dt ≈ e^{d dt}). Without the correction the interval, a few
     # thousandths wide, excludes the nominal order because of the O(dt) bias alone.
@@ -283,7 +286,7 @@ def convergence_order(
             "where larger ones are unstable), a closed-form `reference`, a longer t1, or a "
             "lower `floor`."
         )
-    order, interval = _fit(dts[used], errors[used], float(confidence))
+    order, interval = fit_power_law(dts[used], errors[used], float(confidence))
     reliable = bool(interval[1] - interval[0] <= float(max_width))
     if not reliable:
         warnings.warn(
