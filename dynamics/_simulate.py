@@ -138,5 +138,6 @@ def simulate(
                                  meta=prepared.meta, divergence=AbstractDivergenceEvent)
     if spec.nonsmooth is None:
         warn_if_chattering(traj, params)
-        return traj
-    return spec.nonsmooth.finish(traj, throw=throw)
+    else:
+        traj = spec.nonsmooth.finish(traj, throw=throw)
+    return traj.with_monitor_coords(spec.monitors, params)

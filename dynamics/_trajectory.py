@@ -1,5 +1,6 @@
 """The result of a run: save times, parameters, monitors, how it ended, provenance."""
 
+import dataclasses
 import datetime
 import functools
 import importlib.metadata
@@ -159,6 +160,9 @@ class Trajectory(eqx.Module):
       provenance (flow, solver, tolerances, package versions).
     - `actions`: the times at which `simulate`'s projection (or any action) fired, in
       order (empty without one; the first 10 000 are kept).
+    - `coords`: monitor name -> {coordinate name: values} for the monitor's first axis
+      after time (`AbstractMonitor.coords`, e.g. `layer` and `unit` of each rescaling
+      charge); `to_xarray` puts them on `<name>_dim1`.
     """
 
     ts: np.ndarray
@@ -176,6 +180,13 @@ class Trajectory(eqx.Module):
     stats: dict[str, int]
     meta: dict[str, Any]
     actions: np.ndarray = eqx.field(default_factory=lambda: np.zeros(0))
+    coords: dict[str, dict[str, np.ndarray]] = eqx.field(default_factory=dict)
+
+    def with_monitor_coords(self, monitors, params) -> "Trajectory":
+        """This run with the coordinates of `monitors` (`AbstractMonitor.coords`, on the
+        full model `params`) in `coords`."""
+        coords = {m.name: c for m in monitors if (c := m.coords(params))}
+        return self if not coords else dataclasses.replace(self, coords=coords)
 
     @classmethod
     def from_solve(cls, problem, events, out, *, throw, meta,
@@ -297,6 +308,19 @@ class Trajectory(eqx.Module):
                     continue
                 where = f"the {prefix} leaf {jax.tree_util.keystr(path) or '(root)'}"
                 add(variable_name(prefix, path), leaf, where)
+        coords = {"time": ("time", np.asarray(self.ts))}
+        for name, by_name in self.coords.items():
+            dim = f"{name}_dim1"
+            if name not in self.monitors or dim not in data.get(name, ((),))[0]:
+                continue
+            for coord, values in by_name.items():
+                values = np.asarray(values)
+                if values.shape != (np.shape(self.monitors[name])[1],):
+                    continue  # (not this run's shape: nothing to label)
+                # `layer`, unless another monitor's axis took the name: then prefixed
+                key = coord if coord not in coords and coord not in origin \
+                    else f"{name}_{coord}"
+                coords[key] = (dim, values)
         if self.actions.size:
             add("action_time", self.actions, "the action times", lead="action")
         attrs = {k: _plain(v) for k, v in self.meta.items()}
@@ -310,4 +334,4 @@ class Trajectory(eqx.Module):
             **{f"stats_{k}": v for k, v in self.stats.items()},
         )
         attrs = {k: _plain(v) for k, v in attrs.items()}
-        return xr.Dataset(data, coords={"time": ("time", np.asarray(self.ts))}, attrs=attrs)
+        return xr.Dataset(data, coords=coords, attrs=attrs)

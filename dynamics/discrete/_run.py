@@ -319,7 +319,8 @@ def run(
         alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
         None if projection is None else projection.projection, proj_every, bool(save_params),
     )
-    return _trajectory(alg, problem, saved, final, int(diverged_at), steps, save_every)
+    return _trajectory(alg, problem, saved, final, int(diverged_at), steps,
+                       save_every).with_monitor_coords(monitors, params)
 
 
 def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> Trajectory:
