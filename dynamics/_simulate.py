@@ -80,7 +80,10 @@ def simulate(
       compiled solve; an rtol below the dtype's resolution warns.
       Tight tolerances (conservation checks to ~1e-10) need float64
       (`jax.config.update("jax_enable_x64", True)`); everything runs in float32.
-    - `ts`: save times in [t0, t1], strictly increasing (default [t0, t1]).
+    - `ts`: save times in [t0, t1], strictly increasing (default [t0, t1]); compared with
+      [t0, t1] in the solve's dtype (float32: within 4 ulps, then clipped). Their number
+      is padded to a bucket (10, 12, 14, 16, 20, 24, ...: at most 25% more, never
+      computed), so that nearby counts share one compiled solve.
     - `monitors`: quantities recorded at `ts`, computed inside the solve: one monitor
       or a sequence; names must be unique, and not "time" or "param_…"/"velocity_…"
       (those name the parameters in `to_xarray`).

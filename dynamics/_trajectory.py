@@ -78,9 +78,10 @@ def _failure_hint(name: str, stats: dict, t_final: float, meta: dict) -> str:
                 "what the precision resolves. Pass a small `dt0` (e.g. dt0=1e-8), looser "
                 "tolerances, or rescale the problem (smaller initial weights or loss).")
         return text + (
-            " The field may be discontinuous there (a ReLU network: pass "
-            "nonsmooth=dyn.Filippov()), or the tolerance below what the precision "
-            "resolves: loosen rtol and atol.")
+            " The solution may blow up there (a finite-time singularity: pass "
+            "events=dyn.events.NormAbove(bound) to stop such a run as diverged), the field "
+            "be discontinuous (a ReLU network: pass nonsmooth=dyn.Filippov()), or the "
+            "tolerance below what the precision resolves (loosen rtol and atol).")
     if name == "max_steps_reached" and accepted is not None:
         text = (f" It stopped at t = {t_final:.6g}{span} after {accepted} accepted and "
                 f"{rejected} rejected steps.")

@@ -270,6 +270,34 @@ def test_second_call_does_not_retrace():
     np.testing.assert_allclose(third.final_params, 1.0 + 2.0 * np.exp(-4.0), rtol=1e-6)
 
 
+def test_nearby_save_counts_share_one_compiled_solve():
+    """Changing only the number of save times compiled the solve again (37 s on a small
+    Filippov net): counts are padded to a bucket (11 and 12 share one, 12 slots), and the
+    Trajectory has exactly the save times asked for."""
+    traces = []
+
+    def loss(w):
+        traces.append(1)  # runs at trace time only
+        return toy(w)
+
+    w0 = jnp.full(3, 0.1)
+    runs = {}
+    for n in (12, 11, 9):
+        before = len(traces)
+        runs[n] = dyn.simulate(dyn.GradientFlow(), w0, loss, t1=1.0, ts=jnp.linspace(0, 1, n),
+                               monitors=dyn.monitors.Loss(), stepsize_controller=TIGHT)
+        if n == 11:
+            assert len(traces) == before  # the n = 12 solve, reused
+        traj = runs[n]
+        np.testing.assert_array_equal(traj.ts, np.linspace(0, 1, n))
+        assert traj.monitors["loss"].shape == (n,) and traj.params.shape == (n, 3)
+        assert np.all(np.isfinite(traj.monitors["loss"])) and traj.success
+    # the same numbers at the shared times (0 and 1), whatever the padding
+    np.testing.assert_allclose(runs[11].monitors["loss"][[0, -1]],
+                               runs[12].monitors["loss"][[0, -1]], rtol=1e-12)
+    np.testing.assert_allclose(runs[11].final_params, runs[9].final_params, rtol=1e-12)
+
+
 def test_heavy_ball_sweep_compiles_once():
     traces = []
 

@@ -425,6 +425,35 @@ def test_unreadable_cell_files_are_named_and_solved_again(tmp_path):
     assert (tmp_path / "c.nc.corrupt").exists()
 
 
+def test_padded_save_times_take_the_batched_path(monkeypatch):
+    """Eleven save times are padded to twelve slots (`pad_ts`), so a sweep with twelve
+    and then one with eleven share a compiled solve; the records have the eleven asked
+    for, read off the batched solve (one Trajectory per batch, for the check), and equal
+    simulate's."""
+    def run(seed, n=11):
+        sim = simulation(seed, 0.25)
+        sim.kwargs["ts"] = np.linspace(0.0, T1, n)
+        return sim
+
+    dyn.sweep(lambda seed: run(seed, 12), {"seed": range(3)}, progress=False)
+    before = _batch.traces
+    built = []
+    from_solve = dyn.Trajectory.from_solve.__func__
+    monkeypatch.setattr(dyn.Trajectory, "from_solve", classmethod(
+        lambda cls, *a, **k: built.append(1) or from_solve(cls, *a, **k)))
+    ts = np.linspace(0.0, T1, 11)
+    ds = dyn.sweep(run, {"seed": range(3)}, progress=False).dataset
+    assert _batch.traces == before  # not compiled again
+    assert len(built) == 1 and ds.sizes["time"] == 11
+    np.testing.assert_array_equal(ds["time"], ts)
+    monkeypatch.undo()
+    for seed in range(3):
+        traj = dyn.simulate(**{"flow": dyn.GradientFlow(), "params": jnp.asarray(w0_of(seed)),
+                               "loss": LOSS}, **run(seed).kwargs)
+        np.testing.assert_allclose(ds["loss"].sel(seed=seed), traj.monitors["loss"],
+                                   rtol=1e-12)
+
+
 def test_seed_sweep_emits_no_deprecation_warning():
     import warnings
 

@@ -157,6 +157,7 @@ def run_cells(run_fn: Callable, cells: list, chunk_size: int | None,
                     group = [key, [], None]
                     groups.append(group)
                 ts = np.asarray(spec.ts)
+                ts = ts[~np.isnan(ts)]  # the requested ones, without `pad_ts`'s padding
                 # A few recent ones, so that a seed axis inside another (seed x dt) finds
                 # its dt's template; each miss costs a tree comparison.
                 templates = (templates + [(out, prepared, group, dynamic, static, ts)])[-4:]

@@ -306,8 +306,13 @@ def batch_records(items: list[dict], out) -> list[dict | None]:
         return none
     ts_saved = np.asarray(ts_saved)[:n]
     requested = [np.asarray(it["ts"], dtype=float) for it in items]
-    if any(r.shape != ts_saved.shape[1:] for r in requested):
+    m = requested[0].size
+    if any(r.shape != (m,) for r in requested) or m > ts_saved.shape[1]:
         return none
+    # The save times are padded to a bucket size (`prepare`'s `pad_ts`): the slots past
+    # the requested ones are never saved.
+    ts_saved = ts_saved[:, :m]
+    ys_saved = jax.tree.map(lambda a: np.asarray(a)[:, :m], ys_saved)
     ok = np.all(ts_saved == np.stack(requested), axis=1)
     ok &= np.asarray(jax.tree.leaves(result)[0])[:n] == 0  # RESULTS.successful
     for mask in jax.tree.leaves(event_mask):
