@@ -64,8 +64,10 @@ class Progress:
         if _interactive(self.file):
             from tqdm.auto import tqdm
 
+            fraction = "{desc}: {percentage:.1f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit or "it",
-                             file=self.file, dynamic_ncols=True)
+                             file=self.file, dynamic_ncols=True,
+                             bar_format=fraction if self._fractional else None)
             return
         self._advance()
         if self._fractional:
@@ -97,7 +99,7 @@ class Progress:
     def set(self, done: float) -> None:
         if not self.enabled or self.closed:
             return
-        done = min(max(float(done), 0.0), float(self.total))
+        done = min(max(done, 0), self.total)
         if self._bar is not None:
             self._bar.n = done if self.total != 1 else round(done, 4)
             self._bar.refresh()
