@@ -374,6 +374,11 @@ def test_out_holding_another_grid_is_refused_replaced_or_locked(tmp_path):
     assert [p.name for p in (tmp_path / "grid.nc.cells").glob("*.nc")] != []
     with pytest.raises(ValueError, match="`if_exists` must be one of"):
         dyn.sweep(simulation, smaller, out=out, if_exists="overwrite")
+    # Someone else's netCDF file at `out` is not overwritten.
+    other = tmp_path / "other.nc"
+    dyn.save(xr.Dataset({"a": ("x", np.zeros(3))}), other)
+    with pytest.raises(ValueError, match="other.nc' holds a netCDF file that is not a sweep"):
+        dyn.sweep(simulation, smaller, out=other, progress=False, if_exists="extend")
     # While a sweep writes `out`, another one is refused (here: the lock held by hand).
     with open(tmp_path / "grid.nc.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)

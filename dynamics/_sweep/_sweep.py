@@ -126,7 +126,8 @@ def sweep(
       cells and starts over; "extend" keeps them, loads the cells this grid shares with
       the earlier one and solves the others, then writes this grid to `out` (the
       earlier grid's other cells stay in `<out>.cells/`: give the union of both grids
-      to have them all in `out`). With "replace" even the same grid is solved again.
+      to have them all in `out`). With "replace" even the same grid is solved again. A
+      readable `out` that is not a sweep's results is refused unless "replace".
     - `executor`: None runs in this process. A `distributed.Client`, 'dask' (the current
       client) or a scheduler address 'tcp://host:port' runs chunks of cells as Dask
       tasks (each worker vmaps its chunk); an unreachable address raises ConnectionError.
@@ -238,8 +239,6 @@ def _existing(path: Path, fingerprint: str, labels: dict, if_exists: str):
     if path.exists():
         try:
             ds = load(path)
-            if not isinstance(ds, xr.Dataset) or "sweep_fingerprint" not in ds.attrs:
-                raise ValueError("not a sweep's Dataset")
         except Exception as exc:
             aside = path.with_name(path.name + ".corrupt")
             warnings.warn(
@@ -248,6 +247,12 @@ def _existing(path: Path, fingerprint: str, labels: dict, if_exists: str):
                 "again when the sweep finishes.", RuntimeWarning, stacklevel=3)
             path.replace(aside)
         else:
+            if not isinstance(ds, xr.Dataset) or "sweep_fingerprint" not in ds.attrs:
+                # readable, but not a sweep's: someone else's file, not overwritten
+                raise ValueError(
+                    f"`out` {str(path)!r} holds a netCDF file that is not a sweep's results; "
+                    "give another `out`, or pass if_exists='replace' to overwrite it."
+                )
             if ds.attrs["sweep_fingerprint"] == fingerprint:
                 return ds
             held[ds.attrs["sweep_fingerprint"]] = (str(path), ds.attrs.get("sweep_grid"))
