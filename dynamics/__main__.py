@@ -10,6 +10,7 @@ here, never by the library itself.
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,21 +48,45 @@ def _list() -> int:
     return 0
 
 
-def _run(name: str, out: Path, quick: bool) -> int:
-    import studies
+def _error(message: str) -> int:
+    print(f"dynamics: error: {message}", file=sys.stderr)
+    return 2
 
-    if name not in studies.available():
-        valid = ", ".join(studies.available()) or "(none)"
-        print(f"dynamics: error: unknown study {name!r}; valid studies are: {valid}.",
-              file=sys.stderr)
-        return 2
+
+def _check_out(out: Path) -> str | None:
+    """Why a study could not write to `out` (DIR/figures and DIR/results, each created
+    if missing), or None. Checked before the study runs: a study that found out at the
+    end lost its results (a raw FileExistsError after 48 s of solving)."""
     # The first part of --out that exists must be a directory (the rest is created).
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        print(f"dynamics: error: --out {str(out)!r}: {str(existing)!r} is a file; give a "
-              "directory (it is created if missing), e.g. --out results-dir.",
-              file=sys.stderr)
-        return 2
+        return (f"--out {str(out)!r}: {str(existing)!r} is a file; give a directory (it is "
+                "created if missing), e.g. --out results-dir.")
+    for sub in ("figures", "results"):
+        folder = out / sub
+        if folder.exists() and not folder.is_dir():
+            return (f"--out {str(out)!r}: {str(folder)!r} is a file, where the study writes "
+                    f"its {sub}; move it away or give another --out.")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            return (f"--out {str(out)!r}: cannot write to {str(folder)!r} "
+                    f"({exc.strerror or exc}); give a writable directory.")
+    return None
+
+
+def _run(name: str, out: Path, quick: bool) -> int:
+    import studies
+
+    # `saul_minnorm` and `saul-minnorm` are the same study (studies.load says so).
+    if name.replace("_", "-") not in studies.available():
+        valid = ", ".join(studies.available()) or "(none)"
+        return _error(f"unknown study {name!r}; valid studies are: {valid}.")
+    problem = _check_out(out)
+    if problem is not None:
+        return _error(problem)
     import jax
 
     # Studies integrate to tolerances near 1e-10, which float32 cannot reach. Set before

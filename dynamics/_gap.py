@@ -21,6 +21,7 @@ from jaxtyping import PyTree, Scalar
 from ._filippov import Filippov
 from ._flows import AbstractFirstOrderFlow, AbstractFlow, AbstractKappaFlow
 from ._problem import Problem
+from ._progress import Progress
 from ._simulate import simulate
 from ._trajectory import Trajectory
 from ._tree import partition
@@ -232,6 +233,7 @@ def gap_order(
     solver: diffrax.AbstractSolver | None = None,
     nonsmooth: Filippov | None = None,
     check_stability: bool = True,
+    progress: bool = True,
 ) -> xr.Dataset:
     """The gap at flow time `t1` over `step_sizes`, and its fitted order.
 
@@ -248,6 +250,8 @@ def gap_order(
     - `against`: fit against the "learning_rate" (η, s) or the "time_step" (Δt).
     - `rtol`, `atol`, `solver`, `nonsmooth`: the flow's integration, as in `gap`.
     - `check_stability`: warn if the largest step size is past the edge of stability.
+    - `progress`: a line per quarter of the step sizes (a tqdm bar on a terminal). Each
+      flow integration has a budget of 1,000,000 steps (`gap`'s).
 
     **Returns:** an `xarray.Dataset` on `step_size` with `gap` (‖w_K − w(t1)‖) and
     `time_step`; attrs `order`, `order_ci_low`, `order_ci_high` (95%).
@@ -262,6 +266,17 @@ def gap_order(
             "`step_sizes` must be three or more distinct positive numbers (a fit with a "
             f"confidence interval needs n >= 3), got {step_sizes!r}."
         )
+    if not isinstance(progress, bool):
+        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
+    with Progress(len(sizes), "gap_order", unit="step sizes", enabled=progress) as bar:
+        gaps, dts, alg, target = _gaps(algorithm, params, loss, sizes, t1, flow, v0, rtol,
+                                       atol, solver, nonsmooth, check_stability, bar)
+    return _order_dataset(sizes, gaps, dts, against, alg, target, t1, solver, rtol, atol,
+                          nonsmooth)
+
+
+def _gaps(algorithm, params, loss, sizes, t1, flow, v0, rtol, atol, solver, nonsmooth,
+          check_stability, bar):
     gaps, dts = [], []
     for i, eta in enumerate(sizes):
         alg = algorithm(float(eta))
@@ -283,6 +298,12 @@ def gap_order(
                  nonsmooth=nonsmooth, check_stability=False)
         gaps.append(float(ds["distance"][-1]))
         dts.append(dt)
+        bar.update()
+    return gaps, dts, alg, target
+
+
+def _order_dataset(sizes, gaps, dts, against, alg, target, t1, solver, rtol, atol,
+                   nonsmooth) -> xr.Dataset:
     x = sizes if against == "learning_rate" else np.asarray(dts)
     order, low, high = fit_order(x, np.asarray(gaps))
     return xr.Dataset(

@@ -26,7 +26,14 @@ def save(obj, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix not in (".nc", ".nc4", ".h5"):
         raise ValueError(f"`path` should end in .nc (netCDF), got {str(path)!r}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ValueError(f"`path` {str(path)!r} is a directory; give a file path, e.g. "
+                         f"{str(path / 'run.nc')!r}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"`path` {str(path)!r}: a part of its folder is a file, not a "
+                         "directory; give another path.") from None
     # A fresh name that the writer creates itself, so the file gets the usual permissions
     # (umask) rather than mkstemp's 0600.
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"

@@ -18,6 +18,7 @@ here is its most common user-facing form.
 import abc
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, PyTree
 
 from ._validate import positive_int, traced_scalar
@@ -47,6 +48,49 @@ class AbstractProjection(eqx.Module):
         self, params: PyTree, velocity: PyTree | None, state: PyTree = None
     ) -> tuple[PyTree, PyTree | None]:
         """The projected (params, velocity)."""
+
+
+def check_output(projection: AbstractProjection, params: PyTree,
+                 velocity: PyTree | None) -> None:
+    """A ValueError unless `projection` maps (params, velocity) to a pair of the same
+    structure, shapes and dtypes (checked on shapes alone: nothing runs). Inside a solve
+    a wrong output failed deep in `lax.cond` ("branches must have equal output types")."""
+    name = type(projection).__name__
+    try:
+        state = eqx.filter_eval_shape(projection.init, params, velocity)
+        out = eqx.filter_eval_shape(projection, params, velocity, state)
+    except Exception as exc:
+        raise ValueError(
+            f"`projection` {name}: calling it on the initial (params, velocity) failed with "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        got = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, tuple | list)
+               else "a single pytree")
+        raise ValueError(
+            f"`projection` {name} must return the pair (params, velocity) (velocity None "
+            f"for a first-order flow), got {got}."
+        )
+
+    def arrays(tree):
+        return eqx.filter(tree, lambda x: isinstance(x, jax.ShapeDtypeStruct)
+                          or eqx.is_array(x))
+
+    for what, new, old in (("params", out[0], params), ("velocity", out[1], velocity)):
+        if old is None:  # (a velocity returned for a first-order run is not used)
+            continue
+        new_arrays, old_arrays = arrays(new), arrays(old)
+        if jax.tree.structure(new_arrays) != jax.tree.structure(old_arrays):
+            raise ValueError(f"`projection` {name} returned {what} of another structure than "
+                             f"the {what} it was given; return the same pytree, mapped.")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_arrays),
+                                jax.tree.leaves(old_arrays), strict=True):
+            if a.shape != b.shape:
+                raise ValueError(
+                    f"`projection` {name} returned {what} with shape {a.shape} at "
+                    f"{jax.tree_util.keystr(path) or 'the array'} where it was given "
+                    f"{b.shape}; a projection maps the state to one of the same shapes."
+                )
 
 
 def _check_projection(projection) -> None:

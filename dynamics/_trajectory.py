@@ -1,5 +1,6 @@
 """The result of a run: save times, parameters, monitors, how it ended, provenance."""
 
+import dataclasses
 import datetime
 import functools
 import importlib.metadata
@@ -53,6 +54,43 @@ def _result_name(message: str) -> str:
     # By the message `RESULTS[result]` gives anyway: comparing `result == RESULTS.x`
     # is an eager jax op (~30 µs) per outcome.
     return _result_names().get(message, "nonlinear_solver_failed")
+
+
+def _failure_hint(name: str, stats: dict, t_final: float, meta: dict) -> str:
+    """What a run that stopped short of t1 without an event tells its user besides
+    diffrax's message: where it stopped, how many steps it took, and for a controller
+    that could not accept a step at all, what to pass."""
+    def count(key):
+        value = stats.get(key)
+        return None if value is None else int(np.asarray(value))
+
+    accepted, rejected = count("num_accepted_steps"), count("num_rejected_steps")
+    span = (f" of [{meta['t0']:g}, {meta['t1']:g}]"
+            if isinstance(meta.get("t0"), float) and isinstance(meta.get("t1"), float) else "")
+    if name == "max_steps_rejected":
+        text = (f" The solve stopped at t = {t_final:.6g}{span}: the step-size controller "
+                f"rejected a long run of steps in a row ({accepted} accepted before) and no "
+                "step size met the tolerance there.")
+        if accepted == 0:
+            return text + (
+                " Not one step was accepted: the first step is too large for the scale of "
+                "this problem (its error estimate overflows), or the tolerance is below "
+                "what the precision resolves. Pass a small `dt0` (e.g. dt0=1e-8), looser "
+                "tolerances, or rescale the problem (smaller initial weights or loss).")
+        return text + (
+            " The solution may blow up there (a finite-time singularity: pass "
+            "events=dyn.events.NormAbove(bound) to stop such a run as diverged), the field "
+            "be discontinuous (a ReLU network: pass nonsmooth=dyn.Filippov()), or the "
+            "tolerance below what the precision resolves (loosen rtol and atol).")
+    if name == "max_steps_reached" and accepted is not None:
+        text = (f" It stopped at t = {t_final:.6g}{span} after {accepted} accepted and "
+                f"{rejected} rejected steps.")
+        if span and accepted > 1000 and (t_final - meta["t0"]) < 1e-3 * (meta["t1"] - meta["t0"]):
+            text += (" Steps this small mean the problem is stiff or badly scaled there: an "
+                     "implicit solver such as diffrax.Kvaerno5(), or smaller initial weights "
+                     "(or loss), may do better than a larger max_steps.")
+        return text
+    return ""
 
 
 def _stack_time(saved: PyTree, n_kept: int, final: PyTree | None) -> PyTree:
@@ -123,6 +161,9 @@ class Trajectory(eqx.Module):
       provenance (flow, solver, tolerances, package versions).
     - `actions`: the times at which `simulate`'s projection (or any action) fired, in
       order (empty without one; the first 10 000 are kept).
+    - `coords`: monitor name -> {coordinate name: values} for the monitor's first axis
+      after time (`AbstractMonitor.coords`, e.g. `layer` and `unit` of each rescaling
+      charge); `to_xarray` puts them on `<name>_dim1`.
     """
 
     ts: np.ndarray
@@ -140,6 +181,13 @@ class Trajectory(eqx.Module):
     stats: dict[str, int]
     meta: dict[str, Any]
     actions: np.ndarray = eqx.field(default_factory=lambda: np.zeros(0))
+    coords: dict[str, dict[str, np.ndarray]] = eqx.field(default_factory=dict)
+
+    def with_monitor_coords(self, monitors, params) -> "Trajectory":
+        """This run with the coordinates of `monitors` (`AbstractMonitor.coords`, on the
+        full model `params`) in `coords`."""
+        coords = {m.name: c for m in monitors if (c := m.coords(params))}
+        return self if not coords else dataclasses.replace(self, coords=coords)
 
     @classmethod
     def from_solve(cls, problem, events, out, *, throw, meta,
@@ -160,6 +208,8 @@ class Trajectory(eqx.Module):
         message = diffrax.RESULTS[jax.tree.map(np.asarray, result)]
         name = _result_name(message)
         success = name in ("successful", "event_occurred")
+        if not success:
+            message += _failure_hint(name, stats, float(np.asarray(out.t_end)[-1]), meta)
         if throw and not success:
             hint = ""
             if name == "nonlinear_solver_failed" and meta.get("nonsmooth", "none") == "none":
@@ -259,6 +309,19 @@ class Trajectory(eqx.Module):
                     continue
                 where = f"the {prefix} leaf {jax.tree_util.keystr(path) or '(root)'}"
                 add(variable_name(prefix, path), leaf, where)
+        coords = {"time": ("time", np.asarray(self.ts))}
+        for name, by_name in self.coords.items():
+            dim = f"{name}_dim1"
+            if name not in self.monitors or dim not in data.get(name, ((),))[0]:
+                continue
+            for coord, values in by_name.items():
+                values = np.asarray(values)
+                if values.shape != (np.shape(self.monitors[name])[1],):
+                    continue  # (not this run's shape: nothing to label)
+                # `layer`, unless another monitor's axis took the name: then prefixed
+                key = coord if coord not in coords and coord not in origin \
+                    else f"{name}_{coord}"
+                coords[key] = (dim, values)
         if self.actions.size:
             add("action_time", self.actions, "the action times", lead="action")
         attrs = {k: _plain(v) for k, v in self.meta.items()}
@@ -272,4 +335,4 @@ class Trajectory(eqx.Module):
             **{f"stats_{k}": v for k, v in self.stats.items()},
         )
         attrs = {k: _plain(v) for k, v in attrs.items()}
-        return xr.Dataset(data, coords={"time": ("time", np.asarray(self.ts))}, attrs=attrs)
+        return xr.Dataset(data, coords=coords, attrs=attrs)

@@ -11,7 +11,8 @@ the same mistake with the same ValueError (naming the argument and the fix):
   flow's coefficient) does not compile the solve again; `finite_nonnegative` checks
   such an array where it is concrete;
 - `one_of`: a choice among named options;
-- `dtype_eps`, `check_tolerance`: tolerances that follow the floating dtype in force.
+- `dtype_eps`, `check_tolerance`: tolerances that follow the floating dtype in force;
+  `check_tolerances`: a step-size controller's rtol and atol.
 """
 
 import math
@@ -122,11 +123,18 @@ def real(value: Any, name: str, owner: str | None = None, *, low: float | None =
     return value
 
 
-def positive_int(value: Any, name: str, owner: str | None = None, low: int = 1) -> int:
-    """An int >= `low`; bools (`max_steps=True`) and floats (`n=10.0`) are rejected."""
+def positive_int(value: Any, name: str, owner: str | None = None, low: int = 1,
+                 high: int | None = None) -> int:
+    """An int >= `low` (and <= `high`, e.g. what an int32 counter holds); bools
+    (`max_steps=True`) and floats (`n=10.0`) are rejected."""
     if (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral)
             or value < low):
         raise ValueError(f"{_where(owner)}`{name}` must be an int >= {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(
+            f"{_where(owner)}`{name}` must be at most {high} (the int32 counter that holds "
+            f"it), got {value!r}."
+        )
     return int(value)
 
 
@@ -188,9 +196,9 @@ def check_tolerance(rtol: Any, dtype: Any) -> None:
     slow or stops at max_steps. Python's warning registry shows it once per value."""
     if rtol is None or not is_concrete(rtol):
         return
-    rtol = float(np.asarray(rtol))
+    rtol = float(np.min(np.asarray(rtol)))
     eps = dtype_eps(dtype)
-    if rtol < eps:
+    if 0 < rtol < eps:  # (rtol = 0: absolute control alone, by atol)
         warnings.warn(
             f"rtol = {rtol:g} is below the resolution of {jnp.dtype(dtype).name} "
             f"(eps = {eps:.3g}); it cannot be met. Use rtol >= {10 * eps:.1g}, or turn "
@@ -198,3 +206,31 @@ def check_tolerance(rtol: Any, dtype: Any) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def check_tolerances(controller: Any, dtype: Any, name: str = "stepsize_controller") -> None:
+    """A ValueError unless the `rtol` and `atol` of `controller` (where it has them, as
+    diffrax's `PIDController` does) are finite and >= 0, and not both 0: a negative or
+    infinite tolerance makes every error estimate pass (a wrong answer in a few steps).
+    Then `check_tolerance`'s warning for an rtol below the resolution of `dtype`."""
+    values = {}
+    for attr in ("rtol", "atol"):
+        value = getattr(controller, attr, None)
+        if value is None or not is_concrete(value):
+            continue
+        try:
+            arr = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            arr = np.asarray(np.nan)
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(
+                f"`{name}.{attr}` must be a finite number >= 0 (rtol or atol > 0), got "
+                f"{value!r}; tolerances are small positive numbers such as 1e-6."
+            )
+        values[attr] = arr
+    if len(values) == 2 and not (np.any(values["rtol"] > 0) or np.any(values["atol"] > 0)):
+        raise ValueError(
+            f"`{name}`: rtol and atol are both 0, which no step can meet; give rtol > 0 "
+            "(e.g. 1e-6), atol > 0, or both."
+        )
+    check_tolerance(values.get("rtol"), dtype)

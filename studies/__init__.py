@@ -20,8 +20,12 @@ _HERE = Path(__file__).parent
 
 
 def _describe(path: Path) -> str:
+    """The docstring's first paragraph on one line (its first line alone cut two
+    descriptions mid-sentence)."""
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-    return doc.strip().splitlines()[0].strip() if doc else "(no description)"
+    if not doc:
+        return "(no description)"
+    return " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
 
 
 def available() -> dict[str, str]:

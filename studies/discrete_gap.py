@@ -208,7 +208,7 @@ def _fig_orders(orders) -> Figure:
                  "crosses the kinks at other times than the flow, an O(η) error per\n"
                  "crossing, so the modified flow gains no order there (∇²L jumps)")
     ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=7, va="top")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
     return fig
 
@@ -267,7 +267,7 @@ def _fig_edge(edge) -> Figure:
     ax.set_xlabel("flow time t = kη")
     ax.set_ylabel("loss (cross-entropy)")
     ax.set_title("GD past the edge still trains, off the flow")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     bx.set_xlabel("flow time t = kη")
     bx.set_ylabel("‖w_k − w_GF(kη)‖")
     bx.set_title(f"GF: Tsit5 rtol={RTOL:g}")

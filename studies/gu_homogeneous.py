@@ -132,7 +132,7 @@ def _fig_norms(flows, algs, cfg) -> Figure:
             inset.set_yscale("log")
             inset.set_title("eq. 34 (S: all layers)", fontsize=8)
             inset.tick_params(labelsize=7)
-            inset.legend(fontsize=7, loc="lower right")
+            inset.legend(fontsize=8, loc="lower right")
         ax.legend(loc="lower left")
     widths = "-".join(map(str, cfg["widths"]))
     fig.suptitle(f"Głuch & Urbanke Fig. 1 (1-homogeneous): ReLU MLP {widths}, no biases, on "

@@ -238,7 +238,7 @@ def _figure(runs, gens, cfg) -> Figure:
         for a in axes[:, j]:
             a.set_xlabel("time $t$ (NAGF from $t_0 = 0.5$)")
             a.grid(True, which="both", alpha=0.3)
-            a.legend(fontsize=7, ncol=2, loc="upper left")
+            a.legend(fontsize=8, ncol=2, loc="upper left")
             a.text(0.98, 0.02, f"Tsit5, rtol = atol = {cfg['tol']:g}", ha="right",
                    transform=a.transAxes, fontsize=8)
     fig.suptitle("Głuch & Urbanke Tables 3–5: charge laws in integrated form "

@@ -107,7 +107,7 @@ def _figure(ds: xr.Dataset) -> Figure:
     bx.set_title(r"conserved energy $H = \frac{1}{2}\|\dot w\|^2 + L$: relative drift")
     bx.set_xlabel("time $t$")
     bx.set_ylabel(r"$|H(t) - H(0)| / H(0)$")
-    bx.legend(fontsize=7, ncol=3)
+    bx.legend(fontsize=8, ncol=3)
     for a in (ax, bx):
         a.grid(True, which="both", alpha=0.3)
         a.text(0.02, 0.02, f"Tsit5, rtol = atol = {TOL:g}", transform=a.transAxes, fontsize=8)

@@ -48,6 +48,7 @@ from matplotlib.figure import Figure
 
 import dynamics as dyn
 from dynamics import datasets, losses
+from dynamics._convergence import MAX_INTERVAL_WIDTH, asymptotic_range, fit_power_law
 
 from ._common import folders
 
@@ -68,11 +69,16 @@ FULL = {"widths": (64, 16, 10), "examples": 256, "t1_gf": 2.0,
         "energy_T": 2000.0, "charge_dts": [0.1, 0.05, 0.025, 0.0125], "all": True,
         "relu_reference": "filippov", "max_steps": 5000}
 # Quick: one fixed-step and one adaptive method per panel (each method compiles once;
-# compilation is most of a quick run).
+# compilation is most of a quick run). Five settings each: a slope needs three points in
+# the asymptotic regime, and the coarsest are not (three gave Tsit5 "slope -15.1").
 QUICK = {"widths": (64, 8, 10), "examples": 32, "t1_gf": 1.0,
-         "tolerances": [1e-3, 1e-5, 1e-7], "dts_gf": [0.2, 0.1, 0.05],
-         "dts_toy": [0.1, 0.05, 0.025], "energy_T": 200.0, "charge_dts": [0.1, 0.05],
-         "all": False, "relu_reference": "fixed", "max_steps": None}
+         "tolerances": [1e-3, 1e-4, 1e-5, 1e-6, 1e-7],
+         "dts_gf": [0.2, 0.1, 0.05, 0.025, 0.0125],
+         "dts_toy": [0.1, 0.05, 0.025, 0.0125, 0.00625], "energy_T": 200.0,
+         "charge_dts": [0.1, 0.05], "all": False, "relu_reference": "fixed",
+         "max_steps": 20_000}
+# Legends and notes on the figures: never below this (pt).
+LEGEND_PT = 8
 H_ENERGY = 0.05
 TOY_W0, TOY_V0, TOY_T = jnp.array([0.5, 0.5, 0.5]), jnp.array([-2.0, 1.0, 1.0]), 10.0
 DPI = 120
@@ -91,24 +97,43 @@ def _runge_kutta(cfg) -> dict:
             "Dopri5": diffrax.Dopri5(), "Dopri8": diffrax.Dopri8()}
 
 
+def _floor(ds) -> float:
+    """The error below which nothing is measured: the reference's own (estimated) error,
+    and never below 1e-13."""
+    err = float(ds.attrs.get("reference_error", np.nan))
+    return max(err, 1e-13) if np.isfinite(err) else 1e-13
+
+
 def _slope(ds, name) -> float:
     """log-log slope of error against gradient evaluations (−p for a method of order p
-    on a smooth problem, at fixed or adaptive steps: error ∝ n^−p)."""
+    on a smooth problem, at fixed or adaptive steps: error ∝ n^−p), fitted over the
+    asymptotic regime only (`dyn.convergence_order`'s rule, cost in place of 1/dt):
+    above the reference's error, below 0.1 (an error of the order of the solution
+    itself is pre-asymptotic: Euler's three runs on the toy, errors 3–60, gave −2.1),
+    and falling by √2 or more from each setting to the next. NaN, and no slope on the
+    figure, unless three or more points qualify and their interval is narrower than
+    convergence_order's bound (three quick Tsit5 points once printed "slope −15.1")."""
     row = ds.sel(solver=name)
     e, n = np.asarray(row["error"]), np.asarray(row["grad_evals"])
-    # above the reference's floor, and below 0.1, where an error of the order of the
-    # solution itself is pre-asymptotic (Euler's three runs on the toy, errors 3–60,
-    # gave a "slope" of −2.1)
-    ok = np.isfinite(e) & (e > 1e-13) & (e < 0.1) & np.isfinite(n)
-    if ok.sum() < 2:
+    ok = np.isfinite(e) & np.isfinite(n) & (n > 0)
+    order = np.argsort(n[ok], kind="stable")
+    e, n = e[ok][order], n[ok][order]
+    # a setting that costs no more than the previous one says nothing about the slope
+    keep = np.append(True, np.diff(n) > 0)
+    e, n = e[keep], n[keep]
+    used = asymptotic_range(e, _floor(ds), len(e), ceiling=0.1)
+    if used.sum() < 3:
         return np.nan
-    return float(np.polyfit(np.log(n[ok]), np.log(e[ok]), 1)[0])
+    p, (low, high) = fit_power_law(1.0 / n[used], e[used])
+    return -p if high - low <= MAX_INTERVAL_WIDTH else np.nan
 
 
-def _work_precision(flow, params, loss, methods, cfg, dts, t1, **kwargs) -> xr.Dataset:
+def _work_precision(flow, params, loss, methods, cfg, dts, t1, reference_error=np.nan,
+                    **kwargs) -> xr.Dataset:
     start = time.perf_counter()
     ds = dyn.work_precision(flow, params, loss, methods, t1=t1, tolerances=cfg["tolerances"],
-                            dts=dts, repeats=1, **kwargs)
+                            dts=dts, repeats=1, progress=False, **kwargs)
+    ds.attrs["reference_error"] = reference_error
     ds["slope"] = ("solver", [_slope(ds, n) for n in ds.solver.values])
     _say(f"{ds.attrs['flow']} work-precision, {len(methods)} methods: "
          f"{time.perf_counter() - start:.1f} s")
@@ -140,14 +165,13 @@ def _wp_gf(cfg, activation) -> xr.Dataset:
     elif relu:
         ref, ref_error = _fixed_reference(model, loss, t1)
     else:
-        ref, ref_error = _reference(dyn.GradientFlow(), model, loss, t1), np.nan
+        ref, ref_error = _reference(dyn.GradientFlow(), model, loss, t1)
     # a step budget: on ReLU plain adaptive solvers chatter at tight tolerances (those
     # runs are drawn as not finished)
     ds = _work_precision(dyn.GradientFlow(), model, loss, methods, cfg, cfg["dts_gf"], t1,
-                         reference=ref, max_steps=cfg["max_steps"])
+                         reference=ref, max_steps=cfg["max_steps"], reference_error=ref_error)
     ds.attrs.update(activation=type(activation).__name__, widths=str(cfg["widths"]),
-                    examples=cfg["examples"], reference_error=ref_error,
-                    max_steps=cfg["max_steps"] or 0)
+                    examples=cfg["examples"], max_steps=cfg["max_steps"] or 0)
     if relu:
         ds.attrs["reference"] = (
             f"Filippov mode, Dopri8 rtol = atol = {REF_TOL:g}"
@@ -195,12 +219,16 @@ def _filippov_reference(model, loss, t1):
 
 
 def _reference(flow, params, loss, t1, v0=None):
-    traj = dyn.simulate(flow, params, loss, t1=t1, v0=v0, solver=diffrax.Dopri8(),
-                        stepsize_controller=diffrax.PIDController(rtol=REF_TOL, atol=REF_TOL),
-                        save_params=False)
-    final = traj.final_params if traj.final_velocity is None else (traj.final_params,
-                                                                  traj.final_velocity)
-    return lambda _: final
+    """Dopri8 at rtol = atol = 1e-12, and its error estimated against the same at 1e-10
+    (one compiled solve: the tolerances are traced)."""
+    finals = []
+    for tol in (1e-10, REF_TOL):
+        traj = dyn.simulate(flow, params, loss, t1=t1, v0=v0, solver=diffrax.Dopri8(),
+                            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+                            save_params=False)
+        finals.append(traj.final_params if traj.final_velocity is None
+                      else (traj.final_params, traj.final_velocity))
+    return (lambda _: finals[1]), _max_difference(*finals)
 
 
 def _wp_toy(cfg) -> xr.Dataset:
@@ -214,9 +242,11 @@ def _wp_toy(cfg) -> xr.Dataset:
         methods["Kvaerno5"] = diffrax.Kvaerno5()
         methods.update({f"scipy {m}": dyn.ScipyMethod(m) for m in ("RK45", "DOP853", "LSODA")})
     flow = dyn.NewtonianFlow()
-    return _work_precision(flow, TOY_W0, toy, methods, cfg, cfg["dts_toy"], TOY_T, v0=TOY_V0,
-                           reference=_reference(flow, TOY_W0, toy, TOY_T, TOY_V0),
-                           monitors=(dyn.monitors.Energy(),))
+    ref, ref_error = _reference(flow, TOY_W0, toy, TOY_T, TOY_V0)
+    ds = _work_precision(flow, TOY_W0, toy, methods, cfg, cfg["dts_toy"], TOY_T, v0=TOY_V0,
+                         reference=ref, monitors=(dyn.monitors.Energy(),),
+                         reference_error=ref_error)
+    return ds
 
 
 def _energy(cfg) -> xr.Dataset:
@@ -295,29 +325,41 @@ def _style(name):
 
 
 def _wp_axes(ax, ds, title):
+    floor = _floor(ds)
+    below_any = 0
     for name in ds.solver.values:
         row = ds.sel(solver=name)
         e, n = np.asarray(row["error"]), np.asarray(row["grad_evals"])
-        ok = np.isfinite(e) & (e > 0)
+        # Below the reference's own error nothing is measured: such points are not drawn
+        # (a ReLU point once sat under the reference's error line).
+        ok = np.isfinite(e) & (e >= floor)
+        below = int(np.sum(np.isfinite(e) & (e < floor)))
+        below_any += below
         ran = np.isfinite(np.asarray(row["tolerance"])) | np.isfinite(np.asarray(row["dt"]))
         unfinished = int(np.sum(ran & ~np.asarray(row["finished"], bool)))
-        if not ok.any():
-            continue
         slope = float(row["slope"])
         tag = "" if not np.isfinite(slope) else f" (slope {slope:.1f})"
         if unfinished:
             tag += f", {unfinished} not finished"
+        if below:
+            tag += f", {below} at the reference's error"
+        if not ok.any():
+            if tag:  # say so in the legend all the same
+                ax.plot([], [], label=f"{name}{tag}", **_style(str(name)))
+            continue
         ax.loglog(e[ok], n[ok], label=f"{name}{tag}", **_style(str(name)))
     ax.set_xlabel("final-state error ‖w(T) − w_ref(T)‖_∞")
     ax.set_ylabel("gradient evaluations")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    # Beneath the axes, at a legible size: inside, 13 entries covered the data.
+    ax.legend(fontsize=LEGEND_PT, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    return below_any
 
 
 def _fig_wp_gf(tanh, relu) -> Figure:
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    ax, bx = fig.subplots(1, 2)
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    (ax, bx), (note_a, note_b) = fig.subplots(2, 2, height_ratios=[5, 0.8])
     for a, ds in ((ax, tanh), (bx, relu)):
         _wp_axes(a, ds, f"GF, MLP {ds.attrs['widths']} ({ds.attrs['activation']}) on "
                         f"{ds.attrs['examples']} digits, T = {ds.attrs['t1']:g}")
@@ -330,19 +372,27 @@ def _fig_wp_gf(tanh, relu) -> Figure:
     remedy = ("\n" + ", ".join(mode) + ": kinks located, sliding by Filippov's rule;\n"
               "no step straddles a jump, so the error sits at rounding level at every\n"
               "tolerance and the cost is set by the crossings") if mode else ""
-    bx.text(0.02, 0.02, "ReLU: the gradient jumps at activation kinks (Filippov system);\n"
-            "a step across a kink errs O(h), so high orders are lost.\n"
-            f"slopes (−order): {slopes}" + remedy, transform=bx.transAxes, fontsize=7,
-            bbox=dict(facecolor="white", alpha=0.8))
+    for note in (note_a, note_b):
+        note.axis("off")
+    # Notes in a strip of their own under the panels: over the data they hid points.
+    note_b.text(0.0, 1.0, "ReLU: the gradient jumps at activation kinks (Filippov system);\n"
+                "a step across a kink errs O(h), so high orders are lost.\n"
+                f"slopes (−order, asymptotic points only): {slopes or 'none'}" + remedy,
+                transform=note_b.transAxes, fontsize=LEGEND_PT, va="top")
+    note_a.text(0.0, 1.0, "Slopes are fitted over the asymptotic points only (three or more,\n"
+                "above the reference's error, each setting better by √2 or more);\n"
+                "none is given where there are fewer.", transform=note_a.transAxes,
+                fontsize=LEGEND_PT, va="top")
     err = relu.attrs["reference_error"]
     errors = np.asarray(relu["error"])
     if np.isfinite(errors).any() and err > 1e-2 * np.nanmin(errors):
         # the reference's own error, where it is near the data (else only in the caption)
         bx.axvline(err, color="k", lw=0.8, ls="-.")
-        bx.text(err, bx.get_ylim()[1], " reference's own error", fontsize=6, va="top",
-                rotation=90)
-    fig.supxlabel(f"reference: Dopri8 rtol = atol = {REF_TOL:g} (ReLU: "
-                  f"{relu.attrs['reference']}, error ~{err:.0e}); "
+        bx.text(err, bx.get_ylim()[1], " reference's own error", fontsize=LEGEND_PT,
+                va="top", rotation=90)
+    fig.supxlabel(f"reference: Dopri8 rtol = atol = {REF_TOL:g} (error "
+                  f"~{tanh.attrs['reference_error']:.0e}; ReLU: "
+                  f"{relu.attrs['reference']}, error ~{err:.0e});\n"
                   "adaptive methods over rtol = atol, fixed-step methods over dt"
                   + (f"; budget {relu.attrs['max_steps']} steps per run"
                      if relu.attrs.get("max_steps") else ""), fontsize=8)
@@ -350,7 +400,7 @@ def _fig_wp_gf(tanh, relu) -> Figure:
 
 
 def _fig_wp_toy(ds) -> Figure:
-    fig = Figure(figsize=(12, 5), layout="constrained")
+    fig = Figure(figsize=(12, 7), layout="constrained")
     ax, bx = fig.subplots(1, 2)
     _wp_axes(ax, ds, f"Newtonian flow, rotational toy, T = {ds.attrs['t1']:g}")
     for name in ds.solver.values:
@@ -363,7 +413,7 @@ def _fig_wp_toy(ds) -> Figure:
     bx.set_ylabel("gradient evaluations")
     bx.set_title("energy drift (dotted, squares: symplectic)", fontsize=10)
     bx.grid(True, which="major", alpha=0.3)
-    bx.legend(fontsize=6, ncol=2)
+    bx.legend(fontsize=LEGEND_PT, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return fig
 
 
@@ -384,15 +434,16 @@ def _fig_energy(ds) -> Figure:
     ax.set_title(f"Newtonian flow on the rotational toy, fixed h = {ds.attrs['h']:g}",
                  fontsize=10)
     ax.text(0.02, 0.95, "symplectic: bounded; Runge–Kutta: secular drift",
-            transform=ax.transAxes, fontsize=8, va="top")
+            transform=ax.transAxes, fontsize=LEGEND_PT, va="top")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=LEGEND_PT, loc="lower right")
     return fig
 
 
 def _fig_charges(ds) -> Figure:
-    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(7.6, 5.6), layout="constrained")
+    ax, note = fig.subplots(2, 1, height_ratios=[4, 0.7])
+    note.axis("off")
     floor = 1e-16
     for name in ds.solver.values:
         d = np.maximum(np.asarray(ds["charge_drift"].sel(solver=name)), floor)
@@ -405,18 +456,16 @@ def _fig_charges(ds) -> Figure:
               for n in ds.solver.values if str(n).startswith("GaussLegendre")
               for row in [np.asarray(ds["charge_drift"].sel(solver=n))]
               if not np.isfinite(row).all()]
-    # above the floor, where Gauss–Legendre's markers sit (up to ~2e-14), right of
-    # Dopri8's smallest-h point
-    ax.text(0.15, 0.19, "Gauss–Legendre keeps quadratic invariants: at the floor\n"
-            "(stage equations: fixed point, Newton–GMRES where it stalls, to 2e-12;\n"
-            "drift floored at 1e-16; Q read at step ends: the dense output\n"
-            "between steps is not symplectic)"
-            + ("\nstage solve did not converge (run stopped): " + "; ".join(failed)
-               if failed else ""),
-            transform=ax.transAxes, fontsize=7, va="bottom",
-            bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    # Under the axes: inside, the box floated mid-plot over the data.
+    note.text(0.0, 1.0, "Gauss–Legendre keeps quadratic invariants: at the floor (stage "
+              "equations:\nfixed point, Newton–GMRES where it stalls, to 2e-12; drift "
+              "floored at 1e-16;\nQ read at step ends: the dense output between steps is "
+              "not symplectic)"
+              + ("\nstage solve did not converge (run stopped): " + "; ".join(failed)
+                 if failed else ""),
+              transform=note.transAxes, fontsize=LEGEND_PT, va="top")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=LEGEND_PT, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

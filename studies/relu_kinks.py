@@ -164,7 +164,7 @@ def _draw_work_precision(ax, name, ds):
     ax.set_title(f"{name}: GF, reference {ds.attrs['reference']}\nrtol = atol = {tols}",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no room inside
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no room inside
 
 
 def _tolerance_axis(ax, ylabel: str, title: str) -> None:
@@ -174,7 +174,7 @@ def _tolerance_axis(ax, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
 
 
 def _draw_steps(ax, name, ds):
@@ -209,7 +209,7 @@ def _draw_timeline(ax, name, tl):
     twin = ax.twinx()
     twin.plot(t, tl.crossings.values, color="C0", label="cumulative crossings")
     twin.set_ylabel("crossings so far")
-    twin.legend(fontsize=7, loc="lower right")
+    twin.legend(fontsize=8, loc="lower right")
 
 
 def _draw_charges(ax, name, ds):

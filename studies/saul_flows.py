@@ -229,7 +229,7 @@ def _fig_decay(runs) -> Figure:
     ax2.set_yscale("log")
     ax2.set(xlabel="time t (flow units)", ylabel="loss (MSE, dimensionless)",
             title="(b) descent: L solid, E dotted")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=8)
     fig.suptitle(f"WeightBalancingFlow(Lpq(p, q), λ) on a ReLU 5-12-12-1 net; {SOLVER_NOTE}",
                  fontsize=9)
     return fig

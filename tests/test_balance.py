@@ -327,6 +327,8 @@ def test_bad_input():
         balance.neuron_balance(relu, schedule="stochastic")
     with pytest.raises(ValueError, match="key"):
         balance.NeuronBalance(schedule="stochastic")
+    with pytest.raises(ValueError, match="NeuronBalance.*`key`"):
+        balance.NeuronBalance(schedule="stochastic", key="seed")
     with pytest.raises(ValueError, match="schedule"):
         balance.neuron_balance(relu, schedule="random")
     with pytest.raises(ValueError, match="velocity"):
@@ -412,3 +414,28 @@ def test_fixes_inside_simulate():
     assert _np_min_norm_residual([w[0] for w in weights], 2, 3, 2) > 1e-3  # W0 is not
     np.testing.assert_allclose(np.asarray(fixed.actions)[:10], np.linspace(0.1, 1.0, 10),
                                rtol=1e-12)
+
+
+def test_nan_weight_is_refused_or_not_converged():
+    """min_norm_fix on a NaN weight left every scale at 1 and reported converged=True."""
+    model = _net((3, 5, 4, 2), dyn.ReLU(), bias=False, seed=4)
+    bad = eqx.tree_at(lambda m: m.weights[1], model, model.weights[1].at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"min_norm_fix: `model` has NaN or Inf at .weights\[1\]"):
+        balance.min_norm_fix(bad)
+    with pytest.raises(ValueError, match="neuron_balance: `model` has NaN"):
+        balance.neuron_balance(bad)
+    # Traced (inside a solve, a jitted step) there is nothing to raise: not converged.
+    converged = eqx.filter_jit(lambda m: balance.min_norm_fix(m)[1].converged)(bad)
+    assert not bool(converged)
+    assert bool(eqx.filter_jit(lambda m: balance.min_norm_fix(m)[1].converged)(model))
+
+
+def test_stochastic_schedule_takes_an_int_seed():
+    """An int seed is a key (README): `key=1` raised a raw TypeError in jax.random."""
+    model = _net((3, 5, 4, 2), dyn.ReLU(), bias=False, seed=4)
+    by_seed, info = balance.neuron_balance(model, 2.0, "stochastic", key=1, tol=1e-10)
+    by_key, _ = balance.neuron_balance(model, 2.0, "stochastic", key=jax.random.key(1),
+                                       tol=1e-10)
+    assert bool(info.converged)
+    for a, b in zip(by_seed.weights, by_key.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

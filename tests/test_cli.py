@@ -97,3 +97,33 @@ def test_results_read_back(quickstart):
     # (0, −3/2, 3/2) is normal to the plane y = z that holds the orbit.
     np.testing.assert_allclose(ell, np.broadcast_to([0.0, -1.5, 1.5], ell.shape), atol=1e-7)
     assert np.max(np.abs(w[:, 1] - w[:, 2])) < 1e-12
+
+
+def test_output_paths_are_checked_before_the_study_runs(tmp_path, monkeypatch):
+    """A file where results/ or figures/ go, or an --out that cannot be written, is a
+    usage error before anything runs (it was a raw FileExistsError after the study had
+    run for 48 s, its results lost)."""
+    ran = []
+    monkeypatch.setattr(studies, "load", lambda name: type(
+        "Study", (), {"run": staticmethod(lambda out, quick: ran.append(name) or {})}))
+    for sub in ("results", "figures"):
+        out = tmp_path / sub
+        out.mkdir()
+        (out / sub).write_text("in the way")
+        code, _, stderr = _main(["run", "quickstart", "--quick", "--out", str(out)])
+        assert code == 2 and f"{sub}' is a file" in stderr and "Traceback" not in stderr
+    code, _, stderr = _main(["run", "quickstart", "--quick", "--out", "/sys/dynamics-test"])
+    assert code == 2 and "cannot write to" in stderr
+    assert ran == []
+    # Both spellings of a study's name run it (the docstring says so).
+    code, _, stderr = _main(["run", "saul_minnorm", "--quick", "--out", str(tmp_path / "ok")])
+    assert code == 0, stderr
+    assert ran == ["saul_minnorm"]
+
+
+def test_list_gives_whole_descriptions(capsys):
+    assert main(["list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    # Two descriptions were cut mid-sentence at the first line of their docstrings.
+    assert lines["theory3-margin"].endswith("reaching the same margin.")
+    assert lines["theory3-nmgd"].endswith("drifts under perturbations.")

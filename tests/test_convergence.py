@@ -54,7 +54,9 @@ def _tanh_problem():
 
 
 @pytest.mark.parametrize("solver, order, dts, floor", [
-    (diffrax.Dopri8(), 8, 8.0 * 2.0 ** -np.arange(2, 7), None),
+    # Spaced by √2: halving dt, only four steps lie above the floor and the interval is
+    # [6.1, 10.0], too wide to be a measurement (flagged); these give [7.2, 8.1].
+    (diffrax.Dopri8(), 8, 8.0 * 2.0 ** (-np.arange(2, 11) / 2), None),
     # Tsit5's fifth-order error constants are minimised (Tsitouras 2011), so its h^6, h^7
     # terms dominate down to ~1e-12: the local slopes fall 6.7, 6.5, 6.3, 6.1, 5.8, 5.4
     # as dt halves from 1 to 1/64. With the default floor (1.2e-12) the fit stops before
@@ -69,7 +71,7 @@ def test_high_orders_on_nonlinear_least_squares(solver, order, dts, floor):
     result = dyn.convergence_order(dyn.GradientFlow(), model, loss, solver=solver, t1=8.0,
                                    dts=dts, floor=floor)
     assert result.used.sum() >= 3 and np.all(result.errors[result.used] >= result.floor)
-    assert order in result
+    assert order in result and result.reliable
 
 
 def test_stops_at_the_floor_and_bad_input():
@@ -89,6 +91,43 @@ def test_stops_at_the_floor_and_bad_input():
         dyn.convergence_order(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
                               solver=diffrax.Dopri8(), t1=1.0, reference=closed_form,
                               dts=[1e-3, 5e-4, 2.5e-4])
+
+
+def test_unstable_steps_and_a_fast_decay_are_not_fitted(capsys):
+    """GF on L = 25‖w‖²: Euler is unstable for dt > 0.04 and w(1) = w0·e^{-50} ~ 1e-22.
+    Main fitted the two unstable steps and a pre-asymptotic one (an absolute floor of
+    2e-12 dropped every asymptotic point) and returned 22.85 in (−132, 178) silently."""
+    w0 = jnp.array([1.0, -0.5])
+    loss = lambda w: 25 * jnp.sum(w**2)  # noqa: E731
+    result = dyn.convergence_order(dyn.GradientFlow(), w0, loss, solver=diffrax.Euler(),
+                                   t1=1.0, reference=lambda t: w0 * np.exp(-50 * t))
+    assert 1 in result and abs(result.order - 1) < 0.05 and result.reliable
+    assert not result.used[:3].any()  # dt = 1/8, 1/16 unstable; 1/32 pre-asymptotic
+    assert result.floor < 1e-30  # relative to |w(1)|, not 2e-12
+    lines = capsys.readouterr().err.splitlines()  # progress: a few lines, not a bar
+    assert 2 <= len(lines) <= 6 and lines[-1].startswith("convergence_order: done"), lines
+    # Against the default reference (Dopri8 at 1e-13, error ~1e-15 here) the Euler
+    # errors (~1e-22) are not measurable: refused, naming the reference's error.
+    with pytest.raises(ValueError, match="asymptotic regime.*default reference's own error"):
+        dyn.convergence_order(dyn.GradientFlow(), w0, loss, solver=diffrax.Euler(), t1=1.0,
+                              progress=False)
+
+
+def test_wide_interval_is_flagged_and_budgets():
+    with pytest.warns(RuntimeWarning, match="wider than max_width.*reliable=False"):
+        result = dyn.convergence_order(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
+                                       solver=diffrax.Euler(), t1=4.0, reference=closed_form,
+                                       max_width=1e-9, progress=False)
+    assert not result.reliable and 1 in result
+    # Every run has a budget: a reference that needs more steps is an error at once.
+    with pytest.raises(ValueError, match="default reference.*did not reach t1.*max_steps"):
+        dyn.convergence_order(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
+                              solver=diffrax.Euler(), t1=4.0, dts=[2.0, 1.0, 0.5],
+                              max_steps=8, progress=False)
+    with pytest.raises(ValueError, match="needs 16384 steps.*max_steps"):
+        dyn.convergence_order(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
+                              solver=diffrax.Euler(), t1=4.0, max_steps=10_000,
+                              reference=closed_form, progress=False)
 
 
 def test_work_precision_against_independent_runs(tmp_path):

@@ -197,6 +197,9 @@ def test_dataset_validation():
         Dataset(x, np.zeros((5, 1)), num_classes=2)
     with pytest.raises(ValueError, match="lie in"):
         Dataset(x, np.array([0, 1, 2, 3, -1]), num_classes=4)
+    # No examples: the loss is NaN (a run "diverged" at once and reported success).
+    with pytest.raises(ValueError, match=r"`x` has no examples \(shape \(0, 2\)\)"):
+        Dataset(np.zeros((0, 2)), np.zeros((0, 1)))
 
 
 # --------------------------------------------------------------------------- losses

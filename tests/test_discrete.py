@@ -364,6 +364,38 @@ def test_bad_run_arguments(alg, kwargs, match):
         discrete.run(alg, jnp.asarray(W0), logcosh_loss, **kwargs)
 
 
+class _Truncating(dyn.AbstractProjection):
+    def __call__(self, params, velocity, state=None):
+        return params[:1], velocity
+
+
+class _ParamsOnly(dyn.AbstractProjection):
+    def __call__(self, params, velocity, state=None):
+        return params
+
+
+def test_raw_errors_are_value_errors_naming_the_argument():
+    """Each of these raised a raw jax error (TypeError, OverflowError, a lax.cond type
+    mismatch) or a TypeError from iterating a monitor."""
+    w = jnp.asarray(W0)
+    with pytest.raises(ValueError, match="`loss` must return a real scalar"):
+        discrete.run(discrete.GD(0.1), w, lambda w: w**2, 10)
+    with pytest.raises(ValueError, match="`steps` must be at most 2147483646"):
+        discrete.run(discrete.GD(0.1), w, logcosh_loss, 2**31)
+    with pytest.raises(ValueError, match="`projection` _Truncating returned params with shape"):
+        discrete.run(discrete.GD(0.1), w, logcosh_loss, 10,
+                     projection=dyn.Every(_Truncating(), steps=2))
+    with pytest.raises(ValueError, match="`projection` _ParamsOnly must return the pair"):
+        discrete.run(discrete.GD(0.1), w, logcosh_loss, 10,
+                     projection=dyn.Every(_ParamsOnly(), steps=2))
+    # One monitor is accepted, as simulate accepts it.
+    one = discrete.run(discrete.GD(0.1), w, logcosh_loss, 4, monitors=dyn.monitors.Loss(),
+                       check_stability=False)
+    many = discrete.run(discrete.GD(0.1), w, logcosh_loss, 4, monitors=(dyn.monitors.Loss(),),
+                        check_stability=False)
+    np.testing.assert_array_equal(one.monitors["loss"], many.monitors["loss"])
+
+
 def test_exponentiated_gd_rejects_zero_weights():
     with pytest.raises(ValueError, match="non-zero"):
         discrete.run(discrete.ExponentiatedGD(0.1), jnp.asarray([1.0, 0.0, 2.0]),

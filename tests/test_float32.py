@@ -108,6 +108,37 @@ def test_fixed_steps_and_step_to_float32():
         np.testing.assert_allclose(traj.final_params, 0.9**10, rtol=1e-5)  # ~10 roundings
 
 
+def test_times_are_checked_in_the_solves_float32():
+    """t1 that rounds to t0 in float32 integrated nothing and reported success; save times
+    from jnp.linspace(0, 0.3, 4) ended at 0.30000001 (t1 rounded) and were refused."""
+    with pytest.raises(ValueError, match=r"`t0` = 1.*`t1` = 1.*equal in float32"):
+        dyn.simulate(dyn.GradientFlow(), W0, quad, t0=1e8, t1=1e8 + 1)
+    ts = jnp.linspace(0.0, 0.3, 4)
+    traj = dyn.simulate(dyn.GradientFlow(), W0, quad, t1=0.3, ts=ts,
+                        monitors=dyn.monitors.Loss())
+    assert traj.success and traj.ts.dtype == np.float32 and len(traj.ts) == 4
+    np.testing.assert_array_equal(traj.ts, np.asarray(ts))
+    np.testing.assert_allclose(traj.monitors["loss"], np.exp(-2 * np.asarray(ts)), rtol=RTOL)
+    with pytest.raises(ValueError, match="ts.*lie in"):  # beyond a few ulps: refused
+        dyn.simulate(dyn.GradientFlow(), W0, quad, t1=0.3, ts=jnp.linspace(0.0, 0.31, 4))
+    # diffrax counts steps in int32 here: 2**31 raised a raw OverflowError.
+    with pytest.raises(ValueError, match="max_steps.*int32"):
+        dyn.simulate(dyn.GradientFlow(), W0, quad, t1=0.3, max_steps=2**31)
+
+
+def test_default_references_finish_float32():
+    """The default reference was Dopri8 at 1e-13, which float32 cannot meet: the
+    convergence_order one ran into max_steps and work_precision's (unbounded) never
+    ended. In float32 it is 100 eps; GF on ½‖w‖² from (1, 1): Euler's order is 1."""
+    result = dyn.convergence_order(dyn.GradientFlow(), W0, quad, solver=diffrax.Euler(),
+                                   t1=1.0, progress=False)
+    assert 1 in result and result.reliable and result.used.sum() >= 3
+    ds = dyn.work_precision(dyn.GradientFlow(), W0, quad, {"Tsit5": diffrax.Tsit5()},
+                            t1=1.0, tolerances=(1e-3, 1e-5), repeats=1, progress=False)
+    assert ds.finished.values.all() and ds.attrs["reference"] == "Dopri8 rtol=atol=1.19209e-05"
+    assert np.all(ds.error.values < 1e-2)
+
+
 def test_tight_tolerance_warns_in_float32():
     with pytest.warns(UserWarning, match="float32"), pytest.raises(ValueError, match="max_"):
         dyn.simulate(dyn.GradientFlow(), W0, quad, t1=1.0, max_steps=0,

@@ -60,7 +60,7 @@ def _order(ds):
     return ds.attrs["order"], ds.attrs["order_ci_low"], ds.attrs["order_ci_high"]
 
 
-def test_gd_orders_and_the_flow_compiles_once_over_eight_step_sizes():
+def test_gd_orders_and_the_flow_compiles_once_over_eight_step_sizes(capsys):
     traces = []
 
     def counted(w):
@@ -72,7 +72,8 @@ def test_gd_orders_and_the_flow_compiles_once_over_eight_step_sizes():
 
     sizes = [0.2, 0.1, 0.05]
     # Stability checks off: test_edge_of_stability_warns_in_gap covers them.
-    first = dyn.gap_order(discrete.GD, W0, loss, sizes, T1, check_stability=False)
+    first = dyn.gap_order(discrete.GD, W0, loss, sizes, T1, check_stability=False,
+                          progress=False)
     modified = dyn.gap_order(discrete.GD, W0, counted, sizes, T1, flow=modified_flow,
                              check_stability=False)
     order, low, high = _order(first)
@@ -83,10 +84,15 @@ def test_gd_orders_and_the_flow_compiles_once_over_eight_step_sizes():
     assert np.all(modified["gap"] < 0.2 * first["gap"])
     # Eight new step sizes, eight new step counts: neither the flow nor the run retraces.
     n = len(traces)
+    capsys.readouterr()
     sizes = [2.0 / k for k in (6, 7, 9, 11, 13, 15, 17, 19)]
     ds = dyn.gap_order(discrete.GD, W0, counted, sizes, T1, flow=modified_flow,
-                       check_stability=False)
+                       check_stability=False, progress=True)
     assert len(traces) == n
+    # Progress off a terminal: a line at the start, at each quarter and at the end.
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["gap_order"] * 5, lines
+    assert lines[-1].startswith("gap_order: done (8 step sizes")
     assert ds.sizes["step_size"] == 8 and abs(ds.attrs["order"] - 2) < 0.2
 
 

@@ -214,6 +214,26 @@ def test_on_event_acts_at_the_root_found_crossing_with_an_adaptive_solver():
     np.testing.assert_allclose(traj.final_params, w_end, rtol=0, atol=1e-10)
 
 
+class _Truncating(dyn.AbstractProjection):
+    def __call__(self, params, velocity, state=None):
+        return params[:1], velocity
+
+
+class _ParamsOnly(dyn.AbstractProjection):
+    def __call__(self, params, velocity, state=None):
+        return params
+
+
+def test_projection_output_is_checked_before_the_solve():
+    """A projection returning the wrong shape, or params alone, failed inside the solve
+    with "cond branches must have equal output types"."""
+    with pytest.raises(ValueError, match=r"_Truncating returned params with shape \(1,\)"):
+        dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, projection=_Truncating())
+    with pytest.raises(ValueError, match="_ParamsOnly must return the pair .params, velocity."):
+        dyn.simulate(dyn.NewtonianFlow(), W0, loss, t1=1.0,
+                     projection=dyn.Every(_ParamsOnly(), steps=3))
+
+
 def test_bad_schedules_raise():
     with pytest.raises(ValueError, match="steps"):
         dyn.Every(Sphere(), steps=0)

@@ -270,6 +270,34 @@ def test_second_call_does_not_retrace():
     np.testing.assert_allclose(third.final_params, 1.0 + 2.0 * np.exp(-4.0), rtol=1e-6)
 
 
+def test_nearby_save_counts_share_one_compiled_solve():
+    """Changing only the number of save times compiled the solve again (37 s on a small
+    Filippov net): counts are padded to a bucket (11 and 12 share one, 12 slots), and the
+    Trajectory has exactly the save times asked for."""
+    traces = []
+
+    def loss(w):
+        traces.append(1)  # runs at trace time only
+        return toy(w)
+
+    w0 = jnp.full(3, 0.1)
+    runs = {}
+    for n in (12, 11, 9):
+        before = len(traces)
+        runs[n] = dyn.simulate(dyn.GradientFlow(), w0, loss, t1=1.0, ts=jnp.linspace(0, 1, n),
+                               monitors=dyn.monitors.Loss(), stepsize_controller=TIGHT)
+        if n == 11:
+            assert len(traces) == before  # the n = 12 solve, reused
+        traj = runs[n]
+        np.testing.assert_array_equal(traj.ts, np.linspace(0, 1, n))
+        assert traj.monitors["loss"].shape == (n,) and traj.params.shape == (n, 3)
+        assert np.all(np.isfinite(traj.monitors["loss"])) and traj.success
+    # the same numbers at the shared times (0 and 1), whatever the padding
+    np.testing.assert_allclose(runs[11].monitors["loss"][[0, -1]],
+                               runs[12].monitors["loss"][[0, -1]], rtol=1e-12)
+    np.testing.assert_allclose(runs[11].final_params, runs[9].final_params, rtol=1e-12)
+
+
 def test_heavy_ball_sweep_compiles_once():
     traces = []
 
@@ -322,10 +350,57 @@ def test_tolerance_sweep_compiles_once():
         assert err < 100 * tol, (tol, err)  # global error within a few rtol
 
 
-def test_progress_bar(capsys):
+def test_progress_writes_a_few_lines_off_a_terminal(capsys):
+    """Off a terminal (pytest's capture is a pipe) progress is a few lines, not a tqdm
+    redraw per refresh (main wrote ~5,000 "0.00%" lines for a stuck solve), and a run
+    that stops short of t1 does not end on 100%."""
     traj = dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0, progress=True)
-    assert traj.success
-    assert "100.00%" in capsys.readouterr().err
+    lines = capsys.readouterr().err.splitlines()
+    assert traj.success and 2 <= len(lines) <= 5, lines
+    assert lines[0] == "simulate: started" and lines[-1].startswith("simulate: done")
+    traj = dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=10.0, max_steps=40,
+                        stepsize_controller=TIGHT, throw=False, progress=True)
+    err = capsys.readouterr().err
+    assert not traj.success and len(err.splitlines()) <= 5, err
+    assert "stopped at" in err and "done" not in err and "100" not in err, err
+
+
+class _NeverAccepts(diffrax.AbstractAdaptiveStepSizeController):
+    """A (broken) user controller that rejects every step."""
+
+    rtol: float = 1e-6
+    atol: float = 1e-6
+    norm: object = staticmethod(lambda x: 0.0)
+
+    def wrap(self, direction):
+        return self
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return t0 + 0.01, None
+
+    def adapt_step_size(self, t0, t1, y0, y1, args, y_error, error_order, state):
+        return False, t0, t0 + 0.5 * (t1 - t0), False, state, diffrax.RESULTS.successful
+
+
+def test_adaptive_solves_do_not_reject_without_end():
+    """Main rejected 100,000 steps (0 accepted) in three cases; each now ends early."""
+    gf, w = dyn.GradientFlow(), jnp.array([-1.0, 2.0])
+    # A field that is NaN (sqrt of a negative output): the non_finite event, diverged.
+    traj = dyn.simulate(gf, w, lambda w: jnp.sum(jnp.sqrt(w)), t1=1.0)
+    assert traj.event == "non_finite" and traj.diverged and traj.success
+    assert traj.stats["num_steps"] <= 30 and not np.all(np.isfinite(traj.final_params))
+    # A first step whose candidate overflows (inf, so diffrax's next step size was NaN):
+    # the step shrinks until it fits, and the run is right.
+    traj = dyn.simulate(gf, jnp.array([1.8]), lambda w: jnp.sum(w**40), t1=1.0)
+    assert traj.success and traj.stats["num_accepted_steps"] > 0
+    np.testing.assert_allclose(traj.final_params, (1.8**-38 + 1520) ** (-1 / 38), rtol=1e-6)
+    # A controller that never accepts: stopped after 100 rejections in a row, with advice.
+    with pytest.raises(RuntimeError, match="Not one step was accepted.*`dt0`"):
+        dyn.simulate(gf, w**2, toy, t1=1.0, stepsize_controller=_NeverAccepts())
+    traj = dyn.simulate(gf, w**2, toy, t1=1.0, stepsize_controller=_NeverAccepts(),
+                        throw=False)
+    assert not traj.success and traj.stats["num_rejected_steps"] == 100
+    assert "rejected a long run of steps in a row" in traj.result
 
 
 def test_provenance_in_xarray():
@@ -367,6 +442,29 @@ BASE = dict(t1=1.0)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, **kwargs)
+
+
+@pytest.mark.parametrize("rtol, atol, which", [(1e-3, -1.0, "atol"), (float("inf"), 1e-6, "rtol"),
+                                               (-1e-6, 1e-9, "rtol"), (0.0, 0.0, "both 0")])
+def test_bad_tolerances_are_refused_by_simulate_and_simulation(rtol, atol, which):
+    """A negative or infinite tolerance passes every error estimate: main returned a
+    wrong answer in 3 steps (and rtol=-1e-6 only warned to turn on float64)."""
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    import warnings
+
+    for call in (lambda: dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0,
+                                      stepsize_controller=controller),
+                 lambda: dyn.Simulation(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0,
+                                        stepsize_controller=controller).prepare()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused, not warned about
+            with pytest.raises(ValueError, match=f"stepsize_controller.*{which}"):
+                call()
+    # rtol = 0 with atol > 0 is absolute control: accepted, without the float64 warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dyn.simulate(dyn.GradientFlow(), jnp.full(3, 0.1), toy, t1=1.0,
+                     stepsize_controller=diffrax.PIDController(rtol=0.0, atol=1e-8))
 
 
 def test_bad_params_and_loss():

@@ -191,7 +191,7 @@ def test_bad_input():
         dyn.sweep(run, {})
     with pytest.raises(ValueError, match="should end in .nc"):
         dyn.sweep(run, {"seed": [0]}, out="results/sweep.csv")
-    with pytest.raises(ValueError, match="`stepsize_controller.rtol` must be > 0"):
+    with pytest.raises(ValueError, match="`stepsize_controller.rtol` must be a finite number >= 0"):
         dyn.Simulation(dyn.GradientFlow(), jnp.ones(2), LOSS, t1=1.0,
                        stepsize_controller=diffrax.PIDController(rtol=-1e-6, atol=1e-9)).prepare()
     with pytest.raises(ValueError, match="accepts dyn.simulate's keyword arguments"):
@@ -313,3 +313,160 @@ def test_seed_axis_prepares_once_and_equals_the_per_cell_path(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="`params` contains NaN"):
         dyn.sweep(bad, {"seed": range(4)}, progress=False)
+
+
+def toy_run(objective):
+    """The file's structure with the loss as the axis value (the radius is an array
+    leaf of RotationalToy: one compiled solve for every radius)."""
+    return dyn.Simulation(
+        dyn.GradientFlow(), jnp.asarray(w0_of(0)), objective, t1=T1, dt0=0.25,
+        solver=diffrax.Euler(), stepsize_controller=diffrax.ConstantStepSize(), ts=TS,
+        monitors=(dyn.monitors.Loss(),),
+    )
+
+
+def test_object_axis_cells_are_keyed_by_value(tmp_path):
+    out = tmp_path / "toy.nc"
+    one = dyn.sweep(toy_run, {"objective": [dyn.losses.rotational_toy(1.0)]}, out=out,
+                    progress=False)
+    axes = {"objective": [dyn.losses.rotational_toy(0.9)]}
+    # Same label ("RotationalToy"), another value: not the grid `out` holds.
+    with pytest.raises(ValueError, match=r"toy.nc.*same labels.*other values.*if_exists"):
+        dyn.sweep(toy_run, axes, out=out, progress=False)
+    two = dyn.sweep(toy_run, axes, out=out, progress=False, if_exists="extend")
+    assert two.solved == 1 and two.loaded == 0
+    final = float(two.dataset["final_loss"].squeeze())
+    assert final != float(one.dataset["final_loss"].squeeze())
+    np.testing.assert_allclose(final, reference_toy(0.9), rtol=1e-10)
+    # Without the .nc the cells answer, each for its own radius.
+    out.unlink()
+    again = dyn.sweep(toy_run, axes, out=out, progress=False)
+    assert again.loaded == 1 and float(again.dataset["final_loss"].squeeze()) == final
+    # A value with no identity outside this process cannot key a cell file.
+    with pytest.raises(ValueError, match="axis 'objective'.*cannot be keyed.*lambda"):
+        dyn.sweep(toy_run, {"objective": [lambda w: w @ w]}, out=tmp_path / "f.nc",
+                  progress=False)
+
+
+def reference_toy(radius):
+    """Euler at dt = 0.25 on (|w|^2 - r^2)^2 from w0_of(0): the loss at T1."""
+    w = w0_of(0)
+    for _ in range(round(T1 / 0.25)):
+        w = w - 0.25 * 4.0 * (w @ w - radius**2) * w
+    return (w @ w - radius**2) ** 2
+
+
+def test_out_holding_another_grid_is_refused_replaced_or_locked(tmp_path):
+    import fcntl
+
+    out = tmp_path / "grid.nc"
+    first = dyn.sweep(simulation, {"seed": range(3), "dt": [0.25]}, out=out, progress=False)
+    assert first.solved == 3
+    smaller = {"seed": [0], "dt": [0.25]}
+    with pytest.raises(ValueError, match=r"grid.nc.*another grid.*\[0, 1, 2\].*replace"):
+        dyn.sweep(simulation, smaller, out=out, progress=False)
+    assert dyn.load(out).sizes["seed"] == 3  # nothing was overwritten
+    # "extend" loads the cell both grids share; "replace" starts over.
+    extended = dyn.sweep(simulation, smaller, out=out, progress=False, if_exists="extend")
+    assert (extended.solved, extended.loaded) == (0, 1)
+    replaced = dyn.sweep(simulation, smaller, out=out, progress=False, if_exists="replace")
+    assert (replaced.solved, replaced.loaded) == (1, 0)
+    assert [p.name for p in (tmp_path / "grid.nc.cells").glob("*.nc")] != []
+    with pytest.raises(ValueError, match="`if_exists` must be one of"):
+        dyn.sweep(simulation, smaller, out=out, if_exists="overwrite")
+    # Someone else's netCDF file at `out` is not overwritten.
+    other = tmp_path / "other.nc"
+    dyn.save(xr.Dataset({"a": ("x", np.zeros(3))}), other)
+    with pytest.raises(ValueError, match="other.nc' holds a netCDF file that is not a sweep"):
+        dyn.sweep(simulation, smaller, out=other, progress=False, if_exists="extend")
+    # While a sweep writes `out`, another one is refused (here: the lock held by hand).
+    with open(tmp_path / "grid.nc.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(ValueError, match=r"being written by another sweep .process 4242"):
+            dyn.sweep(simulation, smaller, out=out, progress=False)
+    assert dyn.sweep(simulation, smaller, out=out, progress=False).solved == 0
+
+
+def test_axis_named_like_a_record_is_refused_before_solving():
+    calls = []
+
+    def run(success, loss_dim1=0):
+        calls.append(success)
+        return simulation(0, 0.25)
+
+    with pytest.raises(ValueError, match=r"axis name\(s\) \['success'\].*Rename the axis"):
+        dyn.sweep(run, {"success": [0, 1, 2]}, progress=False)
+    assert calls == [0]  # the first cell was prepared, none solved
+    with pytest.raises(ValueError, match=r"\['loss_dim1'\]"):
+        dyn.sweep(lambda loss_dim1: run(0), {"loss_dim1": [0, 1]}, progress=False)
+
+    def record(norm, scale=1.0):
+        calls.append(norm)
+        return {"norm": np.arange(3.0) * scale}
+
+    calls.clear()
+    with pytest.raises(ValueError, match=r"\['norm'\]"):
+        dyn.sweep(record, {"norm": [1, 2, 3]}, progress=False)
+    assert calls == [1]
+
+
+def test_unreadable_cell_files_are_named_and_solved_again(tmp_path):
+    out = tmp_path / "c.nc"
+    axes = {"seed": range(3), "dt": [0.25]}
+    full = dyn.sweep(simulation, axes, out=out, chunk_size=1, progress=False)
+    files = sorted((tmp_path / "c.nc.cells").glob("*.nc"))
+    assert len(files) == 3
+    files[0].write_bytes(b"")  # emptied
+    files[1].write_bytes(b"\x89HDF\r\n garbage")  # cut short
+    out.write_bytes(b"not netcdf")
+    with pytest.warns(RuntimeWarning) as caught:
+        again = dyn.sweep(simulation, axes, out=out, chunk_size=1, progress=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert files[0].name in said and files[1].name in said and "c.nc" in said
+    assert (again.solved, again.loaded) == (2, 1)
+    cells_equal(again.dataset, full.dataset)
+    assert (tmp_path / "c.nc.corrupt").exists()
+
+
+def test_padded_save_times_take_the_batched_path(monkeypatch):
+    """Eleven save times are padded to twelve slots (`pad_ts`), so a sweep with twelve
+    and then one with eleven share a compiled solve; the records have the eleven asked
+    for, read off the batched solve (one Trajectory per batch, for the check), and equal
+    simulate's."""
+    def run(seed, n=11):
+        sim = simulation(seed, 0.25)
+        sim.kwargs["ts"] = np.linspace(0.0, T1, n)
+        return sim
+
+    dyn.sweep(lambda seed: run(seed, 12), {"seed": range(3)}, progress=False)
+    before = _batch.traces
+    built = []
+    from_solve = dyn.Trajectory.from_solve.__func__
+    monkeypatch.setattr(dyn.Trajectory, "from_solve", classmethod(
+        lambda cls, *a, **k: built.append(1) or from_solve(cls, *a, **k)))
+    ts = np.linspace(0.0, T1, 11)
+    ds = dyn.sweep(run, {"seed": range(3)}, progress=False).dataset
+    assert _batch.traces == before  # not compiled again
+    assert len(built) == 1 and ds.sizes["time"] == 11
+    np.testing.assert_array_equal(ds["time"], ts)
+    monkeypatch.undo()
+    for seed in range(3):
+        traj = dyn.simulate(**{"flow": dyn.GradientFlow(), "params": jnp.asarray(w0_of(seed)),
+                               "loss": LOSS}, **run(seed).kwargs)
+        np.testing.assert_allclose(ds["loss"].sel(seed=seed), traj.monitors["loss"],
+                                   rtol=1e-12)
+
+
+def test_seed_sweep_emits_no_deprecation_warning():
+    import warnings
+
+    def run(seed):  # a fresh loss per cell: its arrays are compared by value
+        sim = simulation(seed, 0.25)
+        sim.loss = dyn.losses.rotational_toy()
+        return sim
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        dyn.sweep(run, {"seed": range(3)}, progress=False)

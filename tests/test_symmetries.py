@@ -277,3 +277,21 @@ def test_time_translation_charge_is_the_energy():
     loss = lambda p: jnp.sum(p**4)  # noqa: E731
     h = dyn.symmetries.TimeTranslation().charge(dyn.NewtonianFlow(), 0.0, w, v, loss)
     np.testing.assert_allclose(h, 0.5 * (0.25 + 0.0625) + 17.0, rtol=1e-15)  # ½‖v‖² + L
+
+
+def test_count_takes_an_int_seed_and_reports_progress(capsys):
+    """`key=0` raised a raw TypeError (the README says an int seed is a key); the count
+    is the one of jax.random.key(0), and progress is a few lines off a terminal."""
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.fold_in(key, 7), (60, 3))
+    model = random_alive_mlp((3, 4, 2), x, relu=True, bias=False, key=key)
+    by_seed = dyn.symmetries.count_conservation_laws(model, x, key=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("count_conservation_laws: started") and len(lines) <= 6
+    assert lines[-1].startswith("count_conservation_laws: done")
+    by_key = dyn.symmetries.count_conservation_laws(model, x, key=jax.random.key(0),
+                                                    progress=False)
+    assert by_seed.count == by_key.count == dyn.symmetries.known_count(model, x)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="count_conservation_laws.*key"):
+        dyn.symmetries.count_conservation_laws(model, x, key="0")

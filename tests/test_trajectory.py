@@ -96,6 +96,13 @@ def test_save_rejects_bad_input(tmp_path):
         dyn.save({"a": 1}, tmp_path / "x.nc")
     with pytest.raises(ValueError, match="path"):
         dyn.save(xr.Dataset(), tmp_path / "x.csv")
+    # A directory named like the file: IsADirectoryError from os.replace before.
+    (tmp_path / "run.nc").mkdir()
+    with pytest.raises(ValueError, match="`path` .*run.nc' is a directory"):
+        dyn.save(xr.Dataset(), tmp_path / "run.nc")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        dyn.save(xr.Dataset(), tmp_path / "file" / "run.nc")
 
 
 def test_monitor_only_run_has_no_params():
@@ -126,3 +133,25 @@ def test_unbounded_max_steps_and_gf_velocity_in_function_monitor():
                         stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10))
     assert "max_steps" not in traj.stats
     np.testing.assert_allclose(traj.monitors["velocity"], -2.0 * traj.params, rtol=1e-14)
+
+
+def test_rescaling_charges_carry_layer_and_unit(tmp_path):
+    """`rescaling_charges_dim1` had no coordinate: a reader could not tell which charge
+    belongs to which neuron. Now `layer` (hidden layer, from 1) and `unit` label it, in
+    to_xarray and through dyn.save, for simulate and for discrete runs."""
+    model = dyn.MLP((3, 4, 2, 1), dyn.ReLU(), key=0)
+    loss = dyn.losses.mse(dyn.datasets.teacher_student(16, (3, 4, 1), key=1))
+    monitors = (dyn.monitors.RescalingCharges(), dyn.monitors.Loss())
+    runs = (dyn.simulate(dyn.GradientFlow(), model, loss, t1=0.1, monitors=monitors),
+            dyn.discrete.run(dyn.discrete.GD(0.01), model, loss, 4, monitors=monitors,
+                             check_stability=False))
+    for traj in runs:
+        ds = dyn.load(dyn.save(traj, tmp_path / "run.nc"))
+        charges = ds["rescaling_charges"]
+        np.testing.assert_array_equal(charges["layer"], [1, 1, 1, 1, 2, 2])
+        np.testing.assert_array_equal(charges["unit"], [0, 1, 2, 3, 0, 1])
+        # The labels are right: the charge of layer 2, unit 1 is ‖W_2[1,:]‖² − ‖W_3[:,1]‖².
+        w2, w3 = np.asarray(model.weights[1]), np.asarray(model.weights[2])
+        q = charges.isel(time=0).where((charges.layer == 2) & (charges.unit == 1), drop=True)
+        np.testing.assert_allclose(q.values, [w2[1] @ w2[1] - w3[:, 1] @ w3[:, 1]], rtol=1e-12)
+        assert "layer" not in ds["loss"].coords

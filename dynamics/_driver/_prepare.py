@@ -21,10 +21,10 @@ from .._flows import (
     NesterovFlow,
 )
 from .._problem import Problem
-from .._projection import AbstractProjection, AbstractSchedule, Every
+from .._projection import AbstractProjection, AbstractSchedule, Every, check_output
 from .._trajectory import check_variable_name, provenance
 from .._tree import is_concrete, partition
-from .._validate import as_tuple, check_tolerance, class_hint, positive_int, real
+from .._validate import as_tuple, check_tolerances, class_hint, positive_int, real
 from ..events._events import AbstractEvent, Condition, NonFinite
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
 from ..solvers._base import AbstractFlowSolver
@@ -136,10 +136,13 @@ def _validate_velocity(flow: AbstractFlow, w: PyTree, v0: PyTree | None, t0: flo
     return v
 
 
-def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
-    # NumPy arrays throughout: the solve traces them as it would jax ones.
+def _validate_ts(ts: ArrayLike | None, t0: float, t1: float, dtype=np.float64):
+    # NumPy arrays throughout: the solve traces them as it would jax ones. Compared with
+    # [t0, t1] in the solve's dtype, within a few ulps, and clipped there: in float32
+    # jnp.linspace(0, 0.3, 4) ends at 0.30000001 (t1 = 0.3 rounded), which is t1.
+    lo, hi = np.asarray(t0, dtype), np.asarray(t1, dtype)
     if ts is None:
-        return np.asarray([t0, t1])
+        return np.asarray([lo, hi])
     arr = np.asarray(ts, dtype=float)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(
@@ -149,11 +152,38 @@ def _validate_ts(ts: ArrayLike | None, t0: float, t1: float):
         raise ValueError("`ts` contains NaN or Inf.")
     if np.any(np.diff(arr) <= 0):
         raise ValueError("`ts` must be strictly increasing; sort it (and drop repeats).")
-    if arr[0] < t0 or arr[-1] > t1:
+    slack = 4 * np.finfo(dtype).eps * max(abs(t0), abs(t1))
+    if arr[0] < t0 - slack or arr[-1] > t1 + slack:
         raise ValueError(
             f"`ts` must lie in [t0, t1] = [{t0}, {t1}], got [{arr[0]}, {arr[-1]}]."
         )
-    return arr
+    out = np.clip(arr.astype(dtype), lo, hi)
+    if np.any(np.diff(out) <= 0):
+        raise ValueError(
+            f"`ts` has save times that are distinct but equal in {np.dtype(dtype).name} "
+            "(the solve's precision); space them further apart, or turn on float64 with "
+            "jax.config.update('jax_enable_x64', True)."
+        )
+    return out
+
+
+def save_bucket(n: int) -> int:
+    """The length `ts` is padded to: n itself up to 8, above that the next m·2^e with
+    m in 4..7 (10, 12, 14, 16, 20, 24, 28, 32, 40, ...). A solve compiles for the shape
+    of `ts`, so without buckets 101 save times after 100 compiled again (37 s on a
+    small Filippov net); with them nearby counts share one solve, at most 25% more save
+    slots (never computed: see `pad_ts`)."""
+    if n <= 8:
+        return n
+    e = n.bit_length() - 3  # n < 8·2^e
+    return next(m << e for m in (4, 5, 6, 7, 8) if m << e >= n)
+
+
+def pad_ts(ts: np.ndarray) -> np.ndarray:
+    """`ts` padded with NaN to `save_bucket(len(ts))`. diffrax saves ts[i] once a step
+    ends at or past it, which a NaN never satisfies: the padding is never saved, its
+    slots stay at diffrax's inf, and `Trajectory.from_solve` keeps the finite ones."""
+    return np.concatenate([ts, np.full(save_bucket(ts.size) - ts.size, np.nan, ts.dtype)])
 
 
 def _validate_projection(projection, controller, dt0):
@@ -263,10 +293,19 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
     t0, t1 = real(t0, "t0"), real(t1, "t1")
     if t1 <= t0:
         raise ValueError(f"`t1` = {t1} must be greater than `t0` = {t0}.")
+    dtype = jnp.result_type(float)
+    if not np.asarray(t1, dtype) > np.asarray(t0, dtype):
+        # The solve runs in `dtype`: there the interval is empty, and diffrax would
+        # report success having integrated nothing.
+        raise ValueError(
+            f"`t0` = {t0} and `t1` = {t1} are equal in {jnp.dtype(dtype).name}, the "
+            "solve's precision: nothing would be integrated. Shift the time origin "
+            "(t0 = 0), or turn on float64 with jax.config.update('jax_enable_x64', True)."
+        )
     w0, static = validate_params(params)
     v0 = _validate_velocity(flow, w0, v0, t0)
     ts_given = ts
-    ts = _validate_ts(ts, t0, t1)
+    ts = _validate_ts(ts, t0, t1, dtype)
     solver = diffrax.Tsit5() if solver is None else solver
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(
@@ -280,7 +319,6 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
             f"force independent of the velocity; {type(flow).__name__} is not separable. "
             "Use dyn.NewtonianFlow() or a Runge–Kutta solver such as diffrax.Tsit5()."
         )
-    dtype = jnp.result_type(float)
     if stepsize_controller is None:
         rtol, atol = _DEFAULT_RTOL[jnp.dtype(dtype).itemsize]
         stepsize_controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -290,8 +328,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
             f"{stepsize_controller!r}"
             f"{class_hint(stepsize_controller, diffrax.AbstractStepSizeController)}."
         )
-    if isinstance(stepsize_controller, diffrax.PIDController):
-        check_tolerance(stepsize_controller.rtol, dtype)
+    check_tolerances(stepsize_controller, dtype)
     adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
     if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         raise ValueError(
@@ -312,7 +349,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
             )
         # diffrax compares t0, t1 with ts[0], ts[-1] exactly; hand it the same numbers.
         t0, t1 = float(steps[0]), float(steps[-1])
-        ts = _validate_ts(None if ts_given is None else ts_given, t0, t1)
+        ts = _validate_ts(None if ts_given is None else ts_given, t0, t1, dtype)
     elif dt0 is None and not adaptive:
         raise ValueError("`dt0` is required with a constant step size; pass e.g. dt0=1e-2.")
     if dt0 is not None:
@@ -320,6 +357,14 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
         dt0 = real(dt0, "dt0", low=0.0, strict=True)
     if max_steps is not None:
         max_steps = positive_int(max_steps, "max_steps")
+        # diffrax counts steps in JAX's default int (int32 unless float64 is on)
+        limit = int(jnp.iinfo(jnp.result_type(int)).max) - 1
+        if max_steps > limit:
+            raise ValueError(
+                f"`max_steps` = {max_steps} does not fit JAX's {jnp.dtype(jnp.result_type(int))}"
+                f" step counter (at most {limit}); pass max_steps=None for no bound, or "
+                "turn on 64-bit with jax.config.update('jax_enable_x64', True)."
+            )
     if not isinstance(save_params, bool):
         raise ValueError(f"`save_params` must be True or False, got {save_params!r}.")
     monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
@@ -332,6 +377,9 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
     if not any(isinstance(e, NonFinite) for e in events):
         events = events + (NonFinite(),)
     schedule = _validate_projection(projection, stepsize_controller, dt0)
+    if schedule is not None:  # its output, on shapes alone (else a raw lax.cond error)
+        check_output(schedule.projection, params,
+                     None if v0 is None else eqx.combine(v0, static))
     own_terms = split or isinstance(solver, AbstractFlowSolver)
     if own_terms and any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
         raise ValueError(
@@ -356,7 +404,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
         t0=_scalar(t0, dtype),
         t1=_scalar(t1, dtype),
         dt0=None if dt0 is None else _scalar(dt0, dtype),
-        ts=ts.astype(dtype),
+        ts=pad_ts(ts.astype(dtype)),
         monitors=monitors,
         events=events,
         schedule=schedule,

@@ -18,6 +18,7 @@ from ..events._events import EventRootFinder
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ..solvers._loss_carrying import LossCarryingEuler
 from ._actions import ACTION_ROOT_FINDER
+from ._guard import RejectionGuard
 from ._layout import StateLayout, Unpacked
 from ._prepare import check_scalar_loss
 from ._projecting import acting, record_limit
@@ -73,6 +74,9 @@ def _monitor(m: AbstractMonitor, t, u: Unpacked, problem: Problem):
 def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolution:
     """Run `spec` to its end (or its first event) and return what diffrax saved."""
     problem, solver, controller = spec.problem, spec.solver, spec.controller
+    if isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
+        # innermost: it sees the user's controller's own decisions (`_guard`)
+        controller = RejectionGuard(controller, spec.t1 - spec.t0)
     t0, y0 = spec.t0, spec.y0
     first_order = isinstance(problem.flow, AbstractFirstOrderFlow)
     w0, v0 = (y0, None) if first_order else y0

@@ -1,14 +1,19 @@
 """The axes of a sweep: checked, labelled for the Dataset, and each cell keyed."""
 
+import dataclasses
+import enum
+import functools
 import hashlib
 import inspect
 import json
 import math
 import numbers
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import equinox as eqx
+import jax
 import numpy as np
 
 # Axis names whose values must be > 0: tolerances and step sizes.
@@ -98,6 +103,99 @@ def check_axes(run_fn: Callable, axes: Mapping[str, Iterable]) -> dict[str, list
     return out
 
 
-def cell_key(labels: dict) -> str:
-    text = json.dumps(sorted(labels.items()), default=str)
+def cell_key(keys: dict) -> str:
+    """A cell's file key from its axes' value keys (`value_key`)."""
+    text = json.dumps(sorted(keys.items()), default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class Unkeyable(Exception):
+    """A value with no identity that survives the process (a lambda, a local function,
+    an object known only by its address)."""
+
+
+def _qualified(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+
+
+def _canonical(value: Any, seen: frozenset = frozenset()) -> Any:
+    """`value` as plain JSON data that two processes build alike exactly when they
+    hold the same value: the class and every field, arrays by dtype, shape and a hash
+    of their bytes. Raises `Unkeyable` for what has no such form."""
+    if isinstance(value, bool | np.bool_ | str) or value is None:
+        return value if not isinstance(value, np.bool_) else bool(value)
+    if isinstance(value, numbers.Integral):
+        return ["int", int(value)]
+    if isinstance(value, numbers.Real):
+        return ["float", float(value).hex()]
+    if isinstance(value, numbers.Complex):
+        return ["complex", complex(value).real.hex(), complex(value).imag.hex()]
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype,
+                                                                   jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        arr = np.ascontiguousarray(np.asarray(value))
+        if arr.dtype == object:
+            return ["objects", arr.shape, [_canonical(x, seen) for x in arr.ravel()]]
+        return ["array", arr.dtype.str, list(arr.shape), hashlib.sha1(arr.tobytes()).hexdigest()]
+    if id(value) in seen:
+        raise Unkeyable(f"{type(value).__name__} refers to itself")
+    seen = seen | {id(value)}
+    if isinstance(value, list | tuple):
+        return [type(value).__name__, [_canonical(x, seen) for x in value]]
+    if isinstance(value, dict):
+        return ["dict", sorted([json.dumps(_canonical(k, seen)), _canonical(v, seen)]
+                               for k, v in value.items())]
+    if isinstance(value, type):
+        return ["type", _qualified(value)]
+    if isinstance(value, enum.Enum):
+        return ["enum", _qualified(type(value)), value.name]
+    if isinstance(value, functools.partial):
+        return ["partial", _canonical(value.func, seen), _canonical(value.args, seen),
+                _canonical(value.keywords, seen)]
+    if isinstance(value, types.MethodType):
+        return ["method", _canonical(value.__self__, seen), value.__name__]
+    if dataclasses.is_dataclass(value):  # every eqx.Module: class and all fields
+        return ["object", _qualified(type(value)),
+                {f.name: _canonical(getattr(value, f.name, None), seen)
+                 for f in dataclasses.fields(value)}]
+    if callable(value) and hasattr(value, "__qualname__"):
+        name = value.__qualname__
+        if "<lambda>" in name or "<locals>" in name:
+            raise Unkeyable(f"{value!r} is a lambda or a local function")
+        return ["function", _qualified(value)]
+    text = repr(value)
+    if " at 0x" in text:  # the default repr: an address, not a value
+        raise Unkeyable(f"{text} is known only by its address")
+    return ["repr", _qualified(type(value)), text]
+
+
+def value_key(value: Any) -> str:
+    """A key for one axis value that is the same in every process exactly when the
+    value is: numbers and strings by their label (as earlier versions keyed them, so
+    their cell files still resume), other objects by their class name and a hash of
+    their fields (`rotational_toy(1.0)` and `rotational_toy(2.0)` differ).
+    Raises `Unkeyable`."""
+    lab = label(value)
+    if isinstance(value, numbers.Real | str | np.bool_) or value is None:
+        return lab
+    text = json.dumps(_canonical(value), sort_keys=True)
+    return f"{lab}#{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+
+
+def axis_keys(name: str, values: list) -> list[str]:
+    """`value_key` of each value of axis `name`, or a ValueError naming the axis."""
+    keys = []
+    for v in values:
+        try:
+            keys.append(value_key(v))
+        except Unkeyable as exc:
+            raise ValueError(
+                f"axis {name!r} holds a value that cannot be keyed for `out` ({exc}): a "
+                "resumed sweep could not tell whether its cells were solved for this "
+                "value. Sweep over names or numbers and build the object inside "
+                "`run_fn` (e.g. {'width': [8, 16]}), or pass out=None."
+            ) from None
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"axis `{name}` repeats a value ({values!r}); give distinct values.")
+    return keys

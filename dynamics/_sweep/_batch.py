@@ -13,7 +13,14 @@ import numpy as np
 from .._driver._solve import solve
 from .._trajectory import Trajectory
 from ..events._events import AbstractDivergenceEvent
-from ._records import batch_records, dict_record, trajectory_record
+from ._records import (
+    batch_records,
+    check_names,
+    dict_record,
+    record_names,
+    spec_names,
+    trajectory_record,
+)
 from ._simulation import Simulation
 
 # How many times the batched solve has been traced (each trace is one compilation);
@@ -114,6 +121,9 @@ def run_cells(run_fn: Callable, cells: list, chunk_size: int | None,
     them are ready (or the cells run out), then are solved in one vmapped call."""
     devices = jax.local_devices() if devices is None else list(devices)
     groups: list[tuple[Any, list]] = []
+    # An axis named like a recorded variable would fail in xarray after every cell was
+    # solved: checked on the first cell of each kind, before anything more is solved.
+    axes = list(cells[0][1]) if cells else []
     limit = chunk_size or len(cells)
 
     def flush(group):
@@ -143,9 +153,11 @@ def run_cells(run_fn: Callable, cells: list, chunk_size: int | None,
                 key = _group_key(dynamic, static)
                 group = next((g for g in groups if _same(g[0], key)), None)
                 if group is None:
+                    check_names(axes, spec_names(spec), prefixes=True)
                     group = [key, [], None]
                     groups.append(group)
                 ts = np.asarray(spec.ts)
+                ts = ts[~np.isnan(ts)]  # the requested ones, without `pad_ts`'s padding
                 # A few recent ones, so that a seed axis inside another (seed x dt) finds
                 # its dt's template; each miss costs a tree comparison.
                 templates = (templates + [(out, prepared, group, dynamic, static, ts)])[-4:]
@@ -154,9 +166,13 @@ def run_cells(run_fn: Callable, cells: list, chunk_size: int | None,
             if len(group[1]) >= limit:
                 yield from flush(group)
         elif isinstance(out, Trajectory):
-            yield [(index, trajectory_record(out, None))]
+            record = trajectory_record(out, None)
+            check_names(axes, record_names(record), prefixes=True)
+            yield [(index, record)]
         elif isinstance(out, Mapping):
-            yield [(index, dict_record(out))]
+            record = dict_record(out)
+            check_names(axes, record_names(record))
+            yield [(index, record)]
         else:
             raise ValueError(
                 "`run_fn` must return a dyn.Simulation (solved in a vmapped batch), a "

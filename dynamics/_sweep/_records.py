@@ -7,6 +7,8 @@ import json
 import math
 import numbers
 import platform
+import re
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,65 @@ import jax
 import numpy as np
 import xarray as xr
 
+from .._flows import AbstractFirstOrderFlow
 from .._io import load, save
 from .._trajectory import Trajectory, variable_name
 from ..events._events import AbstractDivergenceEvent
+
+# The scalars every run's record holds besides its monitors and parameters
+# (`trajectory_record`); `stats_…` and `meta_…` name diffrax's counts and provenance.
+RUN_SCALARS = ("t_final", "diverged", "success", "event", "result")
+RUN_PREFIXES = ("stats_", "meta_")
+
+
+def record_names(record: dict) -> set[str]:
+    """The variable and dimension names a cell's record puts on the Dataset."""
+    names = {"time"} if record["time"] is not None else set()
+    for name, (dims, _) in record["data"].items():
+        names.add(name)
+        names.update(dims)
+    names.update(f"meta_{k}" for k in record["meta"])
+    return names
+
+
+def spec_names(spec) -> set[str]:
+    """The names the record of a solve of `spec` (a `SolveSpec`) will hold, known
+    before it is solved (`record_names` of its record, less the dimensions of monitors,
+    whose shapes are not known yet: `check_names` matches `<name>_dim<i>` instead)."""
+    names = set(RUN_SCALARS) | {"time"}
+    monitors = [m.name for m in spec.monitors]
+    if spec.nonsmooth is not None:
+        monitors += list(spec.nonsmooth.record_names())
+    for name in monitors:
+        names |= {name, f"final_{name}"}
+    if spec.save_params:
+        first_order = isinstance(spec.problem.flow, AbstractFirstOrderFlow)
+        w = spec.y0 if first_order else spec.y0[0]
+        params = eqx.combine(w, spec.problem.static)
+        for prefix in ("param",) if first_order else ("param", "velocity"):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+                if isinstance(leaf, np.ndarray | jax.Array):
+                    names.add(variable_name(prefix, path))
+    return names
+
+
+def check_names(axes, names: set[str], prefixes: bool = False) -> None:
+    """A ValueError if an axis is named like a variable or dimension of the records
+    (the Dataset could not hold both). `prefixes`: also refuse `<variable>_dim<i>`
+    and the `stats_`/`meta_` names a run may add."""
+    clash = []
+    for axis in axes:
+        dim = re.fullmatch(r"(.+)_dim\d+", axis)
+        if axis in names or (prefixes and (
+                (dim is not None and dim.group(1) in names) or axis.startswith(RUN_PREFIXES))):
+            clash.append(axis)
+    if clash:
+        raise ValueError(
+            f"axis name(s) {clash} are also the names of what each cell records "
+            f"({sorted(n for n in names if n != 'time')[:12]}...): the Dataset cannot "
+            f"hold both. Rename the axis (e.g. {clash[0]!r} -> '{clash[0]}_value' in "
+            "`axes` and in `run_fn`'s arguments)."
+        )
 
 
 def trajectory_record(traj: Trajectory, ts_requested: np.ndarray | None) -> dict:
@@ -112,7 +170,21 @@ def write_batch(folder: Path, batch: list[tuple[str, dict]]) -> None:
 
 
 def read_batch(path: Path) -> Iterator[tuple[str, dict]]:
-    ds = load(path)
+    """The cells of one file written by `write_batch`. A file that cannot be read (cut
+    short by a crash of the file system, emptied, not a sweep's) is named in a
+    warning and set aside as `<file>.corrupt`; its cells are solved again."""
+    try:
+        ds = load(path)
+        if "cell" not in ds.coords or "sweep_meta" not in ds:
+            raise ValueError("not a file of sweep cells")
+    except Exception as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        warnings.warn(
+            f"sweep: the cell file {str(path)!r} cannot be read ({type(exc).__name__}: "
+            f"{exc}); its cells will be solved again (the file is kept as "
+            f"{aside.name!r}).", RuntimeWarning, stacklevel=3)
+        path.replace(aside)
+        return
     names = [n for n in ds.data_vars if not n.startswith("sweep_")]
     for j, key in enumerate(ds["cell"].values):
         data = {n: (ds[n].dims[1:], ds[n].values[j]) for n in names}
@@ -234,8 +306,13 @@ def batch_records(items: list[dict], out) -> list[dict | None]:
         return none
     ts_saved = np.asarray(ts_saved)[:n]
     requested = [np.asarray(it["ts"], dtype=float) for it in items]
-    if any(r.shape != ts_saved.shape[1:] for r in requested):
+    m = requested[0].size
+    if any(r.shape != (m,) for r in requested) or m > ts_saved.shape[1]:
         return none
+    # The save times are padded to a bucket size (`prepare`'s `pad_ts`): the slots past
+    # the requested ones are never saved.
+    ts_saved = ts_saved[:, :m]
+    ys_saved = jax.tree.map(lambda a: np.asarray(a)[:, :m], ys_saved)
     ok = np.all(ts_saved == np.stack(requested), axis=1)
     ok &= np.asarray(jax.tree.leaves(result)[0])[:n] == 0  # RESULTS.successful
     for mask in jax.tree.leaves(event_mask):

@@ -10,10 +10,13 @@ are written to netCDF as they come (atomically, by `dyn.save`), so an interrupte
 resumes where it stopped; chunks of cells can run as tasks on Dask distributed.
 """
 
+import contextlib
 import itertools
 import json
 import math
 import os
+import shutil
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,16 @@ import equinox as eqx
 import xarray as xr
 
 from .._io import load, save
-from ._axes import axis_labels, cell_key, check_axes
+from .._validate import one_of
+from ._axes import axis_keys, axis_labels, cell_key, check_axes
 from ._batch import run_cells
 from ._executors import client_of, run_dask
-from ._records import combine, read_batch, sweep_attrs, write_batch
+from ._records import check_names, combine, read_batch, record_names, sweep_attrs, write_batch
+
+# What a sweep does when `out` (or its cells) holds the results of another grid.
+IF_EXISTS = ("error", "replace", "extend")
+# The grid whose cells `<out>.cells/` holds, written before the first cell is solved.
+MANIFEST = "sweep.json"
 
 
 class SweepResult(eqx.Module):
@@ -60,6 +69,7 @@ def sweep(
     axes: Mapping[str, Iterable],
     *,
     out: str | os.PathLike | None = None,
+    if_exists: str = "error",
     executor: Any = None,
     chunk_size: int | None = None,
     devices: Sequence | None = None,
@@ -93,15 +103,31 @@ def sweep(
       - a dict name -> array: any computation, one cell at a time.
     - `axes`: axis name -> values (list, range, array), e.g. `{"seed": range(8),
       "solver": [diffrax.Tsit5(), diffrax.Dopri5()]}`. Names must be arguments of
-      `run_fn`. Axes named rtol/atol/tol/tolerance or dt/dt0/step_size/lr/learning_rate/eta
-      must hold numbers > 0. Labels on the Dataset: numbers and strings as given, other
-      objects by class name (by repr when two share a class).
+      `run_fn`, and not the names of what the cells record (a monitor's name such as
+      `loss`, `success`, a key of `run_fn`'s dict): that is refused when the first cell
+      is prepared, before anything is solved. Axes named rtol/atol/tol/tolerance or
+      dt/dt0/step_size/lr/learning_rate/eta must hold numbers > 0. Labels on the
+      Dataset: numbers and strings as given, other objects by class name (by repr when
+      two share a class).
     - `out`: a `.nc` path. Each finished cell is written atomically to `<out>.cells/`
       as it finishes; a sweep started again with the same `out` skips those cells, and
       when every cell is done the whole grid is written to `out` (also atomically). A
       sweep whose `out` already holds this grid returns it without solving anything.
-      Files are matched by the grid (axis names and labels), not by what `run_fn` does:
-      after changing `run_fn`, delete `out` and `<out>.cells/` to start over.
+      Cells are matched by their axis values: numbers and strings as they are, other
+      objects by their class and fields (`rotational_toy(1.0)` is not
+      `rotational_toy(2.0)`); an axis value with no such identity (a lambda, a local
+      function) is refused with `out`. What `run_fn` does is not part of the match:
+      after changing it, pass `if_exists="replace"`. While a sweep writes, `out` is
+      locked (`<out>.lock`): a second sweep on it is refused. A file in
+      `<out>.cells/` (or `out` itself) that cannot be read is named in a warning, set
+      aside as `<file>.corrupt`, and its cells are solved again.
+    - `if_exists`: what to do when `out` (or `<out>.cells/`) holds a sweep over another
+      grid: "error" (the default) refuses, naming `out`; "replace" deletes `out` and its
+      cells and starts over; "extend" keeps them, loads the cells this grid shares with
+      the earlier one and solves the others, then writes this grid to `out` (the
+      earlier grid's other cells stay in `<out>.cells/`: give the union of both grids
+      to have them all in `out`). With "replace" even the same grid is solved again. A
+      readable `out` that is not a sweep's results is refused unless "replace".
     - `executor`: None runs in this process. A `distributed.Client`, 'dask' (the current
       client) or a scheduler address 'tcp://host:port' runs chunks of cells as Dask
       tasks (each worker vmaps its chunk); an unreachable address raises ConnectionError.
@@ -111,7 +137,8 @@ def sweep(
       so a group still compiles once.
     - `devices`: the local devices to shard vmapped cells across (default all of
       `jax.local_devices()`).
-    - `progress`: one tqdm bar over cells, with an ETA.
+    - `progress`: progress over cells, with an ETA: a tqdm bar on a terminal, a line at
+      each quarter elsewhere (a pipe, a log file).
 
     A cell whose run diverges is recorded (`diverged` is True, its time series NaN after
     it stopped) and the sweep goes on. An exception inside `run_fn` stops the sweep;
@@ -122,57 +149,166 @@ def sweep(
     grid = check_axes(run_fn, axes)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+    one_of(if_exists, "if_exists", IF_EXISTS, meaning="when `out` holds another grid: "
+           "refuse, start over, or keep its cells and add this grid's")
+    if not isinstance(progress, bool):
+        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
     axes_labels = {name: axis_labels(name, values) for name, values in grid.items()}
-    fingerprint = cell_key(axes_labels)
-    attrs = sweep_attrs(axes_labels, fingerprint)
-    path = cells_dir = None
+    path = None
     if out is not None:
         path = Path(out)
         if path.suffix not in (".nc", ".nc4", ".h5"):
             raise ValueError(f"`out` should end in .nc (netCDF), got {str(out)!r}.")
-        if path.exists():
-            ds = load(path)
-            if ds.attrs.get("sweep_fingerprint") == fingerprint:
-                return SweepResult(ds, path, 0, math.prod(map(len, grid.values())))
-        cells_dir = path.with_name(path.name + ".cells")
+        if path.is_dir():
+            raise ValueError(f"`out` {str(out)!r} is a directory; give a file path ending "
+                             "in .nc, e.g. out='results/sweep.nc'.")
+        # Cells are keyed by value only where they are written: without `out` an axis
+        # of lambdas is fine.
+        axes_keys = {name: axis_keys(name, values) for name, values in grid.items()}
+    else:
+        axes_keys = axes_labels
+    fingerprint = cell_key(axes_keys)
+    attrs = sweep_attrs(axes_labels, fingerprint)
     client = owned = None
-    if executor is not None:
-        client, owned = client_of(executor)
+    with contextlib.ExitStack() as stack:
+        if path is not None:
+            stack.enter_context(_locked(path))
+            done = _existing(path, fingerprint, axes_labels, if_exists)
+            if done is not None:
+                return SweepResult(done, path, 0, math.prod(map(len, grid.values())))
+        if executor is not None:
+            client, owned = client_of(executor)
+            if owned:
+                stack.callback(client.close)
+        return _run(run_fn, grid, axes_labels, axes_keys, fingerprint, attrs, path, client,
+                    chunk_size, devices, progress)
 
+
+def _run(run_fn, grid, axes_labels, axes_keys, fingerprint, attrs, path, client, chunk_size,
+         devices, progress) -> SweepResult:
+    from .._progress import Progress
+
+    cells_dir = None if path is None else path.with_name(path.name + ".cells")
     cells = []
     for index in itertools.product(*(range(len(v)) for v in grid.values())):
         values = {n: grid[n][i] for n, i in zip(grid, index, strict=True)}
-        labels = {n: axes_labels[n][i] for n, i in zip(grid, index, strict=True)}
-        cells.append((index, values, labels))
+        keys = {n: axes_keys[n][i] for n, i in zip(grid, index, strict=True)}
+        cells.append((index, values, keys))
     records: dict[tuple, dict] = {}
     if cells_dir is not None and cells_dir.is_dir():
-        by_key = {cell_key(labels): index for index, _, labels in cells}
+        by_key = {cell_key(keys): index for index, _, keys in cells}
         for file in sorted(cells_dir.glob("*.nc")):
             for key, record in read_batch(file):
                 if key in by_key:  # cells of an earlier, larger grid are left alone
                     records[by_key[key]] = record
+    if records:  # a resume: the loaded cells name their variables already
+        check_names(grid, record_names(next(iter(records.values()))), prefixes=True)
     loaded = len(records)
     todo = [(index, values) for index, values, _ in cells if index not in records]
-    labels_of = {index: labels for index, _, labels in cells}
+    keys_of = {index: keys for index, _, keys in cells}
+    if cells_dir is not None and todo:
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"sweep_fingerprint": fingerprint, "sweep_grid": axes_labels}
+        (cells_dir / MANIFEST).write_text(json.dumps(manifest, default=str))
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(cells), initial=loaded, disable=not progress, unit="cell",
-               desc="sweep", dynamic_ncols=True)
-    try:
+    with Progress(len(cells), "sweep", unit="cells", enabled=progress,
+                  initial=loaded) as bar:
         stream = (run_cells(run_fn, todo, chunk_size, devices) if client is None
                   else run_dask(client, run_fn, todo, chunk_size))
         for batch in stream:
             if cells_dir is not None:
-                write_batch(cells_dir, [(cell_key(labels_of[i]), r) for i, r in batch])
+                write_batch(cells_dir, [(cell_key(keys_of[i]), r) for i, r in batch])
             records.update(batch)
             bar.update(len(batch))
-    finally:
-        bar.close()
-        if owned:
-            client.close()
     ds = combine(axes_labels, records, attrs)
     if path is not None:
         save(ds, path)
         ds = load(path)
     return SweepResult(ds, path, len(records) - loaded, loaded)
+
+
+def _existing(path: Path, fingerprint: str, labels: dict, if_exists: str):
+    """What `out` holds: the Dataset if it is this grid's (and `if_exists` is not
+    "replace"), else None after checking `if_exists` allows going on."""
+    cells_dir = path.with_name(path.name + ".cells")
+    if if_exists == "replace":
+        path.unlink(missing_ok=True)
+        shutil.rmtree(cells_dir, ignore_errors=True)
+        return None
+    held = {}  # fingerprint -> where, of earlier grids
+    if path.exists():
+        try:
+            ds = load(path)
+        except Exception as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            warnings.warn(
+                f"sweep: `out` {str(path)!r} cannot be read as a sweep's results "
+                f"({type(exc).__name__}: {exc}); it is kept as {aside.name!r} and written "
+                "again when the sweep finishes.", RuntimeWarning, stacklevel=3)
+            path.replace(aside)
+        else:
+            if not isinstance(ds, xr.Dataset) or "sweep_fingerprint" not in ds.attrs:
+                # readable, but not a sweep's: someone else's file, not overwritten
+                raise ValueError(
+                    f"`out` {str(path)!r} holds a netCDF file that is not a sweep's results; "
+                    "give another `out`, or pass if_exists='replace' to overwrite it."
+                )
+            if ds.attrs["sweep_fingerprint"] == fingerprint:
+                return ds
+            held[ds.attrs["sweep_fingerprint"]] = (str(path), ds.attrs.get("sweep_grid"))
+    manifest = cells_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            info = json.loads(manifest.read_text())
+            if info["sweep_fingerprint"] != fingerprint:
+                held[info["sweep_fingerprint"]] = (str(cells_dir),
+                                                   json.dumps(info["sweep_grid"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable manifest: the cells still match by their keys
+    if held and if_exists == "error":
+        where, grid = next(iter(held.values()))
+        mine = json.dumps(labels, default=str)
+        other = (f"({grid}), not this one ({mine})" if grid != mine else
+                 f"with the same labels ({mine}) but other values (objects are compared "
+                 "by their fields)")
+        raise ValueError(
+            f"`out` {str(path)!r}: {where!r} holds a sweep over another grid {other}. Pass "
+            "if_exists='replace' to delete it and start over, if_exists='extend' to keep "
+            "its cells and solve only this grid's new ones, or another `out`."
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold `<out>.lock` while a sweep writes `out`: a second sweep on the same `out` (in
+    this process or another) is refused rather than interleaving its cells and files."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Another sweep may have removed the file between our open and our lock.
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise ValueError(
+                f"`out` {str(path)!r} is being written by another sweep (process "
+                f"{holder}, lock {str(lock)!r}); wait for it to finish, or give this "
+                "sweep another `out`."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

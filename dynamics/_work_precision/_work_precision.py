@@ -11,9 +11,9 @@ import numpy as np
 import xarray as xr
 from jaxtyping import PyTree, Scalar
 
-from .._convergence import REFERENCE_TOLERANCE
-from .._flows import AbstractFirstOrderFlow, AbstractFlow
-from .._simulate import simulate
+from .._convergence import dopri8_reference, reference_tolerance
+from .._flows import AbstractFlow
+from .._progress import Progress
 from ..monitors._monitors import AbstractMonitor
 from ._base import AbstractMethod, WorkProblem, flat
 from ._diffrax import DiffraxMethod
@@ -50,7 +50,8 @@ def work_precision(
     monitors: Sequence[AbstractMonitor] = (),
     n_save: int = 11,
     repeats: int = 3,
-    max_steps: int | None = None,
+    max_steps: int | None = 100_000,
+    progress: bool = True,
 ) -> xr.Dataset:
     """Error against cost for each method at each tolerance (or fixed step).
 
@@ -65,16 +66,19 @@ def work_precision(
     - `tolerances`: rtol = atol values, each > 0.
     - `dts`: fixed step sizes for solvers without an error estimate (required then).
     - `reference`: t1 -> exact final state (`params`, or `(params, velocity)` for a
-      second-order flow); default Dopri8 at rtol = atol = 1e-13.
+      second-order flow); default Dopri8 at rtol = atol = 1e-13 (float32: 100 eps,
+      ~1e-5, as 1e-13 cannot be met there), within `max_steps` (a reference that needs
+      more is a ValueError: pass `reference=` or a larger budget).
     - `monitors`: each gives a drift max_t |m(t) − m(t0)| over `n_save` save times,
       e.g. `Energy()` on Newtonian flow or `RescalingCharges()` on gradient flow.
     - `repeats`: timed runs per setting (after one compiling run at a method's first
       setting); the minimum is kept.
-    - `max_steps`: a budget per run (None: unbounded). A diffrax run that uses it up, or
-      an external one that evaluates the field more than 12 × `max_steps` times (12: a
-      DOP853 step), has not finished: its `finished` is False, its error NaN, and it is
-      not repeated. What a ReLU network needs: plain adaptive solvers chatter on its
-      kinks at tight tolerances and would run for hours.
+    - `max_steps`: a budget per run (default 100 000, as `simulate`'s; None: unbounded).
+      A diffrax run that uses it up, or an external one that evaluates the field more
+      than 12 × `max_steps` times (12: a DOP853 step), has not finished: its `finished`
+      is False, its error NaN, and it is not repeated. What a ReLU network needs: plain
+      adaptive solvers chatter on its kinks at tight tolerances and would run for hours.
+    - `progress`: a line per quarter of the runs (a tqdm bar on a terminal).
 
     **Returns:** an `xarray.Dataset` on dims (solver, setting), one `solver` per
     method, with `error` (max norm of the final state against the reference),
@@ -105,25 +109,35 @@ def work_precision(
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
                                   or max_steps < 1):
         raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}.")
+    if not isinstance(progress, bool):
+        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
     methods = {name: _as_method(name, m) for name, m in methods.items()}
     for name, m in methods.items():
         m.check(name, dts)
     monitors = tuple(monitors)
-    first_order = isinstance(flow, AbstractFirstOrderFlow)
     ts = np.linspace(t0, t1, n_save)
     problem = WorkProblem(flow, params, loss, v0, t0, t1, ts, monitors, max_steps)
+    plan = {name: method.settings(tolerances, dts) for name, method in methods.items()}
+    bar = Progress(sum(map(len, plan.values())) + (reference is None), "work_precision",
+                   unit="runs", enabled=progress)
+    with bar:
+        if reference is None:
+            # A budget even when the methods have none: a badly scaled problem made the
+            # unbounded reference run for more than five minutes, printing nothing.
+            exact = dopri8_reference(flow, params, loss, t0=t0, t1=t1, v0=v0,
+                                     max_steps=max_steps or 100_000, owner="work_precision")
+            bar.update()
+        else:
+            exact = flat(reference(t1))
+        return _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1,
+                              repeats, reference, bar)
 
-    if reference is None:
-        ref = simulate(flow, params, loss, solver=diffrax.Dopri8(), t0=t0, t1=t1, v0=v0,
-                       ts=ts, save_params=False, max_steps=None,
-                       stepsize_controller=diffrax.PIDController(
-                           rtol=REFERENCE_TOLERANCE, atol=REFERENCE_TOLERANCE))
-        exact = flat(ref.final_params if first_order
-                     else (ref.final_params, ref.final_velocity))
-    else:
-        exact = flat(reference(t1))
 
-    n_settings = max(len(tolerances), 0 if dts is None else len(dts))
+def _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1, repeats, reference,
+                   bar) -> xr.Dataset:
+    """Every method at each of its settings (`plan`), timed; the diagram's Dataset."""
+
+    n_settings = max(len(settings) for settings in plan.values())
     shape = (len(methods), n_settings)
     data = {k: np.full(shape, np.nan) for k in ("error", "wall_time", "grad_evals",
                                                  "tolerance", "dt")}
@@ -132,7 +146,7 @@ def work_precision(
     compile_time = np.full(len(methods), np.nan)
 
     for i, (name, method) in enumerate(methods.items()):
-        settings = method.settings(tolerances, dts)
+        settings = plan[name]
         runner = method.runner(problem)
         for j, (kind, value) in enumerate(settings):
             if j == 0:
@@ -169,6 +183,7 @@ def work_precision(
             data["error"][i, j] = float(np.max(np.abs(state - exact))) if ok else np.nan
             for m in monitors:
                 drifts[m.name][i, j] = _drift(monitor_values[m.name]) if ok else np.nan
+            bar.update()
 
     # "solver", not "method": ds.sel(method=...) is xarray's own `method` argument.
     dims = ("solver", "setting")
@@ -180,5 +195,6 @@ def work_precision(
         variables,
         coords={"solver": list(methods), "setting": np.arange(n_settings)},
         attrs=dict(flow=type(flow).__name__, t0=float(t0), t1=float(t1), repeats=repeats,
-                   reference="Dopri8 rtol=atol=1e-13" if reference is None else "given"),
+                   reference=(f"Dopri8 rtol=atol={reference_tolerance():g}"
+                              if reference is None else "given")),
     )

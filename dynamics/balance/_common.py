@@ -7,10 +7,12 @@ import numbers
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from .._models import MLP, Swish
-from .._validate import one_of
+from .._tree import is_concrete, partition
+from .._validate import one_of, prng_key
 from ..regularizers._regularizers import Lpq
 
 _VELOCITY_RULES = ("pushforward", "keep", "zero")
@@ -43,6 +45,15 @@ def _check_model(model, owner: str) -> float:
             "positively homogeneous, so rescaling hidden units changes the network function; "
             "use ReLU, LeakyReLU, RePU, Polynomial or Identity."
         )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(partition(model)[0]):
+        # (concrete values only: inside a solve the fixes run traced, and there a NaN
+        # state is the NonFinite event's business)
+        if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(
+                f"{owner}: `model` has NaN or Inf at {jax.tree_util.keystr(path)}; the "
+                "balancing fixes rescale finite weights (a NaN weight left every scale at "
+                "1 and reported converged=True)."
+            )
     return float(d)
 
 
@@ -68,7 +79,10 @@ def _check_schedule(schedule, key, include_bias, owner: str):
     if not isinstance(include_bias, bool):
         raise ValueError(f"{owner}: `include_bias` must be True or False, got "
                          f"{include_bias!r}.")
-    return schedule, key if schedule == "stochastic" else None, include_bias
+    if schedule != "stochastic":
+        return schedule, None, include_bias
+    # An int seed is a key, as everywhere (a raw int reached jax.random.split: TypeError).
+    return schedule, prng_key(key, owner), include_bias
 
 
 def _check_velocity_rule(rule, owner: str) -> str:

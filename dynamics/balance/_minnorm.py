@@ -84,8 +84,10 @@ def _min_norm_scales(abs_w, p, q, d, tol, max_iter: int):
 
     u, it, values, delta = jax.lax.while_loop(
         cond, body, (u0, jnp.asarray(0), values0, jnp.asarray(jnp.inf, dtype)))
-    values = values.at[it].set(norm(sums(u)[1]))
-    return u, it, values, delta < tol
+    final = norm(sums(u)[1])
+    values = values.at[it].set(final)
+    # A non-finite norm (a NaN weight inside a solve) is no convergence.
+    return u, it, values, (delta < tol) & jnp.isfinite(final)
 
 
 def min_norm_fix(model: MLP, p: float = 2, q: float = 2, tol: float = 1e-8,

@@ -57,6 +57,12 @@ class Dataset(eqx.Module):
         y = _as_array(y, "y")
         if x.ndim != 2:
             raise ValueError(f"Dataset: `x` must have shape (n, d), got shape {x.shape}.")
+        if x.shape[0] == 0:
+            # A loss averaged over no examples is NaN: a run on it "diverged" at once and
+            # still reported success.
+            raise ValueError(
+                f"Dataset: `x` has no examples (shape {x.shape}); give at least one."
+            )
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(jnp.result_type(float))
         if jnp.iscomplexobj(x) or jnp.iscomplexobj(y):

@@ -16,12 +16,14 @@ from jaxtyping import PyTree, Scalar
 
 from .._driver._prepare import check_scalar_loss, validate_params
 from .._problem import Problem
-from .._projection import AbstractSchedule, Every
+from .._projection import AbstractSchedule, Every, check_output
 from .._trajectory import Trajectory, provenance
 from .._tree import all_finite, partition, sqnorm
-from .._validate import positive_int
+from .._validate import as_tuple, positive_int
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
+
+_INT32_MAX = 2**31 - 1
 
 # Power iteration for λ_max(∇²L): enough iterations to tell η·λ > limit from η·λ well
 # below it; the warning is a diagnostic, not a measurement.
@@ -273,8 +275,9 @@ def run(
         )
     if not callable(loss):
         raise ValueError("`loss` must be a function params -> scalar.")
-    steps = positive_int(steps, "steps")
-    save_every = positive_int(save_every, "save_every")
+    # The iterate counter is an int32 (2**31 raised a raw OverflowError).
+    steps = positive_int(steps, "steps", high=_INT32_MAX - 1)
+    save_every = positive_int(save_every, "save_every", high=_INT32_MAX - 1)
     if steps % save_every:
         raise ValueError(
             f"`steps` = {steps} must be a multiple of `save_every` = {save_every}."
@@ -288,9 +291,9 @@ def run(
             "or use dyn.MLP(..., bias=False)."
         )
     v = _validate_v0(alg, w0, v0)
-    monitors = tuple(monitors)
+    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
     for m in monitors:
-        if not isinstance(m, AbstractMonitor) or isinstance(m, AbstractIntegralMonitor):
+        if isinstance(m, AbstractIntegralMonitor):
             raise ValueError(
                 f"`monitors` must hold dyn.monitors objects (integral monitors need a "
                 f"solver; use `simulate`), got {m!r}."
@@ -301,13 +304,23 @@ def run(
     proj_every = _projection_steps(projection, alg)
     flow = alg.flow
     problem = Problem(flow, loss, static)
+    if projection is not None:
+        check_output(projection.projection, params,
+                     None if v is None else eqx.combine(v, static))
     if check_stability:
-        edge_of_stability(alg, problem, w0)
+        try:
+            edge_of_stability(alg, problem, w0)
+        except TypeError:
+            # The power iteration differentiates the loss: a non-scalar one raised jax's
+            # raw TypeError here. Checked only then, so a call costs no extra trace.
+            check_scalar_loss(problem, w0)
+            raise
     saved, final, diverged_at = _run(
         alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
         None if projection is None else projection.projection, proj_every, bool(save_params),
     )
-    return _trajectory(alg, problem, saved, final, int(diverged_at), steps, save_every)
+    return _trajectory(alg, problem, saved, final, int(diverged_at), steps,
+                       save_every).with_monitor_coords(monitors, params)
 
 
 def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> Trajectory:

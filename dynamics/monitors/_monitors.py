@@ -11,6 +11,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from .._problem import Problem
@@ -33,6 +34,12 @@ class AbstractMonitor(eqx.Module):
     @abc.abstractmethod
     def __call__(self, t, w: PyTree, v: PyTree | None, problem: Problem) -> Array:
         """Evaluate on the dynamic parameters `w` (and velocity `v` or None)."""
+
+    def coords(self, params: PyTree) -> dict[str, np.ndarray]:
+        """Coordinates of the recorded value's first axis (after time), by name, for the
+        full model `params`: `Trajectory.to_xarray` puts them on `<name>_dim1`, so that a
+        reader can tell its entries apart (default: none)."""
+        return {}
 
 
 class AbstractIntegralMonitor(AbstractMonitor):
@@ -143,3 +150,10 @@ class RescalingCharges(AbstractMonitor):
 
     def __call__(self, t, w, v, problem):
         return jnp.concatenate(rescaling(problem.params(w)))
+
+    def coords(self, params):
+        """`layer` (1 for the first hidden layer, between W_1 and W_2) and `unit` (the
+        neuron's index in its layer) of each charge."""
+        sizes = [s.shape[0] for s in eqx.filter_eval_shape(rescaling, params)]
+        return {"layer": np.concatenate([np.full(n, k + 1) for k, n in enumerate(sizes)]),
+                "unit": np.concatenate([np.arange(n) for n in sizes])}

@@ -26,7 +26,9 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from .._models import MLP, Identity, ReLU
+from .._progress import Progress
 from .._tree import leaves, partition
+from .._validate import prng_key
 
 
 class ConservationLawCount(eqx.Module):
@@ -244,10 +246,11 @@ def _rank(rows: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
     return int(np.sum(s > threshold)), s
 
 
-def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
+def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray | int,
                             max_level: int = 6, threshold: float = 1e-9,
                             samples: int = 64,
-                            forward: Callable | None = None) -> ConservationLawCount:
+                            forward: Callable | None = None,
+                            progress: bool = True) -> ConservationLawCount:
     """Number of independent conservation laws of gradient flow on `model` near its
     parameters θ, for any loss of the outputs on inputs `x`: D − dim Lie(V)(θ)
     (Marcotte, Gribonval & Peyré 2023, "Abide by the law and follow the flow").
@@ -256,7 +259,8 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
 
     - `model`: an Equinox model (e.g. `dyn.MLP`); its floating-point arrays are θ.
     - `x`: a batch of inputs, shape (N, d_in), N ≥ 1.
-    - `key`: PRNG key for the random coefficients of the brackets.
+    - `key`: PRNG key for the random coefficients of the brackets (an int seed is
+      accepted, as everywhere: `key=0` is `jax.random.key(0)`).
     - `max_level`: deepest bracket level (level 1 is V itself). Levels are added until
       the rank stalls (a level adds no direction) or reaches D; the rank history shows
       which.
@@ -272,6 +276,8 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
       the lower ones) is then exhausted, so the count does not depend on `samples`, only
       the cost does.
     - `forward`: `forward(model, x) -> outputs` (default `jax.vmap(model)(x)`).
+    - `progress`: a line per quarter of the bracket levels (a tqdm bar on a terminal);
+      the levels are bounded by `max_level`, the batches of a level by D / `samples`.
 
     A `dyn.MLP` with ReLU or identity activation (the case of Marcotte et al.) is embedded
     in a padded network of a bucketed shape (depth ≤ 4, width ≤ 12, …) with masks, so one
@@ -318,6 +324,9 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
         raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}.")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"`samples` must be a positive int, got {samples!r}.")
+    key = prng_key(key, "count_conservation_laws")
+    if not isinstance(progress, bool):
+        raise ValueError(f"`progress` must be True or False, got {progress!r}.")
     d = sum(a.size for a in arrays)
     if forward is None and _paddable(model) and x.ndim == 2 and x.shape[1] == model.widths[0]:
         theta, data, _ = _padded(model, x)
@@ -334,17 +343,20 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray,
             return _level_values(w, static, x, k, level, samples, fwd)
         width = d
     span, history = _Span(width, threshold), []
-    for level in range(1, max_level + 1):
-        # every batch but the last adds `samples` directions: at most d // samples + 1.
-        # (fold_in, not split(key, n): a new n would compile a new split.)
-        for batch in range(d // samples + 1):
-            batch_key = jax.random.fold_in(jax.random.fold_in(key, level), batch)
-            added = span.add(np.asarray(values(level, batch_key)))
-            if added < samples or span.rank >= d:
-                break
-        history.append(span.rank)
-        if span.rank >= d or (level > 1 and history[-1] == history[-2]):
-            break
+    with Progress(max_level, "count_conservation_laws", unit="levels",
+                  enabled=progress) as bar:
+        for level in range(1, max_level + 1):
+            # every batch but the last adds `samples` directions: at most d // samples + 1.
+            # (fold_in, not split(key, n): a new n would compile a new split.)
+            for batch in range(d // samples + 1):
+                batch_key = jax.random.fold_in(jax.random.fold_in(key, level), batch)
+                added = span.add(np.asarray(values(level, batch_key)))
+                if added < samples or span.rank >= d:
+                    break
+            history.append(span.rank)
+            bar.update()
+            if span.rank >= d or (level > 1 and history[-1] == history[-2]):
+                break  # the rank settled: the levels left are not needed
     return ConservationLawCount(count=d - history[-1], num_params=d,
                                 rank_history=tuple(history),
                                 singular_values=np.sort(np.asarray(span.kept))[::-1],
