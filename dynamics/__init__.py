@@ -22,7 +22,12 @@ from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,
     convergence_order as convergence_order,
 )
-from ._filippov import ChatteringWarning as ChatteringWarning, Filippov as Filippov
+from ._filippov import (
+    ChatteringWarning as ChatteringWarning,
+    Filippov as Filippov,
+    FilippovError as FilippovError,
+    FilippovWarning as FilippovWarning,
+)
 from ._flows import (
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
     AbstractFlow as AbstractFlow,

@@ -179,7 +179,12 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
             t_c, trigger = self.trigger.locate(t0, t1, interp, solver_state.trigger,
                                                self.root_finder, step_args)
-            margin = _END_MARGIN * (t1 - t0)
+            # Never below 16 ulps of t: a crossing located to a few ulps (float32:
+            # 1e-6 of a step is below one ulp of t) would otherwise be retried forever,
+            # each retry ending on the same rounded t (a float32 run stalled so).
+            ulps = 16 * jnp.finfo(jnp.result_type(t1)).eps * jnp.maximum(jnp.abs(t0),
+                                                                          jnp.abs(t1))
+            margin = jnp.maximum(_END_MARGIN * (t1 - t0), ulps)
             retry = t_c < t1 - margin
             fire = (t_c <= t1) & ~retry
             # Retried steps end just past the crossing, so that the retry (a shorter,

@@ -10,6 +10,8 @@ from .._surfaces import (
 from ._driver import (
     ChatteringWarning as ChatteringWarning,
     Filippov as Filippov,
+    FilippovError as FilippovError,
+    FilippovWarning as FilippovWarning,
     warn_if_chattering as warn_if_chattering,
 )
 from ._state import FilippovStall as FilippovStall, FilippovState as FilippovState

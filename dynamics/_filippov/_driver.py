@@ -22,7 +22,7 @@ from .._models import MLP
 from .._surfaces import Surfaces, data_term_index, is_piecewise_linear, pair_location
 from .._validate import positive_int
 from ..solvers._base import AbstractFlowSolver
-from ._state import FilippovStall, Linearisation
+from ._state import FilippovOverflow, FilippovStall, Linearisation
 from ._switching import Switching
 
 # What a Filippov solve records at every save (`FilippovField.record`).
@@ -46,12 +46,11 @@ class Filippov(AbstractNonsmooth):
     - `max_sliding`: how many pairs may slide at once (the multiplier system's size
       K: a K-column Jacobian when the sliding set changes, a K×K LU solve per field
       evaluation while pairs slide). A pair that would slide while all slots are taken
-      crosses instead, and the run reports it (`monitors["sliding_overflow"]`); when
-      such pairs chatter (crossing back and forth without progress) the run stops with
-      the event `filippov_stall` and a message naming this argument. 64 by default: the
-      5-7-6-3 net of the tests has up to ~8 pairs sliding at once, the 64-32-32-10
-      digits MLP on 64 examples 16 (and stalled at 16 slots); 64 slots cost that run
-      ~15% more than 16.
+      would cross instead, which is not the Filippov solution: the run stops at the end
+      of that step with the event `filippov_overflow`, a `FilippovWarning` and a
+      message naming this argument (`monitors["sliding_overflow"]` counts them). 64 by
+      default: the 5-7-6-3 net of the tests has up to ~8 pairs sliding at once, the
+      64-32-32-10 digits MLP on 64 examples 16; 64 slots cost that run ~15% more than 16.
     - `samples`: dense-output points per step at which the switching functions are
       checked; a pair that dips across and back between two samples is missed.
 
@@ -60,6 +59,11 @@ class Filippov(AbstractNonsmooth):
     save, -1 for an empty slot; `Filippov.pair(p, model, loss)` names a pair) and
     `sliding_overflow`. `dyn.monitors.ActiveFraction()` records the fraction of active
     pairs per hidden layer.
+
+    A run the mode cannot continue exactly ends with an event, `success` False, a
+    `FilippovWarning`, and (with `throw=True`) a `FilippovError` whose `trajectory`
+    holds everything computed up to there: `filippov_overflow` (above) and
+    `filippov_stall` (switches that no longer advance time, `FilippovStall`).
     """
 
     max_sliding: int = eqx.field(static=True)
@@ -88,6 +92,18 @@ class Filippov(AbstractNonsmooth):
                 "dyn.MLP with ReLU or LeakyReLU activations; `params` is a "
                 f"{type(params).__name__}."
             )
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves(eqx.filter(params, eqx.is_inexact_array))}
+        if dtypes != {jnp.dtype("float64")}:
+            # Refused rather than run: a float32 run of the 5-7-6-3 net of the tests
+            # (Dopri5, rtol 1e-4) finished with success and 4 sliding entries where
+            # float64 has 10, 2.0 away from the float64 solution.
+            raise ValueError(
+                "`nonsmooth`: the Filippov mode needs float64 parameters (got "
+                f"{', '.join(sorted(str(d) for d in dtypes))}): in float32 its decisions "
+                "between crossing and sliding are made on rounding noise and the run "
+                "leaves the Filippov solution without a sign. Call "
+                "jax.config.update('jax_enable_x64', True) before building the model."
+            )
         if not is_piecewise_linear(params):
             raise ValueError(
                 "`nonsmooth`: the Filippov mode is for piecewise-linear activations (ReLU, "
@@ -115,7 +131,7 @@ class Filippov(AbstractNonsmooth):
             )
 
     def events(self):
-        return (FilippovStall(),)
+        return (FilippovStall(), FilippovOverflow())
 
     def record_names(self):
         return RECORDS
@@ -128,19 +144,38 @@ class Filippov(AbstractNonsmooth):
     def finish(self, traj, *, throw):
         for name in RECORDS:
             traj.monitors[name] = np.asarray(traj.monitors[name]).astype(int)
-        if traj.event != FilippovStall.name:
-            return traj
         overflow = int(traj.monitors["sliding_overflow"][-1])
-        message = (
-            f"simulate: the Filippov mode stalled at t = {traj.t_final:.6g}: "
-            f"{FilippovStall.switches} switches within {FilippovStall.window:g} in t that "
-            f"overflowed or did not advance time ({overflow} sliding overflows in all, "
-            f"max_sliding = {self.max_sliding}); pass dyn.Filippov(max_sliding=...) "
-            "with more slots."
-        )
+        if traj.event == FilippovOverflow.name:
+            what = (f"a pair had to slide while all max_sliding = {self.max_sliding} slots "
+                    "were taken (crossing it instead would leave the Filippov solution)")
+        elif traj.event == FilippovStall.name:
+            what = (f"{FilippovStall.switches} switches within {FilippovStall.window:g} in "
+                    f"t did not advance time ({overflow} sliding overflows in all, "
+                    f"max_sliding = {self.max_sliding})")
+        else:
+            return traj
+        message = (f"simulate: the Filippov mode stopped at t = {traj.t_final:.6g}: {what}; "
+                   "pass dyn.Filippov(max_sliding=...) with more slots.")
+        traj = eqx.tree_at(lambda t: (t.success, t.result), traj, (False, message))
         if throw:
-            raise RuntimeError(message + " (throw=False returns the partial trajectory.)")
-        return eqx.tree_at(lambda t: (t.success, t.result), traj, (False, message))
+            raise FilippovError(message + " The partial trajectory is the error's "
+                                "`trajectory` (throw=False returns it).", traj)
+        warnings.warn(message, FilippovWarning, stacklevel=3)
+        return traj
+
+
+class FilippovWarning(UserWarning):
+    """A Filippov solve ended early (`filippov_overflow` or `filippov_stall`): the
+    trajectory returned holds the run up to there, flagged `success=False`."""
+
+
+class FilippovError(RuntimeError):
+    """Raised by `simulate(..., throw=True)` when the Filippov mode ends a run early; the
+    run up to there is kept on `trajectory` (a `Trajectory`, `success` False)."""
+
+    def __init__(self, message: str, trajectory):
+        super().__init__(message)
+        self.trajectory = trajectory
 
 
 class ChatteringWarning(UserWarning):
@@ -204,7 +239,11 @@ class FilippovField(AbstractSwitchedField):
                 "sliding_overflow": c[3], "sliding_pairs": mode.slots}
 
     def stops(self, event, mode):
-        return event.stalled(mode) if isinstance(event, FilippovStall) else None
+        if isinstance(event, FilippovStall):
+            return event.stalled(mode)
+        if isinstance(event, FilippovOverflow):
+            return event.overflowed(mode)
+        return None
 
     def reset(self, t, w, v, mode):
         raise NotImplementedError("a projection inside a Filippov solve is refused")
