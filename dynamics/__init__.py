@@ -18,6 +18,7 @@ from . import (
     solvers as solvers,
     symmetries as symmetries,
 )
+from ._concatenate import concatenate as concatenate
 from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,
     convergence_order as convergence_order,

@@ -159,8 +159,11 @@ class Trajectory(eqx.Module):
       `result`: diffrax's message for the way the run ended.
     - `stats`: diffrax's step counts (plus `num_actions` with a projection); `meta`:
       provenance (flow, solver, tolerances, package versions).
-    - `actions`: the times at which `simulate`'s projection (or any action) fired, in
-      order (empty without one; the first 10 000 are kept).
+    - `actions`: the times at which `simulate`'s projection fired, in order (empty
+      without one; the first 10 000 are kept; `stats["num_actions"]` counts all).
+    - `switches`: the times at which a nonsmooth mode switched (`dyn.Filippov`: each
+      step that ended on a crossing, entry or exit), kept apart from the user's
+      actions in the same way (`stats["num_switches"]`).
     - `coords`: monitor name -> {coordinate name: values} for the monitor's first axis
       after time (`AbstractMonitor.coords`, e.g. `layer` and `unit` of each rescaling
       charge); `to_xarray` puts them on `<name>_dim1`.
@@ -181,6 +184,7 @@ class Trajectory(eqx.Module):
     stats: dict[str, int]
     meta: dict[str, Any]
     actions: np.ndarray = eqx.field(default_factory=lambda: np.zeros(0))
+    switches: np.ndarray = eqx.field(default_factory=lambda: np.zeros(0))
     coords: dict[str, dict[str, np.ndarray]] = eqx.field(default_factory=dict)
 
     def with_monitor_coords(self, monitors, params) -> "Trajectory":
@@ -198,11 +202,15 @@ class Trajectory(eqx.Module):
         the run diverged."""
         ts_saved, ts_end, ys_saved, ys_final = out.ts, out.t_end, out.saved, out.final
         result, event_mask, stats = out.result, out.event_mask, dict(out.stats)
-        actions = np.zeros(0)
+        actions = switches = np.zeros(0)
         if out.action_count is not None:
             count, times = int(np.asarray(out.action_count)), np.asarray(out.action_times)
             actions = times[: min(count, times.size)]
             stats["num_actions"] = count
+        if out.switch_count is not None:
+            count, times = int(np.asarray(out.switch_count)), np.asarray(out.switch_times)
+            switches = times[: min(count, times.size)]
+            stats["num_switches"] = count
         # An array inside, as diffrax leaves it: a sweep's per-cell slice holds a NumPy
         # scalar there, which `RESULTS[...]` reads as "unknown".
         message = diffrax.RESULTS[jax.tree.map(np.asarray, result)]
@@ -272,6 +280,7 @@ class Trajectory(eqx.Module):
                    if v is not None and np.ndim(np.asarray(v)) == 0},
             meta=meta,
             actions=actions,
+            switches=switches,
         )
 
     def to_xarray(self) -> xr.Dataset:
@@ -324,6 +333,9 @@ class Trajectory(eqx.Module):
                 coords[key] = (dim, values)
         if self.actions.size:
             add("action_time", self.actions, "the action times", lead="action")
+        if self.switches.size:
+            add("switch_time", self.switches, "the nonsmooth mode's switch times",
+                lead="switch")
         attrs = {k: _plain(v) for k, v in self.meta.items()}
         attrs.update(
             t_final=self.t_final,

@@ -312,3 +312,43 @@ def test_action_state_reaches_the_vector_field():
     sol = diffrax.diffeqsolve(diffrax.ODETerm(rate), solver, 0.0, 1.0, 0.05,
                               jnp.asarray(0.0), saveat=diffrax.SaveAt(t1=True))
     np.testing.assert_allclose(sol.ys[-1], 3.75, rtol=1e-14)  # rounding only
+
+
+def test_concatenate_joins_consecutive_runs():
+    # Two runs with the projection every 0.25, the second continuing from the first's
+    # end, joined: the same saves, monitors and actions as one run over [0, 1] (both
+    # reuse one compiled solve; the closed form is that of the first test).
+    kw = dict(solver=diffrax.Tsit5(), monitors=(dyn.monitors.Loss(),),
+              stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-13),
+              projection=dyn.Every(Sphere(), time=0.25))
+    whole = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, ts=np.linspace(0, 1, 9), **kw)
+    first = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=0.5, ts=np.linspace(0, 0.5, 5),
+                         **kw)
+    second = dyn.simulate(dyn.GradientFlow(), first.final_params, loss, t0=0.5, t1=1.0,
+                          ts=np.linspace(0.5, 1.0, 5), **kw)
+    joined = dyn.concatenate([first, second])
+    # the junction t = 0.5 is saved twice (the end of one run, the start of the next);
+    # here both after the projection, so equal
+    assert joined.ts.tolist() == np.linspace(0, 0.5, 5).tolist() + np.linspace(0.5, 1, 5).tolist()
+    keep = np.r_[0:5, 6:10]
+    # one solve vs two: the same steps up to 0.5, restarted after; rtol 1e-11 per step
+    np.testing.assert_allclose(joined.params[keep], whole.params, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(joined.monitors["loss"][keep], whole.monitors["loss"],
+                               rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(joined.actions, whole.actions)
+    assert joined.stats["num_actions"] == 4 and joined.meta["runs"] == 2 and joined.success
+    assert joined.t_final == 1.0
+    ds = joined.to_xarray()
+    assert ds.sizes["time"] == 10 and ds.sizes["action"] == 4
+
+    with pytest.raises(ValueError, match="trajectories.*empty"):
+        dyn.concatenate([])
+    with pytest.raises(ValueError, match=r"`trajectories\[1\]` starts at t = 0"):
+        dyn.concatenate([second, first])
+    with pytest.raises(ValueError, match="list or tuple"):
+        dyn.concatenate(first)
+    bare = dyn.simulate(dyn.GradientFlow(), first.final_params, loss, t0=0.5, t1=1.0,
+                        ts=np.linspace(0.5, 1.0, 5), solver=diffrax.Tsit5(),
+                        stepsize_controller=kw["stepsize_controller"])
+    with pytest.raises(ValueError, match=r"monitors"):
+        dyn.concatenate([first, bare])

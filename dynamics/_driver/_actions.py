@@ -156,8 +156,13 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             times=jnp.full(self.n_record, jnp.inf, dtype=dtype),
         )
 
-    def _fresh(self, terms, t0, t1, y, aux):
+    def _fresh(self, terms, t0, t1, y, aux, stepped=None):
         inner = self.solver.init(terms, t1, t1 + (t1 - t0), y, aux)
+        if isinstance(stepped, _ActingState):
+            # An acting solver inside (a nonsmooth mode's, under a projection's)
+            # restarts too, but its record of what it did goes on.
+            inner = eqx.tree_at(lambda s: (s.count, s.times), inner,
+                                (stepped.count, stepped.times))
         if isinstance(self.solver, LossCarryingEuler):
             # Its state is (f, L) at y; the carried values must be the acted state's.
             y = (y[0], inner[1])
@@ -209,12 +214,12 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
                 y, aux = self.action.at_event(t1, y1, solver_state.aux, t_c,
                                               solver_state.trigger, step_args)
             if not exact:
-                y, fresh = self._fresh(terms, t0, t1, y, aux)
+                y, fresh = self._fresh(terms, t0, t1, y, aux, inner)
                 return y, aux, fresh, self.trigger.reset(t1, y, trigger), None
             # The acted state's step args, started from this step's: the restart's
             # first derivative, the eligibility and the next step all use them.
             new_args = self._step_args(t1, y, aux, step_args)
-            y, fresh = self._fresh(terms, t0, t1, y, new_args)
+            y, fresh = self._fresh(terms, t0, t1, y, new_args, inner)
             return y, aux, fresh, self.trigger.reset(t1, y, trigger, new_args), new_args
 
         def keep():

@@ -391,7 +391,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
 
     if nonsmooth is not None:
         nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver,
-                                        stepsize_controller, schedule, monitors)
+                                        stepsize_controller, monitors)
         events = events + nonsmooth.events()
     problem = Problem(flow, loss, static)
     y0 = w0 if v0 is None else (w0, v0)
@@ -420,7 +420,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
     return Prepared(spec, meta)
 
 
-def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, schedule, monitors):
+def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, monitors):
     if not isinstance(nonsmooth, AbstractNonsmooth):
         raise ValueError(
             f"`nonsmooth` must be a nonsmooth mode such as dyn.Filippov() or None, got "
@@ -428,11 +428,6 @@ def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, schedule, m
         )
     nonsmooth.check(params=params, loss=loss, solver=solver, controller=controller,
                     monitors=monitors)
-    if schedule is not None:
-        raise ValueError(
-            "`nonsmooth` and `projection` cannot be combined yet: both act inside the "
-            "solve; run the projection as a separate stage."
-        )
     clash = [m.name for m in monitors if m.name in nonsmooth.record_names()]
     if clash:
         raise ValueError(

@@ -178,10 +178,16 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
         adjoint=diffrax.ForwardMode(),
     )
     (ts, t_end), (saved, final) = sol.ts, sol.ys
-    count = times = None
-    if schedule is not None or field is not None:  # the outermost acting solver's
-        count, times = sol.solver_state.count, sol.solver_state.times
+    # The projection's acting solver is the outermost; the mode's sits inside it.
+    state = sol.solver_state
+    count = times = switches = switch_times = None
+    if schedule is not None:
+        count, times = state.count, state.times
+        state = state.inner
+    if field is not None:
+        switches, switch_times = state.count, state.times
     return RawSolution(ts=ts, t_end=t_end, saved=saved, final=final, result=sol.result,
                        event_mask=sol.event_mask, stats=sol.stats, action_count=count,
-                       action_times=times)
+                       action_times=times, switch_count=switches,
+                       switch_times=switch_times)
 

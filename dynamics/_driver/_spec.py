@@ -67,6 +67,8 @@ class RawSolution(eqx.Module):
     - `result`, `event_mask`, `stats`: diffrax's.
     - `action_count`, `action_times`: how often the user's projection acted and the
       first of its times (None without a projection).
+    - `switch_count`, `switch_times`: the same for a nonsmooth mode's switches (None
+      without one): not user actions, kept apart from them.
     """
 
     ts: Array
@@ -78,6 +80,8 @@ class RawSolution(eqx.Module):
     stats: dict
     action_count: Array | None = None
     action_times: Array | None = None
+    switch_count: Array | None = None
+    switch_times: Array | None = None
 
     def numpy(self) -> "RawSolution":
         """The same, every array as NumPy (one transfer from the device)."""

@@ -246,7 +246,7 @@ class FilippovField(AbstractSwitchedField):
         return None
 
     def reset(self, t, w, v, mode):
-        raise NotImplementedError("a projection inside a Filippov solve is refused")
+        return self.switching.reset(w, mode)
 
 
 class FilippovTrigger(AbstractExactTrigger):

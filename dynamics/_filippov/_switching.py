@@ -78,6 +78,28 @@ class Switching(eqx.Module):
         clock = jnp.array([-jnp.inf, -jnp.inf, 0.0], dtype)
         return FilippovState(high, slots, jnp.zeros(4, dtype), band, clock)
 
+    def reset(self, w, mode: FilippovState) -> FilippovState:
+        """The mode derived again for a state `w` that an action (a projection) moved,
+        keeping the counts, band and clock of `mode`.
+
+        Every pair takes the side of its pre-activation under the network's own
+        activation, except pairs within the band of their surface: those keep their
+        side, and a sliding pair stays in its slot. A positive rescaling (the balancing
+        fixes) multiplies each z_p by a positive factor, so it keeps every side and every
+        sliding pair; a general projection may move pairs across (they take their new
+        side) or off their surface (a sliding pair beyond the band is released to the
+        side it is on). A pair that lands on its surface with both sides pushing into it
+        crosses at the next step's start and the switch decides whether it slides."""
+        model = self.problem.params(w)
+        signs = self.surfaces.signs(model).astype(mode.high.dtype)
+        z = self.surfaces.preactivations(model, self.surfaces.slopes(signs))
+        near = jnp.abs(z) <= mode.band
+        index = self._slot_index(mode)
+        keep = (mode.slots >= 0) & near.at[index].get(mode="fill", fill_value=False)
+        slots = jnp.where(keep, mode.slots, -1.0)
+        high = jnp.where(near, mode.high, signs)
+        return FilippovState(high, slots, mode.counts, mode.band, mode.clock)
+
     def _slot_index(self, mode: FilippovState) -> Array:
         # Free slots point past the end, so scatters drop them.
         return jnp.where(mode.slots >= 0, mode.slots, self.surfaces.num_pairs).astype(int)
