@@ -1,0 +1,401 @@
+"""Weak gaps: how far minibatch SGD's *expectations* stray from a flow's, and the order.
+
+`gap` measures a full-batch run's distance to its flow path by path; SGD's iterates are
+random, and its continuous models (the SMEs of Li, Tai & E, JMLR 2019) match it in law,
+so the gap is e(η) = E φ(w_K) − E φ(W(t1)) for observables φ (the loss, a charge, a
+norm) at a fixed flow time t1 = Kη, estimated over M paths: `weak_gap` at one step
+size, `weak_order` over several with the fitted order (`_weak_fit`). Predicted: SGD is
+O(η) from gradient flow and from SME-1, O(η²) from SME-2.
+
+The estimate per path, with its variance reduction (each exactly unbiased):
+
+- a control variate: φ(w_K) − cv, cv the first-order response of φ to the path's own
+  minibatch noise along gradient flow (`_weak_cv`), which removes the O(√η)
+  fluctuation and leaves O(η);
+- against a deterministic flow (GF, `ModifiedGradientFlow`): its φ(w(t1)) from
+  `simulate` at a tight tolerance (`nonsmooth=dyn.Filippov()` for ReLU nets);
+- against an SME: Richardson extrapolation 2X₂ − X₁ of SVAG with ℓ = 1, 2
+  (`dyn.discrete.SVAG`, step η/ℓ), an O(η²) reference at a cost independent of the
+  data size (Euler–Maruyama of `dyn.SME` gives the same law but costs a full-batch
+  pass per step); SVAG ℓ = 1 of order 1 is SGD itself and is not run twice;
+- common random numbers: every run draws the batch of its step at time t from the same
+  key and time index on a common grid of step h_fine (`Minibatches`), so SGD and its
+  reference, and all step sizes, share batches where their grids meet. The estimates
+  at different η are then correlated: the fit's interval is a paired bootstrap.
+"""
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from jaxtyping import PyTree, Scalar
+
+from ._driver._prepare import validate_params
+from ._filippov import Filippov
+from ._flows import AbstractFirstOrderFlow, AbstractFlow, AbstractStochasticFlow
+from ._problem import Problem
+from ._sampling import check_batch_size
+from ._simulate import simulate
+from ._validate import as_tuple, one_of, positive_int, prng_key, real
+from ._weak_cv import noise_vectors
+from ._weak_fit import fit_weak_order
+from .discrete._run import _validate_v0, edge_of_stability
+from .discrete._sgd import SGD, SVAG, AbstractStochasticAlgorithm
+from .discrete._sgd_run import stochastic_paths
+from .losses._per_example import as_data_loss, check_example_losses
+from .monitors._monitors import AbstractMonitor, Loss
+
+# Fewer paths cannot give a standard error worth a fit (or a bootstrap).
+MIN_PATHS = 20
+
+
+class _Setup(eqx.Module):
+    """What every run of a weak gap shares: the problem, the data, the start, the
+    observables, the path keys and the common time grid."""
+
+    loss: Callable
+    data: object
+    w0: PyTree
+    v0: PyTree | None
+    static: PyTree
+    params: PyTree
+    observables: tuple
+    keys: jax.Array
+    t1: float
+    h_fine: float
+    chunk: int
+
+
+def _observables(observables, problem, w0, t1) -> tuple:
+    observables = as_tuple(observables, "observables", AbstractMonitor, "dyn.monitors.Loss()")
+    names = [m.name for m in observables]
+    if not observables or len(set(names)) != len(names):
+        raise ValueError(f"`observables` must be one or more monitors with distinct names, "
+                         f"got {names}.")
+    for m in observables:
+        out = jax.eval_shape(lambda w, m=m: m(t1, w, None, problem), w0)
+        if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(
+                f"`observables`: {m.name!r} gives shape {out.shape} per path; a weak gap "
+                "needs one real scalar per path: reduce it, e.g. dyn.monitors.Function("
+                "lambda t, p, v: jnp.sum(...), name='...')."
+            )
+    return observables
+
+
+def _steps(alg, t1) -> int:
+    dt = float(alg.time_step)
+    steps = int(round(t1 / dt))
+    if steps < 1 or abs(steps * dt - t1) > 1e-9 * t1:
+        raise ValueError(f"`t1` = {t1} is not a whole number of steps Δt = {dt} "
+                         f"({type(alg).__name__}); choose step sizes that divide it.")
+    return steps
+
+
+def _stride(dt: float, h_fine: float) -> int:
+    ratio = dt / h_fine
+    if abs(ratio - round(ratio)) > 1e-9 * ratio:
+        raise ValueError(
+            f"step sizes must nest for common random numbers: Δt = {dt} is not a whole "
+            f"number of the common grid step {h_fine}; use halvings, e.g. 1/8, 1/16, 1/32.")
+    return int(round(ratio))
+
+
+def _run(setup: _Setup, alg, u, v0=None):
+    """(φ(w_K) − cv (paths, observables), diverged (paths,)) for `alg` to t1."""
+    problem = Problem(alg.flow, setup.loss, setup.static)
+    steps = _steps(alg, setup.t1)
+    saved, _, diverged_at, cv = stochastic_paths(
+        alg, problem, setup.data, setup.w0, v0, setup.keys, 1, steps,
+        stride=_stride(float(alg.time_step), setup.h_fine), noise_vectors=u,
+        monitors=setup.observables)
+    phi = np.stack([saved["monitors"][m.name][:, -1] for m in setup.observables], -1)
+    return phi - (0.0 if u is None else cv), diverged_at >= 0
+
+
+def _reference(setup: _Setup, flow, u, cache, solve_kwargs):
+    """Per-path reference estimates (or one row) for `flow`, and a description."""
+    if isinstance(flow, AbstractStochasticFlow):
+        levels = []
+        for ell in (1, 2):
+            svag = SVAG(flow.eta, flow.batch_size, ell, flow.order, flow.replacement,
+                        flow.beta)
+            key = ("svag", ell, flow.order, float(flow.eta), flow.batch_size,
+                   flow.replacement, float(flow.beta))
+            if key not in cache:
+                cache[key] = _run(setup, svag, u)
+            levels.append(cache[key])
+        (x1, d1), (x2, d2) = levels
+        return 2.0 * x2 - x1, d1 | d2, "SVAG Richardson 2X(ell=2) - X(ell=1)"
+    if not isinstance(flow, AbstractFirstOrderFlow):
+        raise ValueError(f"`flow` must be a first-order flow or dyn.SME, got "
+                         f"{type(flow).__name__}.")
+    key = ("flow", eqx.tree_pformat(flow, short_arrays=False))
+    if key not in cache:
+        ref = simulate(flow, setup.params, setup.loss, t1=setup.t1, ts=[0.0, setup.t1],
+                       monitors=setup.observables, max_steps=1_000_000, **solve_kwargs)
+        cache[key] = np.stack([ref.monitors[m.name][-1] for m in setup.observables])
+    return cache[key][None, :], np.zeros(1, bool), f"{type(flow).__name__} by simulate"
+
+
+def _reuses_sgd(alg, flow) -> bool:
+    # SVAG with ℓ = 1 at order 1 is SGD itself: same batches, same update.
+    return (isinstance(alg, SGD) and isinstance(flow, AbstractStochasticFlow)
+            and flow.order == 1 and float(flow.beta) == 0.0
+            and flow.batch_size == alg.batch_size and flow.replacement == alg.replacement
+            and float(flow.eta) == float(alg.eta))
+
+
+def _estimates(setup, alg, flow, control_variate, cache, solve_kwargs):
+    """(per-path gap estimates, per-path discrete values, reference values, diverged,
+    reference description) for one algorithm."""
+    u = None
+    if control_variate:
+        rate = float(alg.skeleton_rate)
+        if ("u", rate) not in cache:
+            problem = Problem(alg.flow, setup.loss, setup.static)
+            grid = int(round(setup.t1 / setup.h_fine))
+            cache[("u", rate)] = noise_vectors(problem, setup.data, setup.w0,
+                                               setup.observables, setup.t1, grid, rate)
+        u = cache[("u", rate)]
+    y, diverged = _run(setup, alg, u, setup.v0)
+    if _reuses_sgd(alg, flow):
+        key = ("svag", 1, 1, float(flow.eta), flow.batch_size, flow.replacement, 0.0)
+        cache[key] = (y, diverged)
+    ref, ref_diverged, how = _reference(setup, flow, u, cache, solve_kwargs)
+    if ref.shape[0] == 1:
+        ref = np.broadcast_to(ref, y.shape)
+        ref_diverged = np.zeros_like(diverged)
+    return y - ref, y, ref, diverged | ref_diverged, how
+
+
+def _setup(alg, params, loss, t1, observables, paths, key, v0, chunk, lmax, min_dt):
+    if not isinstance(alg, AbstractStochasticAlgorithm):
+        raise ValueError(
+            f"`algorithm` must give a stochastic algorithm such as dyn.discrete.SGD(eta, "
+            f"16), got {alg!r}; for full-batch algorithms use dyn.gap / dyn.gap_order.")
+    t1 = real(t1, "t1", low=0.0, strict=True)
+    paths = positive_int(paths, "paths")
+    if paths < MIN_PATHS:
+        raise ValueError(f"`paths` = {paths} is too few for a standard error (and a "
+                         f"bootstrap interval); use paths >= {MIN_PATHS}, ideally 1000s.")
+    w0, static = validate_params(params)
+    data = as_data_loss(loss, "weak_gap")
+    check_example_losses(data, params, "weak_gap")
+    check_batch_size(alg.batch_size, data.num_examples, type(alg).__name__)
+    problem = Problem(alg.flow, loss, static)
+    observables = _observables(observables, problem, w0, t1)
+    v = _validate_v0(alg, w0, v0)
+    keys = jax.random.split(prng_key(key, "weak_gap"), paths)
+    return _Setup(loss, data, w0, v, static, params, observables, keys, t1,
+                  min_dt / lmax, positive_int(chunk, "chunk"))
+
+
+def _divergence(diverged, on_divergence, eta):
+    if not diverged.any():
+        return
+    if on_divergence == "raise":
+        raise ValueError(
+            f"{int(diverged.sum())} of {diverged.size} paths diverged at step size {eta:g}: "
+            "E[φ] is not defined there. Use smaller step sizes, or "
+            "on_divergence='drop' to condition on the paths that stay finite (biased).")
+
+
+def _solve_kwargs(rtol, atol, solver, nonsmooth):
+    return dict(solver=diffrax.Tsit5() if solver is None else solver, nonsmooth=nonsmooth,
+                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol))
+
+
+def weak_gap(
+    algorithm: AbstractStochasticAlgorithm,
+    params: PyTree,
+    loss: Callable[[PyTree], Scalar],
+    t1: float,
+    *,
+    flow: AbstractFlow | None = None,
+    observables: AbstractMonitor | Sequence[AbstractMonitor] = (Loss(),),
+    paths: int = 1000,
+    key=0,
+    v0: PyTree | None = None,
+    control_variate: bool = True,
+    on_divergence: str = "raise",
+    chunk: int = 250,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    solver: diffrax.AbstractSolver | None = None,
+    nonsmooth: Filippov | None = None,
+    check_stability: bool = True,
+) -> xr.Dataset:
+    """The weak gap e = E φ(w_K) − E φ(W(t1)) of a stochastic algorithm at flow time
+    t1 = K·Δt against `flow`, over `paths` paths (module docstring).
+
+    **Arguments:**
+
+    - `algorithm`: e.g. `dyn.discrete.SGD(0.1, 16)`.
+    - `params`, `loss`: the start and the loss (exposing its examples:
+      `dyn.losses.AbstractDataLoss`, or one plus `l2`/`lp`).
+    - `t1`: the flow time, a whole number of steps.
+    - `flow`: `algorithm.flow` (its SME-1) by default; `dyn.SME(eta, b, order=2)`, or
+      a deterministic first-order flow (`dyn.GradientFlow()`,
+      `dyn.ModifiedGradientFlow(eta)`).
+    - `observables`: monitors giving one real scalar per path (default the loss), e.g.
+      `dyn.monitors.Function(lambda t, p, v: jnp.sum(p.weights[0] ** 2), name="n")`.
+    - `paths`, `key`: the number of paths (>= 20) and the key they split from.
+    - `v0`: initial velocity for momentum SGD (default at rest).
+    - `control_variate`: subtract the linear response to the minibatch noise (exactly
+      unbiased; off only to measure what it gains).
+    - `on_divergence`: "raise" (default) if any path of any run goes non-finite, or
+      "drop" to keep the paths that stay finite in every run (conditioning on survival:
+      a biased estimate, reported in `attrs["dropped_paths"]`).
+    - `chunk`: paths per vmapped batch.
+    - `rtol`, `atol`, `solver`, `nonsmooth`: a deterministic flow's solve, as in `gap`.
+    - `check_stability`: warn if the (largest) step size is past the edge of stability.
+
+    **Returns:** an `xarray.Dataset` on `observable`: `gap` (the mean), `se` (its Monte
+    Carlo standard error), `discrete` and `reference` (the two means), and `estimate`
+    (path, observable), the per-path estimates; attrs name the algorithm, flow,
+    reference method and settings.
+
+    **Raises:** `ValueError` for a batch size larger than the data, an observable that
+    is not scalar per path, fewer than 20 paths, a t1 that is not a whole number of
+    steps, or diverged paths (with `on_divergence="raise"`).
+    """
+    ds = _weak(lambda eta: algorithm, [float(algorithm.learning_rate)], params, loss, t1,
+               flow=None if flow is None else (lambda a: flow), observables=observables,
+               paths=paths, key=key, v0=v0, control_variate=control_variate,
+               on_divergence=on_divergence, chunk=chunk,
+               solve_kwargs=_solve_kwargs(rtol, atol, solver, nonsmooth), fit=False,
+               check_stability=check_stability)
+    return ds
+
+
+def weak_order(
+    algorithm: Callable[[float], AbstractStochasticAlgorithm],
+    params: PyTree,
+    loss: Callable[[PyTree], Scalar],
+    step_sizes: Sequence[float],
+    t1: float,
+    *,
+    flow: Callable[[AbstractStochasticAlgorithm], AbstractFlow] | None = None,
+    observables: AbstractMonitor | Sequence[AbstractMonitor] = (Loss(),),
+    paths: int = 1000,
+    key=0,
+    v0: PyTree | None = None,
+    control_variate: bool = True,
+    on_divergence: str = "raise",
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    max_width: float | None = None,
+    chunk: int = 250,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    solver: diffrax.AbstractSolver | None = None,
+    nonsmooth: Filippov | None = None,
+    check_stability: bool = True,
+) -> xr.Dataset:
+    """The weak gap at flow time `t1` over `step_sizes`, and its fitted order per
+    observable with a paired-bootstrap interval (`dynamics._weak_fit`).
+
+    **Arguments:** as `weak_gap`, and
+
+    - `algorithm`: step size → algorithm, e.g. `lambda eta: dyn.discrete.SGD(eta, 16)`.
+    - `step_sizes`: three or more learning rates that nest (each a whole number of the
+      smallest's grid, e.g. halvings: common random numbers need a common grid), each
+      dividing t1.
+    - `flow`: algorithm → flow (default `alg.flow`, SME-1), e.g.
+      `lambda a: dyn.SME(a.eta, a.batch_size, order=2)` or `lambda a: dyn.GradientFlow()`.
+    - `confidence`, `resamples`: the interval's level and bootstrap resamples.
+    - `max_width`: warn when an interval is wider, saying how many paths would do.
+
+    **Returns:** an `xarray.Dataset` on (`step_size`, `observable`): `gap`, `se`,
+    `discrete`, `reference`; and on `observable`: `order`, `order_low`, `order_high`,
+    `chi2`, `dof`, `p_value`, `model` ("power" or "power+linear"), `flips` (bootstrap
+    resamples in which a gap changed sign), `resolved`, `paths_needed`. An unresolved
+    order (more than 2.5% flips) is NaN, with a RuntimeWarning naming the paths needed.
+    """
+    sizes = np.asarray(step_sizes, dtype=float)
+    if sizes.ndim != 1 or sizes.size < 3 or np.any(~(sizes > 0)) or len(set(sizes)) != sizes.size:
+        raise ValueError("`step_sizes` must be three or more distinct positive numbers (a "
+                         f"fit with an interval needs n >= 3), got {step_sizes!r}.")
+    confidence = real(confidence, "confidence", low=0.0, strict=True, high=1.0)
+    resamples = positive_int(resamples, "resamples", low=100)
+    return _weak(algorithm, sizes, params, loss, t1, flow=flow, observables=observables,
+                 paths=paths, key=key, v0=v0, control_variate=control_variate,
+                 on_divergence=on_divergence, chunk=chunk,
+                 solve_kwargs=_solve_kwargs(rtol, atol, solver, nonsmooth), fit=True,
+                 confidence=confidence, resamples=resamples, max_width=max_width,
+                 check_stability=check_stability)
+
+
+def _weak(make, sizes, params, loss, t1, *, flow, observables, paths, key, v0,
+          control_variate, on_divergence, chunk, solve_kwargs, fit, confidence=0.95,
+          resamples=1000, max_width=None, check_stability=True):
+    if not callable(make):
+        raise ValueError("`algorithm` must be a function step size -> stochastic algorithm.")
+    on_divergence = one_of(on_divergence, "on_divergence", ("raise", "drop"))
+    algs = [make(float(eta)) for eta in sizes]
+    for alg in algs:
+        if not isinstance(alg, AbstractStochasticAlgorithm):
+            raise ValueError(f"`algorithm` must give a stochastic algorithm such as "
+                             f"dyn.discrete.SGD(eta, 16), got {alg!r}.")
+    flows = [alg.flow if flow is None else flow(alg) for alg in algs]
+    stochastic = any(isinstance(f, AbstractStochasticFlow) for f in flows)
+    setup = _setup(algs[0], params, loss, t1, observables, paths, key, v0, chunk,
+                   2 if stochastic else 1, min(float(a.time_step) for a in algs))
+    if check_stability:
+        edge_of_stability(algs[int(np.argmax(sizes))],
+                          Problem(algs[0].flow, loss, setup.static), setup.w0)
+    cache, est, disc, ref, dead = {}, [], [], [], []
+    for eta, alg, target in zip(sizes, algs, flows, strict=True):
+        e, y, r, diverged, how = _estimates(setup, alg, target, control_variate, cache,
+                                            solve_kwargs)
+        _divergence(diverged, on_divergence, eta)
+        est.append(e), disc.append(y), ref.append(r), dead.append(diverged)
+    keep = ~np.any(dead, axis=0)
+    if not keep.sum() >= MIN_PATHS:
+        raise ValueError(f"only {int(keep.sum())} paths stayed finite at every step size; "
+                         "use smaller step sizes.")
+    est, disc, ref = (np.stack([a[keep] for a in arrays], 1) for arrays in (est, disc, ref))
+    names = [m.name for m in setup.observables]
+    m = est.shape[0]
+    data = {"gap": (("step_size", "observable"), est.mean(0)),
+            "se": (("step_size", "observable"), est.std(0, ddof=1) / np.sqrt(m)),
+            "discrete": (("step_size", "observable"), disc.mean(0)),
+            "reference": (("step_size", "observable"), ref.mean(0))}
+    attrs = {"t1": float(t1), "paths": m, "dropped_paths": int((~keep).sum()),
+             "algorithm": type(algs[0]).__name__, "flow": type(flows[0]).__name__,
+             "flow_repr": eqx.tree_pformat(flows[0], short_arrays=False),
+             "reference_method": how, "control_variate": int(bool(control_variate)),
+             "common_grid_step": setup.h_fine, "batch_size": algs[0].batch_size}
+    coords = {"step_size": sizes, "observable": names}
+    if not fit:
+        data = {k: (v[0][1:], v[1][0]) for k, v in data.items()}
+        data["estimate"] = (("path", "observable"), est[:, 0, :])
+        return xr.Dataset(data, coords={"observable": names}, attrs=attrs)
+    fits = [fit_weak_order(sizes, est[:, :, j], confidence=confidence, resamples=resamples)
+            for j in range(len(names))]
+    for key_, var in (("order", "order"), ("low", "order_low"), ("high", "order_high"),
+                      ("chi2", "chi2"), ("dof", "dof"), ("p_value", "p_value"),
+                      ("model", "model"), ("flips", "flips"), ("resolved", "resolved"),
+                      ("paths_needed", "paths_needed")):
+        data[var] = ("observable", np.asarray([f[key_] for f in fits]))
+    for name, f in zip(names, fits, strict=True):
+        if not f["resolved"]:
+            warnings.warn(
+                f"weak_order: the gap of {name!r} is not resolved from the Monte Carlo noise "
+                f"at every step size ({f['flips']} of {resamples} bootstrap resamples change "
+                f"its sign): no order reported. About {f['paths_needed']} paths would resolve "
+                "it at 3σ, or use larger step sizes.", RuntimeWarning, stacklevel=3)
+        elif max_width is not None and f["high"] - f["low"] > max_width:
+            need = int(np.ceil(m * ((f["high"] - f["low"]) / max_width) ** 2))
+            warnings.warn(
+                f"weak_order: the {confidence:.0%} interval of {name!r} is "
+                f"{f['high'] - f['low']:.3f} wide, above max_width = {max_width}: about "
+                f"{need} paths would narrow it enough.", RuntimeWarning, stacklevel=3)
+    attrs.update(confidence=confidence, resamples=resamples)
+    return xr.Dataset(data, coords=coords, attrs=attrs)
