@@ -347,6 +347,13 @@ def _weak(make, sizes, params, loss, t1, *, flow, observables, paths, key, v0,
     stochastic = any(isinstance(f, AbstractStochasticFlow) for f in flows)
     setup = _setup(algs[0], params, loss, t1, observables, paths, key, v0, chunk,
                    2 if stochastic else 1, min(float(a.time_step) for a in algs))
+    for alg, target in zip(algs, flows, strict=True):  # every grid, before any run
+        _steps(alg, setup.t1)
+        dts = [float(alg.time_step)]
+        if isinstance(target, AbstractStochasticFlow):
+            dts += [float(target.eta) / ell for ell in (1, 2)]
+        for dt in dts:
+            _stride(dt, setup.h_fine)
     if check_stability:
         edge_of_stability(algs[int(np.argmax(sizes))],
                           Problem(algs[0].flow, loss, setup.static), setup.w0)

@@ -14,9 +14,9 @@ control variate is cv = Σ_k Σ_c c · mean_{n∈B} u_{k,n}. Given the past, E m
 accuracy: φ − cv is unbiased, and an inaccurate u (a ReLU skeleton through its kinks, a
 coarse grid) costs variance only. It removes the O(√η) first-order fluctuation and
 leaves O(η): per-path variance 12-48x smaller at η = 1/32 on a digits MLP
-(/work/scratch/sme/REPORT.md §4.1). The skeleton runs RK4 at two steps per grid
-interval of the common time grid h_fine, and the adjoint is the exact reverse of those
-RK4 steps (their VJPs).
+(/work/scratch/sme/REPORT.md §4.1). The skeleton runs one RK4 step per interval of the
+common time grid h_fine (accurate to ~h_fine⁴, far more than a variance reduction
+needs), and the adjoint is the exact reverse of those steps (their VJPs).
 """
 
 import equinox as eqx
@@ -26,9 +26,9 @@ from jaxtyping import Array
 
 from ._tree import axpy, scale
 
-# RK4 steps of the skeleton per interval of the common grid: enough that u is close to
+# RK4 steps of the skeleton per interval of the common grid: one keeps u close to
 # the true linear response (the variance reduction), which needs no more.
-SUBSTEPS = 2
+SUBSTEPS = 1
 
 
 def _rk4(f, w, dt):

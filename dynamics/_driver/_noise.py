@@ -65,31 +65,14 @@ def stochastic_term(problem: Problem, key, dtype) -> diffrax.ControlTerm:
 
 
 def stochastic_defaults(flow: AbstractFlow, solver, controller):
-    """Euler–Maruyama at constant steps where a stochastic flow's solver or controller
-    is left out (the deterministic defaults, Tsit5 with an adaptive controller, do not
-    apply to an SDE)."""
+    """A stochastic flow's solver and controller: Euler–Maruyama at constant steps where
+    left out (the deterministic defaults, Tsit5 with an adaptive controller, do not
+    apply to an SDE), and nothing else. **Raises:** `ValueError` naming the argument."""
     if not isinstance(flow, AbstractStochasticFlow):
         return solver, controller
-    return (diffrax.Euler() if solver is None else solver,
-            diffrax.ConstantStepSize() if controller is None else controller)
-
-
-def check_stochastic(flow, key, params, loss, solver, controller, monitors, projection,
-                     nonsmooth):
-    """The key of a stochastic flow's solve (None for a deterministic flow), after
-    checking what an SDE solve needs. **Raises:** `ValueError` naming the argument."""
-    if not isinstance(flow, AbstractStochasticFlow):
-        if key is not None:
-            raise ValueError(
-                f"`key` drives the Brownian motion of a stochastic flow (dyn.SME); "
-                f"{type(flow).__name__} is deterministic: drop `key`."
-            )
-        return None
     name = type(flow).__name__
-    key = prng_key(key, "simulate")
-    data = as_data_loss(loss, f"simulate with {name}")
-    check_example_losses(data, params, f"simulate with {name}")
-    check_batch_size(getattr(flow, "batch_size", 1), data.num_examples, name)
+    solver = diffrax.Euler() if solver is None else solver
+    controller = diffrax.ConstantStepSize() if controller is None else controller
     if type(solver) is not diffrax.Euler:
         raise ValueError(
             f"`solver` {type(solver).__name__}: {name} is an Itô SDE with multiplicative, "
@@ -104,6 +87,25 @@ def check_stochastic(flow, key, params, loss, solver, controller, monitors, proj
             "fixed steps (its Brownian increments are drawn per step); pass "
             "diffrax.ConstantStepSize() with a `dt0`, or diffrax.StepTo(ts)."
         )
+    return solver, controller
+
+
+def check_stochastic(flow, key, params, loss, monitors, projection, nonsmooth):
+    """The key of a stochastic flow's solve (None for a deterministic flow), after
+    checking what an SDE solve needs besides its solver (`stochastic_defaults`).
+    **Raises:** `ValueError` naming the argument."""
+    if not isinstance(flow, AbstractStochasticFlow):
+        if key is not None:
+            raise ValueError(
+                f"`key` drives the Brownian motion of a stochastic flow (dyn.SME); "
+                f"{type(flow).__name__} is deterministic: drop `key`."
+            )
+        return None
+    name = type(flow).__name__
+    key = prng_key(key, "simulate")
+    data = as_data_loss(loss, f"simulate with {name}")
+    check_example_losses(data, params, f"simulate with {name}")
+    check_batch_size(getattr(flow, "batch_size", 1), data.num_examples, name)
     if any(isinstance(m, AbstractIntegralMonitor) for m in monitors):
         raise ValueError(
             f"`monitors`: integral monitors ride in the state as ODEs, which {name}'s "

@@ -343,8 +343,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
             "integral monitor."
         )
 
-    key = check_stochastic(flow, key, params, loss, solver, stepsize_controller, monitors,
-                           projection, nonsmooth)
+    key = check_stochastic(flow, key, params, loss, monitors, projection, nonsmooth)
     if nonsmooth is not None:
         nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver,
                                         stepsize_controller, schedule, monitors)
