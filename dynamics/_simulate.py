@@ -24,6 +24,7 @@ from ._projection import AbstractProjection, AbstractSchedule
 from ._trajectory import Trajectory
 from ._validate import prng_keys
 from .events._events import AbstractDivergenceEvent, AbstractEvent
+from .losses._per_example import as_data_loss
 from .monitors._monitors import AbstractMonitor
 
 
@@ -119,7 +120,8 @@ def simulate(
     - `key`: for a stochastic flow (`dyn.SME`) only, where it is required: the PRNG key
       of the Brownian motion (an int seed is accepted), or a batch of keys
       (`jax.random.split(key, m)`) for m independent paths, solved under `jax.vmap`
-      in chunks of 250 in one compiled solve. A stochastic flow defaults to
+      in one compiled solve, in chunks of at least 250 paths (more for small problems,
+      `_driver/_paths.py`). A stochastic flow defaults to
       `diffrax.Euler()` (Euler–Maruyama, the Itô scheme) at constant steps
       (`diffrax.ConstantStepSize()`, so `dt0` is required); each step draws an
       independent normal increment from the key and the step's end times
@@ -146,7 +148,9 @@ def simulate(
     )
     spec = prepared.spec
     if batched:
-        return paths_from_solves(spec.problem, spec.events, solve_paths(spec, keys), spec.ts,
+        examples = as_data_loss(loss, "simulate").num_examples
+        return paths_from_solves(spec.problem, spec.events,
+                                 solve_paths(spec, keys, examples), spec.ts,
                                  throw=throw, meta=prepared.meta,
                                  divergence=AbstractDivergenceEvent)
     meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
