@@ -151,9 +151,9 @@ def _reuses_sgd(alg, flow) -> bool:
             and float(flow.eta) == float(alg.eta))
 
 
-def _estimates(setup, alg, flow, control_variate, cache, solve_kwargs):
-    """(per-path gap estimates, per-path discrete values, reference values, diverged,
-    reference description) for one algorithm."""
+def _estimates(setup, alg, flows: dict, control_variate, cache, solve_kwargs):
+    """For one algorithm: its per-path values (φ − cv), whether each path diverged, and
+    per reference name (per-path reference values, diverged, description)."""
     u = None
     if control_variate:
         rate = float(alg.skeleton_rate)
@@ -164,14 +164,16 @@ def _estimates(setup, alg, flow, control_variate, cache, solve_kwargs):
                                                setup.observables, setup.t1, grid, rate)
         u = cache[("u", rate)]
     y, diverged = _run(setup, alg, u, setup.v0)
-    if _reuses_sgd(alg, flow):
-        key = ("svag", 1, 1, float(flow.eta), flow.batch_size, flow.replacement, 0.0)
-        cache[key] = (y, diverged)
-    ref, ref_diverged, how = _reference(setup, flow, u, cache, solve_kwargs)
-    if ref.shape[0] == 1:
-        ref = np.broadcast_to(ref, y.shape)
-        ref_diverged = np.zeros_like(diverged)
-    return y - ref, y, ref, diverged | ref_diverged, how
+    refs = {}
+    for name, flow in flows.items():
+        if _reuses_sgd(alg, flow):
+            key = ("svag", 1, 1, float(flow.eta), flow.batch_size, flow.replacement, 0.0)
+            cache[key] = (y, diverged)
+        ref, ref_diverged, how = _reference(setup, flow, u, cache, solve_kwargs)
+        if ref.shape[0] == 1:
+            ref, ref_diverged = np.broadcast_to(ref, y.shape), np.zeros_like(diverged)
+        refs[name] = (ref, ref_diverged, how)
+    return y, diverged, refs
 
 
 def _setup(alg, params, loss, t1, observables, paths, key, v0, chunk, lmax, min_dt):
@@ -242,7 +244,9 @@ def weak_gap(
     - `t1`: the flow time, a whole number of steps.
     - `flow`: `algorithm.flow` (its SME-1) by default; `dyn.SME(eta, b, order=2)`, or
       a deterministic first-order flow (`dyn.GradientFlow()`,
-      `dyn.ModifiedGradientFlow(eta)`).
+      `dyn.ModifiedGradientFlow(eta)`); or a dict name -> flow, to measure against
+      several references from the same SGD paths (the result then has an `against`
+      axis).
     - `observables`: monitors giving one real scalar per path (default the loss), e.g.
       `dyn.monitors.Function(lambda t, p, v: jnp.sum(p.weights[0] ** 2), name="n")`.
     - `paths`, `key`: the number of paths (>= 20) and the key they split from.
@@ -259,7 +263,8 @@ def weak_gap(
     **Returns:** an `xarray.Dataset` on `observable`: `gap` (the mean), `se` (its Monte
     Carlo standard error), `discrete` and `reference` (the two means), and `estimate`
     (path, observable), the per-path estimates; attrs name the algorithm, flow,
-    reference method and settings.
+    reference method and settings (with a dict of flows: every variable on `against`
+    too, with `flow` and `reference_method` per reference).
 
     **Raises:** `ValueError` for a batch size larger than the data, an observable that
     is not scalar per path, fewer than 20 paths, a t1 that is not a whole number of
@@ -308,7 +313,9 @@ def weak_order(
       smallest's grid, e.g. halvings: common random numbers need a common grid), each
       dividing t1.
     - `flow`: algorithm → flow (default `alg.flow`, SME-1), e.g.
-      `lambda a: dyn.SME(a.eta, a.batch_size, order=2)` or `lambda a: dyn.GradientFlow()`.
+      `lambda a: dyn.SME(a.eta, a.batch_size, order=2)` or `lambda a: dyn.GradientFlow()`;
+      or algorithm → dict name -> flow: every reference from the same SGD paths, the
+      result on an `against` axis.
     - `confidence`, `resamples`: the interval's level and bootstrap resamples.
     - `max_width`: warn when an interval is wider, saying how many paths would do.
 
@@ -343,66 +350,103 @@ def _weak(make, sizes, params, loss, t1, *, flow, observables, paths, key, v0,
         if not isinstance(alg, AbstractStochasticAlgorithm):
             raise ValueError(f"`algorithm` must give a stochastic algorithm such as "
                              f"dyn.discrete.SGD(eta, 16), got {alg!r}.")
-    flows = [alg.flow if flow is None else flow(alg) for alg in algs]
-    stochastic = any(isinstance(f, AbstractStochasticFlow) for f in flows)
+    flows = [_flow_dict(alg.flow if flow is None else flow(alg)) for alg in algs]
+    stochastic = any(isinstance(f, AbstractStochasticFlow) for d in flows for f in d.values())
     setup = _setup(algs[0], params, loss, t1, observables, paths, key, v0, chunk,
                    2 if stochastic else 1, min(float(a.time_step) for a in algs))
-    for alg, target in zip(algs, flows, strict=True):  # every grid, before any run
+    for alg, targets in zip(algs, flows, strict=True):  # every grid, before any run
         _steps(alg, setup.t1)
         dts = [float(alg.time_step)]
-        if isinstance(target, AbstractStochasticFlow):
-            dts += [float(target.eta) / ell for ell in (1, 2)]
+        for target in targets.values():
+            if isinstance(target, AbstractStochasticFlow):
+                dts += [float(target.eta) / ell for ell in (1, 2)]
         for dt in dts:
             _stride(dt, setup.h_fine)
     if check_stability:
         edge_of_stability(algs[int(np.argmax(sizes))],
                           Problem(algs[0].flow, loss, setup.static), setup.w0)
-    cache, est, disc, ref, dead = {}, [], [], [], []
-    for eta, alg, target in zip(sizes, algs, flows, strict=True):
-        e, y, r, diverged, how = _estimates(setup, alg, target, control_variate, cache,
-                                            solve_kwargs)
+    cache, runs = {}, []
+    for eta, alg, targets in zip(sizes, algs, flows, strict=True):
+        y, diverged, refs = _estimates(setup, alg, targets, control_variate, cache,
+                                       solve_kwargs)
+        for _, ref_diverged, _ in refs.values():
+            diverged = diverged | ref_diverged
         _divergence(diverged, on_divergence, eta)
-        est.append(e), disc.append(y), ref.append(r), dead.append(diverged)
-    keep = ~np.any(dead, axis=0)
+        runs.append((y, diverged, refs))
+    keep = ~np.any([r[1] for r in runs], axis=0)
     if not keep.sum() >= MIN_PATHS:
         raise ValueError(f"only {int(keep.sum())} paths stayed finite at every step size; "
                          "use smaller step sizes.")
-    est, disc, ref = (np.stack([a[keep] for a in arrays], 1) for arrays in (est, disc, ref))
+    disc = np.stack([y[keep] for y, _, _ in runs], 1)  # (paths, step sizes, observables)
+    against = list(flows[0])
+    ref = np.stack([np.stack([refs[a][0][keep] for _, _, refs in runs], 1) for a in against])
+    est = disc[None] - ref  # (against, paths, step sizes, observables)
     names = [m.name for m in setup.observables]
-    m = est.shape[0]
-    data = {"gap": (("step_size", "observable"), est.mean(0)),
-            "se": (("step_size", "observable"), est.std(0, ddof=1) / np.sqrt(m)),
-            "discrete": (("step_size", "observable"), disc.mean(0)),
-            "reference": (("step_size", "observable"), ref.mean(0))}
+    m = est.shape[1]
+    dims = ("against", "step_size", "observable")
+    data = {"gap": (dims, est.mean(1)), "se": (dims, est.std(1, ddof=1) / np.sqrt(m)),
+            "discrete": (dims, np.broadcast_to(disc.mean(0), est.shape[:1] + disc.shape[1:])),
+            "reference": (dims, ref.mean(1)),
+            "reference_method": (("against",), [runs[0][2][a][2] for a in against]),
+            "flow": (("against",), [type(flows[0][a]).__name__ for a in against])}
     attrs = {"t1": float(t1), "paths": m, "dropped_paths": int((~keep).sum()),
-             "algorithm": type(algs[0]).__name__, "flow": type(flows[0]).__name__,
-             "flow_repr": eqx.tree_pformat(flows[0], short_arrays=False),
-             "reference_method": how, "control_variate": int(bool(control_variate)),
+             "algorithm": type(algs[0]).__name__, "control_variate": int(bool(control_variate)),
              "common_grid_step": setup.h_fine, "batch_size": algs[0].batch_size}
-    coords = {"step_size": sizes, "observable": names}
+    coords = {"against": against, "step_size": sizes, "observable": names}
     if not fit:
-        data = {k: (v[0][1:], v[1][0]) for k, v in data.items()}
-        data["estimate"] = (("path", "observable"), est[:, 0, :])
-        return xr.Dataset(data, coords={"observable": names}, attrs=attrs)
-    fits = [fit_weak_order(sizes, est[:, :, j], confidence=confidence, resamples=resamples)
-            for j in range(len(names))]
+        data = {k: (v[0][:1] + v[0][2:], v[1][:, 0]) if len(v[0]) == 3 else v
+                for k, v in data.items()}
+        data["estimate"] = (("against", "path", "observable"), est[:, :, 0, :])
+        del coords["step_size"]
+        return _squeeze(xr.Dataset(data, coords=coords, attrs=attrs), flow)
+    fits = {(a, n): fit_weak_order(sizes, est[i, :, :, j], confidence=confidence,
+                                   resamples=resamples)
+            for i, a in enumerate(against) for j, n in enumerate(names)}
     for key_, var in (("order", "order"), ("low", "order_low"), ("high", "order_high"),
                       ("chi2", "chi2"), ("dof", "dof"), ("p_value", "p_value"),
                       ("model", "model"), ("flips", "flips"), ("resolved", "resolved"),
                       ("paths_needed", "paths_needed")):
-        data[var] = ("observable", np.asarray([f[key_] for f in fits]))
-    for name, f in zip(names, fits, strict=True):
+        data[var] = (("against", "observable"),
+                     np.asarray([[fits[a, n][key_] for n in names] for a in against]))
+    for (a, name), f in fits.items():
+        what = repr(name) if a == _SINGLE else f"{name!r} against {a!r}"
         if not f["resolved"]:
             warnings.warn(
-                f"weak_order: the gap of {name!r} is not resolved from the Monte Carlo noise "
+                f"weak_order: the gap of {what} is not resolved from the Monte Carlo noise "
                 f"at every step size ({f['flips']} of {resamples} bootstrap resamples change "
                 f"its sign): no order reported. About {f['paths_needed']} paths would resolve "
                 "it at 3σ, or use larger step sizes.", RuntimeWarning, stacklevel=3)
         elif max_width is not None and f["high"] - f["low"] > max_width:
             need = int(np.ceil(m * ((f["high"] - f["low"]) / max_width) ** 2))
             warnings.warn(
-                f"weak_order: the {confidence:.0%} interval of {name!r} is "
+                f"weak_order: the {confidence:.0%} interval of {what} is "
                 f"{f['high'] - f['low']:.3f} wide, above max_width = {max_width}: about "
                 f"{need} paths would narrow it enough.", RuntimeWarning, stacklevel=3)
     attrs.update(confidence=confidence, resamples=resamples)
-    return xr.Dataset(data, coords=coords, attrs=attrs)
+    return _squeeze(xr.Dataset(data, coords=coords, attrs=attrs), flow)
+
+
+# The name of the one reference when `flow` gives a single flow (the `against` axis is
+# then dropped from the result).
+_SINGLE = "_flow"
+
+
+def _flow_dict(flows) -> dict:
+    if isinstance(flows, dict):
+        if not flows or not all(isinstance(f, AbstractFlow) for f in flows.values()):
+            raise ValueError("`flow` must give a flow, or a dict name -> flow, got "
+                             f"{flows!r}.")
+        return dict(flows)
+    if not isinstance(flows, AbstractFlow):
+        raise ValueError(f"`flow` must give a flow such as dyn.GradientFlow(), got {flows!r}.")
+    return {_SINGLE: flows}
+
+
+def _squeeze(ds: xr.Dataset, flow) -> xr.Dataset:
+    """Without a dict of flows, the result has no `against` axis; its reference's name
+    and method become attrs."""
+    if list(ds["against"].values) != [_SINGLE]:
+        return ds
+    ds.attrs.update(flow=str(ds["flow"].values[0]),
+                    reference_method=str(ds["reference_method"].values[0]))
+    return ds.drop_vars(["flow", "reference_method"]).isel(against=0, drop=True)
