@@ -29,8 +29,8 @@ from jaxtyping import Array
 from .._sampling import batch_factor
 from .._validate import positive_int, traced_scalar
 from ..losses._per_example import as_data_loss
-from ..symmetries._charges import check_mlp
 from ..symmetries._laws import charge_inner, heavy_ball_charge_drift, nesterov_charge_drift
+from ._charge_laws import homogeneous_mlp
 from ._monitors import AbstractMonitor
 
 # Examples per vmapped chunk of per-example gradients (memory ∝ chunk × parameters).
@@ -52,18 +52,6 @@ class AbstractMinibatchMonitor(AbstractMonitor):
             f"{type(self).__name__} reads the minibatch gradient of an SGD step: record it "
             "in dyn.discrete.run with dyn.discrete.SGD, HeavyBallSGD or NesterovSGD."
         )
-
-
-def _model(w, problem, owner):
-    model = check_mlp(problem.params(w), "params")
-    degree = model.activation.degree
-    if degree is None or model.betas is not None:
-        raise ValueError(
-            f"{owner} needs an MLP with a positively homogeneous activation (ReLU, RePU, "
-            f"Polynomial, Identity), got {type(model.activation).__name__}: without the "
-            "rescaling symmetry the charges have no such law."
-        )
-    return model, degree
 
 
 class SGDChargeDrift(AbstractMinibatchMonitor):
@@ -95,7 +83,7 @@ class SGDChargeDrift(AbstractMinibatchMonitor):
         self.nesterov = nesterov
 
     def minibatch_value(self, t, w, v, grad, problem):
-        model, degree = _model(w, problem, "SGDChargeDrift")
+        model, degree = homogeneous_mlp(w, problem, "SGDChargeDrift")
         g = eqx.combine(jax.tree.map(lambda a, x: a - self.weight_decay * x, grad, w),
                         problem.static)
         velocity = None if v is None else eqx.combine(v, problem.static)
@@ -130,7 +118,7 @@ class ChargeGradientRate(_RateMonitor):
     name: ClassVar[str] = "charge_gradient_rate"
 
     def __call__(self, t, w, v, problem):
-        _, degree = _model(w, problem, type(self).__name__)
+        _, degree = homogeneous_mlp(w, problem, type(self).__name__)
         grad = eqx.combine(jax.grad(problem.loss)(w), problem.static)
         return self.eta * jnp.concatenate(charge_inner(grad, grad, degree))
 
@@ -149,7 +137,7 @@ class ChargeNoiseRate(_RateMonitor):
 
     def __call__(self, t, w, v, problem):
         owner = type(self).__name__
-        _, degree = _model(w, problem, owner)
+        _, degree = homogeneous_mlp(w, problem, owner)
         data = as_data_loss(problem.user_loss, owner)
         n = data.num_examples
 
