@@ -126,7 +126,8 @@ def simulate(
       (`diffrax.ConstantStepSize()`, so `dt0` is required); each step draws an
       independent normal increment from the key and the step's end times
       (`diffrax.UnsafeBrownianPath`), so a solve is reproducible for a given key and
-      step grid, and cannot be differentiated.
+      step grid, and cannot be differentiated. Put the save times `ts` on step ends
+      (between them diffrax interpolates linearly, which is not the SDE's law).
 
     **Returns:** a `Trajectory`; for a batch of keys, a `dyn.Paths` (the same fields
     with a leading path axis, and per-path `diverged` flags: a path that goes

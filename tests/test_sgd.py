@@ -183,3 +183,6 @@ def test_bad_input():
     with pytest.raises(ValueError, match="minibatch gradient of an SGD step"):
         dyn.simulate(dyn.GradientFlow(), RELU, LOSS, t1=0.1,
                      monitors=dyn.monitors.SGDChargeDrift(0.1))
+    with pytest.raises(ValueError, match="SVAG draws several minibatches"):
+        discrete.run(discrete.SVAG(0.1, B, 2), RELU, LOSS, 2, key=key,
+                     monitors=dyn.monitors.SGDChargeDrift(0.1))

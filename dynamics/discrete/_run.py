@@ -20,7 +20,7 @@ from .._problem import Problem
 from .._projection import AbstractSchedule, Every
 from .._trajectory import Trajectory, provenance
 from .._tree import all_finite, partition, sqnorm
-from .._validate import positive_int
+from .._validate import as_tuple, positive_int
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
 from ._sgd import AbstractStochasticAlgorithm
@@ -180,13 +180,14 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
 
 
 def check_monitors(monitors) -> tuple:
-    """`monitors` as a tuple of non-integral monitors with unique names."""
-    monitors = tuple(monitors)
+    """`monitors` (one monitor or several) as a tuple of non-integral monitors with
+    unique names."""
+    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
     for m in monitors:
-        if not isinstance(m, AbstractMonitor) or isinstance(m, AbstractIntegralMonitor):
+        if isinstance(m, AbstractIntegralMonitor):
             raise ValueError(
-                f"`monitors` must hold dyn.monitors objects (integral monitors need a "
-                f"solver; use `simulate`), got {m!r}."
+                f"`monitors`: {m!r} is an integral monitor, which needs a solver; use "
+                "`simulate`."
             )
     names = [m.name for m in monitors]
     if len(set(names)) != len(names):

@@ -18,7 +18,7 @@ from .._paths import Paths, mask_after
 from .._tree import all_finite
 from ..monitors._stochastic import AbstractMinibatchMonitor
 from ._minibatch import Minibatches
-from ._sgd import AbstractStochasticAlgorithm, StochasticState
+from ._sgd import SVAG, AbstractStochasticAlgorithm, StochasticState
 
 
 def _where(ok, new, old):
@@ -163,6 +163,10 @@ def run_stochastic(alg, params, loss, steps, *, v0, monitors, save_every, projec
     check_batch_size(alg.batch_size, data.num_examples, name)
     v = _validate_v0(alg, w0, v0)
     monitors = check_monitors(monitors)
+    if isinstance(alg, SVAG) and any(isinstance(m, AbstractMinibatchMonitor) for m in monitors):
+        raise ValueError(
+            "SVAG draws several minibatches inside each step and carries no gradient: "
+            "minibatch monitors (SGDChargeDrift) are for SGD, HeavyBallSGD, NesterovSGD.")
     problem = Problem(alg.flow, loss, static)
     if check_stability:
         edge_of_stability(alg, problem, w0)
