@@ -175,13 +175,17 @@ def _relu(cfg) -> xr.Dataset | None:
 
 MARKERS = {"GF": "o", "SME-1": "s", "SME-2": "D"}
 NAMES = {"loss": "E[L]", "Q": "E[Q]"}
+UNITS = {"loss": "nats; "}  # L: cross-entropy; Q: squared weights, no unit
+GF_SOLVE = "Tsit5 (rtol 1e-10, atol 1e-12)"  # weak_order's default for a flow
+SME_SOLVE = "SVAG Richardson (steps η and η/2)"
 
 
-def _order_label(f) -> str:
+def _order_label(f, resamples) -> str:
     if not bool(f["resolved"]):
-        return f"not resolved ({int(f['flips'])} sign flips of {1000})"
-    return (f"order {float(f['order']):.2f} [{float(f['order_low']):.2f}, "
-            f"{float(f['order_high']):.2f}]")
+        return f"not resolved ({int(f['flips'])} sign flips in {resamples} resamples)"
+    fit = " (fit with cη)" if f["model"].item() == "power+linear" else ""
+    return (f"order {float(f['order']):.3f} [{float(f['order_low']):.3f}, "
+            f"{float(f['order_high']):.3f}]{fit}")
 
 
 def _gap_panels(fig, ds, title, note):
@@ -193,7 +197,7 @@ def _gap_panels(fig, ds, title, note):
             gap, se = np.abs(f["gap"].values), f["se"].values
             color, marker = f"C{i}", MARKERS.get(str(a), "^")
             ax.errorbar(eta, gap, yerr=2 * se, color=color, capsize=3,
-                        label=f"vs {a}: {_order_label(f)}")
+                        label=f"vs {a}: {_order_label(f, ds.attrs['resamples'])}")
             faint = gap < 2 * se  # within the noise: hollow
             ax.plot(eta[~faint], gap[~faint], marker, color=color)
             ax.plot(eta[faint], gap[faint], marker, color=color, mfc="white")
@@ -205,31 +209,34 @@ def _gap_panels(fig, ds, title, note):
         ax.set_xticks(eta, [f"1/{round(1 / e)}" for e in eta])
         ax.minorticks_off()
         ax.set_xlabel(f"learning rate η (t = kη, T = {ds.attrs['t1']:g})")
-        ax.set_ylabel(f"|weak gap| of {NAMES.get(str(obs), obs)} (± 2 s.e.)")
+        ax.set_ylabel(f"|weak gap| of {NAMES.get(str(obs), obs)} "
+                      f"({UNITS.get(str(obs), '')}± 2 s.e.)")
         ax.set_title(f"{title}: {NAMES.get(str(obs), obs)}")
-        ax.legend(fontsize=8, loc="lower right")
+        # Below the axes: error bars reach down to the axis at every η.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13))
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(note, fontsize=9)
     return fig
 
 
 def _fig_orders(ds) -> Figure:
-    fig = Figure(figsize=(12, 5), layout="constrained")
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
     note = (f"SGD (batch {ds.attrs['batch_size']}, without replacement) on a 64-16-10 Tanh "
-            f"MLP over {ds.attrs['examples']} digits, {ds.attrs['paths']} paths per η; 95% "
-            "paired-bootstrap intervals\nreferences: GF by Tsit5 (rtol 1e-10), SME-1/2 by "
-            "SVAG Richardson; control variate along GF; hollow markers: |gap| < 2 s.e.")
+            f"MLP over {ds.attrs['examples']} digits, {ds.attrs['paths']:,} paths per η; 95% "
+            f"paired-bootstrap intervals\nreferences: GF by {GF_SOLVE}, SME-1/2 by {SME_SOLVE}; "
+            "control variate along GF; hollow markers: |gap| < 2 s.e.")
     return _gap_panels(fig, ds, "SGD vs GF, SME-1, SME-2", note)
 
 
 def _fig_relu(ds) -> Figure:
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    how = ("integrated exactly through the kinks (dyn.Filippov())" if ds.attrs["filippov"]
-           else "by Tsit5 through the kinks (quick mode: not the exact mode)")
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    how = (f"by {GF_SOLVE} with dyn.Filippov() (exact through the kinks)"
+           if ds.attrs["filippov"]
+           else "by Dopri5 (rtol 1e-6, atol 1e-8) through the kinks (not the exact mode)")
     note = (f"SGD (batch {ds.attrs['batch_size']}) on a 64-16-10 ReLU MLP over "
-            f"{ds.attrs['examples']} digits, {ds.attrs['paths']} paths per η; 95% "
-            f"paired-bootstrap intervals\nGF {how}; SME-1's theory assumes smooth "
-            "per-example losses, which ReLU's are not")
+            f"{ds.attrs['examples']} digits, {ds.attrs['paths']:,} paths per η; 95% "
+            f"paired-bootstrap intervals\nGF {how}; SME-1 by {SME_SOLVE}\n"
+            "SME-1's theory assumes smooth per-example losses, which ReLU's are not")
     mode = "exact mode" if ds.attrs["filippov"] else "Dopri5"
     return _gap_panels(fig, ds, f"ReLU: SGD vs GF ({mode}), SME-1", note)
 
@@ -255,13 +262,15 @@ def _fig_batch(batch, orders) -> Figure:
         ax.set_xticks(bs, [str(b) for b in bs])
         ax.minorticks_off()
         ax.set_xlabel(f"batch size b (of {orders.attrs['examples']} examples)")
-        ax.set_ylabel(f"|weak gap| of {NAMES.get(str(obs), obs)} at η = 1/16 (± 2 s.e.)")
+        ax.set_ylabel(f"|weak gap| of {NAMES.get(str(obs), obs)} at η = 1/16 "
+                      f"({UNITS.get(str(obs), '')}± 2 s.e.)")
         ax.set_title(f"SGD at η = 1/16, T = 1: {NAMES.get(str(obs), obs)}")
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     paths = next(iter(batch.values())).attrs["paths"]
-    fig.suptitle(f"Tanh 64-16-10; b = 16 from the orders run ({orders.attrs['paths']} paths), "
-                 f"the others {paths} paths each; hollow markers: |gap| < 2 s.e.", fontsize=9)
+    fig.suptitle(f"Tanh 64-16-10; b = 16 from the orders run ({orders.attrs['paths']:,} "
+                 f"paths), the others {paths:,} paths each; hollow markers: |gap| < 2 s.e.\n"
+                 f"references: GF by {GF_SOLVE}, SME-1/2 by {SME_SOLVE}", fontsize=9)
     return fig
 
 
