@@ -29,6 +29,7 @@ SCRIPTS = {  # name -> [(script, flags, extra environment)]
     "compile": [("bench_compile.py", (), {})],
     "memory": [("bench_memory.py", (), {})],
     "gemm": [("bench_gemm.py", (), {})],
+    "sme": [("bench_sme.py", (), {})],
 }
 
 
@@ -106,6 +107,22 @@ def rows() -> list[str]:
             out.append(f"| float64 matrix product, {shape} | XLA {g[f'jax_{shape}']:.1f} GFLOP/s "
                        f"| numpy {g[f'numpy_{shape}']:.1f}, torch {g[f'torch_{shape}']:.1f} "
                        f"GFLOP/s | - | - |")
+    r = load("sme_float64")
+    if r is not None:
+        t = {k: v["median"] for k, v in r["times"].items()}
+        cpu = {k: v["cpu"]["median"] for k, v in r["times"].items()}
+        for what, num, den, target in (
+            ("EM SME-1 100 paths, solve", "simulate_solve_100", "scan_100", "<= 1.2"),
+            ("EM SME-1 100 paths, `simulate` call", "simulate_call_100", "scan_100", "<= 1.2"),
+            ("EM SME-1 1 path, `simulate` call", "simulate_call_1", "scan_1", "-"),
+        ):
+            out.append(f"| {what} | {ms(t[num])} | lax.scan {ms(t[den])} | "
+                       f"{t[num] / t[den]:.2f} ({cpu[num] / cpu[den]:.2f}) | {target} |")
+        for name in ("digits", "toy"):
+            num, den = f"{name}_loop_1000", f"{name}_vmapped_1000"
+            out.append(f"| SME 1,000 paths ({name}): vmapped vs a loop of single paths | "
+                       f"{ms(t[den])} | loop {ms(t[num])} | {t[num] / t[den]:.1f}x faster "
+                       f"({cpu[num] / cpu[den]:.1f}x) | >= 50x |")
     steal = {p.stem: json.loads(p.read_text())["machine"].get("steal_fraction")
              for p in sorted(RESULTS.glob("*.json"))}
     out.append("")

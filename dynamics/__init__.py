@@ -30,11 +30,13 @@ from ._filippov import (
     FilippovWarning as FilippovWarning,
 )
 from ._flows import (
+    SME as SME,
     AbstractFirstOrderFlow as AbstractFirstOrderFlow,
     AbstractFlow as AbstractFlow,
     AbstractKappaFlow as AbstractKappaFlow,
     AbstractSecondOrderFlow as AbstractSecondOrderFlow,
     AbstractSeparableFlow as AbstractSeparableFlow,
+    AbstractStochasticFlow as AbstractStochasticFlow,
     BregmanLagrangianFlow as BregmanLagrangianFlow,
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
@@ -67,6 +69,7 @@ from ._models import (
     Tanh as Tanh,
     activation_from_name as activation_from_name,
 )
+from ._paths import Paths as Paths
 from ._projection import (
     AbstractProjection as AbstractProjection,
     AbstractSchedule as AbstractSchedule,
@@ -78,6 +81,7 @@ from ._simulate import simulate as simulate
 from ._sweep._simulation import Simulation as Simulation
 from ._sweep._sweep import SweepResult as SweepResult, sweep as sweep
 from ._trajectory import Trajectory as Trajectory
+from ._weak import weak_gap as weak_gap, weak_order as weak_order
 from ._work_precision._diffrax import NonsmoothMethod as NonsmoothMethod
 from ._work_precision._external import (
     ScipyMethod as ScipyMethod,

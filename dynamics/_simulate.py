@@ -11,17 +11,21 @@ and shapes reuses the compiled code (studies and sweeps depend on it).
 from collections.abc import Callable, Sequence
 
 import diffrax
-from jaxtyping import ArrayLike, PyTree, Scalar
+from jaxtyping import ArrayLike, PRNGKeyArray, PyTree, Scalar
 
 from ._driver._hooks import AbstractNonsmooth
+from ._driver._paths import solve_paths
 from ._driver._prepare import prepare
 from ._driver._solve import solve
 from ._filippov import warn_if_chattering
 from ._flows import AbstractFlow
+from ._paths import Paths, paths_from_solves
 from ._progress import SolveMeter
 from ._projection import AbstractProjection, AbstractSchedule
 from ._trajectory import Trajectory
+from ._validate import prng_keys
 from .events._events import AbstractDivergenceEvent, AbstractEvent
+from .losses._per_example import as_data_loss
 from .monitors._monitors import AbstractMonitor
 
 
@@ -45,7 +49,8 @@ def simulate(
     max_steps: int | None = 100_000,
     throw: bool = True,
     save_params: bool = True,
-) -> Trajectory:
+    key: PRNGKeyArray | None = None,
+) -> "Trajectory | Paths":
     """Integrate `flow` from `params` under `loss` on [t0, t1] and record a Trajectory.
 
     **Arguments:**
@@ -122,21 +127,44 @@ def simulate(
       to pass (e.g. a smaller `dt0` when no step was accepted at all).
     - `save_params`: also store params (and velocities) at every save time; set False
       to keep memory proportional to the monitors only.
+    - `key`: for a stochastic flow (`dyn.SME`) only, where it is required: the PRNG key
+      of the Brownian motion (an int seed is accepted), or a batch of keys
+      (`jax.random.split(key, m)`) for m independent paths, solved under `jax.vmap`
+      in one compiled solve, in chunks of at least 250 paths (more for small problems,
+      `_driver/_paths.py`). A stochastic flow defaults to
+      `diffrax.Euler()` (Euler–Maruyama, the Itô scheme) at constant steps
+      (`diffrax.ConstantStepSize()`, so `dt0` is required); each step draws an
+      independent normal increment from the key and the step's end times
+      (`diffrax.UnsafeBrownianPath`), so a solve is reproducible for a given key and
+      step grid, and cannot be differentiated. Put the save times `ts` on step ends
+      (between them diffrax interpolates linearly, which is not the SDE's law).
 
-    **Returns:** a `Trajectory`.
+    **Returns:** a `Trajectory`; for a batch of keys, a `dyn.Paths` (the same fields
+    with a leading path axis, and per-path `diverged` flags: a path that goes
+    non-finite stops there and the others are kept).
+
+    **Raises:** `ValueError` for invalid input, naming the argument; `RuntimeError`
+    for a failed solve when `throw` is True.
     """
     if not isinstance(throw, bool):
         raise ValueError(f"`throw` must be True or False, got {throw!r}.")
     if not isinstance(progress, bool):
         raise ValueError(f"`progress` must be True or False, got {progress!r}.")
+    keys, batched = (None, False) if key is None else prng_keys(key, "simulate")
     prepared = prepare(
         flow, params, loss, t1=t1, t0=t0, v0=v0, solver=solver, dt0=dt0,
         stepsize_controller=stepsize_controller, ts=ts, monitors=monitors, events=events,
         projection=projection, nonsmooth=nonsmooth, max_steps=max_steps,
-        save_params=save_params,
+        save_params=save_params, key=keys[0] if batched else keys,
     )
-    meter = SolveMeter() if progress else diffrax.NoProgressMeter()
     spec = prepared.spec
+    if batched:
+        examples = as_data_loss(loss, "simulate").num_examples
+        return paths_from_solves(spec.problem, spec.events,
+                                 solve_paths(spec, keys, examples), spec.ts,
+                                 throw=throw, meta=prepared.meta,
+                                 divergence=AbstractDivergenceEvent)
+    meter = SolveMeter() if progress else diffrax.NoProgressMeter()
     traj = Trajectory.from_solve(spec.problem, spec.events, solve(spec, meter), throw=throw,
                                  meta=prepared.meta, divergence=AbstractDivergenceEvent)
     if spec.nonsmooth is None:

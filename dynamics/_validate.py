@@ -5,6 +5,7 @@ the same mistake with the same ValueError (naming the argument and the fix):
 
 - `as_tuple`: a single object or a sequence of them (`monitors=Loss()` is accepted);
 - `prng_key`: a JAX PRNG key, or an int seed (converted with `jax.random.key`);
+  `prng_keys`: one key, or a batch of keys (one per path of a stochastic run);
 - `real`, `positive_int`: Python numbers, `bool` rejected (`max_steps=True` is a bug);
 - `traced_scalar`, `float_array`: a user number stored as an array, so that jit traces
   it instead of hashing it and a new value (an event threshold, a reference time, a
@@ -87,6 +88,23 @@ def prng_key(key: Any, owner: str, name: str = "key"):
         f"{_where(owner)}`{name}` must be one PRNG key (jax.random.key(seed)) or an int "
         f"seed, got {type(key).__name__} {getattr(key, 'shape', '')}; {fix}."
     )
+
+
+def prng_keys(key: Any, owner: str, name: str = "key") -> tuple[Any, bool]:
+    """(key, False) for one PRNG key or int seed (as `prng_key`), (keys, True) for a
+    1-D batch of typed keys, `jax.random.split(key, m)`, one per path."""
+    if (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+            and key.ndim == 1):
+        if key.shape[0] < 1:
+            raise ValueError(f"{_where(owner)}`{name}` is an empty batch of keys; give "
+                             "at least one, e.g. jax.random.split(jax.random.key(0), 100).")
+        return key, True
+    if isinstance(key, jax.Array | np.ndarray) and np.ndim(key) == 2:
+        raise ValueError(
+            f"{_where(owner)}`{name}`: a batch of raw uint32 keys is ambiguous; pass typed "
+            "keys, jax.random.split(jax.random.key(seed), paths)."
+        )
+    return prng_key(key, owner, name), False
 
 
 def real(value: Any, name: str, owner: str | None = None, *, low: float | None = None,

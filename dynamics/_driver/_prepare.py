@@ -29,6 +29,7 @@ from ..events._events import AbstractEvent, Condition, NonFinite
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
 from ..solvers._base import AbstractFlowSolver
 from ._hooks import AbstractNonsmooth
+from ._noise import check_stochastic, stochastic_defaults
 from ._spec import Prepared, SolveSpec
 from ._terms import partitioned
 
@@ -276,7 +277,7 @@ def check_scalar_loss(problem: Problem, w) -> None:
 
 def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller, ts,
             monitors, events, projection, max_steps, save_params,
-            nonsmooth=None) -> Prepared:
+            nonsmooth=None, key=None) -> Prepared:
     """`simulate`'s validation, apart from the solve: the `SolveSpec` of the compiled
     solve and the run's provenance. `dyn.sweep` calls it per cell and runs the solve under
     `jax.vmap` over the cells of one structure.
@@ -306,6 +307,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
     v0 = _validate_velocity(flow, w0, v0, t0)
     ts_given = ts
     ts = _validate_ts(ts, t0, t1, dtype)
+    solver, stepsize_controller = stochastic_defaults(flow, solver, stepsize_controller)
     solver = diffrax.Tsit5() if solver is None else solver
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(
@@ -389,6 +391,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
             "integral monitor."
         )
 
+    key = check_stochastic(flow, key, params, loss, monitors, projection, nonsmooth)
     if nonsmooth is not None:
         nonsmooth = _validate_nonsmooth(nonsmooth, params, loss, solver,
                                         stepsize_controller, monitors)
@@ -411,6 +414,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
         nonsmooth=nonsmooth,
         save_params=save_params,
         max_steps=max_steps,
+        key=key,
     )
     meta = provenance(flow, solver, stepsize_controller, t0=t0, t1=t1, dt0=dt0,
                       max_steps=max_steps,

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._flows import AbstractFirstOrderFlow
+from .._flows import AbstractFirstOrderFlow, AbstractStochasticFlow
 from .._problem import Problem
 from ..events._events import EventRootFinder
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
@@ -46,6 +46,7 @@ def carries(flow, solver: diffrax.AbstractSolver, monitors) -> bool | None:
     if (
         type(solver) is diffrax.Euler
         and isinstance(flow, AbstractFirstOrderFlow)
+        and not isinstance(flow, AbstractStochasticFlow)  # its step is not the field's
         and (loss or field)
         and not any(isinstance(m, AbstractIntegralMonitor) for m in monitors)
     ):
@@ -118,7 +119,7 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
             return layout.pack(w, v, carried=u.carried, integrals=u.integrals, mode=mode)
 
         solver, controller = field.wrap(solver, controller, unpack, pack, n_record)
-    terms = make_terms(problem, solver, layout, integrals, field)
+    terms = make_terms(problem, solver, layout, integrals, field, y0=y0, key=spec.key)
     schedule = spec.schedule
     if schedule is not None:
         solver, controller = acting(

@@ -31,6 +31,8 @@ class SolveSpec(eqx.Module):
     - `schedule`: the projection and when it acts (`Every`, `OnEvent`), or None.
     - `nonsmooth`: a mode for piecewise-smooth fields (`dyn.Filippov()`), or None.
     - `save_params`, `max_steps`: as `simulate` takes them.
+    - `key`: the Brownian motion's PRNG key for a stochastic flow (`dyn.SME`), else
+      None; many paths replace it by name under `jax.vmap` (`_driver._paths`).
     """
 
     problem: Problem
@@ -47,6 +49,7 @@ class SolveSpec(eqx.Module):
     nonsmooth: AbstractNonsmooth | None
     save_params: bool = eqx.field(static=True)
     max_steps: int | None = eqx.field(static=True)
+    key: Any = None
 
 
 class Prepared(eqx.Module):

@@ -4,7 +4,8 @@ Most solvers get one `ODETerm` of the whole state: the flow's ẇ (or (ẇ, v̇)
 integrands of integral monitors beside it, and zero for a nonsmooth mode's discrete
 state. Three kinds of solver take other terms: partitioned (symplectic) solvers the
 pair ẇ = v, v̇ = F(w); our `AbstractFlowSolver`s build their own from the flow; and
-`LossCarryingEuler` a field that also returns the loss it evaluated.
+`LossCarryingEuler` a field that also returns the loss it evaluated. A stochastic flow
+(`dyn.SME`) is one `ControlTerm` on the control (t, B_t) (`_noise.stochastic_term`).
 """
 
 import diffrax
@@ -17,6 +18,7 @@ from ..solvers._base import AbstractFlowSolver
 from ..solvers._loss_carrying import LossCarryingEuler
 from ._hooks import AbstractSwitchedField
 from ._layout import StateLayout
+from ._noise import AbstractStochasticFlow, brownian_dtype, stochastic_term
 
 
 def partitioned(solver: diffrax.AbstractSolver) -> bool:
@@ -25,11 +27,15 @@ def partitioned(solver: diffrax.AbstractSolver) -> bool:
 
 
 def make_terms(problem: Problem, solver: diffrax.AbstractSolver, layout: StateLayout,
-               integrals: tuple, field: AbstractSwitchedField | None = None):
+               integrals: tuple, field: AbstractSwitchedField | None = None, y0=None,
+               key=None):
     """The terms `solver` integrates. `integrals`: the integral monitors (their running
     integrals ride in the state); `field`: a nonsmooth mode's field, which replaces the
-    flow's own and is what the integrands see (its `rate` in the current mode)."""
+    flow's own and is what the integrands see (its `rate` in the current mode); `key`,
+    `y0`: a stochastic flow's Brownian key and initial state (its dtype)."""
     flow = problem.flow
+    if isinstance(flow, AbstractStochasticFlow):  # (prepare refused everything else)
+        return stochastic_term(problem, key, brownian_dtype(y0))
     if isinstance(solver, AbstractFlowSolver):  # it needs more of the flow (e.g. κ1, κ2)
         # (its own state layout: integral monitors are refused for it in `prepare`)
         return solver.make_terms(flow, problem.loss)

@@ -45,3 +45,7 @@ from ._normalized import (
     PowerDecay as PowerDecay,
     WeightNormFlow as WeightNormFlow,
 )
+from ._stochastic import (
+    SME as SME,
+    AbstractStochasticFlow as AbstractStochasticFlow,
+)

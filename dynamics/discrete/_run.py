@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import PyTree, Scalar
 
 from .._driver._prepare import check_scalar_loss, validate_params
+from .._paths import Paths
 from .._problem import Problem
 from .._projection import AbstractSchedule, Every, check_output
 from .._trajectory import Trajectory, provenance
@@ -22,6 +23,7 @@ from .._tree import all_finite, partition, sqnorm
 from .._validate import as_tuple, positive_int
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
+from ._sgd import AbstractStochasticAlgorithm
 
 _INT32_MAX = 2**31 - 1
 
@@ -179,6 +181,22 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
     return saved, end, diverged_at
 
 
+def check_monitors(monitors) -> tuple:
+    """`monitors` (one monitor or several) as a tuple of non-integral monitors with
+    unique names."""
+    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
+    for m in monitors:
+        if isinstance(m, AbstractIntegralMonitor):
+            raise ValueError(
+                f"`monitors`: {m!r} is an integral monitor, which needs a solver; use "
+                "`simulate`."
+            )
+    names = [m.name for m in monitors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
+    return monitors
+
+
 def _validate_v0(alg, w, v0):
     if alg.first_order:
         if v0 is not None:
@@ -241,14 +259,18 @@ def run(
     *,
     check_stability: bool = True,
     save_params: bool = True,
-) -> Trajectory:
+    key=None,
+) -> "Trajectory | Paths":
     """Run `alg` for `steps` iterations from `params` and record a `Trajectory`.
 
     **Arguments:**
 
     - `alg`: `GD(eta)`, `Leapfrog(eta)`, `NAGD(s)`, `HeavyBall(eta, beta)`,
-      `NesterovMomentum(eta, beta)`, `ExponentiatedGD(eta)`.
-    - `params`, `loss`: as for `simulate`.
+      `NesterovMomentum(eta, beta)`, `ExponentiatedGD(eta)`; or a stochastic one,
+      `SGD(learning_rate, batch_size)`, `HeavyBallSGD`, `NesterovSGD`, `SVAG`, which
+      needs `key`.
+    - `params`, `loss`: as for `simulate`; a stochastic algorithm needs a loss that
+      exposes its examples (`dyn.losses.AbstractDataLoss`, or one plus `l2`/`lp`).
     - `steps`: the number of iterations; iterate k is recorded at flow time
       t_k = k·`alg.time_step` (kη, or k√η for Leapfrog and NAGD).
     - `v0`: initial velocity in the flow's time units, for momentum algorithms
@@ -264,6 +286,16 @@ def run(
       only the monitors, and the final state).
     - `check_stability`: estimate η·λ_max at `params` by power iteration and warn past
       the edge of stability.
+    - `key`: for a stochastic algorithm only, where it is required: the PRNG key the
+      minibatches are drawn from inside the compiled loop (step k's batch from
+      fold_in(key, k)), or a batch of keys (`jax.random.split(key, m)`) for m
+      independent paths, run under `jax.vmap` in chunks of 250 in one compilation.
+      `Loss` and every other monitor see the full loss; `dyn.monitors.SGDChargeDrift`
+      sees the minibatch gradient of the step about to be taken.
+
+    **Returns:** a `Trajectory`; for a batch of keys, a `dyn.Paths` (monitors with a
+    leading path axis, per-path `diverged` and `t_final`; a path's values after it
+    diverged are NaN, the other paths are kept).
 
     A non-finite iterate (position, velocity, or the gradient taken there) stops the
     run: the trajectory keeps the iterates up to the last finite one, `diverged` is
@@ -282,6 +314,17 @@ def run(
         raise ValueError(
             f"`steps` = {steps} must be a multiple of `save_every` = {save_every}."
         )
+    if isinstance(alg, AbstractStochasticAlgorithm):
+        from ._sgd_run import run_stochastic  # (it builds on this module's helpers)
+
+        return run_stochastic(alg, params, loss, steps, v0=v0, monitors=monitors,
+                              save_every=save_every, projection=projection, key=key,
+                              check_stability=check_stability, save_params=save_params)
+    if key is not None:
+        raise ValueError(
+            f"`key` draws the minibatches of a stochastic algorithm (dyn.discrete.SGD); "
+            f"{type(alg).__name__} is deterministic: drop `key`."
+        )
     w0, static = validate_params(params)
     if isinstance(alg, ExponentiatedGD) and any(np.any(np.asarray(x) == 0)
                                                 for x in jax.tree.leaves(w0)):
@@ -291,16 +334,7 @@ def run(
             "or use dyn.MLP(..., bias=False)."
         )
     v = _validate_v0(alg, w0, v0)
-    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
-    for m in monitors:
-        if isinstance(m, AbstractIntegralMonitor):
-            raise ValueError(
-                f"`monitors` must hold dyn.monitors objects (integral monitors need a "
-                f"solver; use `simulate`), got {m!r}."
-            )
-    names = [m.name for m in monitors]
-    if len(set(names)) != len(names):
-        raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
+    monitors = check_monitors(monitors)
     proj_every = _projection_steps(projection, alg)
     flow = alg.flow
     problem = Problem(flow, loss, static)

@@ -1,6 +1,7 @@
 """Losses and penalties: `dyn.losses.cross_entropy(data)`, `dyn.losses.l2(lam)`, ..."""
 
 from ._losses import (
+    AbstractDataLoss as AbstractDataLoss,
     AbstractLoss as AbstractLoss,
     CrossEntropy as CrossEntropy,
     ExponentialLoss as ExponentialLoss,
@@ -18,4 +19,9 @@ from ._losses import (
     mse as mse,
     rotational_toy as rotational_toy,
     total as total,
+)
+from ._per_example import (
+    Penalized as Penalized,
+    PerExample as PerExample,
+    as_data_loss as as_data_loss,
 )

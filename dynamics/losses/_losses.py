@@ -24,6 +24,7 @@ from ..datasets._datasets import Dataset
 
 __all__ = [
     "AbstractLoss",
+    "AbstractDataLoss",
     "MeanSquaredError",
     "CrossEntropy",
     "ExponentialLoss",
@@ -113,7 +114,38 @@ class AbstractLoss(eqx.Module):
         return NotImplemented
 
 
-class MeanSquaredError(AbstractLoss):
+class AbstractDataLoss(AbstractLoss):
+    """A loss that is the mean of per-example losses, L(w) = (1/n) Σ_i ℓ_i(w).
+
+    What minibatch SGD (`dyn.discrete.SGD`) and its stochastic modified equations
+    (`dyn.SME`) need of a loss: `example_losses(params)`, the vector (ℓ_1, …, ℓ_n), and
+    `subset(index)`, the same loss on the examples `index` (a traced integer array is
+    fine: a minibatch drawn inside a compiled loop). `__call__` is the mean of
+    `example_losses`.
+
+    The default `num_examples` and `subset` read and index every array leaf along its
+    first axis, which is right when the leaves are the data (the four data losses here,
+    `PerExample`); a subclass with other arrays overrides both.
+    """
+
+    @abc.abstractmethod
+    def example_losses(self, params: PyTree) -> Float[Array, " n"]:
+        """(ℓ_1(w), …, ℓ_n(w)), one loss per example."""
+
+    @property
+    def num_examples(self) -> int:
+        """n, the number of examples."""
+        return jax.tree.leaves(self)[0].shape[0]
+
+    def subset(self, index: Int[ArrayLike, " b"]) -> "AbstractDataLoss":
+        """The same loss on the examples `index` (with repeats, if any)."""
+        return jax.tree.map(lambda a: a[index], self)
+
+    def __call__(self, params: PyTree) -> Scalar:
+        return jnp.mean(self.example_losses(params))
+
+
+class MeanSquaredError(AbstractDataLoss):
     """L = (1/(2n)) Σ_i ‖f(x_i) − y_i‖², the squared error halved and averaged over examples.
 
     The sum runs over output components (not averaged over them); integer labels are
@@ -123,7 +155,7 @@ class MeanSquaredError(AbstractLoss):
     x: Float[Array, "n d"]
     targets: Float[Array, "n k"]
 
-    def __call__(self, params: Callable) -> Scalar:
+    def example_losses(self, params: Callable) -> Float[Array, " n"]:
         out = _outputs(params, self.x, "mse")
         if out.ndim == 1 and self.targets.shape[1] == 1:
             out = out[:, None]
@@ -132,10 +164,12 @@ class MeanSquaredError(AbstractLoss):
                 f"mse: model outputs have shape {out.shape[1:]} per example but the targets "
                 f"have shape {self.targets.shape[1:]}; set the model's last width to match."
             )
-        return 0.5 * jnp.mean(jnp.sum((out - self.targets) ** 2, axis=1))
+        # ½ is a power of two: halving each term and then averaging is bitwise the old
+        # 0.5 * mean(...).
+        return 0.5 * jnp.sum((out - self.targets) ** 2, axis=1)
 
 
-class CrossEntropy(AbstractLoss):
+class CrossEntropy(AbstractDataLoss):
     """L = −(1/n) Σ_i log softmax(f(x_i))_{y_i}, the mean negative log-likelihood.
 
     The model's outputs are logits, one per class. Build with `cross_entropy(data)`.
@@ -145,7 +179,7 @@ class CrossEntropy(AbstractLoss):
     labels: Int[Array, " n"]
     num_classes: int = eqx.field(static=True)
 
-    def __call__(self, params: Callable) -> Scalar:
+    def example_losses(self, params: Callable) -> Float[Array, " n"]:
         logits = _outputs(params, self.x, "cross_entropy")
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -154,10 +188,10 @@ class CrossEntropy(AbstractLoss):
                 f"{self.num_classes}."
             )
         logp = jax.nn.log_softmax(logits, axis=1)
-        return -jnp.mean(jnp.take_along_axis(logp, self.labels[:, None], axis=1))
+        return -jnp.take_along_axis(logp, self.labels[:, None], axis=1)[:, 0]
 
 
-class ExponentialLoss(AbstractLoss):
+class ExponentialLoss(AbstractDataLoss):
     """L = (1/n) Σ_i exp(−ỹ_i f(x_i)), ỹ_i ∈ {−1, +1}.
 
     The exponential loss of Banburski et al., *Theory III* (sec. 4, there a sum over
@@ -167,12 +201,12 @@ class ExponentialLoss(AbstractLoss):
     x: Float[Array, "n d"]
     signs: Float[Array, " n"]
 
-    def __call__(self, params: Callable) -> Scalar:
+    def example_losses(self, params: Callable) -> Float[Array, " n"]:
         out = _scalar_outputs(params, self.x, "exponential")
-        return jnp.mean(jnp.exp(-self.signs * out))
+        return jnp.exp(-self.signs * out)
 
 
-class LogisticLoss(AbstractLoss):
+class LogisticLoss(AbstractDataLoss):
     """L = (1/n) Σ_i log(1 + exp(−ỹ_i f(x_i))), ỹ_i ∈ {−1, +1}.
 
     Evaluated as logaddexp(0, −ỹ f), which neither overflows for large margins of the
@@ -182,9 +216,9 @@ class LogisticLoss(AbstractLoss):
     x: Float[Array, "n d"]
     signs: Float[Array, " n"]
 
-    def __call__(self, params: Callable) -> Scalar:
+    def example_losses(self, params: Callable) -> Float[Array, " n"]:
         out = _scalar_outputs(params, self.x, "logistic")
-        return jnp.mean(jnp.logaddexp(0.0, -self.signs * out))
+        return jnp.logaddexp(0.0, -self.signs * out)
 
 
 def mse(data: Dataset) -> MeanSquaredError:

@@ -26,6 +26,12 @@ from ._monitors import (
     RescalingCharges as RescalingCharges,
 )
 from ._pattern import ActiveFraction as ActiveFraction
+from ._stochastic import (
+    AbstractMinibatchMonitor as AbstractMinibatchMonitor,
+    ChargeGradientRate as ChargeGradientRate,
+    ChargeNoiseRate as ChargeNoiseRate,
+    SGDChargeDrift as SGDChargeDrift,
+)
 from ._symmetry import (
     AngularMomentum as AngularMomentum,
     ChargeLaw as ChargeLaw,

@@ -14,19 +14,26 @@ from ..symmetries._laws import charge_inner, gd_charge_drift, heavy_ball_charge_
 from ._monitors import AbstractMonitor
 
 
+def homogeneous_mlp(w, problem, owner: str):
+    """(the MLP, its activation's degree p) for a charge-law monitor named `owner`; an
+    error unless the activation is positively homogeneous (the rescaling symmetry)."""
+    model = check_mlp(problem.params(w), "params")
+    degree = model.activation.degree
+    if degree is None or model.betas is not None:
+        raise ValueError(
+            f"{owner} needs an MLP with a positively homogeneous activation (ReLU, RePU, "
+            f"Polynomial, Identity), got {type(model.activation).__name__}: without the "
+            "rescaling symmetry the charges have no such law."
+        )
+    return model, degree
+
+
 class _ChargeLawMonitor(AbstractMonitor):
     """Shared by the charge-law monitors: the homogeneous MLP, its degree, and ∇L of
     the symmetric loss, i.e. ∇(loss) − λw for a loss that includes (λ/2)‖w‖²."""
 
     def _parts(self, w, v, problem, weight_decay):
-        model = check_mlp(problem.params(w), "params")
-        degree = model.activation.degree
-        if degree is None or model.betas is not None:
-            raise ValueError(
-                f"{type(self).__name__} needs an MLP with a positively homogeneous "
-                f"activation (ReLU, RePU, Polynomial, Identity), got "
-                f"{type(model.activation).__name__}."
-            )
+        model, degree = homogeneous_mlp(w, problem, type(self).__name__)
         grad = jax.tree.map(lambda g, x: g - weight_decay * x, jax.grad(problem.loss)(w), w)
         velocity = None if v is None else eqx.combine(v, problem.static)
         return model, velocity, eqx.combine(grad, problem.static), degree

@@ -35,6 +35,18 @@ damped oscillator, Q_k = β^k (c₀ + c₁ cos 2kφ + c₂ sin 2kφ) plus the η
 Gradient flow conserves Q without decay (the η² terms are the whole discretisation
 drift). The identities are algebraic: they hold to rounding error at every step,
 whatever the step size.
+
+Minibatch SGD. The rescaling leaves every per-example loss ℓ_i unchanged, so
+⟨θ, g_i⟩_M = 0 for each example and hence for any minibatch gradient ĝ_B. All the laws
+above therefore hold on every path with ĝ_B in place of ∇L: one SGD step changes Q by
+exactly η²⟨ĝ_B, ĝ_B⟩_M, heavy ball by `heavy_ball_charge_drift` with g = ĝ_B, and
+Nesterov momentum (y = w + βηv, w' = y − ηĝ_B(y), using ⟨y, ĝ_B(y)⟩_M = 0) by
+
+    Q_{k+1} − Q_k = 2βη⟨θ, v⟩_M + β²η²⟨v, v⟩_M + η²⟨ĝ, ĝ⟩_M   (`nesterov_charge_drift`).
+
+In expectation over the batch, E⟨ĝ_B, ĝ_B⟩_M = ⟨∇L, ∇L⟩_M + c_b tr(A Σ_1)
+(`dyn.monitors.ChargeNoiseRate`: the gradient part is GD's drift, the noise part the
+SME-1 law; SGD follows their sum, not the noise part alone).
 """
 
 import equinox as eqx
@@ -83,6 +95,19 @@ def heavy_ball_charge_drift(params: MLP, velocity: MLP | None, grad: MLP, eta, b
     quadratic = charge_inner(step, step, degree)
     return tuple(2 * eta * (beta * lin - weight_decay * qq) + eta**2 * quad
                  for lin, qq, quad in zip(linear, q, quadratic, strict=True))
+
+
+def nesterov_charge_drift(params: MLP, velocity: MLP, grad: MLP, eta, beta,
+                          degree) -> tuple[Array, ...]:
+    """The exact change Q_{k+1} − Q_k of each rescaling charge in one Nesterov-momentum
+    step from (w, v): 2βη⟨θ, v⟩_M + β²η²⟨v, v⟩_M + η²⟨g, g⟩_M, with `grad` g the
+    gradient at the look-ahead y = w + βηv of the symmetric loss or of a minibatch of
+    it (module docstring), one array per hidden layer."""
+    wv = charge_inner(params, velocity, degree)
+    vv = charge_inner(velocity, velocity, degree)
+    gg = charge_inner(grad, grad, degree)
+    return tuple(2 * beta * eta * a + (beta * eta) ** 2 * b + eta**2 * c
+                 for a, b, c in zip(wv, vv, gg, strict=True))
 
 
 def gd_charge_drift(grad: MLP, eta, degree, params: MLP | None = None,
