@@ -102,7 +102,8 @@ def simulate(
       condition crosses zero, or turns True). A bare `AbstractProjection` means every
       step. The solver restarts from the projected state (an FSAL solver re-evaluates
       its derivative there); a save at an action time records the state after the
-      action. `Trajectory.actions` holds the action times. With an adaptive controller
+      action. `Trajectory.actions` holds the action times. With `nonsmooth` the mode is
+      derived again from the projected state. With an adaptive controller
       a real event condition is acted on where it crosses zero (root-found on the
       dense output; the step is retried to end there); a boolean one, or constant
       steps, act at the end of the step.
@@ -111,7 +112,8 @@ def simulate(
       (so the solver keeps its order), crossings are root-found and the solve restarts
       there, and pairs whose two sides both push into the surface slide along it.
       It adds the monitors `crossings`, `sliding_entries`, `sliding_exits`,
-      `sliding_overflow` and `sliding_pairs`. Without it, a run on such a network that
+      `sliding_overflow` and `sliding_pairs`, and its switch times on
+      `Trajectory.switches` (not actions); float64 only. Without it, a run on such a network that
       rejects more than a third of its steps warns (the solver is chattering at kinks).
     - `progress`: show progress over [t0, t1]: a tqdm bar on a terminal, a line at each
       quarter elsewhere (a pipe, a log file); a run that stops short of t1 says where.
