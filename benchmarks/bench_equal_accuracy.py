@@ -34,8 +34,11 @@ The time a method needs for a target error is read off its (error, time) curve b
 interpolation in log-log between the two tolerances that bracket the target (the first
 crossing from the loose end); a method that never gets below the target is "not reached".
 Targets: `dynamics`' best >= 1.5x faster than scipy's best and >= 1x torchdiffeq's best at
-every accuracy both reach. Times are the minimum over `--wp-repeats` runs (the minimum
-wall time over repeats), one method after another.
+every accuracy both reach. Each timed run repeats a solve back to back for at least
+`--min-time` (0.2 s: runs of 3-15 ms are otherwise inside the noise) and reports the mean
+per solve; a setting's time is the minimum over `--wp-repeats` such runs, one method
+after another. The whole comparison runs `--runs` times (5) and the speedups are
+reported as the median with the spread (min, max) over them.
 """
 
 import os
@@ -45,7 +48,7 @@ import jax
 import numpy as np
 import torch
 import xarray as xr
-from _common import compare, digits_problem, num_params, parse_args, save
+from _common import compare, digits_problem, num_params, parse_args, save, summary
 from bench_tsit5 import torch_problem
 from threadpoolctl import threadpool_limits
 
@@ -104,6 +107,8 @@ def main():
                       tmax=(int, 11, "tightest tolerance 10^-tmax"),
                       ref_tol=(float, 1e-13, "reference Dopri8 rtol = atol"),
                       wp_repeats=(int, 3, "timed runs per tolerance (minimum kept)"),
+                      min_time=(float, 0.2, "each timed run repeats a solve for >= this (s)"),
+                      runs=(int, 5, "independent comparisons; medians and spread reported"),
                       torch_threads=(int, 0, "torch threads (0: the faster of 1 and all)"))
     torch.set_default_dtype(torch.float64)
     widths = tuple(int(w) for w in args.widths.split("-"))
@@ -139,7 +144,40 @@ def main():
           f"steps), against {10 * args.ref_tol:.0e}: {ref_error:.1e}", flush=True)
 
     common = dict(t1=t1, tolerances=tolerances, reference=lambda _: exact,
-                  repeats=args.wp_repeats, max_steps=args.max_steps or None)
+                  repeats=args.wp_repeats, min_time=args.min_time,
+                  max_steps=args.max_steps or None, progress=False)
+    runs = [compare_once(flow, model, loss, field, relu, common, tolerances)
+            for _ in range(args.runs)]
+    ds, at, evals, best, speedups = runs[-1]
+    spread = {key: {f: summary([r[4][key][f] for r in runs]) for f in ("scipy", "torchdiffeq")}
+              for key in speedups}
+    for key, by in spread.items():
+        print(f"error {key}, {args.runs} runs: speedup vs scipy median "
+              f"{by['scipy']['median']:.2f}x [{by['scipy']['min']:.2f}, {by['scipy']['max']:.2f}]"
+              f", vs torchdiffeq median {by['torchdiffeq']['median']:.2f}x "
+              f"[{by['torchdiffeq']['min']:.2f}, {by['torchdiffeq']['max']:.2f}]")
+    save(f"equal_accuracy_{args.dtype}_{args.activation}", {
+        "activation": args.activation, "examples": args.examples, "t1": t1,
+        "widths": args.widths, "max_steps": args.max_steps,
+        "num_params": num_params(model), "tolerances": tolerances,
+        "reference": {"tol": args.ref_tol, "steps": ref_stats["num_accepted_steps"],
+                      "error_vs_10x_looser": ref_error},
+        "torch_threads": torch.get_num_threads(), "torch_seconds_per_eval": per_eval,
+        "wp_repeats": args.wp_repeats, "min_time": args.min_time, "runs": args.runs,
+        "curves": {str(n): {v: ds[v].sel(solver=n).values.tolist()
+                            for v in ("error", "wall_time", "grad_evals")}
+                   for n in ds.solver.values},
+        "compile_time": dict(zip(map(str, ds.solver.values), ds.compile_time.values.tolist(),
+                                 strict=True)),
+        "time_at_error": at, "evals_at_error": evals, "best": best,
+        "speedups_last_run": speedups, "speedups": spread,
+    }, args.out)
+    ds.to_netcdf(args.out / f"equal_accuracy_{args.dtype}_{args.activation}.nc")
+
+
+def compare_once(flow, model, loss, field, relu, common, tolerances):
+    """One comparison of the three families: (dataset, time at each target error, gradient
+    evaluations there, each family's best, speedups of ours against the others)."""
     # Bosh3 too: at loose accuracy a third-order method needs the fewest gradients (as
     # torchdiffeq's bosh3 and scipy's LSODA do among theirs)
     methods = {"Bosh3": diffrax.Bosh3(), "Tsit5": diffrax.Tsit5(), "Dopri5": diffrax.Dopri5(),
@@ -191,22 +229,7 @@ def main():
         print(f"error {key}: best {line}; speedup vs scipy {speedups[key]['scipy']:.2f}x "
               f"(target >= 1.5), vs torchdiffeq {speedups[key]['torchdiffeq']:.2f}x "
               "(target >= 1)")
-    save(f"equal_accuracy_{args.dtype}_{args.activation}", {
-        "activation": args.activation, "examples": args.examples, "t1": t1,
-        "widths": args.widths, "max_steps": args.max_steps,
-        "num_params": num_params(model), "tolerances": tolerances,
-        "reference": {"tol": args.ref_tol, "steps": ref_stats["num_accepted_steps"],
-                      "error_vs_10x_looser": ref_error},
-        "torch_threads": torch.get_num_threads(), "torch_seconds_per_eval": per_eval,
-        "wp_repeats": args.wp_repeats,
-        "curves": {str(n): {v: ds[v].sel(solver=n).values.tolist()
-                            for v in ("error", "wall_time", "grad_evals")}
-                   for n in ds.solver.values},
-        "compile_time": dict(zip(map(str, ds.solver.values), ds.compile_time.values.tolist(),
-                                 strict=True)),
-        "time_at_error": at, "evals_at_error": evals, "best": best, "speedups": speedups,
-    }, args.out)
-    ds.to_netcdf(args.out / f"equal_accuracy_{args.dtype}_{args.activation}.nc")
+    return ds, at, evals, best, speedups
 
 
 def fmt_t(t):

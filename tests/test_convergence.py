@@ -189,6 +189,16 @@ def test_work_precision_against_independent_runs(tmp_path):
         dyn.NonsmoothMethod(diffrax.Euler(), dyn.Filippov())
     with pytest.raises(ValueError, match="Filippov"):
         dyn.NonsmoothMethod(diffrax.Dopri5(), None)
+    # min_time: a timed run repeats the solve for >= 0.05 s and reports the mean per
+    # solve (a solve of this 3-parameter problem takes ~1 ms, far below 0.05 s)
+    timed = dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss,
+                               {"Tsit5": diffrax.Tsit5()}, t1=2.0, tolerances=(1e-5,),
+                               reference=closed_form, repeats=1, min_time=0.05)
+    assert timed.attrs["min_time"] == 0.05
+    assert 0 < float(timed.wall_time.values[0, 0]) < 0.05
+    with pytest.raises(ValueError, match="min_time"):
+        dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=1.0,
+                           dts=(0.1,), min_time=-1.0)
     with pytest.raises(ValueError, match="max_steps"):
         dyn.work_precision(dyn.GradientFlow(), jnp.zeros(3), linear_loss, methods, t1=1.0,
                            dts=(0.1,), max_steps=0)

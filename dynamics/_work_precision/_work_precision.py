@@ -14,6 +14,7 @@ from jaxtyping import PyTree, Scalar
 from .._convergence import dopri8_reference, reference_tolerance
 from .._flows import AbstractFlow
 from .._progress import Progress
+from .._validate import real
 from ..monitors._monitors import AbstractMonitor
 from ._base import AbstractMethod, WorkProblem, flat
 from ._diffrax import DiffraxMethod
@@ -50,6 +51,7 @@ def work_precision(
     monitors: Sequence[AbstractMonitor] = (),
     n_save: int = 11,
     repeats: int = 3,
+    min_time: float = 0.0,
     max_steps: int | None = 100_000,
     progress: bool = True,
 ) -> xr.Dataset:
@@ -73,6 +75,10 @@ def work_precision(
       e.g. `Energy()` on Newtonian flow or `RescalingCharges()` on gradient flow.
     - `repeats`: timed runs per setting (after one compiling run at a method's first
       setting); the minimum is kept.
+    - `min_time`: each timed run repeats the solve back to back until it has lasted at
+      least this long (s) and reports the mean per solve: runs of a few milliseconds
+      are otherwise inside the timer's and the machine's noise (0.2 is a good value
+      for benchmarks; 0, the default, times one solve).
     - `max_steps`: a budget per run (default 100 000, as `simulate`'s; None: unbounded).
       A diffrax run that uses it up, or an external one that evaluates the field more
       than 12 × `max_steps` times (12: a DOP853 step), has not finished: its `finished`
@@ -106,6 +112,7 @@ def work_precision(
             raise ValueError(f"`dts` must be a non-empty list of step sizes > 0, got {dts}.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"`repeats` must be a positive int, got {repeats!r}.")
+    min_time = real(min_time, "min_time", "work_precision", low=0.0)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
                                   or max_steps < 1):
         raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}.")
@@ -130,11 +137,11 @@ def work_precision(
         else:
             exact = flat(reference(t1))
         return _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1,
-                              repeats, reference, bar)
+                              repeats, min_time, reference, bar)
 
 
-def _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1, repeats, reference,
-                   bar) -> xr.Dataset:
+def _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1, repeats, min_time,
+                   reference, bar) -> xr.Dataset:
     """Every method at each of its settings (`plan`), timed; the diagram's Dataset."""
 
     n_settings = max(len(settings) for settings in plan.values())
@@ -161,9 +168,14 @@ def _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1, repeat
             # is charged to the method.
             times = []
             for _ in range(repeats):
-                start = time.perf_counter()
-                out = runner(kind, value, False)
-                times.append(time.perf_counter() - start)
+                count, start = 0, time.perf_counter()
+                while True:  # back to back until min_time has passed
+                    out = runner(kind, value, False)
+                    count += 1
+                    lasted = time.perf_counter() - start
+                    if lasted >= min_time or not out.finished:
+                        break
+                times.append(lasted / count)
                 if not out.finished:  # (budget, failure): no point in repeating
                     break
             if j == 0:
@@ -195,6 +207,7 @@ def _sweep_methods(flow, methods, plan, problem, exact, monitors, t0, t1, repeat
         variables,
         coords={"solver": list(methods), "setting": np.arange(n_settings)},
         attrs=dict(flow=type(flow).__name__, t0=float(t0), t1=float(t1), repeats=repeats,
+                   min_time=min_time,
                    reference=(f"Dopri8 rtol=atol={reference_tolerance():g}"
                               if reference is None else "given")),
     )
