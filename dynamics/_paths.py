@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 from jaxtyping import PyTree
 
-from ._trajectory import _plain, check_variable_name, variable_name
+from ._trajectory import check_variable_name, plain_attr, variable_name
 
 
 class Paths(eqx.Module):
@@ -77,7 +77,7 @@ class Paths(eqx.Module):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
                 if isinstance(leaf, np.ndarray | jax.Array):
                     add(variable_name(prefix, path), leaf)
-        attrs = {k: _plain(v) for k, v in self.meta.items()}
+        attrs = {k: plain_attr(v) for k, v in self.meta.items()}
         return xr.Dataset(data, coords={"time": ("time", np.asarray(self.ts)),
                                         "path": ("path", np.arange(self.num_paths))},
                           attrs=attrs)

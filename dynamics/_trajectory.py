@@ -124,7 +124,7 @@ def check_variable_name(name: Any, what: str) -> str:
     return name
 
 
-def _plain(value: Any) -> Any:
+def plain_attr(value: Any) -> Any:
     # netCDF attributes: str, int, float (a JAX or NumPy scalar becomes a Python one).
     if isinstance(value, str | bool | int | float):
         return int(value) if isinstance(value, bool) else value
@@ -336,7 +336,7 @@ class Trajectory(eqx.Module):
         if self.switches.size:
             add("switch_time", self.switches, "the nonsmooth mode's switch times",
                 lead="switch")
-        attrs = {k: _plain(v) for k, v in self.meta.items()}
+        attrs = {k: plain_attr(v) for k, v in self.meta.items()}
         attrs.update(
             t_final=self.t_final,
             event="none" if self.event is None else self.event,
@@ -346,5 +346,5 @@ class Trajectory(eqx.Module):
             result=self.result,
             **{f"stats_{k}": v for k, v in self.stats.items()},
         )
-        attrs = {k: _plain(v) for k, v in attrs.items()}
+        attrs = {k: plain_attr(v) for k, v in attrs.items()}
         return xr.Dataset(data, coords=coords, attrs=attrs)

@@ -19,7 +19,7 @@ from ._sampling import check_batch_size
 from ._simulate import simulate
 from ._validate import as_tuple, positive_int, prng_key, real
 from ._weak_cv import noise_vectors
-from .discrete._run import _validate_v0
+from .discrete._run import validate_v0
 from .discrete._sgd import SGD, SVAG, AbstractStochasticAlgorithm
 from .discrete._sgd_run import stochastic_paths
 from .losses._per_example import as_data_loss, check_example_losses
@@ -167,7 +167,7 @@ def setup_runs(alg, params, loss, t1, observables, paths, key, v0, chunk, lmax, 
     check_batch_size(alg.batch_size, data.num_examples, type(alg).__name__)
     problem = Problem(alg.flow, loss, static)
     observables = check_observables(observables, problem, w0, t1)
-    v = _validate_v0(alg, w0, v0)
+    v = validate_v0(alg, w0, v0)
     keys = jax.random.split(prng_key(key, "weak_gap"), paths)
     return Setup(loss, data, w0, v, static, params, observables, keys, t1,
                  min_dt / lmax, positive_int(chunk, "chunk"))

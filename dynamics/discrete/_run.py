@@ -197,7 +197,7 @@ def check_monitors(monitors) -> tuple:
     return monitors
 
 
-def _validate_v0(alg, w, v0):
+def validate_v0(alg, w, v0):
     if alg.first_order:
         if v0 is not None:
             raise ValueError(
@@ -333,7 +333,7 @@ def run(
             "(e.g. a zero-initialised bias) never moves; initialise all of `params` non-zero "
             "or use dyn.MLP(..., bias=False)."
         )
-    v = _validate_v0(alg, w0, v0)
+    v = validate_v0(alg, w0, v0)
     monitors = check_monitors(monitors)
     proj_every = _projection_steps(projection, alg)
     flow = alg.flow

@@ -147,7 +147,7 @@ def run_stochastic(alg, params, loss, steps, *, v0, monitors, save_every, projec
     from .._trajectory import provenance
     from .._validate import prng_keys
     from ..losses._per_example import as_data_loss, check_example_losses
-    from ._run import _trajectory, _validate_v0, check_monitors, edge_of_stability
+    from ._run import _trajectory, check_monitors, edge_of_stability, validate_v0
 
     name = type(alg).__name__
     if projection is not None:
@@ -161,7 +161,7 @@ def run_stochastic(alg, params, loss, steps, *, v0, monitors, save_every, projec
     data = as_data_loss(loss, f"run with {name}")
     check_example_losses(data, params, f"run with {name}")
     check_batch_size(alg.batch_size, data.num_examples, name)
-    v = _validate_v0(alg, w0, v0)
+    v = validate_v0(alg, w0, v0)
     monitors = check_monitors(monitors)
     if isinstance(alg, SVAG) and any(isinstance(m, AbstractMinibatchMonitor) for m in monitors):
         raise ValueError(
