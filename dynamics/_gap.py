@@ -26,7 +26,8 @@ from ._simulate import simulate
 from ._trajectory import Trajectory
 from ._tree import partition
 from .discrete._algorithms import AbstractDiscreteAlgorithm
-from .discrete._run import run as discrete_run, top_eigenvalue
+from .discrete._checks import top_eigenvalue
+from .discrete._run import run as discrete_run
 from .monitors._monitors import AbstractMonitor
 
 # Algorithms that have no first-order limit: Leapfrog's flow conserves energy and NAGD's

@@ -46,7 +46,7 @@ from ._weak_runs import (
     solve_options,
     whole_steps,
 )
-from .discrete._run import edge_of_stability
+from .discrete._checks import edge_of_stability
 from .discrete._sgd import AbstractStochasticAlgorithm
 from .monitors._monitors import AbstractMonitor, Loss
 

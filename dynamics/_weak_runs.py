@@ -19,7 +19,7 @@ from ._sampling import check_batch_size
 from ._simulate import simulate
 from ._validate import as_tuple, positive_int, prng_key, real
 from ._weak_cv import noise_vectors
-from .discrete._run import validate_v0
+from .discrete._checks import validate_v0
 from .discrete._sgd import SGD, SVAG, AbstractStochasticAlgorithm
 from .discrete._sgd_run import stochastic_paths
 from .losses._per_example import as_data_loss, check_example_losses

@@ -30,9 +30,10 @@ from ._algorithms import (
     NesterovMomentum as NesterovMomentum,
     State as State,
 )
+from ._checks import edge_of_stability as edge_of_stability
 from ._minibatch import Minibatches as Minibatches
 from ._nmgd import NMGD as NMGD
-from ._run import edge_of_stability as edge_of_stability, run as run
+from ._run import run as run
 from ._sgd import (
     SGD as SGD,
     SVAG as SVAG,

@@ -5,7 +5,6 @@ One `jax.lax.scan` over the save points under `eqx.filter_jit` (with a loop over
 a `Trajectory` of the same shape, so a discrete run and its flow share one time axis.
 """
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -18,65 +17,22 @@ from .._driver._prepare import check_scalar_loss, validate_params
 from .._paths import Paths
 from .._problem import Problem
 from .._projection import AbstractSchedule, Every, check_output
-from .._trajectory import Trajectory, provenance
-from .._tree import all_finite, partition, sqnorm
-from .._validate import as_tuple, positive_int
-from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
+from .._trajectory import Trajectory
+from .._tree import all_finite, partition
+from .._validate import positive_int
+from ..monitors._monitors import AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
+from ._checks import (
+    check_monitors,
+    discrete_trajectory,
+    edge_of_stability,
+    validate_v0,
+    where_ok,
+)
 from ._sgd import AbstractStochasticAlgorithm
+from ._sgd_run import run_stochastic
 
 _INT32_MAX = 2**31 - 1
-
-# Power iteration for λ_max(∇²L): enough iterations to tell η·λ > limit from η·λ well
-# below it; the warning is a diagnostic, not a measurement.
-_POWER_ITERATIONS = 30
-
-
-@eqx.filter_jit
-def top_eigenvalue(problem: Problem, w: PyTree, key) -> Scalar:
-    """|λ|_max of the Hessian of L at w, by power iteration on Hessian-vector products."""
-    grad = jax.grad(problem.loss)
-
-    def hvp(u):
-        return jax.jvp(grad, (w,), (u,))[1]
-
-    leaves, treedef = jax.tree.flatten(w)
-    keys = jax.random.split(key, len(leaves))
-    u0 = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype)
-                                      for k, x in zip(keys, leaves, strict=True)])
-
-    def body(_, carry):
-        u, _ = carry
-        u = jax.tree.map(lambda x: x / jnp.sqrt(sqnorm(u) + 1e-300), u)
-        hu = hvp(u)
-        return hu, jnp.sqrt(sqnorm(hu))
-
-    _, lam = jax.lax.fori_loop(0, _POWER_ITERATIONS, body, (u0, jnp.zeros(())))
-    return lam
-
-
-def edge_of_stability(alg: AbstractDiscreteAlgorithm, problem: Problem, w: PyTree,
-                      *, warn: bool = True) -> float:
-    """η·λ_max(∇²L(w)) for `alg` at `w`, warning when it exceeds `alg.stability_limit`:
-    there the iteration is unstable along the top eigenvector and the modified
-    equations (an expansion in η·λ) no longer describe it."""
-    lam = float(top_eigenvalue(problem, w, jax.random.key(0)))
-    sharpness = float(alg.learning_rate) * lam
-    if warn and sharpness > alg.stability_limit:
-        warnings.warn(
-            f"{type(alg).__name__}: η·λ_max = {sharpness:.3g} exceeds "
-            f"{alg.stability_limit:.3g} at the initial parameters (edge of stability): "
-            "the iteration is unstable along the top Hessian eigenvector and the flow "
-            "and modified equations need not describe it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return sharpness
-
-
-def _where(ok, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
 
 @eqx.filter_jit
 def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_every,
@@ -130,7 +86,7 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
         ok = finite & alive
         # A non-finite iterate freezes the run at the last finite one; the scan goes on
         # (its length is static) but nothing changes after that.
-        state = _where(ok, new, state)
+        state = where_ok(ok, new, state)
         diverged_at = jnp.where(alive & ~finite, k + 1, diverged_at)
         return k + 1, state, diverged_at, pstate
 
@@ -179,53 +135,6 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
     end = {"monitors": record(carry[0], final)["monitors"], "w": final.w, "v": final.v,
            "k": carry[0]}
     return saved, end, diverged_at
-
-
-def check_monitors(monitors) -> tuple:
-    """`monitors` (one monitor or several) as a tuple of non-integral monitors with
-    unique names."""
-    monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
-    for m in monitors:
-        if isinstance(m, AbstractIntegralMonitor):
-            raise ValueError(
-                f"`monitors`: {m!r} is an integral monitor, which needs a solver; use "
-                "`simulate`."
-            )
-    names = [m.name for m in monitors]
-    if len(set(names)) != len(names):
-        raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
-    return monitors
-
-
-def validate_v0(alg, w, v0):
-    if alg.first_order:
-        if v0 is not None:
-            raise ValueError(
-                f"`v0` was given but {type(alg).__name__} is a first-order algorithm with "
-                "no velocity; drop `v0`."
-            )
-        return None
-    if v0 is None:
-        return jax.tree.map(jnp.zeros_like, w)
-    v, _ = partition(v0)
-    if jax.tree.structure(v) != jax.tree.structure(w) or any(
-        jnp.shape(a) != jnp.shape(b)
-        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(v), strict=True)
-    ):
-        raise ValueError(
-            "`v0` must have the same structure and shapes as `params` (one velocity, in "
-            "the flow's time units, per parameter)."
-        )
-    v = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), w, v)
-    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(v)):
-        raise ValueError("`v0` contains NaN or Inf; initialise it with finite values.")
-    if type(alg).__name__ == "NAGD" and any(np.any(np.asarray(x) != 0)
-                                            for x in jax.tree.leaves(v)):
-        raise ValueError(
-            "NAGD starts at rest (y_0 = x_0, Su, Boyd & Candès); its flow's damping 3/t "
-            "is singular at t = 0 with a non-zero velocity. Pass v0=None."
-        )
-    return v
 
 
 def _projection_steps(projection, alg) -> int | None:
@@ -315,7 +224,6 @@ def run(
             f"`steps` = {steps} must be a multiple of `save_every` = {save_every}."
         )
     if isinstance(alg, AbstractStochasticAlgorithm):
-        from ._sgd_run import run_stochastic  # (it builds on this module's helpers)
 
         return run_stochastic(alg, params, loss, steps, v0=v0, monitors=monitors,
                               save_every=save_every, projection=projection, key=key,
@@ -353,51 +261,5 @@ def run(
         alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
         None if projection is None else projection.projection, proj_every, bool(save_params),
     )
-    return _trajectory(alg, problem, saved, final, int(diverged_at), steps,
+    return discrete_trajectory(alg, problem, saved, final, int(diverged_at), steps,
                        save_every).with_monitor_coords(monitors, params)
-
-
-def _trajectory(alg, problem, saved, final, diverged_at, steps, save_every) -> Trajectory:
-    """A `Trajectory` with the fields `Trajectory.from_solve` fills, for a discrete run."""
-    dt = float(alg.time_step)
-    ks = np.asarray(saved["k"])
-    diverged = diverged_at >= 0
-    last_good = diverged_at - 1 if diverged else steps
-    n_kept = int(np.sum(ks <= last_good))
-    take = jax.tree.map(lambda a: np.asarray(a)[:n_kept], saved)
-    if diverged and ks[n_kept - 1] < last_good:
-        # Append the last finite iterate, as `simulate` appends where a run stopped.
-        end = jax.tree.map(lambda a: np.asarray(a)[None],
-                           {k: final[k] for k in take if k != "k"})
-        end["k"] = np.asarray([last_good])
-        take = jax.tree.map(lambda a, b: np.concatenate([a, b]), take, end)
-    ts = np.asarray(take["k"], dtype=float) * dt
-
-    def model(tree):
-        return None if tree is None else eqx.combine(tree, problem.static)
-
-    meta = provenance(problem.flow, alg, alg, algorithm=type(alg).__name__,
-                      algorithm_repr=eqx.tree_pformat(alg, short_arrays=False),
-                      learning_rate=float(alg.learning_rate), time_step=dt, steps=steps,
-                      save_every=save_every, stability_limit=float(alg.stability_limit),
-                      diverged_step=diverged_at if diverged else -1)
-    meta["stepsize_controller"] = "none (discrete iteration)"
-    t_final = last_good * dt
-    return Trajectory(
-        ts=ts,
-        params=model(take.get("w")),
-        velocities=model(take.get("v")),
-        monitors=dict(take["monitors"]),
-        t_final=t_final,
-        final_params=model(jax.tree.map(np.asarray, final["w"])),
-        final_velocity=model(None if final["v"] is None
-                             else jax.tree.map(np.asarray, final["v"])),
-        event="non_finite" if diverged else None,
-        event_time=diverged_at * dt if diverged else None,
-        diverged=diverged,
-        success=not diverged,
-        result=(f"diverged: iterate {diverged_at} is not finite; kept iterates 0..{last_good}"
-                if diverged else "successful"),
-        stats={"num_steps": steps, "num_accepted_steps": last_good},
-        meta=meta,
-    )

@@ -145,7 +145,7 @@ class SGD(_MinibatchSGD):
 class _MomentumSGD(_MinibatchSGD):
     """Shared by the momentum SGDs: β, the order-1 SME with momentum (`dyn.SME(eta, b,
     beta=β)`: dW = −∇L/(1−β) dt + √η Σ_b^{1/2}/(1−β) dB, derived by matching one step's
-    moments, /work/scratch/sme/REPORT.md §1.3), and the skeleton rate 1/(1−β)."""
+    moments, docs/guides/sgd-sme.md), and the skeleton rate 1/(1−β)."""
 
     beta: Array
     first_order = False

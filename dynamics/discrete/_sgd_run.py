@@ -17,12 +17,9 @@ from .._driver._paths import PATH_CHUNK
 from .._paths import Paths, mask_after
 from .._tree import all_finite
 from ..monitors._stochastic import AbstractMinibatchMonitor
+from ._checks import check_monitors, discrete_trajectory, edge_of_stability, validate_v0, where_ok
 from ._minibatch import Minibatches
 from ._sgd import SVAG, AbstractStochasticAlgorithm, StochasticState
-
-
-def _where(ok, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def _finite(state: StochasticState):
@@ -60,7 +57,7 @@ def _paths(alg: AbstractStochasticAlgorithm, problem, data, w0, v0, keys, n_save
             ok = finite & alive
             # A non-finite step freezes the path at its last finite iterate (recorded
             # as diverged); the loop goes on for the other paths of the vmap.
-            state = _where(ok, new, state)
+            state = where_ok(ok, new, state)
             diverged_at = jnp.where(alive & ~finite, k + 1, diverged_at)
             if noise_vectors is not None:
                 # The control variate Σ_k Σ_c c·mean_{n∈B} u_{k,n}: mean zero given the
@@ -147,7 +144,6 @@ def run_stochastic(alg, params, loss, steps, *, v0, monitors, save_every, projec
     from .._trajectory import provenance
     from .._validate import prng_keys
     from ..losses._per_example import as_data_loss, check_example_losses
-    from ._run import _trajectory, check_monitors, edge_of_stability, validate_v0
 
     name = type(alg).__name__
     if projection is not None:
@@ -175,7 +171,7 @@ def run_stochastic(alg, params, loss, steps, *, v0, monitors, save_every, projec
         save_every, monitors=monitors, save_params=save_params)
     if not batched:
         one = jax.tree.map(lambda a: a[0], (saved, final))
-        return _trajectory(alg, problem, one[0], one[1], int(diverged_at[0]), steps,
+        return discrete_trajectory(alg, problem, one[0], one[1], int(diverged_at[0]), steps,
                            save_every)
     meta = provenance(problem.flow, alg, alg, algorithm=name,
                       algorithm_repr=eqx.tree_pformat(alg, short_arrays=False),
