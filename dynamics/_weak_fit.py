@@ -9,8 +9,8 @@ Here, per observable, with e_p(η) the per-path estimates (paths × step sizes):
 - model "power", log|e| = a + p log η; if its χ² has a p-value below 0.05 with four or
   more step sizes (precise data resolve the next term of the expansion), the fit keeps
   that term, log|e| = a + p log η + c η ("power+linear"), and p is the asymptotic order
-  (/work/scratch/sme/REPORT.md §4.4: the pure power law then gave intervals 0.002 wide
-  that excluded 1.0, χ² 358/3);
+  (in the sgd-sme study's full run, 10,000 paths, E[Q] against gradient flow and SME-1
+  needed it: docs/guides/sgd-sme.md);
 - the interval is the percentile interval of p over bootstrap resamples of the paths,
   the same paths at every step size (paired: it carries the cross-η correlation);
 - a resample in which some ē changes sign is a "flip": the gap there is not resolved
