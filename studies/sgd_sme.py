@@ -23,12 +23,7 @@ Weak orders, batch sizes, and the charges' noise law.
 Writes `out/figures/sgd_sme_{orders,batch,noise_law,relu}.png` and
 `out/results/sgd_sme.nc` (/orders, /batch/b<k>, /noise_law, /relu).
 
-Full run, 2026-12-07, 2-core machine: 391 s wall (406 s user CPU). Orders over η = 1/8..1/64,
-10,000 paths: SGD vs GF E[L] 1.039 [1.029, 1.049], E[Q] 0.996 [0.994, 0.999] (with cη);
-vs SME-1 E[L] 0.961 [0.920, 1.000], E[Q] 0.988 [0.976, 1.001] (with cη); vs SME-2 E[Q]
-2.121 [2.051, 2.205], E[L] not resolved (732 of 1000 resamples flip its sign). Noise
-law (1000 paths, 40 steps): exact per-step law 1.6e-15; SGD − full law |z| ≤ 1.23 per
-neuron, SGD − noise part alone |z| up to 110.
+Measured numbers of the full run: the benchmarks page and the CHANGELOG.
 """
 
 import time
