@@ -99,13 +99,14 @@ def top_eigenpairs(matvec: Callable, n: int, k: int, dtype, *, tol: float,
         return th, S, Y, R, rn, err, conv
 
     def cond(st):
-        V, AV, G, m, used, key = st
-        conv = estimates(V, AV, G, m)[-1]
-        return ~jnp.all(conv) & (used < max_matvecs)
+        return ~st[-1] & (st[4] < max_matvecs)
 
     def body(st):
-        V, AV, G, m, used, key = st
+        # The Ritz step of the basis as it stands (computed once per iteration: the
+        # convergence flag it gives is carried to `cond`).
+        V, AV, G, m, used, key, _ = st
         th, S, Y, R, rn, err, conv = estimates(V, AV, G, m)
+        done = jnp.all(conv)
 
         def restart(a):
             V, AV, G, m = a
@@ -115,7 +116,15 @@ def top_eigenpairs(matvec: Callable, n: int, k: int, dtype, *, tol: float,
                     jnp.zeros_like(G).at[:keep, :keep].set(jnp.diag(th[:keep])),
                     jnp.asarray(keep, m.dtype))
 
-        V, AV, G, m = jax.lax.cond(m >= m_max, restart, lambda a: a, (V, AV, G, m))
+        def extend(V, AV, G, m, key):
+            V, AV, G, m = jax.lax.cond(m >= m_max, restart, lambda a: a, (V, AV, G, m))
+            return add(V, AV, G, m, key, R, rn, conv)
+
+        V, AV, G, m, key, added = jax.lax.cond(
+            done, lambda *a: (*a, 0), extend, V, AV, G, m, key)
+        return V, AV, G, m, used + added, key, done
+
+    def add(V, AV, G, m, key, R, rn, conv):
         i = jnp.argmax(jnp.where(conv, -1.0, rn))
         t = _orthogonalise(R[i], V)
         tn = jnp.linalg.norm(t)
@@ -129,10 +138,10 @@ def top_eigenpairs(matvec: Callable, n: int, k: int, dtype, *, tol: float,
         col = (V @ at).at[m].set(t @ at)
         V, AV = V.at[m].set(t), AV.at[m].set(at)
         G = G.at[:, m].set(col).at[m, :].set(col)
-        return V, AV, G, m + 1, used + 1, key
+        return V, AV, G, m + 1, key, 1
 
-    st = (V, AV, G, jnp.asarray(1), jnp.asarray(1), key)
-    V, AV, G, m, used, _ = jax.lax.while_loop(cond, body, st)
+    st = (V, AV, G, jnp.asarray(1), jnp.asarray(1), key, jnp.asarray(False))
+    V, AV, G, m, used, _, _ = jax.lax.while_loop(cond, body, st)
     th, _, Y, _, _, err, conv = estimates(V, AV, G, m)
     return {"evals": th[:k], "evecs": Y, "err_est": err, "matvecs": used,
             "converged": jnp.all(conv)}
