@@ -80,7 +80,7 @@ def _check_pairing(traj: Trajectory, flow: AbstractFlow) -> str:
 def sharpness_warning(traj: Trajectory, loss: Callable, params0: PyTree) -> float:
     """η·λ_max(∇²L) at the run's start, with a RuntimeWarning past the algorithm's limit."""
     w, static = partition(params0)
-    lam = float(top_eigenvalue(Problem(None, loss, static), w, jax.random.key(0)))
+    lam = float(top_eigenvalue(Problem(None, loss, static), w))
     lr = float(traj.meta["learning_rate"])
     limit = float(traj.meta.get("stability_limit", 2.0))
     if lr * lam > limit:

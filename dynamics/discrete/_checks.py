@@ -11,37 +11,20 @@ from jaxtyping import PyTree, Scalar
 
 from .._problem import Problem
 from .._trajectory import Trajectory, provenance
-from .._tree import partition, sqnorm
+from .._tree import partition
 from .._validate import as_tuple
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor
+from ..monitors._spectrum import Sharpness, TopEigenvalues
 from ._algorithms import AbstractDiscreteAlgorithm
-
-# Power iteration for λ_max(∇²L): enough iterations to tell η·λ > limit from η·λ well
-# below it; the warning is a diagnostic, not a measurement.
-_POWER_ITERATIONS = 30
 
 
 @eqx.filter_jit
-def top_eigenvalue(problem: Problem, w: PyTree, key) -> Scalar:
-    """|λ|_max of the Hessian of L at w, by power iteration on Hessian-vector products."""
-    grad = jax.grad(problem.loss)
-
-    def hvp(u):
-        return jax.jvp(grad, (w,), (u,))[1]
-
-    leaves, treedef = jax.tree.flatten(w)
-    keys = jax.random.split(key, len(leaves))
-    u0 = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype)
-                                      for k, x in zip(keys, leaves, strict=True)])
-
-    def body(_, carry):
-        u, _ = carry
-        u = jax.tree.map(lambda x: x / jnp.sqrt(sqnorm(u) + 1e-300), u)
-        hu = hvp(u)
-        return hu, jnp.sqrt(sqnorm(hu))
-
-    _, lam = jax.lax.fori_loop(0, _POWER_ITERATIONS, body, (u0, jnp.zeros(())))
-    return lam
+def top_eigenvalue(problem: Problem, w: PyTree) -> Scalar:
+    """λ_max(∇²L(w)), the algebraically largest Hessian eigenvalue, by the `Sharpness`
+    monitor's Lanczos (relative error ~1e-10 in float64; exact for a few dozen
+    parameters). The algebraic, not the absolute, maximum: a negative eigenvalue makes
+    GD drift away along its eigenvector, not oscillate across the valley."""
+    return Sharpness()(None, w, None, problem)
 
 
 def edge_of_stability(alg: AbstractDiscreteAlgorithm, problem: Problem, w: PyTree,
@@ -49,7 +32,7 @@ def edge_of_stability(alg: AbstractDiscreteAlgorithm, problem: Problem, w: PyTre
     """η·λ_max(∇²L(w)) for `alg` at `w`, warning when it exceeds `alg.stability_limit`:
     there the iteration is unstable along the top eigenvector and the modified
     equations (an expansion in η·λ) no longer describe it."""
-    lam = float(top_eigenvalue(problem, w, jax.random.key(0)))
+    lam = float(top_eigenvalue(problem, w))
     sharpness = float(alg.learning_rate) * lam
     if warn and sharpness > alg.stability_limit:
         warnings.warn(
@@ -61,6 +44,34 @@ def edge_of_stability(alg: AbstractDiscreteAlgorithm, problem: Problem, w: PyTre
             stacklevel=3,
         )
     return sharpness
+
+
+def edge_of_stability_along(alg: AbstractDiscreteAlgorithm, traj: Trajectory,
+                            monitors: tuple, *, initial_warned: bool) -> float | None:
+    """The first save time at which a recorded `Sharpness` or `TopEigenvalues` shows
+    η·λ_1 past `alg.stability_limit`, warning there, or None. The check at the start
+    sees only w_0; with such a monitor the run is checked at every save for free, and
+    progressive sharpening (λ_1 rising to 2/η, Cohen et al. 2021) is caught where it
+    happens. No second warning when the start was already past the limit."""
+    for m in monitors:
+        if not isinstance(m, (Sharpness, TopEigenvalues)):
+            continue
+        lam = np.asarray(traj.monitors[m.name], dtype=float).reshape(len(traj.ts), -1)[:, 0]
+        past = np.flatnonzero(float(alg.learning_rate) * lam > alg.stability_limit)
+        if past.size == 0:
+            return None
+        t = float(traj.ts[past[0]])
+        if not initial_warned and past[0] > 0:
+            warnings.warn(
+                f"{type(alg).__name__}: η·λ_max (monitor {m.name!r}) reaches "
+                f"{float(alg.learning_rate) * lam[past[0]]:.3g} > {alg.stability_limit:.3g} "
+                f"at t = {t:.6g} (edge of stability): from there the flow and the modified "
+                "equations need not describe the run.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return t
+    return None
 
 
 def where_ok(ok, new, old):

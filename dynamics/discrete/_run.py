@@ -26,6 +26,7 @@ from ._checks import (
     check_monitors,
     discrete_trajectory,
     edge_of_stability,
+    edge_of_stability_along,
     validate_v0,
     where_ok,
 )
@@ -193,8 +194,9 @@ def run(
       (params, velocity) after every k-th step (Baldi et al.'s interleaved balancing).
     - `save_params`: also store params (and velocities) at every save point (False:
       only the monitors, and the final state).
-    - `check_stability`: estimate η·λ_max at `params` by power iteration and warn past
-      the edge of stability.
+    - `check_stability`: compute η·λ_max at `params` (the `Sharpness` monitor's Lanczos)
+      and warn past the edge of stability; with a `Sharpness` or `TopEigenvalues`
+      monitor, also warn at the first save where the recorded η·λ_1 passes the limit.
     - `key`: for a stochastic algorithm only, where it is required: the PRNG key the
       minibatches are drawn from inside the compiled loop (step k's batch from
       fold_in(key, k)), or a batch of keys (`jax.random.split(key, m)`) for m
@@ -249,11 +251,12 @@ def run(
     if projection is not None:
         check_output(projection.projection, params,
                      None if v is None else eqx.combine(v, static))
+    warned = False
     if check_stability:
         try:
-            edge_of_stability(alg, problem, w0)
+            warned = edge_of_stability(alg, problem, w0) > alg.stability_limit
         except TypeError:
-            # The power iteration differentiates the loss: a non-scalar one raised jax's
+            # The Lanczos iteration differentiates the loss: a non-scalar one raised jax's
             # raw TypeError here. Checked only then, so a call costs no extra trace.
             check_scalar_loss(problem, w0)
             raise
@@ -261,5 +264,8 @@ def run(
         alg, problem, w0, v, steps // save_every, jnp.asarray(save_every, jnp.int32), monitors,
         None if projection is None else projection.projection, proj_every, bool(save_params),
     )
-    return discrete_trajectory(alg, problem, saved, final, int(diverged_at), steps,
-                       save_every).with_monitor_coords(monitors, params)
+    traj = discrete_trajectory(alg, problem, saved, final, int(diverged_at), steps,
+                               save_every).with_monitor_coords(monitors, params)
+    if check_stability:
+        edge_of_stability_along(alg, traj, monitors, initial_warned=warned)
+    return traj

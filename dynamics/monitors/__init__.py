@@ -26,6 +26,12 @@ from ._monitors import (
     RescalingCharges as RescalingCharges,
 )
 from ._pattern import ActiveFraction as ActiveFraction
+from ._spectrum import (
+    AbstractSpectrumMonitor as AbstractSpectrumMonitor,
+    Sharpness as Sharpness,
+    SpectralDensity as SpectralDensity,
+    TopEigenvalues as TopEigenvalues,
+)
 from ._stochastic import (
     AbstractMinibatchMonitor as AbstractMinibatchMonitor,
     ChargeGradientRate as ChargeGradientRate,
