@@ -20,17 +20,20 @@ if not FLOAT32:
     # 1.9e-32 where two programs' teacher outputs were bitwise equal at -O2), so a test
     # that compares across programs allows for rounding. The float32 subset keeps the
     # default pipeline, so the optimised code is exercised too. A user's XLA_FLAGS win.
-    # XLA's CPU fusion emitters (the MLIR path, default since jaxlib 0.5) take about as long
-    # again as the rest of a solve's compilation; the older elemental emitters compile the
-    # same HLO in ~40% less time (a ReLU MLP's ND simulate with four monitors: 4.5 -> 2.9 s
-    # CPU including tracing; results equal to ~1e-13 relative, rounding).
+    # XLA's CPU fusion emitters (the MLIR path, jaxlib 0.10's default) take about as long
+    # again as the rest of a solve's compilation; with the older elemental emitters a
+    # ReLU MLP's ND simulate with four monitors takes 4.5 -> 2.9 s CPU, tracing included
+    # (its results equal to ~1e-13 relative, rounding).
     for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
         if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 # Most of the suite's time is XLA compilation, and many tests compile the same program
 # (the same flow, solver and monitors on a toy loss). A per-session on-disk cache lets a
-# later test reuse the executable whenever the lowered program is identical.
+# later test reuse the executable whenever the lowered program is identical (a new
+# closure over the same data, or the other xdist worker). JAX skips programs with host
+# callbacks: `simulate` keeps diffrax's redundant device-side input checks out of its
+# solve for that (dynamics/_driver/_cacheable.py); a progress bar still disables it.
 # Made by the controlling process and inherited by the xdist workers through the
 # environment, so that both workers share it; removed by the controller at the end.
 _CACHE = os.environ.get("DYNAMICS_TEST_JAX_CACHE") or tempfile.mkdtemp(

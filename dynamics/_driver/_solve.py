@@ -18,6 +18,7 @@ from ..events._events import EventRootFinder
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ..solvers._loss_carrying import LossCarryingEuler
 from ._actions import ACTION_ROOT_FINDER
+from ._cacheable import no_redundant_ts_checks
 from ._guard import RejectionGuard
 from ._layout import StateLayout, Unpacked
 from ._prepare import check_scalar_loss
@@ -166,18 +167,21 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
               diffrax.SubSaveAt(t1=True, fn=save(True))),
         solver_state=schedule is not None or field is not None,
     )
-    sol = diffrax.diffeqsolve(
-        terms, solver, t0, spec.t1, spec.dt0, y0,
-        saveat=saveat,
-        stepsize_controller=controller,
-        event=event,
-        max_steps=spec.max_steps,
-        throw=False,  # failures are reported on the Trajectory (and raised if asked)
-        progress_meter=progress_meter,
-        # `simulate` is not differentiated (it reads the result in Python), so no
-        # checkpointed loop: a plain while loop traces and compiles ~10-30% faster.
-        adjoint=diffrax.ForwardMode(),
-    )
+    # `ts` was checked on the host (`_validate_ts`): diffrax's device-side checks of it
+    # would put host callbacks in the program, which JAX's persistent cache refuses.
+    with no_redundant_ts_checks():
+        sol = diffrax.diffeqsolve(
+            terms, solver, t0, spec.t1, spec.dt0, y0,
+            saveat=saveat,
+            stepsize_controller=controller,
+            event=event,
+            max_steps=spec.max_steps,
+            throw=False,  # failures are reported on the Trajectory (and raised if asked)
+            progress_meter=progress_meter,
+            # `simulate` is not differentiated (it reads the result in Python), so no
+            # checkpointed loop: a plain while loop traces and compiles ~10-30% faster.
+            adjoint=diffrax.ForwardMode(),
+        )
     (ts, t_end), (saved, final) = sol.ts, sol.ys
     # The projection's acting solver is the outermost; the mode's sits inside it.
     state = sol.solver_state
