@@ -30,10 +30,15 @@ MONITORS = tuple(dyn.monitors.ChargeLaw(g, name="law_" + k) for k, g in GENERATO
     tuple(dyn.monitors.SymmetryResidual(g, name="res_" + k) for k, g in GENERATORS.items())
 
 
+# One loss function for every run: two runs that differ only in tolerance or times then
+# share one compiled solve (a new closure per run retraced and recompiled it, ~10 s).
+LOSS = _loss(MODEL)
+
+
 def _run(flow, controller=TIGHT, t0=0.0, t1=1.0):
     v0 = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x), MODEL)  # ẇ(0) ≠ 0: drives the laws
     v0 = None if isinstance(flow, dyn.GradientFlow) else v0
-    return dyn.simulate(flow, MODEL, _loss(MODEL), t0=t0, t1=t1, v0=v0,
+    return dyn.simulate(flow, MODEL, LOSS, t0=t0, t1=t1, v0=v0,
                         stepsize_controller=controller, ts=jnp.linspace(t0, t1, 6),
                         monitors=MONITORS, save_params=False)
 
