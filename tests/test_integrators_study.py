@@ -57,17 +57,19 @@ def _wp(errors, evals, reference_error=np.nan):
 def test_slopes_only_from_the_asymptotic_regime():
     """Three quick Tsit5 points whose cost barely moves (31, 37, 49 evaluations) were
     printed as "slope -15.1"; a slope needs three asymptotic points and a narrow fit."""
+    from studies._integrators_runs import slope
+
     integrators = studies.load("integrators")
     quick = _wp([5.7e-2, 1.2e-3, 5.3e-6], [31.0, 37.0, 49.0])
-    assert np.isnan(integrators._slope(quick, "Tsit5"))
+    assert np.isnan(slope(quick, "Tsit5"))
     # Order 2 at fixed cost ratios: measured, also with a coarse pre-asymptotic point.
     n = np.array([10.0, 40.0, 80.0, 160.0, 320.0])
     e = 3.0 * n ** -2.0
     e[0] = 0.5  # above 0.1: pre-asymptotic
-    assert abs(integrators._slope(_wp(e, n), "Tsit5") + 2.0) < 1e-6
+    assert abs(slope(_wp(e, n), "Tsit5") + 2.0) < 1e-6
     # Points below the reference's own error are neither fitted nor drawn.
     with_floor = _wp(e, n, reference_error=2e-4)
-    assert np.isnan(integrators._slope(with_floor, "Tsit5"))  # two asymptotic points left
+    assert np.isnan(slope(with_floor, "Tsit5"))  # two asymptotic points left
     from matplotlib.figure import Figure
 
     ax = Figure().add_subplot()
