@@ -12,6 +12,7 @@ p = offset_l + n·width_l + i.
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
@@ -132,6 +133,43 @@ class Surfaces(eqx.Module):
             zs.append(z.reshape(-1))
             h = dl * z
         return jnp.concatenate(zs)
+
+    def _offsets(self) -> list[int]:
+        """Where each hidden layer's pairs start in the flat index, and the end."""
+        out = [0]
+        for width in self.hidden:
+            out.append(out[-1] + self.num_examples * width)
+        return out
+
+    def locate(self, p: Array) -> tuple[Array, Array]:
+        """(hidden layer, example) of traced flat pair indices `p` (any shape)."""
+        offsets = self._offsets()
+        layer = sum((p >= o).astype(int) for o in offsets[1:-1])
+        start = jnp.asarray(offsets[:-1])[layer]
+        width = jnp.asarray(self.hidden)[layer]
+        return layer, (p - start) // width
+
+    def preactivation(self, model: MLP, d: Array, p: Array) -> Array:
+        """z_p alone (p traced): the forward pass of p's example up to p's layer, on the
+        piece with slopes d; what `preactivations(model, d)[p]` gives, at 1/N of the cost
+        (one example's matrix–vector products instead of every example's)."""
+        layer, n = self.locate(p)
+        offsets = self._offsets()
+
+        def upto(l):
+            def z_of():
+                h = self.x[n]
+                for k in range(l + 1):
+                    z = model.weights[k] @ h
+                    if model.biases is not None:
+                        z = z + model.biases[k]
+                    if k < l:
+                        width = self.hidden[k]
+                        h = jax.lax.dynamic_slice(d, (offsets[k] + n * width,), (width,)) * z
+                return z[p - offsets[l] - n * self.hidden[l]]
+            return z_of
+
+        return jax.lax.switch(layer, [upto(l) for l in range(len(self.hidden))])
 
     def signs(self, model: MLP) -> Array:
         """1.0 where the pair's pre-activation under the network's own activation is

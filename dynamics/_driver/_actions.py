@@ -192,9 +192,12 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             margin = jnp.maximum(_END_MARGIN * (t1 - t0), ulps)
             retry = t_c < t1 - margin
             fire = (t_c <= t1) & ~retry
-            # Retried steps end just past the crossing, so that the retry (a shorter,
-            # more accurate step) finds it within the margin of its end.
-            t_hit = jnp.where(retry, jnp.minimum(t_c + 0.5 * margin, t1), jnp.inf)
+            # Retried steps end just past the crossing, within half the margin of the
+            # retry itself (t_c − t0 long, not t1 − t0), so that the retry finds it
+            # within its own margin: half this step's margin overshot a retry shorter
+            # than half the step, and every such crossing was retried twice.
+            retry_margin = jnp.maximum(_END_MARGIN * (t_c - t0), ulps)
+            t_hit = jnp.where(retry, jnp.minimum(t_c + 0.5 * retry_margin, t1), jnp.inf)
             y_error = (y_error, t_hit)
         else:
             t_c = t1

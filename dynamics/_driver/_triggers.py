@@ -127,6 +127,13 @@ class AbstractExactTrigger(AbstractTrigger):
         action), to start from; None at t0."""
         return aux
 
+    def value(self, t, y, state, args, c) -> Array:
+        """φ_c(t, y), the one component `c` (traced) of `values`, which the root-finding
+        evaluates ~10 times per located crossing. By default `values(...)[c]`; a trigger
+        whose components can be computed apart overrides it (the Filippov mode: one
+        example's forward pass instead of the whole network on every example)."""
+        return jnp.atleast_1d(self.values(t, y, state, args))[c]
+
     def init(self, t0, y0):
         return jnp.atleast_1d(self.values(t0, y0, None)) >= 0
 
@@ -152,18 +159,34 @@ class AbstractExactTrigger(AbstractTrigger):
         hi = ts[j]
         which = crossed[j]
 
-        def psi(t, _):
-            vals = jnp.atleast_1d(self.values(t, interp.evaluate(t), state, args))
-            return jnp.min(jnp.where(which, vals, jnp.inf)), None
+        def root(c):
+            def psi(t, _):
+                return self.value(t, interp.evaluate(t), state, args, c), None
 
-        def find():
-            sol = optx.root_find(psi, root_finder, hi, has_aux=True,
-                                 options=dict(lower=lo, upper=hi), throw=False,
-                                 max_steps=256)
-            return sol.value
+            def find():
+                sol = optx.root_find(psi, root_finder, hi, has_aux=True,
+                                     options=dict(lower=lo, upper=hi), throw=False,
+                                     max_steps=256)
+                return sol.value
 
-        found = any_j.any()
-        t_c = jax.lax.cond(found, find, lambda: jnp.asarray(jnp.inf, hi.dtype))
+            # A component is >= 0 at the sample before hi (none eligible was negative
+            # there), but at the step's start (lo = t0) an eligible one can already be
+            # a rounding below 0: it crossed at the very end of the last step, which
+            # judged it >= 0 with that step's `args` (a retry that ended a few ulps
+            # short of its crossing). It crossed at t0, and a bracket [t0, hi] would
+            # have no sign change (it was then found a sample late: 3e-4 on the digits
+            # MLP).
+            return jax.lax.cond(psi(lo, None)[0] < 0, lambda: lo, find)
+
+        def earliest(carry):
+            # One root-find per component that went negative in the sample interval
+            # (usually one), on that component alone: the earliest root is the crossing.
+            remaining, t_c = carry
+            c = jnp.argmax(remaining)
+            return remaining.at[c].set(False), jnp.minimum(t_c, root(c))
+
+        none = jnp.asarray(jnp.inf, hi.dtype)
+        _, t_c = jax.lax.while_loop(lambda carry: carry[0].any(), earliest, (which, none))
         return t_c, phi[-1] >= 0
 
 

@@ -260,6 +260,10 @@ class FilippovTrigger(AbstractExactTrigger):
         w, _, mode = self.unpack(y)
         return self.switching.values(t, w, mode, guess=args)
 
+    def value(self, t, y, state, args, c):
+        w, _, mode = self.unpack(y)
+        return self.switching.value(t, w, mode, c, guess=args)
+
     def step_args(self, t0, y0, aux, previous=None):
         w, _, mode = self.unpack(y0)
         return self.switching.linearise(t0, w, mode, previous)

@@ -299,6 +299,30 @@ class Switching(eqx.Module):
                                      jnp.where(active, 1.0 - s, jnp.inf)])
         return jnp.concatenate([phi_pairs, phi_slots])
 
+    def value(self, t, w, mode: FilippovState, c: Array, guess=None) -> Array:
+        """`values(t, w, mode, guess=guess)[c]` for one component c (traced). A pair
+        whose example has no sliding pair in an earlier layer sees no multiplier (its
+        forward pass reads the frozen slopes only): one example's forward pass
+        (`Surfaces.preactivation`), without solving for the multipliers; otherwise (a
+        slot's exit function, or a pair downstream of a sliding one) the full values."""
+        num_pairs = self.surfaces.num_pairs
+        pair = jnp.minimum(c, num_pairs - 1)
+        layer, example = self.surfaces.locate(pair)
+        active = mode.slots >= 0
+        slot_layer, slot_example = self.surfaces.locate(
+            jnp.where(active, mode.slots, 0).astype(int))
+        # (a sliding pair itself reads +inf in `values`: the full path gives that)
+        upstream = active & (((slot_example == example) & (slot_layer < layer))
+                             | (mode.slots == c))
+        alone = (c < num_pairs) & ~upstream.any()
+
+        def one():
+            d = self.surfaces.slopes(mode.high)
+            z = self.surfaces.preactivation(self.problem.params(w), d, pair)
+            return (2.0 * mode.high[pair] - 1.0) * z + mode.band
+
+        return jax.lax.cond(alone, one, lambda: self.values(t, w, mode, guess=guess)[c])
+
     # -- the action at an event -----------------------------------------------------
 
     def _cross_or_slide(self, t, w, v, mode: FilippovState, p, guess) -> FilippovState:
