@@ -14,5 +14,9 @@ from ._driver import (
     FilippovWarning as FilippovWarning,
     warn_if_chattering as warn_if_chattering,
 )
-from ._state import FilippovStall as FilippovStall, FilippovState as FilippovState
+from ._state import (
+    FilippovStall as FilippovStall,
+    FilippovState as FilippovState,
+    FilippovZeno as FilippovZeno,
+)
 from ._switching import Switching as Switching

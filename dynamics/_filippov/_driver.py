@@ -22,7 +22,7 @@ from .._models import MLP
 from .._surfaces import Surfaces, data_term_index, is_piecewise_linear, pair_location
 from .._validate import positive_int
 from ..solvers._base import AbstractFlowSolver
-from ._state import FilippovOverflow, FilippovStall, Linearisation
+from ._state import FilippovOverflow, FilippovStall, FilippovZeno, Linearisation
 from ._switching import Switching
 
 # What a Filippov solve records at every save (`FilippovField.record`).
@@ -53,6 +53,12 @@ class Filippov(AbstractNonsmooth):
       64-32-32-10 digits MLP on 64 examples 16; 64 slots cost that run ~15% more than 16.
     - `samples`: dense-output points per step at which the switching functions are
       checked; a pair that dips across and back between two samples is missed.
+    - `zeno`: how many times in a row one pair may cross its surface, each crossing
+      within 1e-2·max(1, |t|) of its last, before the run stops with the event
+      `filippov_zeno` (`FilippovZeno`): an accumulation of crossings, which a
+      second-order flow (heavy ball, Nesterov) makes where a surface pulls from both
+      sides, and whose limit (sliding with z = ż = 0) the mode does not integrate.
+      64 by default; raise it only for a genuine oscillation that fast.
 
     The trajectory gains the monitors `crossings`, `sliding_entries`, `sliding_exits`
     (cumulative counts), `sliding_pairs` (the flat indices of the sliding pairs at each
@@ -62,16 +68,19 @@ class Filippov(AbstractNonsmooth):
 
     A run the mode cannot continue exactly ends with an event, `success` False, a
     `FilippovWarning`, and (with `throw=True`) a `FilippovError` whose `trajectory`
-    holds everything computed up to there: `filippov_overflow` (above) and
-    `filippov_stall` (switches that no longer advance time, `FilippovStall`).
+    holds everything computed up to there: `filippov_overflow` (above),
+    `filippov_stall` (switches that no longer advance time, `FilippovStall`) and
+    `filippov_zeno` (above).
     """
 
     max_sliding: int = eqx.field(static=True)
     samples: int = eqx.field(static=True)
+    zeno: int = eqx.field(static=True)
 
-    def __init__(self, max_sliding: int = 64, samples: int = 4):
+    def __init__(self, max_sliding: int = 64, samples: int = 4, zeno: int = 64):
         self.max_sliding = positive_int(max_sliding, "max_sliding", "Filippov")
         self.samples = positive_int(samples, "samples", "Filippov")
+        self.zeno = positive_int(zeno, "zeno", "Filippov")
 
     @staticmethod
     def pair(p: int, model, loss) -> tuple[int, int, int]:
@@ -131,7 +140,7 @@ class Filippov(AbstractNonsmooth):
             )
 
     def events(self):
-        return (FilippovStall(), FilippovOverflow())
+        return (FilippovStall(), FilippovOverflow(), FilippovZeno(crossings=self.zeno))
 
     def record_names(self):
         return RECORDS
@@ -152,10 +161,21 @@ class Filippov(AbstractNonsmooth):
             what = (f"{FilippovStall.switches} switches within {FilippovStall.window:g} in "
                     f"t did not advance time ({overflow} sliding overflows in all, "
                     f"max_sliding = {self.max_sliding})")
+        elif traj.event == FilippovZeno.name:
+            what = (f"one pair crossed its surface {self.zeno} times in a row, each "
+                    f"within {FilippovZeno.window:g}·max(1, |t|) of the last: the "
+                    "crossings accumulate (Zeno), and beyond them the solution slides along "
+                    "the surface with z = ż = 0, which the mode does not integrate")
         else:
             return traj
+        if traj.event == FilippovZeno.name:
+            remedy = ("end the run before this time, use a first-order flow (gradient "
+                      "flow slides exactly in the mode) or a smooth activation, or, for a "
+                      "genuine oscillation that fast, pass dyn.Filippov(zeno=...) larger.")
+        else:
+            remedy = "pass dyn.Filippov(max_sliding=...) with more slots."
         message = (f"simulate: the Filippov mode stopped at t = {traj.t_final:.6g}: {what}; "
-                   "pass dyn.Filippov(max_sliding=...) with more slots.")
+                   + remedy)
         traj = eqx.tree_at(lambda t: (t.success, t.result), traj, (False, message))
         if throw:
             raise FilippovError(message + " The partial trajectory is the error's "
@@ -165,8 +185,9 @@ class Filippov(AbstractNonsmooth):
 
 
 class FilippovWarning(UserWarning):
-    """A Filippov solve ended early (`filippov_overflow` or `filippov_stall`): the
-    trajectory returned holds the run up to there, flagged `success=False`."""
+    """A Filippov solve ended early (`filippov_overflow`, `filippov_stall` or
+    `filippov_zeno`): the trajectory returned holds the run up to there, flagged
+    `success=False`."""
 
 
 class FilippovError(RuntimeError):
@@ -243,6 +264,8 @@ class FilippovField(AbstractSwitchedField):
             return event.stalled(mode)
         if isinstance(event, FilippovOverflow):
             return event.overflowed(mode)
+        if isinstance(event, FilippovZeno):
+            return event.accumulated(mode)
         return None
 
     def reset(self, t, w, v, mode):

@@ -76,7 +76,8 @@ class Switching(eqx.Module):
         scale = jnp.max(jnp.abs(self.surfaces.preactivations(model, self.surfaces.slopes(high))))
         band = 1e3 * jnp.finfo(dtype).eps * jnp.maximum(scale, 1.0)
         clock = jnp.array([-jnp.inf, -jnp.inf, 0.0], dtype)
-        return FilippovState(high, slots, jnp.zeros(4, dtype), band, clock)
+        bounce = jnp.array([-1.0, -jnp.inf, 0.0], dtype)
+        return FilippovState(high, slots, jnp.zeros(4, dtype), band, clock, bounce)
 
     def reset(self, w, mode: FilippovState) -> FilippovState:
         """The mode derived again for a state `w` that an action (a projection) moved,
@@ -98,7 +99,7 @@ class Switching(eqx.Module):
         keep = (mode.slots >= 0) & near.at[index].get(mode="fill", fill_value=False)
         slots = jnp.where(keep, mode.slots, -1.0)
         high = jnp.where(near, mode.high, signs)
-        return FilippovState(high, slots, mode.counts, mode.band, mode.clock)
+        return FilippovState(high, slots, mode.counts, mode.band, mode.clock, mode.bounce)
 
     def _slot_index(self, mode: FilippovState) -> Array:
         # Free slots point past the end, so scatters drop them.
@@ -336,7 +337,8 @@ class Switching(eqx.Module):
         has_free = free.any()
         k = jnp.argmax(free)
         sliding = FilippovState(mode.high, mode.slots.at[k].set(p.astype(mode.slots.dtype)),
-                                mode.counts.at[1].add(1), mode.band, mode.clock)
+                                mode.counts.at[1].add(1), mode.band, mode.clock,
+                                mode.bounce)
         crossed = eqx.tree_at(lambda m: m.counts, flipped, flipped.counts.at[0].add(1))
         overflow = eqx.tree_at(lambda m: m.counts, crossed, crossed.counts.at[3].add(1))
         pick = jnp.where(away, 0, jnp.where(has_free, 1, 2))
@@ -347,7 +349,7 @@ class Switching(eqx.Module):
         p = jnp.maximum(mode.slots[k], 0).astype(int)
         high = mode.high.at[p].set(jnp.where(to_high, 1.0, 0.0))
         return FilippovState(high, mode.slots.at[k].set(-1.0), mode.counts.at[2].add(1),
-                             mode.band, mode.clock)
+                             mode.band, mode.clock, mode.bounce)
 
     def switch(self, t, w, v, mode: FilippovState, crossed: Array, phi: Array,
                guess: Linearisation | None = None) -> tuple[FilippovState, Array]:
