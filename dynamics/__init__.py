@@ -18,6 +18,7 @@ from . import (
     solvers as solvers,
     symmetries as symmetries,
 )
+from ._architectures import ConvNet as ConvNet
 from ._concatenate import concatenate as concatenate
 from ._convergence import (
     ConvergenceOrder as ConvergenceOrder,
@@ -76,6 +77,7 @@ from ._projection import (
     Every as Every,
     OnEvent as OnEvent,
 )
+from ._recurrent import RNN as RNN, ResidualMLP as ResidualMLP
 from ._reparam import NormCoordinates as NormCoordinates
 from ._simulate import simulate as simulate
 from ._sweep._simulation import Simulation as Simulation

@@ -19,6 +19,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._random import from_numpy, normal
+from ._units import Slice, Units
 from ._validate import prng_key, real
 
 __all__ = [
@@ -31,6 +32,9 @@ __all__ = [
     "Identity",
     "Tanh",
     "activation_from_name",
+    "check_activation",
+    "draw_weights",
+    "init_gain",
     "MLP",
 ]
 
@@ -208,6 +212,21 @@ def activation_from_name(name: str, **kwargs) -> AbstractActivation:
         ) from e
 
 
+def check_activation(activation, owner: str) -> AbstractActivation:
+    """An `AbstractActivation`, built from its name if a string; else a ValueError."""
+    if isinstance(activation, str):
+        return activation_from_name(activation)
+    if not isinstance(activation, AbstractActivation):
+        hint = (f" (did you mean {activation.__name__}()?)"
+                if isinstance(activation, type) and issubclass(activation, AbstractActivation)
+                else "")
+        raise ValueError(
+            f"{owner}: `activation` must be an AbstractActivation such as dyn.ReLU() or a "
+            f"name such as 'relu', got {activation!r}{hint}."
+        )
+    return activation
+
+
 def _check_widths(widths) -> tuple[int, ...]:
     fix = "pass a sequence such as (64, 32, 10): input width, hidden widths, output width"
     if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
@@ -233,6 +252,29 @@ _INITS = {"he": 2.0, "lecun": 1.0}
 def _array(a):
     # NumPy (a concrete key) to the device without a compile; a traced draw stays traced
     return from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+def init_gain(init, owner: str) -> float:
+    """The variance gain of an `init` name: "he" 2 (He et al. 2015), "lecun" 1."""
+    if init not in _INITS:
+        raise ValueError(f"{owner}: `init` must be one of {sorted(_INITS)}, got {init!r}.")
+    return _INITS[init]
+
+
+def draw_weights(key, shapes, fan_ins, gain: float) -> tuple[Array, ...]:
+    """Arrays of the given shapes with entries N(0, gain/fan_in), from one draw."""
+    sizes = [math.prod(shape) for shape in shapes]
+    # One draw for all layers, then cut: the sampler compiles once per size bucket
+    # (`_random.normal`), and the cutting runs in NumPy where the key is concrete
+    # (eager jax slices would compile once per layer shape).
+    z = normal(key, (sum(sizes),))
+    if not isinstance(z, jax.core.Tracer):  # (a traced key: under vmap, say)
+        z = np.asarray(z)
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    return tuple(
+        _array(math.sqrt(gain / fan_in) * z[o : o + size].reshape(shape))
+        for shape, size, o, fan_in in zip(shapes, sizes, offsets, fan_ins)
+    )
 
 
 class MLP(eqx.Module):
@@ -268,36 +310,14 @@ class MLP(eqx.Module):
         init: str = "he",
     ):
         widths = _check_widths(widths)
-        if isinstance(activation, str):
-            activation = activation_from_name(activation)
-        elif not isinstance(activation, AbstractActivation):
-            hint = (f" (did you mean {activation.__name__}()?)"
-                    if isinstance(activation, type) and issubclass(activation, AbstractActivation)
-                    else "")
-            raise ValueError(
-                f"MLP: `activation` must be an AbstractActivation such as dyn.ReLU() or a "
-                f"name such as 'relu', got {activation!r}{hint}."
-            )
+        activation = check_activation(activation, "MLP")
         if not isinstance(bias, bool):
             raise ValueError(f"MLP: `bias` must be True or False, got {bias!r}.")
-        if init not in _INITS:
-            raise ValueError(f"MLP: `init` must be one of {sorted(_INITS)}, got {init!r}.")
+        init_gain(init, "MLP")
         key = prng_key(key, "MLP")
 
-        gain = _INITS[init]
         shapes = [(fan_out, fan_in) for fan_in, fan_out in zip(widths[:-1], widths[1:])]
-        sizes = [fan_out * fan_in for fan_out, fan_in in shapes]
-        # One draw for all layers, then cut: the sampler compiles once per size bucket
-        # (`_random.normal`), and the cutting runs in NumPy where the key is concrete
-        # (eager jax slices would compile once per layer shape).
-        z = normal(key, (sum(sizes),))
-        if not isinstance(z, jax.core.Tracer):  # (a traced key: under vmap, say)
-            z = np.asarray(z)
-        offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-        self.weights = tuple(
-            _array(math.sqrt(gain / shape[1]) * z[o : o + size].reshape(shape))
-            for shape, size, o in zip(shapes, sizes, offsets)
-        )
+        self.weights = draw_weights(key, shapes, [s[1] for s in shapes], init_gain(init, "MLP"))
         dtype = self.weights[0].dtype
         self.biases = tuple(from_numpy(np.zeros(w, dtype)) for w in widths[1:]) if bias else None
         if isinstance(activation, Swish) and activation.trainable:
@@ -317,6 +337,22 @@ class MLP(eqx.Module):
     def degree(self) -> int | float | None:
         """Homogeneity degree of the activation (None when not homogeneous)."""
         return self.activation.degree
+
+    def rescaling_units(self) -> tuple[Units, ...]:
+        """One family of units per hidden layer h = 1..K−1: neuron i scales W_h[i, :] and
+        b_h[i] by λ, W_{h+1}[:, i] by λ^{−p} (and a trainable Swish β_h[i] by λ^{−1}, with
+        p = 1; Głuch & Urbanke Tables 2–4). See `dyn.symmetries.Units`."""
+        trainable_swish = self.betas is not None
+        p = 1.0 if trainable_swish else self.activation.degree
+        out = []
+        for h in range(self.depth - 1):
+            slices = [Slice(("weights", h), 0, 1.0, 2), Slice(("weights", h + 1), 1, "-p", 2)]
+            if self.biases is not None:
+                slices.append(Slice(("biases", h), 0, 1.0, 1))
+            if trainable_swish:
+                slices.append(Slice(("betas", h), 0, -1.0, 1))
+            out.append(Units(f"layer {h + 1}", self.widths[h + 1], slices, p))
+        return tuple(out)
 
     def __call__(self, x: Float[ArrayLike, " in"]) -> Float[Array, " out"]:
         """Map one input of shape `(widths[0],)` to one output of shape `(widths[-1],)`."""

@@ -16,6 +16,7 @@ from ._common import (
     _check_model,
     _check_velocity_rule,
 )
+from ._units import check_units_model, rescale_by_units, units_min_norm
 
 
 @eqx.filter_jit
@@ -90,9 +91,16 @@ def _min_norm_scales(abs_w, p, q, d, tol, max_iter: int):
     return u, it, values, (delta < tol) & jnp.isfinite(final)
 
 
-def min_norm_fix(model: MLP, p: float = 2, q: float = 2, tol: float = 1e-8,
+def min_norm_fix(model, p: float = 2, q: float = 2, tol: float = 1e-8,
                  max_iter: int = 1000) -> tuple[MLP, BalanceInfo]:
     """The functionally equivalent network of least ‖W‖_{p,q} (Saul, Alg. 1, Thm 1).
+
+    For a `dyn.MLP`, Saul's parallel multiplicative updates below. For any other model
+    that states its rescaling units (`dyn.ConvNet`, `dyn.RNN`, `dyn.ResidualMLP`, a
+    user's model with `rescaling_units()`), the same convex problem in the log-scales of
+    its units, solved by damped Newton steps (module `balance._units`): the norm then
+    runs over the rows (axis 0) of every weight array (rank ≥ 2) a unit touches, biases
+    excluded, and `max_iter` counts Newton steps.
 
     Each iteration rescales every hidden unit at once by (Saul eq. 8, our d-extension)
 
@@ -104,6 +112,9 @@ def min_norm_fix(model: MLP, p: float = 2, q: float = 2, tol: float = 1e-8,
     their unit but are not in the norm. One `lax.while_loop` under jit.
 
     Returns the rescaled model and a `BalanceInfo` (norm history in `values`).
+
+    **Raises:** ValueError naming the argument for a model without units, a
+    non-homogeneous activation (Tanh, Swish), a NaN weight, or p, q < 1.
     """
     fix = MinNormFix(p, q, tol, max_iter, _owner="min_norm_fix")
     new, _, info = fix._run(model, None, "min_norm_fix")
@@ -131,6 +142,8 @@ class MinNormFix(AbstractProjection):
         self.velocity = _check_velocity_rule(velocity, _owner)
 
     def _run(self, params, velocity, owner: str):
+        if not isinstance(params, MLP):
+            return _run_units(self, params, velocity, owner)
         d = _check_model(params, owner)
         u, it, values, conv = _min_norm_scales(tuple(jnp.abs(w) for w in params.weights),
                                                self.p, self.q, float_array(d), self.tol,
@@ -141,3 +154,14 @@ class MinNormFix(AbstractProjection):
         return self._run(params, velocity, "MinNormFix")[:2]
 
 
+
+
+def _run_units(fix: MinNormFix, params, velocity, owner: str):
+    families = check_units_model(params, owner)
+    u, it, values, conv = units_min_norm(params, fix.p, fix.q, fix.tol, fix.max_iter)
+    new = rescale_by_units(params, params, families, u)
+    if velocity is not None and fix.velocity == "pushforward":
+        velocity = rescale_by_units(velocity, params, families, u)
+    elif velocity is not None and fix.velocity == "zero":
+        velocity = jax.tree.map(jnp.zeros_like, velocity)
+    return new, velocity, BalanceInfo(it, values, conv, u)

@@ -1,5 +1,8 @@
-"""Datasets: `dyn.datasets.digits()`, synthetic problems, and the `Dataset` container."""
+"""Datasets: `dyn.datasets.digits()`, synthetic problems, the `Dataset` container, and
+loaders of the real sets from a local path (`cifar10`, `imdb`; nothing is downloaded)
+with bundled stand-ins (`digits_images`, `digits_sequences`)."""
 
+from ._cifar import CIFAR10_CLASSES as CIFAR10_CLASSES, cifar10 as cifar10
 from ._datasets import (
     Dataset as Dataset,
     circles as circles,
@@ -7,3 +10,6 @@ from ._datasets import (
     rotational as rotational,
     teacher_student as teacher_student,
 )
+from ._files import default_cache_dir as default_cache_dir
+from ._imdb import Sequences as Sequences, imdb as imdb
+from ._stand_ins import digits_images as digits_images, digits_sequences as digits_sequences

@@ -36,7 +36,8 @@ def _as_array(value, name: str) -> Array:
 
 
 class Dataset(eqx.Module):
-    """Inputs `x` of shape (n, d) and targets `y`.
+    """Inputs `x` of shape (n, d), or (n, ...) for images (n, C, H, W) and sequences
+    (n, T, F), and targets `y`.
 
     `y` is either integer class labels of shape (n,) with `num_classes` set, or float
     regression targets of shape (n, k) with `num_classes=None`. Integer inputs are
@@ -55,8 +56,11 @@ class Dataset(eqx.Module):
     ):
         x = _as_array(x, "x")
         y = _as_array(y, "y")
-        if x.ndim != 2:
-            raise ValueError(f"Dataset: `x` must have shape (n, d), got shape {x.shape}.")
+        if x.ndim < 2:
+            raise ValueError(
+                f"Dataset: `x` must have shape (n, d) (or (n, ...): images, sequences), got "
+                f"shape {x.shape}."
+            )
         if x.shape[0] == 0:
             # A loss averaged over no examples is NaN: a run on it "diverged" at once and
             # still reported success.

@@ -20,13 +20,9 @@ from .._flows import (
 from .._flows._base import gauss_integral
 from .._models import MLP
 from .._tree import sqnorm, vdot
+from .._units import unit_families, unit_residuals
 from ..symmetries._charges import linear_balance
-from ..symmetries._generators import (
-    AbstractGenerator,
-    AbstractLinearGenerator,
-    Rescaling,
-    homogeneity_degree,
-)
+from ..symmetries._generators import AbstractGenerator, AbstractLinearGenerator
 from ._monitors import AbstractIntegralMonitor, AbstractMonitor
 
 
@@ -87,11 +83,11 @@ class SymmetryResidual(AbstractMonitor):
 
 
 class RescalingResiduals(AbstractMonitor):
-    """eq. 17 for every hidden neuron's rescaling at once: r_i = ⟨F, ξ_i⟩ / (‖F_i‖ ‖ξ_i‖)
-    with F = κ2 ẅ + κ1 ẇ (the flow's own acceleration; F = −∇L for GF), ξ_i the generator
-    of `Rescaling(h, i)` and F_i the part of F on ξ_i's support (in-weights, bias,
-    out-weights, β), concatenated over hidden layers like `RescalingCharges`. Zero by
-    construction for homogeneous units; one vectorised pass instead of one
+    """eq. 17 for every rescaling unit at once: r_i = ⟨F, ξ_i⟩ / (‖F_i‖ ‖ξ_i‖) with
+    F = κ2 ẅ + κ1 ẇ (the flow's own acceleration; F = −∇L for GF), ξ_i the generator
+    of `Rescaling(h, i)` and F_i the part of F on ξ_i's support (for an MLP in-weights,
+    bias, out-weights, β), concatenated over the unit families like `RescalingCharges`.
+    Zero by construction for homogeneous units; one vectorised pass instead of one
     `SymmetryResidual` per neuron (600 monitors for a 200-200-200 net)."""
 
     name: ClassVar[str] = "rescaling_residuals"
@@ -100,25 +96,8 @@ class RescalingResiduals(AbstractMonitor):
     def __call__(self, t, w, v, problem):
         f = problem.params(_force(t, w, v, problem, "RescalingResiduals"))
         m = problem.params(w)
-        if not isinstance(m, MLP):
-            raise ValueError("RescalingResiduals needs a dyn.MLP.")
-        xi0 = Rescaling(1, 0)  # validates the activation (homogeneous, or trainable Swish)
-        p, _ = homogeneity_degree(m, xi0.degree)
-        out = []
-        for h in range(m.depth - 1):
-            wi, wo, fi, fo = m.weights[h], m.weights[h + 1], f.weights[h], f.weights[h + 1]
-            dot = jnp.sum(fi * wi, 1) - p * jnp.sum(fo * wo, 0)
-            fsq = jnp.sum(fi**2, 1) + jnp.sum(fo**2, 0)
-            xsq = jnp.sum(wi**2, 1) + p**2 * jnp.sum(wo**2, 0)
-            if m.biases is not None:
-                dot, fsq = dot + f.biases[h] * m.biases[h], fsq + f.biases[h] ** 2
-                xsq = xsq + m.biases[h] ** 2
-            if m.betas is not None:
-                dot, fsq = dot - f.betas[h] * m.betas[h], fsq + f.betas[h] ** 2
-                xsq = xsq + m.betas[h] ** 2
-            denom = jnp.sqrt(fsq * xsq)
-            out.append(dot / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny))
-        return jnp.concatenate(out)
+        families = unit_families(m, "RescalingResiduals", "params")
+        return jnp.concatenate([unit_residuals(f, m, u) for u in families])
 
 
 def _weight(flow, t):

@@ -2,6 +2,7 @@
 `LinearLayer(layer, A)`, `InputRotation(P)`, `TimeTranslation()`,
 `check(gen, loss, params, key=key)` and `count_conservation_laws(model, x, key=key)`."""
 
+from .._units import Slice as Slice, Units as Units
 from ._charges import linear_balance as linear_balance, rescaling as rescaling
 from ._count import (
     ConservationLawCount as ConservationLawCount,

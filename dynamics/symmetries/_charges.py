@@ -1,4 +1,4 @@
-"""Symmetries of MLPs and the Noether charges they give.
+"""Symmetries of networks and the Noether charges they give.
 
 A symmetry is a generator ξ(w) with ⟨∇L(w), ξ(w)⟩ = 0 for every w. For a linear
 generator ξ(w) = A w with A symmetric, Q = ½⟨w, A w⟩ satisfies dQ/dt = −⟨ξ(w), ∇L⟩ = 0
@@ -9,7 +9,8 @@ Du et al. 2018 for ReLU). The charges below are 2Q, per hidden neuron or per lay
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._models import MLP, Identity, Swish
+from .._models import MLP, Identity
+from .._units import unit_charges, unit_families
 
 
 def check_mlp(model, name: str = "model") -> MLP:
@@ -18,36 +19,23 @@ def check_mlp(model, name: str = "model") -> MLP:
     return model
 
 
-def rescaling(model: MLP) -> tuple[Array, ...]:
-    """Per-neuron rescaling charges, one array per hidden layer h = 1..K−1:
+def rescaling(model) -> tuple[Array, ...]:
+    """Per-unit rescaling charges, one array per family of `model.rescaling_units()` (for
+    an MLP, per hidden layer h = 1..K−1):
 
-        Q_i = b_i² + ‖W_h[i, :]‖² − p ‖W_{h+1}[:, i]‖²   (− β_i² for trainable Swish)
+        Q_i = Σ_S e_S ‖w_S[i]‖²,   for an MLP  b_i² + ‖W_h[i, :]‖² − p ‖W_{h+1}[:, i]‖²
+                                                 (− β_i² for trainable Swish)
 
     from the generator in ×(1+ε), out ×(1+ε)^{−p} of a p-homogeneous unit (Głuch &
-    Urbanke Table 2 for p = 1, Table 3 for x^p, and
-    Table 4 for Swish, where β_i scales by (1+ε)^{−1}). Conserved by gradient flow.
-    Leading batch axes on the weights (a saved trajectory) are kept.
+    Urbanke Table 2 for p = 1, Table 3 for x^p, and Table 4 for Swish, where β_i scales by
+    (1+ε)^{−1}; `dyn.symmetries.Units` for conv channels and recurrent units). Conserved
+    by gradient flow. Leading batch axes on the weights (a saved trajectory) are kept.
+
+    **Raises:** ValueError when `model` states no units or a family's activation is not
+    positively homogeneous.
     """
-    model = check_mlp(model)
-    activation = model.activation
-    trainable_swish = isinstance(activation, Swish) and model.betas is not None
-    if activation.degree is None and not trainable_swish:
-        raise ValueError(
-            f"`model` has activation {type(activation).__name__}, which is not positively "
-            "homogeneous, so rescaling is not a symmetry and has no charge; use ReLU, "
-            "LeakyReLU, RePU, Polynomial, Identity or Swish(trainable=True)."
-        )
-    p = 1.0 if trainable_swish else activation.degree
-    charges = []
-    for h in range(model.depth - 1):
-        q = jnp.sum(model.weights[h] ** 2, axis=-1) - p * jnp.sum(model.weights[h + 1] ** 2,
-                                                                 axis=-2)
-        if model.biases is not None:
-            q = q + model.biases[h] ** 2
-        if trainable_swish:
-            q = q - model.betas[h] ** 2
-        charges.append(q)
-    return tuple(charges)
+    families = unit_families(model, "rescaling")
+    return tuple(unit_charges(model, u, None, "rescaling") for u in families)
 
 
 def linear_balance(model: MLP) -> tuple[Array, ...]:

@@ -18,15 +18,11 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._flows import AbstractFlow
-from .._models import MLP, Identity, Swish
+from .._models import MLP, Identity
 from .._random import normal
 from .._tree import is_concrete, leaves, partition, vdot
+from .._units import unit_families, unit_generator, zeros_like
 from ._charges import check_mlp
-
-
-def _zeros(params: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else x,
-                        params)
 
 
 def _optional_degree(degree) -> float | None:
@@ -44,12 +40,18 @@ def _index(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _hidden_layer(model: MLP, layer: int, owner: str) -> None:
-    if layer > model.depth - 1:
+def _family(model, layer: int, owner: str):
+    """The `layer`-th (from 1) family of `model`'s rescaling units."""
+    families = unit_families(model, owner, "params")
+    if layer > len(families):
+        shape = f" (widths {model.widths})" if isinstance(model, MLP) else ""
         raise ValueError(
-            f"{owner}: `layer` = {layer} but the model has hidden layers 1..{model.depth - 1} "
-            f"(widths {model.widths}); hidden layer h sits between W_h and W_(h+1)."
+            f"{owner}: `layer` = {layer} but the model has hidden layers 1..{len(families)}"
+            f"{shape}, i.e. its unit families "
+            f"{', '.join(repr(u.name) for u in families)}; hidden layer h of an MLP sits "
+            "between W_h and W_(h+1)."
         )
+    return families[layer - 1]
 
 
 class AbstractGenerator(eqx.Module):
@@ -73,17 +75,19 @@ class AbstractLinearGenerator(AbstractGenerator):
 
 
 class Rescaling(AbstractLinearGenerator):
-    """Rescaling of hidden neuron `neuron` of hidden layer h = `layer` (1..K−1):
+    """Rescaling of unit `neuron` of the `layer`-th family of the model's rescaling units
+    (`model.rescaling_units()`, counted from 1; for an MLP hidden layer h = 1..K−1):
 
         W_h[i, :], b_h[i] ↦ ×(1+ε),  W_{h+1}[:, i] ↦ ×(1+ε)^{−p},  β_h[i] ↦ ×(1+ε)^{−1}
 
     so ξ = (W_h[i,:], b_h[i], −p W_{h+1}[:,i], −β_h[i]) on those entries, zero elsewhere
     (Głuch & Urbanke Table 2 for p = 1, Table 3 for p-homogeneous units, Table 4 for Swish
-    with trainable β, where p = 1). Charge ⟨w, ξ(w)⟩ =
-    b_i² + ‖W_h[i,:]‖² − p‖W_{h+1}[:,i]‖² − β_i².
+    with trainable β, where p = 1); in general ξ = e_S w_S on each slice S of the unit
+    (`dyn.symmetries.Units`: a conv channel, a recurrent unit). Charge ⟨w, ξ(w)⟩ =
+    Σ_S e_S ‖w_S‖², for an MLP b_i² + ‖W_h[i,:]‖² − p‖W_{h+1}[:,i]‖² − β_i².
 
-    `degree` = None takes p from the model's activation and raises on a non-homogeneous
-    one; a number forces p (e.g. to test a false symmetry with `check`).
+    `degree` = None takes p from the units (the activation) and raises on a
+    non-homogeneous one; a number forces p (e.g. to test a false symmetry with `check`).
     """
 
     layer: int = eqx.field(static=True)
@@ -96,57 +100,22 @@ class Rescaling(AbstractLinearGenerator):
         self.degree = _optional_degree(degree)
 
     def __call__(self, params):
-        model = check_mlp(params, "params")
-        _hidden_layer(model, self.layer, "Rescaling")
-        if self.neuron >= model.widths[self.layer]:
+        units = _family(params, self.layer, "Rescaling")
+        if self.neuron >= units.size:
             raise ValueError(
-                f"Rescaling: `neuron` = {self.neuron} but hidden layer {self.layer} has "
-                f"{model.widths[self.layer]} neurons (numbered from 0)."
+                f"Rescaling: `neuron` = {self.neuron} but hidden layer {self.layer} "
+                f"({units.name}) has {units.size} units (numbered from 0)."
             )
-        return _rescale(model, self.layer, self.neuron, *homogeneity_degree(model, self.degree))
+        return unit_generator(params, units, self.neuron, self.degree, "Rescaling")
 
     def charge(self, params):
         return vdot(params, self(params))
 
 
-def homogeneity_degree(model: MLP, degree: float | None) -> tuple[float, bool]:
-    """(p, trainable Swish) of a rescaling generator on `model`; `degree` forces p."""
-    trainable_swish = isinstance(model.activation, Swish) and model.betas is not None
-    if degree is not None:
-        return degree, trainable_swish
-    if trainable_swish:
-        return 1.0, True
-    if model.activation.degree is None:
-        raise ValueError(
-            f"Rescaling: the activation {type(model.activation).__name__} is not "
-            "positively homogeneous, so neuron rescaling is not a symmetry; use ReLU, "
-            "LeakyReLU, RePU, Polynomial, Identity or Swish(trainable=True), or pass "
-            "`degree=` explicitly to test it with dyn.symmetries.check."
-        )
-    return float(model.activation.degree), False
-
-
-def _rescale(model: MLP, layer: int, i, p: float, swish: bool):
-    """ξ of the rescaling of hidden layer `layer`'s neurons `i` (an index or a slice):
-    in-weights and bias ×1, out-weights ×(−p), Swish β ×(−1), zero elsewhere."""
-    h = layer - 1
-    xi = _zeros(model)
-    xi = eqx.tree_at(lambda m: m.weights[h], xi,
-                     xi.weights[h].at[..., i, :].set(model.weights[h][..., i, :]))
-    xi = eqx.tree_at(lambda m: m.weights[h + 1], xi,
-                     xi.weights[h + 1].at[..., :, i].set(-p * model.weights[h + 1][..., :, i]))
-    if model.biases is not None:
-        xi = eqx.tree_at(lambda m: m.biases[h], xi,
-                         xi.biases[h].at[..., i].set(model.biases[h][..., i]))
-    if swish:
-        xi = eqx.tree_at(lambda m: m.betas[h], xi,
-                         xi.betas[h].at[..., i].set(-model.betas[h][..., i]))
-    return xi
-
-
 class LayerRescaling(AbstractLinearGenerator):
-    """All neurons of hidden layer h = `layer` rescaled together (the sum of
-    `Rescaling(layer, i)` over i): ξ = (W_h, b_h, −p W_{h+1}, −β_h) on those blocks.
+    """All units of the `layer`-th family rescaled together (the sum of
+    `Rescaling(layer, i)` over i): for an MLP ξ = (W_h, b_h, −p W_{h+1}, −β_h) on those
+    blocks.
 
     Its residual is Głuch & Urbanke's per-layer identity (eq. 30),
     ⟨W_h, κ2 Ẅ_h + κ1 Ẇ_h⟩ − p⟨W_{h+1}, κ2 Ẅ_{h+1} + κ1 Ẇ_{h+1}⟩ = 0 (with biases,
@@ -162,9 +131,8 @@ class LayerRescaling(AbstractLinearGenerator):
         self.degree = _optional_degree(degree)
 
     def __call__(self, params):
-        model = check_mlp(params, "params")
-        _hidden_layer(model, self.layer, "LayerRescaling")
-        return _rescale(model, self.layer, slice(None), *homogeneity_degree(model, self.degree))
+        units = _family(params, self.layer, "LayerRescaling")
+        return unit_generator(params, units, None, self.degree, "LayerRescaling")
 
     def charge(self, params):
         return vdot(params, self(params))
@@ -198,7 +166,7 @@ class LinearLayer(AbstractLinearGenerator):
 
     def __call__(self, params):
         model = check_mlp(params, "params")
-        _hidden_layer(model, self.layer, "LinearLayer")
+        _family(model, self.layer, "LinearLayer")
         if not isinstance(model.activation, Identity):
             raise ValueError(
                 "LinearLayer: the GL action is a symmetry of linear layers only; the model's "
@@ -211,7 +179,7 @@ class LinearLayer(AbstractLinearGenerator):
                 f"{self.A.shape}."
             )
         h, a = self.layer - 1, jnp.asarray(self.A)
-        xi = _zeros(model)
+        xi = zeros_like(model)
         xi = eqx.tree_at(lambda m: m.weights[h], xi, a @ model.weights[h])
         xi = eqx.tree_at(lambda m: m.weights[h + 1], xi, -model.weights[h + 1] @ a)
         if model.biases is not None:
@@ -249,7 +217,7 @@ class InputRotation(AbstractLinearGenerator):
                 f"InputRotation: `P` must be {model.widths[0]}x{model.widths[0]} (the input "
                 f"width), got {self.P.shape}."
             )
-        xi = _zeros(model)
+        xi = zeros_like(model)
         return eqx.tree_at(lambda m: m.weights[0], xi, model.weights[0] @ jnp.asarray(self.P))
 
 
