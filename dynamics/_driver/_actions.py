@@ -147,9 +147,16 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         dtype = jnp.result_type(t0)
         aux = self.action.init(t0, y0)
         args = self._step_args(t0, y0, aux, None)
+        if isinstance(self.trigger, AbstractExactTrigger):
+            here = self.trigger.here(args)
+            inner = self.solver.init(terms, t0, t1, y0, here)
+            trigger = self.trigger.reset(t0, y0, None, here)
+        else:
+            inner = self.solver.init(terms, t0, t1, y0, aux)
+            trigger = self.trigger.init(t0, y0)
         return _ActingState(
-            inner=self.solver.init(terms, t0, t1, y0, aux if args is None else args),
-            trigger=self.trigger.init(t0, y0),
+            inner=inner,
+            trigger=trigger,
             aux=aux,
             args=args,
             count=jnp.array(0),
@@ -222,8 +229,9 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
             # The acted state's step args, started from this step's: the restart's
             # first derivative, the eligibility and the next step all use them.
             new_args = self._step_args(t1, y, aux, step_args)
-            y, fresh = self._fresh(terms, t0, t1, y, new_args, inner)
-            return y, aux, fresh, self.trigger.reset(t1, y, trigger, new_args), new_args
+            here = self.trigger.here(new_args)
+            y, fresh = self._fresh(terms, t0, t1, y, here, inner)
+            return y, aux, fresh, self.trigger.reset(t1, y, trigger, here), new_args
 
         def keep():
             return y1, solver_state.aux, inner, trigger, step_args if exact else None

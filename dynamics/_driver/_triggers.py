@@ -143,6 +143,12 @@ class AbstractExactTrigger(AbstractTrigger):
     def reset(self, t1, y1, state, args=None):
         return jnp.atleast_1d(self.values(t1, y1, state, args)) >= 0
 
+    def here(self, args):
+        """`step_args` made at the point where they are used next (the restart after an
+        action, the solve's start): a trigger whose args carry a solution there marks
+        them, so that nothing is solved again (the Filippov mode's multipliers)."""
+        return args
+
     def locate(self, t0, t1, interp, state, root_finder, args=None):
         """(t_c, next state): the earliest crossing in (t0, t1] (inf if none) and the
         eligibility for the next step if the step is accepted without an action."""

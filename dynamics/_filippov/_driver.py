@@ -291,6 +291,9 @@ class FilippovTrigger(AbstractExactTrigger):
         w, _, mode = self.unpack(y0)
         return self.switching.linearise(t0, w, mode, previous)
 
+    def here(self, args):
+        return args.at_its_point()
+
 
 class FilippovAction(AbstractAction):
     """At an event: switch the mode, then correct the state for the time t1 − t_c it

@@ -124,8 +124,16 @@ class FilippovOverflow(AbstractEvent):
 class Linearisation(eqx.Module):
     """The sliding multipliers `s` at a step's start, the lineax LU state of their
     system's Jacobian (identity while nothing slides), and the `slots` they were solved
-    for: a later step with the same sliding pairs starts from them."""
+    for: a later step with the same sliding pairs starts from them.
+
+    `here`: `s` are the multipliers at the very point where the field or the switching
+    functions are evaluated (the restart after a switch, the solve's start), so nothing
+    is solved again; a static flag, so that those call sites compile no solve."""
 
     s: Array
     lu: PyTree
     slots: Array
+    here: bool = eqx.field(static=True, default=False)
+
+    def at_its_point(self) -> "Linearisation":
+        return Linearisation(self.s, self.lu, self.slots, here=True)

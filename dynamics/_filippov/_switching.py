@@ -214,6 +214,8 @@ class Switching(eqx.Module):
         half = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
         if not self.first_order:
             return half
+        if guess is not None and guess.here:
+            return guess.s
         if guess is None:
             return jax.lax.cond(active.any(), lambda: _newton(self, t, w, mode, half),
                                 lambda: half)
