@@ -138,6 +138,28 @@ def _zeros_log_scales(model: MLP):
     return tuple(jnp.zeros(w, model.weights[0].dtype) for w in model.widths[1:-1])
 
 
+def sweep_until(sweep, objective, state, tol, max_sweeps: int, key, dtype):
+    """Repeat `sweep(state, key) -> (state, delta)` while delta (the largest |λ − 1| of the
+    sweep) >= `tol`, at most `max_sweeps` times, in one `lax.while_loop`; returns (state,
+    sweeps, objective before each sweep and after the last, NaN-padded, last delta)."""
+    values0 = jnp.full(max_sweeps + 1, jnp.nan, dtype)
+    keys = (jax.random.split(key, max_sweeps) if key is not None
+            else jnp.zeros((max_sweeps,), dtype))
+
+    def cond(carry):
+        return (carry[2] < max_sweeps) & (carry[3] >= tol)
+
+    def body(carry):
+        state, values, it, _ = carry
+        values = values.at[it].set(objective(state))
+        state, delta = sweep(state, keys[it])
+        return state, values, it + 1, delta
+
+    state, values, it, delta = jax.lax.while_loop(
+        cond, body, (state, values0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype)))
+    return state, it, values.at[it].set(objective(state)), delta
+
+
 # norms
 
 

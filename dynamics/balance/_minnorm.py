@@ -16,7 +16,7 @@ from ._common import (
     _check_model,
     _check_velocity_rule,
 )
-from ._units import check_units_model, rescale_by_units, units_min_norm
+from ._units import apply_units, check_units_model, units_min_norm
 
 
 @eqx.filter_jit
@@ -154,14 +154,8 @@ class MinNormFix(AbstractProjection):
         return self._run(params, velocity, "MinNormFix")[:2]
 
 
-
-
 def _run_units(fix: MinNormFix, params, velocity, owner: str):
     families = check_units_model(params, owner)
     u, it, values, conv = units_min_norm(params, fix.p, fix.q, fix.tol, fix.max_iter)
-    new = rescale_by_units(params, params, families, u)
-    if velocity is not None and fix.velocity == "pushforward":
-        velocity = rescale_by_units(velocity, params, families, u)
-    elif velocity is not None and fix.velocity == "zero":
-        velocity = jax.tree.map(jnp.zeros_like, velocity)
+    new, velocity = apply_units(params, velocity, families, u, fix.velocity)
     return new, velocity, BalanceInfo(it, values, conv, u)

@@ -18,7 +18,10 @@ from ._common import (
     _check_model,
     _check_schedule,
     _check_velocity_rule,
+    sweep_until,
 )
+from ._unit_balance import units_neuron_balance
+from ._units import apply_units, check_units_model
 
 
 def _lp_log_scale(x, y, p, d, wx=1.0, wy=1.0):
@@ -148,23 +151,14 @@ def _balance_scales(abs_w, abs_b, p, d, g, schedule: str, tol, max_sweeps: int, 
             delta = jnp.maximum(delta, jnp.max(jnp.abs(jnp.expm1(s))))
         return w, b, u, delta
 
+    def run(state, key):
+        w, b, u, delta = sweep((*state, jnp.asarray(0.0, dtype)), key)
+        return (w, b, u), delta
+
     u0 = tuple(jnp.zeros(n, dtype) for n in sizes)
-    values0 = jnp.full(max_sweeps + 1, jnp.nan, dtype)
-    keys = (jax.random.split(key, max_sweeps) if key is not None
-            else jnp.zeros((max_sweeps,), dtype))
-
-    def cond(carry):
-        return (carry[4] < max_sweeps) & (carry[5] >= tol)
-
-    def body(carry):
-        w, b, u, values, it, _ = carry
-        values = values.at[it].set(_objective(w, b, p, g, coef))
-        w, b, u, delta = sweep((w, b, u, jnp.asarray(0.0, dtype)), keys[it])
-        return w, b, u, values, it + 1, delta
-
-    w, b, u, values, it, delta = jax.lax.while_loop(
-        cond, body, (abs_w, abs_b, u0, values0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype)))
-    values = values.at[it].set(_objective(w, b, p, g, coef))
+    (w, b, u), it, values, delta = sweep_until(
+        run, lambda st: _objective(st[0], st[1], p, g, coef), (abs_w, abs_b, u0), tol,
+        max_sweeps, key, dtype)
     return u, it, values, delta < tol
 
 
@@ -201,6 +195,17 @@ def neuron_balance(model: MLP, p: float = 2, schedule: str = "sequential",
     "tied" reaches the same unique balanced network, which for L_p without bias is
     `min_norm_fix` with q = p; "tied" reaches the layer balance of their Thm 45.
     The biases always rescale with their unit.
+
+    Any other model that states its rescaling units (`dyn.ConvNet`, `dyn.RNN`,
+    `dyn.ResidualMLP`, a user's model with `rescaling_units()`) is balanced unit by unit
+    in the same way, with R summed over every array (rank ≥ 2, biases if `include_bias`)
+    a unit touches (module `balance._unit_balance`). A recurrent unit's row and column of
+    W_rec meet on its self-loop, which scales by λ^{1−d}: its share of the L_p objective
+    is φ(s) = A e^{ps} + B e^{−pds} + C e^{p(1−d)s} (s = log λ, A the in-, B the out-,
+    C the self-loop |w|^p), minimised by damped Newton steps; for d = 1 C is constant,
+    λ* = (B/A)^{1/(2p)}, and the self-loop is unchanged: Baldi et al.'s cycle constraint
+    (Thm 34, Prop. 37). "layer" then updates a family's units at once (half steps where
+    they share weights, as a recurrent layer's do).
     """
     fix = NeuronBalance(p, schedule, include_bias, tol, max_sweeps, key, regularizer,
                         _owner="neuron_balance")
@@ -249,6 +254,13 @@ class NeuronBalance(AbstractProjection):
         self.velocity = _check_velocity_rule(velocity, owner)
 
     def _run(self, params, velocity, owner: str):
+        if not isinstance(params, MLP):
+            families = check_units_model(params, owner)
+            u, it, values, conv = units_neuron_balance(
+                params, self.p, self.regularizer, self.schedule, self.include_bias, self.tol,
+                self.max_sweeps, self.key)
+            new, velocity = apply_units(params, velocity, families, u, self.velocity)
+            return new, velocity, BalanceInfo(it, values, conv, u)
         d = _check_model(params, owner)
         abs_b = None
         if self.include_bias and params.biases is not None:

@@ -59,14 +59,26 @@ def rescale_by_units(tree, model, families, u):
     return tree
 
 
-def _weight_paths(model, families):
-    """Paths of the weight arrays in the norm: touched by a unit, rank >= 2 (biases, rank
-    1, rescale with their unit but stay out of the norm, as in `lpq_norm`)."""
+def apply_units(params, velocity, families, u, rule: str):
+    """The rescaled (model, velocity): every unit scaled by e^u; the velocity pushed
+    forward by the same linear map ("pushforward"), kept ("keep") or zeroed ("zero")."""
+    new = rescale_by_units(params, params, families, u)
+    if velocity is not None and rule == "pushforward":
+        velocity = rescale_by_units(velocity, params, families, u)
+    elif velocity is not None and rule == "zero":
+        velocity = jax.tree.map(jnp.zeros_like, velocity)
+    return new, velocity
+
+
+def weight_paths(model, families, include_bias: bool = False):
+    """Paths of the arrays in the objective: touched by a unit, rank >= 2 (biases, rank
+    1, rescale with their unit but stay out of the norm, as in `lpq_norm`, unless
+    `include_bias`)."""
     paths = []
     for fam in families:
         for s in fam.slices:
             ndim = s.ndim if s.ndim is not None else leaf_at(model, s.path).ndim
-            if ndim >= 2 and s.path not in paths:
+            if (ndim >= 2 or include_bias) and s.path not in paths:
                 paths.append(s.path)
     return paths
 
@@ -76,7 +88,7 @@ def units_min_norm(model, p, q, tol, max_iter: int):
     """(log-scales per family, iterations, norm history, converged) of the least ℓ_{p,q}
     rescaling of `model` (module docstring)."""
     families = model.rescaling_units()
-    paths = _weight_paths(model, families)
+    paths = weight_paths(model, families)
     sizes = [f.size for f in families]
     cuts = np.cumsum([0, *sizes])
     dtype = leaf_at(model, paths[0]).dtype
