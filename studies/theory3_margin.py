@@ -161,9 +161,9 @@ def _deep_runs(loss, data, cfg) -> dict[int, dyn.Trajectory]:
 
 def _gf_note(exact: bool) -> str:
     if exact:
-        return (f"GF exact through the kinks (Filippov mode), Dopri5, rtol = {EXACT_TOL[0]:g}, "
-                f"atol = {EXACT_TOL[1]:g}")
-    return f"Dopri5, rtol = {RELU_TOL[0]:g}"
+        return (f"exact through the kinks (Filippov mode), Dopri5, rtol = {EXACT_TOL[0]:.0e}, "
+                f"atol = {EXACT_TOL[1]:.0e}")
+    return f"Dopri5, rtol = {RELU_TOL[0]:.0e}"
 
 
 def _fig_linear(runs, svm_margin) -> Figure:
@@ -218,7 +218,7 @@ def _fig_depth(deep, exact: bool) -> Figure:
     ax_l.set_ylabel(r"geometric mean of $\|W_k\|$")
     ax_l.set_title("Per-layer norm (slower than the 1-layer case)")
     fig.suptitle("Bias-free ReLU networks 64-…-1 from every ‖W_k‖ = 1, GF on the exponential "
-                 f"loss\n(cf. Theory III Fig. 11; {_gf_note(exact)})")
+                 f"loss\n(cf. Theory III Fig. 11; GF {_gf_note(exact)})")
     return fig
 
 
@@ -231,7 +231,7 @@ def _fig_relu_margin(runs, exact: bool) -> Figure:
     ax.set_xlabel("time $t$")
     ax.set_ylabel(r"$\min_n y_n f(x_n) / \prod_k \|W_k\|$")
     ax.set_title("Depth-2 ReLU network: normalized margin")
-    note = (f"GF: {_gf_note(exact)};\nother flows: plain Dopri5, rtol = {RELU_TOL[0]:g}"
+    note = (f"GF: {_gf_note(exact)};\nother flows: plain Dopri5, rtol = {RELU_TOL[0]:.0e}"
             if exact and len(runs) > 1 else _gf_note(exact))
     ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize=8, va="bottom")
     ax.legend(frameon=False)
