@@ -20,6 +20,7 @@ import numpy as np
 
 from .._tree import is_concrete, partition
 from .._units import family_exponents, leaf_at, unit_families
+from ._common import sweep_until
 
 
 def check_units_model(model, owner: str):
@@ -106,18 +107,12 @@ def units_min_norm(model, p, q, tol, max_iter: int):
             total = total + jnp.sum(rows ** (q / p))
         return total
 
-    grad_hess = jax.value_and_grad(objective)
+    value_and_grad = jax.value_and_grad(objective)
     hess = jax.hessian(objective)
     n = int(cuts[-1])
 
-    def cond(carry):
-        _, it, _, delta = carry
-        return (it < max_iter) & (delta >= tol)
-
-    def body(carry):
-        v, it, values, _ = carry
-        f, g = grad_hess(v)
-        values = values.at[it].set(f ** (1.0 / q))
+    def newton_step(v, _):
+        f, g = value_and_grad(v)
         h = hess(v)
         # a unit with no weights leaves F flat along it: a relative ridge keeps the
         # solve regular and that unit's step at ~0
@@ -136,13 +131,9 @@ def units_min_norm(model, p, q, tol, max_iter: int):
         t, _ = jax.lax.while_loop(too_high, shrink,
                                   (jnp.asarray(1.0, dtype), objective(v - step)))
         move = t * step
-        delta = jnp.max(jnp.abs(jnp.expm1(move)))
-        return v - move, it + 1, values, delta
+        return v - move, jnp.max(jnp.abs(jnp.expm1(move)))
 
-    v0 = jnp.zeros(n, dtype)
-    values0 = jnp.full(max_iter + 1, jnp.nan, dtype)
-    v, it, values, delta = jax.lax.while_loop(
-        cond, body, (v0, jnp.asarray(0), values0, jnp.asarray(jnp.inf, dtype)))
-    final = objective(v) ** (1.0 / q)
-    values = values.at[it].set(final)
-    return split(v), it, values, (delta < tol) & jnp.isfinite(final)
+    v, it, values, delta = sweep_until(newton_step, lambda v: objective(v) ** (1.0 / q),
+                                       jnp.zeros(n, dtype), tol, max_iter, None, dtype)
+    # A non-finite norm (a NaN weight inside a solve) is no convergence.
+    return split(v), it, values, (delta < tol) & jnp.isfinite(values[it])
