@@ -11,8 +11,21 @@ f = (1 − s) f_0 + s f_1 with s = ż_m(f_0) / (ż_m(f_0) − ż_m(f_1)), which 
 ż_m = 0 (Filippov 1988, ch. 2 §4). Crossing: the new side's field carries z_m away.
 """
 
+import jax
 import numpy as np
 from scipy.integrate import solve_ivp
+
+import dynamics as dyn
+
+
+def relu_network():
+    """The 5-7-6-3 ReLU network with biases on 40 Gaussian inputs, teacher labels: the
+    issue's network, shared by the mode's tests (not part of the reference)."""
+    kx, km = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (40, 5))
+    teacher = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=jax.random.key(7))
+    model = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=km)
+    return model, dyn.losses.mse(dyn.datasets.Dataset(x, jax.vmap(teacher)(x)))
 
 
 def _grad(theta, x, y, d):

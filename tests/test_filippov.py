@@ -20,7 +20,7 @@ import pytest
 import dynamics as dyn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _filippov_reference import filippov_reference  # noqa: E402
+from _filippov_reference import filippov_reference, relu_network  # noqa: E402
 
 
 def _one_unit(seed=0, n=4):
@@ -61,22 +61,13 @@ def test_one_hidden_unit_crossing_and_sliding_against_reference():
     assert np.max(np.abs(w * x[0] + b)[inside]) < 1e-11  # the solver's tolerance
 
 
-def _network():
-    # The 5-7-6-3 ReLU network with biases, 40 examples, of the issue (teacher labels).
-    kx, km = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (40, 5))
-    teacher = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=jax.random.key(7))
-    model = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=km)
-    return model, dyn.losses.mse(dyn.datasets.Dataset(x, jax.vmap(teacher)(x)))
-
-
 def _flat(m):
     return np.concatenate([np.ravel(a) for a in jax.tree.leaves(m)])
 
 
 @pytest.mark.slow
 def test_relu_network_dopri5_and_dopri8_agree_and_keep_the_charges():
-    model, loss = _network()
+    model, loss = relu_network()
     runs = {}
     for name, solver, tol in (("dopri5", diffrax.Dopri5(), 1e-10),
                               ("dopri8", diffrax.Dopri8(), 1e-12)):
@@ -123,7 +114,7 @@ def test_relu_network_against_independent_references():
     Smoothing wider than β = 1e5 does not converge here: pair 46 grazes its kink at
     t ≈ 0.39 (z comes within 9.4e-5 of 0 and turns back), and at β ≤ 1e4 the smooth
     flow crosses there instead (8.9e-3 and 7.6e-3 off at t = 3)."""
-    model, loss = _network()
+    model, loss = relu_network()
     mode = dict(solver=diffrax.Dopri8(), nonsmooth=dyn.Filippov(),
                 stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12))
     with warnings.catch_warnings():  # the plain solves chatter by design here
@@ -223,7 +214,7 @@ def test_projection_inside_the_mode_equals_a_chain_of_solves(fix):
     # projected state. MinNormFix is a positive rescaling (every side kept); the shift
     # moves pairs across their surfaces, so the mode must be derived again from the
     # moved state.
-    model, loss = _network()
+    model, loss = relu_network()
     tol, period, t1 = 1e-10, 0.5, 1.0
     proj = dyn.balance.MinNormFix(tol=1e-13) if fix == "min_norm" else _ShiftBiases()
     kw = dict(solver=diffrax.Dopri5(), nonsmooth=dyn.Filippov(),
@@ -282,7 +273,7 @@ def test_no_kinks_same_trajectory_with_and_without_the_mode():
 
 
 def test_chattering_warning_names_the_remedy():
-    model, loss = _network()
+    model, loss = relu_network()
     kw = dict(t1=1.0, solver=diffrax.Dopri5(), max_steps=50_000,
               stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8))
     with pytest.warns(dyn.ChatteringWarning, match=r"nonsmooth=dyn\.Filippov\(\)"):
@@ -300,7 +291,7 @@ def test_sliding_overflow_stops_flagged_with_what_it_computed():
     # overflows and final params 3.2e-3 from the 64-slot run. Now the first overflow
     # ends the run at the end of its step (with any pair that overflowed in the same
     # switch), flagged, warned, and nothing computed is lost.
-    model, loss = _network()
+    model, loss = relu_network()
     kw = dict(t1=3.0, solver=diffrax.Dopri5(), nonsmooth=dyn.Filippov(max_sliding=1),
               stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
               ts=jnp.linspace(0.0, 3.0, 31))
@@ -361,7 +352,8 @@ def test_relu_kinks_study_quick(tmp_path):
     assert np.all(exact.finished == 1) and np.all(exact.crossings > 50)
     assert np.all(exact.charge_drift < 10 * exact.tol)
     # the 1e-6 run against the 1e-8 one: measured 2.8e-6. It was 3.3e-2 while a switch
-    # at t = 1.7575 could leave a crossed pair on the wrong side (Switching._settle).
+    # at t = 1.7575 could leave a crossed pair on the wrong side (`_settle`,
+    # dynamics/_filippov/_switch.py).
     loose = exact.where(exact.tol == 1e-6, drop=True)
     assert float(loose.error.max()) < 3e-5, float(loose.error.max())
     timeline = tree["5-7-6-3/timeline"].to_dataset()

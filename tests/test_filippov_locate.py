@@ -2,6 +2,9 @@
 own, and the root-finding bracket at a step's start. (One retry per crossing is
 checked in tests/test_filippov.py, on a solve compiled there anyway.)"""
 
+import sys
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,18 +16,12 @@ from dynamics._driver._triggers import CrossingTrigger
 from dynamics._filippov import Filippov
 from dynamics._problem import Problem
 
-
-def _network():
-    # The 5-7-6-3 ReLU network with biases on 40 Gaussian inputs (teacher labels).
-    kx, km = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (40, 5))
-    teacher = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=jax.random.key(7))
-    model = dyn.MLP((5, 7, 6, 3), activation=dyn.ReLU(), bias=True, key=km)
-    return model, dyn.losses.mse(dyn.datasets.Dataset(x, jax.vmap(teacher)(x)))
+sys.path.insert(0, str(Path(__file__).parent))
+from _filippov_reference import relu_network  # noqa: E402
 
 
 def test_one_component_equals_the_full_switching_values():
-    model, loss = _network()
+    model, loss = relu_network()
     w, static = eqx.partition(model, eqx.is_inexact_array)
     switching = Filippov(max_sliding=4).build(Problem(dyn.GradientFlow(), loss, static),
                                               True, w).switching
