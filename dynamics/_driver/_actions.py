@@ -147,16 +147,12 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         dtype = jnp.result_type(t0)
         aux = self.action.init(t0, y0)
         args = self._step_args(t0, y0, aux, None)
-        if isinstance(self.trigger, AbstractExactTrigger):
-            here = self.trigger.here(args)
-            inner = self.solver.init(terms, t0, t1, y0, here)
-            trigger = self.trigger.reset(t0, y0, None, here)
-        else:
-            inner = self.solver.init(terms, t0, t1, y0, aux)
-            trigger = self.trigger.init(t0, y0)
+        # What the wrapped solver's first derivative and the trigger see at t0: an exact
+        # trigger's step args, solved right there (`here`); otherwise the action's aux.
+        at_t0 = aux if args is None else self.trigger.here(args)
         return _ActingState(
-            inner=inner,
-            trigger=trigger,
+            inner=self.solver.init(terms, t0, t1, y0, at_t0),
+            trigger=self.trigger.init(t0, y0, at_t0),
             aux=aux,
             args=args,
             count=jnp.array(0),

@@ -16,7 +16,9 @@ from jaxtyping import Array, PyTree
 class AbstractTrigger(eqx.Module):
     """When an action is due, judged at the end of each step."""
 
-    def init(self, t0, y0: PyTree) -> PyTree:
+    def init(self, t0, y0: PyTree, args=None) -> PyTree:
+        """The trigger state at the solve's start; `args` are the first step's (an exact
+        trigger's `step_args` made there, `here`), which other triggers ignore."""
         return None
 
     @abc.abstractmethod
@@ -33,7 +35,7 @@ class EverySteps(AbstractTrigger):
 
     k: int = eqx.field(static=True)
 
-    def init(self, t0, y0):
+    def init(self, t0, y0, args=None):
         return jnp.array(0)
 
     def fires(self, t0, t1, y0, y1, state):
@@ -56,7 +58,7 @@ class EveryTime(AbstractTrigger):
     period: Array
     exact: bool = eqx.field(static=True)
 
-    def init(self, t0, y0):
+    def init(self, t0, y0, args=None):
         return jnp.array(1)
 
     def fires(self, t0, t1, y0, y1, state):
@@ -76,7 +78,7 @@ class OnCondition(AbstractTrigger):
     direction: bool | None = eqx.field(static=True)
     real: bool = eqx.field(static=True)
 
-    def init(self, t0, y0):
+    def init(self, t0, y0, args=None):
         return self.condition(t0, y0)
 
     def fires(self, t0, t1, y0, y1, state):
@@ -134,8 +136,8 @@ class AbstractExactTrigger(AbstractTrigger):
         example's forward pass instead of the whole network on every example)."""
         return jnp.atleast_1d(self.values(t, y, state, args))[c]
 
-    def init(self, t0, y0):
-        return jnp.atleast_1d(self.values(t0, y0, None)) >= 0
+    def init(self, t0, y0, args=None):
+        return jnp.atleast_1d(self.values(t0, y0, None, args)) >= 0
 
     def fires(self, t0, t1, y0, y1, state):
         raise NotImplementedError("an exact trigger is located, not polled")

@@ -22,7 +22,14 @@ from .._models import MLP
 from .._surfaces import Surfaces, data_term_index, is_piecewise_linear, pair_location
 from .._validate import positive_int
 from ..solvers._base import AbstractFlowSolver
-from ._state import FilippovOverflow, FilippovStall, FilippovZeno, Linearisation
+from ._state import (
+    AbstractModeEvent,
+    FilippovOverflow,
+    FilippovStall,
+    FilippovZeno,
+    Linearisation,
+)
+from ._switch import switch
 from ._switching import Switching
 
 # What a Filippov solve records at every save (`FilippovField.record`).
@@ -260,13 +267,7 @@ class FilippovField(AbstractSwitchedField):
                 "sliding_overflow": c[3], "sliding_pairs": mode.slots}
 
     def stops(self, event, mode):
-        if isinstance(event, FilippovStall):
-            return event.stalled(mode)
-        if isinstance(event, FilippovOverflow):
-            return event.overflowed(mode)
-        if isinstance(event, FilippovZeno):
-            return event.accumulated(mode)
-        return None
+        return event.reached(mode) if isinstance(event, AbstractModeEvent) else None
 
     def reset(self, t, w, v, mode):
         return self.switching.reset(w, mode)
@@ -320,7 +321,7 @@ class FilippovAction(AbstractAction):
         # next switch: 2.9e-5 on the 5-7-6-3 net at rtol 1e-10, with a fix inside).
         first = jnp.argmin(jnp.where(info, phi, jnp.inf))
         crossed = ((phi < 0) & info).at[first].set(info[first])
-        new, s_new = sw.switch(t, w, v, mode, crossed, phi, args)
+        new, s_new = switch(sw, t, w, v, mode, crossed, phi, args)
         new = FilippovStall.tick(t, mode, new)  # counts switches that make no progress
         f_old, f_new = sw.rate(t, w, v, mode, s), sw.rate(t, w, v, new, s_new)
         gap = jnp.maximum(t - t_event, 0.0)

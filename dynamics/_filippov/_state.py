@@ -1,6 +1,7 @@
-"""The discrete state of a Filippov solve, its stall event, and the linearisation of
-the sliding multipliers that a step carries."""
+"""The discrete state of a Filippov solve, the events read from it (stall, overflow,
+Zeno), and the linearisation of the sliding multipliers that a step carries."""
 
+import abc
 from typing import ClassVar
 
 import equinox as eqx
@@ -31,7 +32,21 @@ class FilippovState(eqx.Module):
     bounce: Array
 
 
-class FilippovStall(AbstractEvent):
+class AbstractModeEvent(AbstractEvent):
+    """An event of the Filippov mode: read from the mode carried in the solver state
+    (`reached`), not from (t, w, ẇ); boolean, so it stops the run at the end of a step."""
+
+    direction: ClassVar[bool | None] = None
+
+    def condition(self, t, w, v, problem):
+        raise NotImplementedError("read from the Filippov mode in the solver state")
+
+    @abc.abstractmethod
+    def reached(self, mode: "FilippovState") -> Array:
+        """Whether the run stops, judged from `mode`."""
+
+
+class FilippovStall(AbstractModeEvent):
     """Stops a Filippov solve that no longer makes progress: `switches` switches within
     `window` in t each of which overflowed (a pair that should slide, every slot taken,
     crosses, is pushed straight back, crosses again: a chattering that advances t by
@@ -41,14 +56,10 @@ class FilippovStall(AbstractEvent):
     and reports it, naming the remedy (a larger `max_sliding`)."""
 
     name: ClassVar[str] = "filippov_stall"
-    direction: ClassVar[bool | None] = None
     switches: ClassVar[int] = 64
     window: ClassVar[float] = 1e-6
 
-    def condition(self, t, w, v, problem):
-        raise NotImplementedError("read from the Filippov mode in the solver state")
-
-    def stalled(self, mode: "FilippovState") -> Array:
+    def reached(self, mode: "FilippovState") -> Array:
         return mode.clock[2] >= self.switches
 
     @classmethod
@@ -64,7 +75,7 @@ class FilippovStall(AbstractEvent):
         return FilippovZeno.tick(t, old, eqx.tree_at(lambda m: m.clock, new, clock))
 
 
-class FilippovZeno(AbstractEvent):
+class FilippovZeno(AbstractModeEvent):
     """Stops a Filippov solve in which one pair crossed its surface `crossings` times
     in a row, each within `window`·max(1, |t|) of its previous crossing: an
     accumulation of crossings (Zeno behaviour). Under a second-order flow (heavy ball,
@@ -79,14 +90,10 @@ class FilippovZeno(AbstractEvent):
     network's loss drives. `simulate` adds this event to every Filippov run."""
 
     name: ClassVar[str] = "filippov_zeno"
-    direction: ClassVar[bool | None] = None
     window: ClassVar[float] = 1e-2
     crossings: int = eqx.field(static=True, default=64)
 
-    def condition(self, t, w, v, problem):
-        raise NotImplementedError("read from the Filippov mode in the solver state")
-
-    def accumulated(self, mode: "FilippovState") -> Array:
+    def reached(self, mode: "FilippovState") -> Array:
         return mode.bounce[2] >= self.crossings
 
     @classmethod
@@ -102,7 +109,7 @@ class FilippovZeno(AbstractEvent):
         return eqx.tree_at(lambda m: m.bounce, new, bounce)
 
 
-class FilippovOverflow(AbstractEvent):
+class FilippovOverflow(AbstractModeEvent):
     """Stops a Filippov solve at the end of the step in which a pair that should slide
     found every one of the `max_sliding` slots taken. Such a pair crosses instead of
     sliding, which is not the Filippov solution: from there on the trajectory would be
@@ -112,12 +119,8 @@ class FilippovOverflow(AbstractEvent):
     `max_sliding`)."""
 
     name: ClassVar[str] = "filippov_overflow"
-    direction: ClassVar[bool | None] = None
 
-    def condition(self, t, w, v, problem):
-        raise NotImplementedError("read from the Filippov mode in the solver state")
-
-    def overflowed(self, mode: "FilippovState") -> Array:
+    def reached(self, mode: "FilippovState") -> Array:
         return mode.counts[3] > 0
 
 
