@@ -117,7 +117,7 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
     trigger: AbstractTrigger
     action: AbstractAction
     n_record: int = eqx.field(static=True)
-    root_finder: Any = None  # an optimistix bracketing root finder, for exact triggers
+    root_finder: Any = None  # an `IllinoisRootFinder`, for exact triggers (its `bracket`)
 
     @property
     def term_structure(self):

@@ -9,7 +9,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optimistix as optx
 from jaxtyping import Array, PyTree
 
 
@@ -106,8 +105,8 @@ class AbstractExactTrigger(AbstractTrigger):
 
     A component fires when it goes from φ ≥ 0 to φ < 0. The step's dense output is
     sampled at `samples` points, the first sample interval where an eligible component
-    went negative is root-found to ~1e-13 in t (the solver's `root_finder`, Illinois
-    in `simulate`), and the step is then
+    went negative is root-found to ~1e-13 in t (the solver's `root_finder`, an
+    `IllinoisRootFinder`'s `bracket`), and the step is then
     either retried to end just past the crossing (`LandOnEvent` reads the request) or,
     when the crossing lies within `_END_MARGIN` of its end, acted on there. Components
     negative at the start of a step (just switched, a few ulps on the wrong side) are
@@ -168,23 +167,18 @@ class AbstractExactTrigger(AbstractTrigger):
         which = crossed[j]
 
         def root(c):
-            def psi(t, _):
-                return self.value(t, interp.evaluate(t), state, args, c), None
-
-            def find():
-                sol = optx.root_find(psi, root_finder, hi, has_aux=True,
-                                     options=dict(lower=lo, upper=hi), throw=False,
-                                     max_steps=256)
-                return sol.value
-
-            # A component is >= 0 at the sample before hi (none eligible was negative
-            # there), but at the step's start (lo = t0) an eligible one can already be
-            # a rounding below 0: it crossed at the very end of the last step, which
-            # judged it >= 0 with that step's `args` (a retry that ended a few ulps
-            # short of its crossing). It crossed at t0, and a bracket [t0, hi] would
-            # have no sign change (it was then found a sample late: 3e-4 on the digits
-            # MLP).
-            return jax.lax.cond(psi(lo, None)[0] < 0, lambda: lo, find)
+            # The samples give the component at hi (< 0) and, past the first sample
+            # interval, at lo (>= 0: no eligible one was negative there). At lo = t0 it
+            # is evaluated first, with this step's `args`: an eligible component can
+            # already be a rounding below 0 there. It crossed at the very end of the
+            # last step, which judged it >= 0 with that step's `args` (a retry that
+            # ended a few ulps short of its crossing); it crossed at t0, and a bracket
+            # [t0, hi] would have no sign change (it was then found a sample late: 3e-4
+            # on the digits MLP).
+            f_lo = jnp.where(j == 0, jnp.nan, phi[jnp.maximum(j - 1, 0), c])
+            return root_finder.bracket(
+                lambda t: self.value(t, interp.evaluate(t), state, args, c),
+                lo, hi, f_lo, phi[j, c])
 
         def earliest(carry):
             # One root-find per component that went negative in the sample interval

@@ -155,12 +155,16 @@ class EventRootFinder(optx.AbstractRootFinder):
 
     def terminate(self, fn, y, args, options, state, tags):
         width = state.upper - state.lower
-        scale = jnp.maximum(jnp.abs(state.upper), jnp.abs(state.lower))
-        eps = jnp.finfo(width.dtype).eps
-        tol = jnp.maximum(self.atol + self.rtol * scale,
-                          self.ulps * eps * scale + jnp.finfo(width.dtype).tiny)
-        done = (width <= tol) | (state.f_at_y == 0)
+        done = (width <= self.tolerance(state.lower, state.upper)) | (state.f_at_y == 0)
         return done, optx.RESULTS.successful
+
+    def tolerance(self, lower, upper):
+        """The bracket width at which the crossing counts as found: `atol + rtol·|t|`,
+        at least `ulps` units in the last place of t."""
+        scale = jnp.maximum(jnp.abs(upper), jnp.abs(lower))
+        eps = jnp.finfo(scale.dtype).eps
+        return jnp.maximum(self.atol + self.rtol * scale,
+                           self.ulps * eps * scale + jnp.finfo(scale.dtype).tiny)
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         return state.upper, aux, {}
@@ -173,6 +177,28 @@ class _IllinoisState(eqx.Module):
     f_upper: Array
     f_at_y: Array
     side: Array  # which end moved last: +1 lower, -1 upper, 0 none yet
+
+
+def _illinois_point(lo, hi, flo, fhi):
+    """The regula falsi point of the bracket, or its midpoint if that is not strictly
+    inside (equal values, or rounding at a bracket a few ulps wide)."""
+    denom = fhi - flo
+    t = hi - fhi * (hi - lo) / jnp.where(denom != 0, denom, 1.0)
+    inside = (denom != 0) & (t > lo) & (t < hi)
+    return jnp.where(inside, t, lo + 0.5 * (hi - lo))
+
+
+def _illinois_update(state: "_IllinoisState", t, f_t) -> "_IllinoisState":
+    """The bracket after fn(t) = f_t: the end on f_t's side moves to t."""
+    lo, hi, flo, fhi = state.lower, state.upper, state.f_lower, state.f_upper
+    same_side = (jnp.sign(f_t) == jnp.sign(flo)) & (f_t != 0)
+    # Illinois: the end kept for a second step in a row has its value halved (the
+    # halving accumulates), which stops regula falsi from stalling on one side.
+    fhi = jnp.where(same_side & (state.side == 1), 0.5 * fhi, fhi)
+    flo = jnp.where(~same_side & (state.side == -1), 0.5 * flo, flo)
+    return _IllinoisState(jnp.where(same_side, t, lo), jnp.where(same_side, hi, t),
+                          jnp.where(same_side, f_t, flo), jnp.where(same_side, fhi, f_t),
+                          f_t, jnp.where(same_side, 1, -1))
 
 
 class IllinoisRootFinder(EventRootFinder):
@@ -188,19 +214,48 @@ class IllinoisRootFinder(EventRootFinder):
                               state.f_at_y, jnp.asarray(0))
 
     def step(self, fn, y, args, options, state, tags):
-        lo, hi, flo, fhi = state.lower, state.upper, state.f_lower, state.f_upper
-        denom = fhi - flo
-        t = hi - fhi * (hi - lo) / jnp.where(denom != 0, denom, 1.0)
-        inside = (denom != 0) & (t > lo) & (t < hi)
-        t = jnp.where(inside, t, lo + 0.5 * (hi - lo))
+        t = _illinois_point(state.lower, state.upper, state.f_lower, state.f_upper)
         f_t, aux = fn(t, args)
-        f_t = _scalar(f_t)
-        same_side = (jnp.sign(f_t) == jnp.sign(flo)) & (f_t != 0)
-        # Illinois: the end kept for a second step in a row has its value halved (the
-        # halving accumulates), which stops regula falsi from stalling on one side.
-        fhi = jnp.where(same_side & (state.side == 1), 0.5 * fhi, fhi)
-        flo = jnp.where(~same_side & (state.side == -1), 0.5 * flo, flo)
-        new = _IllinoisState(jnp.where(same_side, t, lo), jnp.where(same_side, hi, t),
-                             jnp.where(same_side, f_t, flo), jnp.where(same_side, fhi, f_t),
-                             f_t, jnp.where(same_side, 1, -1))
+        new = _illinois_update(state, t, _scalar(f_t))
         return new.upper, new, aux
+
+    def bracket(self, fn: Callable, lower, upper, f_lower, f_upper, max_steps: int = 256):
+        """The crossing of a scalar fn(t) in [lower, upper], where f_upper < 0 and
+        f_lower ≥ 0: the end of the final bracket on the crossed side (fn < 0 there),
+        lower itself if fn(lower) < 0. A NaN `f_lower` means fn(lower) is not known
+        yet: it is evaluated first.
+
+        The same Illinois steps and stopping rule as `optx.root_find` with this root
+        finder, written as one loop that calls `fn` at one place: XLA inlines a copy of
+        `fn` wherever it is called, and optimistix calls it three times (both ends in
+        `init`, one point per `step`); the Filippov mode's switching function solves its
+        sliding multipliers, so each copy is a Newton solve of its own."""
+        dtype = jnp.result_type(lower, upper)
+        lower, upper = jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
+        f_lower, f_upper = jnp.asarray(f_lower, dtype), jnp.asarray(f_upper, dtype)
+        unknown = jnp.isnan(f_lower)
+        state = _IllinoisState(lower, upper, jnp.where(unknown, 1.0, f_lower), f_upper,
+                               f_upper, jnp.asarray(0))
+
+        def cont(carry):
+            state, first, n = carry
+            width = state.upper - state.lower
+            done = (width <= self.tolerance(state.lower, state.upper)) | (state.f_at_y == 0)
+            return first | (~done & (n < max_steps))
+
+        def body(carry):
+            state, first, n = carry
+            t = jnp.where(first, state.lower, _illinois_point(
+                state.lower, state.upper, state.f_lower, state.f_upper))
+            f_t = jnp.asarray(fn(t), dtype)
+            # The first evaluation (only when f_lower was unknown) is of lower itself: a
+            # negative value there closes the bracket on it (the crossing was at lower).
+            at_lower = _IllinoisState(state.lower, jnp.where(f_t < 0, state.lower, state.upper),
+                                      jnp.where(f_t < 0, state.f_lower, f_t),
+                                      jnp.where(f_t < 0, f_t, state.f_upper),
+                                      jnp.where(f_t < 0, 0.0, 1.0), state.side)
+            return (jax.tree.map(lambda a, b: jnp.where(first, a, b), at_lower,
+                                 _illinois_update(state, t, f_t)), jnp.asarray(False), n + 1)
+
+        state, _, _ = jax.lax.while_loop(cont, body, (state, unknown, 0))
+        return state.upper
