@@ -7,30 +7,23 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jaxtyping import Array
 
 from ._state import FilippovState, Linearisation
 from ._switching import Switching
 
 
-def _cross_or_slide(sw: Switching, t, w, v, mode: FilippovState, p, guess) -> FilippovState:
-    sigma = 2.0 * mode.high[p] - 1.0
-    flipped = eqx.tree_at(lambda m: m.high, mode, mode.high.at[p].set(1.0 - mode.high[p]))
-    if not sw.first_order:
-        return eqx.tree_at(lambda m: m.counts, flipped, flipped.counts.at[0].add(1))
-    s = sw.multipliers(t, w, flipped, guess)
-    away = -sigma * sw.zdot(t, w, v, sw.slopes(flipped, s))[p] > 0
-    free = mode.slots < 0
-    has_free = free.any()
-    k = jnp.argmax(free)
-    sliding = FilippovState(mode.high, mode.slots.at[k].set(p.astype(mode.slots.dtype)),
-                            mode.counts.at[1].add(1), mode.band, mode.clock,
-                            mode.bounce)
-    crossed = eqx.tree_at(lambda m: m.counts, flipped, flipped.counts.at[0].add(1))
-    overflow = eqx.tree_at(lambda m: m.counts, crossed, crossed.counts.at[3].add(1))
-    pick = jnp.where(away, 0, jnp.where(has_free, 1, 2))
-    return jax.tree.map(lambda a, b, c: jnp.select([pick == 0, pick == 1], [a, b], c),
-                        crossed, sliding, overflow)
+def _flip(mode: FilippovState, p) -> FilippovState:
+    return eqx.tree_at(lambda m: m.high, mode, mode.high.at[p].set(1.0 - mode.high[p]))
+
+
+def _count(mode: FilippovState, *which: int) -> FilippovState:
+    counts = mode.counts
+    for i in which:
+        counts = counts.at[i].add(1)
+    return eqx.tree_at(lambda m: m.counts, mode, counts)
+
 
 def _exit(mode: FilippovState, k, to_high) -> FilippovState:
     p = jnp.maximum(mode.slots[k], 0).astype(int)
@@ -38,40 +31,44 @@ def _exit(mode: FilippovState, k, to_high) -> FilippovState:
     return FilippovState(high, mode.slots.at[k].set(-1.0), mode.counts.at[2].add(1),
                          mode.band, mode.clock, mode.bounce)
 
+
+_NONE = np.int32(-1)  # no target pair
+
+
+def _select(pred, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+class _Switch(eqx.Module):
+    """The carry of `switch`'s loop: the mode decided so far; the components still to
+    process; the pairs decided at this switch; `target`, a pair to decide by Filippov's
+    rule next (−1: none); the multipliers `s` and rates ż of `mode` (or of `target`'s
+    flipped mode) when `solved`; the settling fixes made; whether the rule holds."""
+
+    mode: FilippovState
+    crossed: Array
+    touched: Array
+    target: Array
+    s: Array
+    zdot: Array
+    solved: Array
+    fixes: Array
+    done: Array
+
+
 def switch(sw: Switching, t, w, v, mode: FilippovState, crossed: Array, phi: Array,
            guess: Linearisation | None = None) -> tuple[FilippovState, Array]:
     """Process every switching component in `crossed` (of the values `phi`), most
-    negative first, then settle the result (`_settle`); return the new mode and its
-    multipliers (solved from `guess`, the step's linearisation, when given)."""
-    num_pairs, k_max = sw.surfaces.num_pairs, sw.max_sliding
+    negative first, then settle the mode until Filippov's rule holds for every pair the
+    switch touched; return the new mode and its multipliers (solved from `guess`, the
+    step's linearisation, when given).
 
-    def body(carry):
-        mode, crossed, touched = carry
-        c = jnp.argmin(jnp.where(crossed, phi, jnp.inf))
-        crossed = crossed.at[c].set(False)
-        touched = touched.at[c].set(True, mode="drop")  # pairs (not slots) decided
-
-        def pair():
-            return _cross_or_slide(sw, t, w, v, mode, c, guess)
-
-        def leave():
-            k = jnp.where(c < num_pairs + k_max, c - num_pairs, c - num_pairs - k_max)
-            return _exit(mode, k, c >= num_pairs + k_max)
-
-        mode = jax.lax.cond(c < num_pairs, pair, leave)
-        return mode, crossed, touched
-
-    touched, before = jnp.zeros(num_pairs, bool), mode
-    mode, _, touched = jax.lax.while_loop(lambda c: c[1].any(), body,
-                                          (mode, crossed, touched))
-    s = sw.multipliers(t, w, mode, guess)
-    if not sw.first_order:
-        return mode, s
-    return _settle(sw, t, w, before, mode, s, touched, guess)
-
-def _settle(sw: Switching, t, w, before: FilippovState, mode: FilippovState, s: Array,
-            touched: Array, guess):
-    """Make the mode at a switch consistent with Filippov's rule, one pair at a time
+    A crossed pair p is decided on its flipped side: it crosses if the field there
+    carries it away from its surface, −σ_p ż_p > 0 (σ_p = ±1 its old side), else it
+    slides (or, with every slot taken, crosses and counts an overflow). A crossed slot
+    component (s_k below 0 or above 1) leaves to that side. Then settling, one pair at
+    a time (each change moves the others' multipliers and fields), until none of these
+    is violated:
     (each change moves the others' multipliers and fields), until none is violated:
 
     1. a sliding pair with its multiplier outside [0, 1] (a near-tangent arrival, or
@@ -102,13 +99,57 @@ def _settle(sw: Switching, t, w, before: FilippovState, mode: FilippovState, s: 
     switching function was already negative, so no event ever fired (the reference
     kept it on the wrong side with z > 0 to the end); the looser run, a rounding
     apart, caught it 1e-10 later and slid. Both now slide it at the switch.
+    
+    One loop does it all, with one multiplier solve, one ż and one Jacobian in it
+    (each evaluation site is a copy of the network's passes that XLA compiles; the
+    switch and the settling were two loops with five solves between them, about a
+    fifth of a Filippov solve's compiled program). A solve is skipped where the last
+    one still holds (a pair that crossed: its flipped mode's multipliers are the new
+    mode's).
     """
     num_pairs, k_max = sw.surfaces.num_pairs, sw.max_sliding
+    if not sw.first_order:  # second-order flows cross, never slide
+        flips = crossed[:num_pairs]
+        high = jnp.where(flips, 1.0 - mode.high, mode.high)
+        counts = mode.counts.at[0].add(flips.sum().astype(mode.counts.dtype))
+        new = eqx.tree_at(lambda m: (m.high, m.counts), mode, (high, counts))
+        return new, sw.multipliers(t, w, new, guess)
+    before = mode
 
-    def sliding(mode):
-        return jnp.zeros(num_pairs, bool).at[sw.slot_index(mode)].set(True, mode="drop")
+    def solve(candidate):
+        s = sw.multipliers(t, w, candidate, guess)
+        return s, sw.zdot(t, w, v, sw.slopes(candidate, s))
 
-    def violations(mode, s, touched):
+    def decide(st: _Switch, s, zdot) -> _Switch:
+        # Filippov's rule for `target` from zdot on its flipped side.
+        p = st.target
+        away = -(2.0 * st.mode.high[p] - 1.0) * zdot[p] > 0
+        free = st.mode.slots < 0
+        k = jnp.argmax(free)
+        slides = ~away & free.any()
+        sliding = eqx.tree_at(lambda m: m.slots, _count(st.mode, 1),
+                              st.mode.slots.at[k].set(p.astype(st.mode.slots.dtype)))
+        crosses = _count(_flip(st.mode, p), 0)
+        overflow = _count(crosses, 3)
+        new = _select(slides, sliding, _select(away, crosses, overflow))
+        # the flipped mode's multipliers are the crossed one's (same sides and slots)
+        return eqx.tree_at(lambda x: (x.mode, x.target, x.s, x.zdot, x.solved), st,
+                           (new, _NONE, s, zdot, ~slides))
+
+    def next_crossed(st: _Switch) -> _Switch:
+        c = jnp.argmin(jnp.where(st.crossed, phi, jnp.inf))
+        crossed = st.crossed.at[c].set(False)
+        touched = st.touched.at[c].set(True, mode="drop")  # pairs (not slots) decided
+        is_pair = c < num_pairs
+        k = jnp.where(c < num_pairs + k_max, c - num_pairs, c - num_pairs - k_max)
+        left = _exit(st.mode, jnp.maximum(k, 0), c >= num_pairs + k_max)
+        return eqx.tree_at(lambda x: (x.mode, x.crossed, x.touched, x.target, x.solved),
+                           st, (_select(is_pair, st.mode, left), crossed, touched,
+                                jnp.where(is_pair, c, -1).astype(jnp.int32),
+                                st.solved & is_pair))
+
+    def settle(st: _Switch, s, zdot) -> _Switch:
+        mode = st.mode
         active = mode.slots >= 0
         excess = jnp.where(active, jnp.maximum(-s, s - 1.0), 0.0)
 
@@ -122,33 +163,39 @@ def _settle(sw: Switching, t, w, before: FilippovState, mode: FilippovState, s: 
         repels = jax.lax.cond(changed & active.any() & ~(excess > 0).any(), repelling,
                               lambda: jnp.zeros_like(active))
         # ż on every pair's current side; pushed back beyond its rounding level.
-        zdot = sw.zdot(t, w, None, sw.slopes(mode, s))
+        on_surface = jnp.zeros(num_pairs, bool).at[sw.slot_index(mode)].set(
+            True, mode="drop")
         noise = 1e3 * jnp.finfo(s.dtype).eps * jnp.max(jnp.abs(zdot))
-        pushed = touched & ~sliding(mode) & ((2.0 * mode.high - 1.0) * zdot < -noise)
-        return excess, repels, pushed
-
-    def unsettled(carry):
-        _, _, _, (excess, repels, pushed), n = carry
-        return ((excess > 0).any() | repels.any() | pushed.any()) & (n < 2 * k_max)
-
-    def fix_one(carry):
-        mode, s, touched, (excess, repels, pushed), n = carry
+        pushed = st.touched & ~on_surface & ((2.0 * mode.high - 1.0) * zdot < -noise)
         over, away = (excess > 0).any(), repels.any()
+        done = ~(over | away | pushed.any()) | (st.fixes >= 2 * k_max)
         k = jnp.where(over, jnp.argmax(excess), jnp.argmax(repels))
         p = jnp.maximum(mode.slots[k], 0).astype(int)
+        leave = over | away
+        left = _exit(mode, k, jnp.where(over, s[k] > 1.0, mode.high[p] > 0.5))
+        fixed = eqx.tree_at(
+            lambda x: (x.mode, x.touched, x.target, x.solved, x.fixes), st,
+            (_select(leave, left, mode), jnp.where(leave, st.touched.at[p].set(True),
+                                                   st.touched),
+             jnp.where(leave, -1, jnp.argmax(pushed)).astype(jnp.int32), jnp.asarray(False),
+             st.fixes + 1))
+        stop = eqx.tree_at(lambda x: (x.s, x.zdot, x.solved, x.done), st,
+                           (s, zdot, jnp.asarray(True), jnp.asarray(True)))
+        return _select(done, stop, fixed)
 
-        def leave():
-            came_from = mode.high[p] > 0.5
-            return _exit(mode, k, jnp.where(over, s[k] > 1.0, came_from))
+    def body(st: _Switch) -> _Switch:
+        deciding, processing = st.target >= 0, st.crossed.any()
+        candidate = _select(deciding, _flip(st.mode, jnp.maximum(st.target, 0)), st.mode)
+        need = deciding | (~processing & ~st.solved)
+        s, zdot = jax.lax.cond(need, lambda: solve(candidate), lambda: (st.s, st.zdot))
+        branch = jnp.where(deciding, 0, jnp.where(processing, 1, 2))
+        return jax.lax.switch(branch, [lambda: decide(st, s, zdot),
+                                       lambda: next_crossed(st),
+                                       lambda: settle(st, s, zdot)])
 
-        def redo():
-            return _cross_or_slide(sw, t, w, None, mode, jnp.argmax(pushed), guess)
-
-        mode = jax.lax.cond(over | away, leave, redo)
-        touched = jnp.where(over | away, touched.at[p].set(True), touched)
-        s = sw.multipliers(t, w, mode, guess)
-        return mode, s, touched, violations(mode, s, touched), n + 1
-
-    mode, s, *_ = jax.lax.while_loop(unsettled, fix_one,
-                                     (mode, s, touched, violations(mode, s, touched), 0))
-    return mode, s
+    dtype = mode.high.dtype
+    start = _Switch(mode, crossed, jnp.zeros(num_pairs, bool), _NONE,
+                    jnp.zeros(k_max, dtype), jnp.zeros(num_pairs, dtype),
+                    jnp.asarray(False), jnp.asarray(0, jnp.int32), jnp.asarray(False))
+    end = jax.lax.while_loop(lambda st: ~st.done, body, start)
+    return end.mode, end.s
