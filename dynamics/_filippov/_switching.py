@@ -28,7 +28,6 @@ combination of the pieces' fields) the per-neuron charges of gradient flow are e
 invariants of the Filippov solution, conserved to the solver's tolerance.
 """
 
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -39,21 +38,6 @@ from jaxtyping import Array
 from .._problem import Problem
 from .._surfaces import Surfaces
 from ._state import FilippovState, Linearisation
-
-
-def _iterate(step: Callable, s: Array, max_iter: int) -> tuple[Array, Array, Array]:
-    """s ← s − step(s) until the step is below 1e3 ulps (converged) or `max_iter`
-    iterations: (s, converged, iterations). The loop of both Newton and chord."""
-    tol = 1e3 * jnp.finfo(s.dtype).eps
-
-    def body(carry):
-        s, _, n = carry
-        ds = step(s)
-        return s - ds, jnp.max(jnp.abs(ds)), n + 1
-
-    s, last, n = jax.lax.while_loop(lambda c: (c[1] > tol) & (c[2] < max_iter), body,
-                                    (s, jnp.asarray(jnp.inf, s.dtype), 0))
-    return s, last <= tol, n
 
 
 class Switching(eqx.Module):
@@ -147,29 +131,6 @@ class Switching(eqx.Module):
 
         return residual
 
-    def _newton(self, t, w, mode: FilippovState, start: Array) -> Array:
-        """Newton's method: s ← s − J(s)⁻¹ r(s), J column by column over the occupied
-        slots (`_jacobian`), LU factors by lineax, until the step is below 1e3 ulps (at most
-        32 iterations). The system is affine in s up to O(z_p) and the rare product of
-        two sliding slopes on one example (layers multiply in the backward pass), so it
-        converges in 1–3 iterations.
-
-        Written as a loop of its own rather than `optimistix.root_find(..., Newton)`:
-        the same iterations, but XLA inlines a copy wherever a multiplier solve may fall
-        back on it (~10 places in a solve), and optimistix's wrappers (implicit-function
-        JVP, termination and error machinery) made each copy larger. Measured on the
-        5-7-6-3 net (Dopri5, 1e-8, t ≤ 3, two runs each): first call 24.7–28.3 s with
-        this loop against 28.6–29.5 s with optimistix, the compiled solve 1.3–1.5 s
-        against 1.8 s; with it (and one fallback site per multiplier solve instead of
-        two) the solve is 3,060 XLA fusions instead of 3,590."""
-        residual, lu = self._residual(t, w, mode), lx.LU()
-
-        def step(s):
-            jac = self._jacobian(t, w, mode, s)
-            return lu.compute(lu.init(lx.MatrixLinearOperator(jac), {}), residual(s), {})[0]
-
-        return _iterate(step, start, 32)[0]
-
     def _jacobian(self, t, w, mode: FilippovState, s: Array) -> Array:
         """J = ∂r/∂s, one forward-mode column per occupied slot. A free slot's residual
         is s_k − ½ and its s_k enters no other (its slope is dropped), so its column is
@@ -188,13 +149,59 @@ class Switching(eqx.Module):
 
         return jax.lax.fori_loop(0, active.sum(), column, eye)
 
-    def _chord(self, t, w, mode: FilippovState, s: Array, lu_state, max_iter: int):
-        """Chord iterations s ← s − J⁻¹ r(s) with the fixed LU factors of some earlier J
-        (Kelley 2003, sec. 5.4): each costs one ż (a few gradients) instead of a K-column
-        Jacobian, and gains a factor ‖I − J⁻¹J(s)‖ = O(distance to where J was taken).
-        Returns (s, converged, iterations)."""
+    def _solve(self, t, w, mode: FilippovState, s: Array, lu_state, phase,
+               chords: int, refresh: bool):
+        """Solve r(s) = 0 for the multipliers, from s: chord iterations s ← s − J⁻¹r(s)
+        on fixed LU factors of some earlier J (Kelley 2003, sec. 5.4: each costs one ż,
+        a few gradients, instead of a K-column Jacobian, and gains a factor ‖I − J⁻¹J(s)‖
+        = O(distance to where J was taken)), falling back to Newton's method, J taken
+        afresh at every iteration (`_jacobian`). The system is affine in s up to O(z_p)
+        and the rare product of two sliding slopes on one example (layers multiply in
+        the backward pass), so Newton converges in 1–3 iterations. Every iteration ends
+        when its step is below 1e3 ulps.
+
+        Phases (`phase` is where it starts, traced): 0, up to `chords` iterations on
+        `lu_state`; 1, J taken at s, then up to 8 chord iterations on it; 2, Newton (at
+        most 32 iterations); 3, one Newton iteration, for fresh factors after a phase 1
+        that needed more than 2 (only with `refresh`). A phase that does not converge
+        goes on to the next (0 to 2 when `refresh` is off).
+
+        One loop with one residual and one Jacobian in it, for every policy: XLA
+        compiles a copy of a loop's body at each place it is called, and this solve is
+        called at ~8 places in a Filippov solve (each field evaluation, switching-function
+        sample and switch); chord and Newton as two loops were two copies each. Not
+        `optimistix.root_find(..., Newton)`: the same iterations, but its wrappers
+        (implicit-function JVP, termination and error machinery) make each copy larger.
+
+        Returns (s, LU state of the last J used, converged)."""
         residual, lu = self._residual(t, w, mode), lx.LU()
-        return _iterate(lambda s: lu.compute(lu_state, residual(s), {})[0], s, max_iter)
+        tol = 1e3 * jnp.finfo(s.dtype).eps
+
+        def body(carry):
+            s, lu_state, phase, k, _ = carry
+            fresh = ((phase == 1) & (k == 0)) | (phase >= 2)
+            lu_state = jax.lax.cond(fresh, lambda: _factor(self, t, w, mode, s),
+                                    lambda: lu_state)
+            ds = lu.compute(lu_state, residual(s), {})[0]
+            s, k, conv = s - ds, k + 1, jnp.max(jnp.abs(ds)) <= tol
+            stalled = ((phase == 0) & (k >= chords)) | ((phase == 1) & (k >= 8))
+            if refresh:
+                after = jnp.select([phase == 0, phase == 1], [1, 2], 4)
+                finished = (conv & ((phase == 0) | ((phase == 1) & (k <= 2)) | (phase == 2))
+                            ) | (phase == 3) | ((phase == 2) & (k >= 32))
+                phase = jnp.where(conv & (phase == 1) & (k > 2), 3, phase)
+            else:
+                after = jnp.where(phase == 0, 2, 4)
+                finished = conv | ((phase == 2) & (k >= 32))
+            moved = stalled & ~conv
+            phase = jnp.where(finished, 4, jnp.where(moved, after, phase))
+            k = jnp.where(moved | (phase == 3), 0, k)
+            return s, lu_state, phase, k, conv
+
+        carry = (s, lu_state, jnp.asarray(phase, jnp.int32), jnp.asarray(0, jnp.int32),
+                 jnp.asarray(False))
+        s, lu_state, _, _, conv = jax.lax.while_loop(lambda c: c[2] < 4, body, carry)
+        return s, lu_state, conv
 
     def _factor(self, t, w, mode: FilippovState, s: Array):
         jac = self._jacobian(t, w, mode, s)
@@ -216,20 +223,20 @@ class Switching(eqx.Module):
             return half
         if guess is not None and guess.here:
             return guess.s
+        identity = self._identity(half.dtype)
         if guess is None:
-            return jax.lax.cond(active.any(), lambda: _newton(self, t, w, mode, half),
-                                lambda: half)
+            return jax.lax.cond(
+                active.any(), lambda: _solve(self, t, w, mode, half, identity, 2, 0, False)[0],
+                lambda: half)
 
-        # Within a step s and J move by O(h): a few chord iterations from the step's
-        # start while the same pairs slide; Newton when they stall, or from the guess's
-        # multipliers on the slots that kept their pair (an action's new mode). One
-        # Newton call site, not one per branch: each is a loop XLA inlines.
+        # Within a step s and J move by O(h): chord iterations from the step's start
+        # while the same pairs slide, Newton when they stall, or from the guess's
+        # multipliers on the slots that kept their pair (an action's new mode).
         def solve():
             same = (guess.slots == mode.slots).all()
-            s, ok, _ = jax.lax.cond(
-                same, lambda: _chord(self, t, w, mode, guess.s, guess.lu, 8),
-                lambda: (self._warm(mode, guess, half), jnp.asarray(False), 0))
-            return jax.lax.cond(ok, lambda: s, lambda: _newton(self, t, w, mode, s))
+            start = jnp.where(same, guess.s, self._warm(mode, guess, half))
+            return _solve(self, t, w, mode, start, guess.lu, jnp.where(same, 0, 2), 8,
+                          False)[0]
 
         return jax.lax.cond(active.any(), solve, lambda: half)
 
@@ -257,19 +264,8 @@ class Switching(eqx.Module):
             valid = (previous.slots == mode.slots).all()
 
         def solve():
-            s, ok, _ = jax.lax.cond(
-                valid, lambda: _chord(self, t, w, mode, start, old, 2),
-                lambda: (start, jnp.asarray(False), 0))
-
-            def refactor():
-                lu = _factor(self, t, w, mode, s)
-                s1, ok1, n1 = _chord(self, t, w, mode, s, lu, 8)
-                s1 = jax.lax.cond(ok1, lambda: s1, lambda: _newton(self, t, w, mode, s1))
-                lu = jax.lax.cond(ok1 & (n1 <= 2), lambda: lu,
-                                  lambda: _factor(self, t, w, mode, s1))
-                return s1, lu
-
-            return jax.lax.cond(ok, lambda: (s, old), refactor)
+            s, lu, _ = _solve(self, t, w, mode, start, old, jnp.where(valid, 0, 1), 2, True)
+            return s, lu
 
         s, lu = jax.lax.cond((mode.slots >= 0).any(), solve,
                              lambda: (half, self._identity(dtype)))
@@ -340,13 +336,9 @@ def _multipliers(switching: Switching, t, w, mode: FilippovState, guess) -> Arra
 
 
 @eqx.filter_jit
-def _newton(switching: Switching, t, w, mode: FilippovState, start) -> Array:
-    return switching._newton(t, w, mode, start)
-
-
-@eqx.filter_jit
-def _chord(switching: Switching, t, w, mode: FilippovState, s, lu_state, max_iter: int):
-    return switching._chord(t, w, mode, s, lu_state, max_iter)
+def _solve(switching: Switching, t, w, mode: FilippovState, s, lu_state, phase,
+           chords: int, refresh: bool):
+    return switching._solve(t, w, mode, s, lu_state, phase, chords, refresh)
 
 
 @eqx.filter_jit
