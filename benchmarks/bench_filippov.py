@@ -11,8 +11,18 @@ Targets: >= 10x fewer field evaluations and >= 5x less wall time at equal or bet
 Part 2, 64-32-32-10 ReLU MLPs on the first N digits (N × 64 example-unit pairs) to
 t = --t1 at 1e-8 with Dopri5 and the mode: wall time, crossings, sliding entries, cost
 per crossing, for N in --sizes (target: N = 256 to t = 5 in < 10 min on 2 cores).
+
+Part 3, the mode's cost where nothing crosses or slides, and its first call: the same
+64-32-32-10 nets on N digits, GF over t ∈ [0, 1e-4] with the steps capped at dtmax =
+1e-6 (100 steps; no pre-activation gets to its surface in that time, checked by the
+run's crossing count), Dopri5 at 1e-8 with and without the mode (the same steps: on one
+piece the two fields are equal): wall time per step, median of --repeat interleaved
+runs (target: ≤ 3× the plain step). Then the first call of the mode at N = 64 (trace
+and compile included) in a fresh process, and its XLA compile time.
 """
 
+import subprocess
+import sys
 import time
 
 import _common as C
@@ -113,11 +123,64 @@ def part2(args) -> dict:
     return rows
 
 
+def part3(args) -> dict:
+    import dynamics as dyn
+
+    rows = {}
+    for n in args.sizes:
+        data = dyn.datasets.digits(n)
+        model = dyn.MLP((64, 32, 32, 10), activation=dyn.ReLU(), key=jax.random.key(0))
+        loss = dyn.losses.cross_entropy(data)
+
+        def run(exact, model=model, loss=loss):
+            kw = dict(t1=1e-4, solver=diffrax.Dopri5(), max_steps=10_000,
+                      stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8,
+                                                                dtmax=1e-6))
+            if exact:
+                kw["nonsmooth"] = dyn.Filippov()
+            return dyn.simulate(dyn.GradientFlow(), model, loss, **kw)
+
+        exact = run(True)
+        assert int(exact.monitors["crossings"][-1]) == 0, "a pair crossed: shorten t1"
+        steps = exact.stats["num_steps"]
+        stats = C.compare({"plain": lambda: run(False).final_params,
+                           "Filippov": lambda: run(True).final_params}, args.repeat)
+        C.print_stats(stats)
+        rows[n] = dict(steps=steps, plain=stats["plain"]["median"] / steps,
+                       mode=stats["Filippov"]["median"] / steps)
+        rows[n]["ratio"] = rows[n]["mode"] / rows[n]["plain"]
+        print(f"N={n}: {steps} steps, {1e3 * rows[n]['plain']:.3f} ms a plain step, "
+              f"{1e3 * rows[n]['mode']:.3f} ms a mode step: {rows[n]['ratio']:.2f}x", flush=True)
+    code = ("import time, jax; jax.config.update('jax_enable_x64', %r)\n"
+            "import diffrax, dynamics as dyn\n"
+            "compiled = []\n"
+            "jax.monitoring.register_event_duration_secs_listener(lambda e, d, **k: "
+            "compiled.append(d) if e.endswith('backend_compile_duration') else None)\n"
+            "m = dyn.MLP((64, 32, 32, 10), activation=dyn.ReLU(), key=jax.random.key(0))\n"
+            "loss = dyn.losses.cross_entropy(dyn.datasets.digits(64))\n"
+            "t = time.perf_counter()\n"
+            "dyn.simulate(dyn.GradientFlow(), m, loss, t1=0.01, solver=diffrax.Dopri5(), "
+            "stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), "
+            "nonsmooth=dyn.Filippov())\n"
+            "print(time.perf_counter() - t, sum(compiled))\n") % (args.dtype == "float64")
+    firsts = []
+    for _ in range(args.repeat):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout.split()
+        firsts.append((float(out[0]), float(out[1])))
+    first = float(np.median([f for f, _ in firsts]))
+    compile_s = float(np.median([c for _, c in firsts]))
+    print(f"first call at N = 64 (fresh process, median of {args.repeat}): {first:.1f} s, "
+          f"of which XLA compilation {compile_s:.1f} s", flush=True)
+    return dict(sizes=rows, first_call=first, first_call_compile=compile_s,
+                first_calls=firsts)
+
+
 def main():
     args = C.parse_args(__doc__, repeat=5,
                         t1=(float, 5.0, "flow time of part 2"),
                         sizes=(str, "64,128,256", "digits examples of part 2"),
-                        part=(str, "12", "which parts to run"),
+                        part=(str, "123", "which parts to run"),
                         reference=(int, 1, "part 2: also solve a Dopri8 1e-10 reference"))
     args.sizes = [int(s) for s in args.sizes.split(",")]
     result = {"dtype": args.dtype}
@@ -125,6 +188,8 @@ def main():
         result["small"] = part1(args)
     if "2" in args.part:
         result["digits"] = part2(args)
+    if "3" in args.part:
+        result["quiet"] = part3(args)
     C.save("filippov", result)
 
 
