@@ -77,3 +77,20 @@ def test_a_component_already_below_zero_at_the_start_crosses_there():
     interp = _Line(t0, jnp.asarray(0.03), jnp.asarray(-1.0))
     t_c, _ = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
     np.testing.assert_allclose(float(t_c), 0.53, rtol=0, atol=1e-12)
+
+
+def test_packed_pattern_round_trips_and_survives_zero_increments():
+    """The pattern rides in the solver state as bits packed into float words: unpacking
+    gives the 0/1 entries back for any length (a partial last word included), and the
+    arithmetic a Runge–Kutta step does with a zero derivative (y + h·Σ aᵢⱼ·0) leaves
+    every word bit for bit."""
+    from dynamics._filippov._state import pack_bits, unpack_bits
+
+    rng = np.random.default_rng(0)
+    for n in (1, 52, 53, 1000, 16_384):
+        high = jnp.asarray(rng.integers(0, 2, n), jnp.float64)
+        words = pack_bits(high)
+        assert words.shape == (-(-n // 52),)
+        np.testing.assert_array_equal(unpack_bits(words, n), high)
+        moved = words + 0.37 * (0.2 * jnp.zeros_like(words) + 0.8 * jnp.zeros_like(words))
+        np.testing.assert_array_equal(moved, words)

@@ -11,25 +11,68 @@ from jaxtyping import Array, PyTree
 from ..events._events import AbstractEvent
 
 
+def _word_bits(dtype) -> tuple[int, type]:
+    """Bits per stored word (a float holds the integers below 2^(mantissa+1) exactly)
+    and the integer type that unpacks them."""
+    dtype = jnp.dtype(dtype)
+    return jnp.finfo(dtype).nmant, (jnp.int64 if dtype.itemsize == 8 else jnp.int32)
+
+
+def pack_bits(high: Array) -> Array:
+    """0/1 floats, `bits` to a float word (the word's integer value; exact)."""
+    bits, itype = _word_bits(high.dtype)
+    n = high.shape[0]
+    padded = jnp.zeros(-(-n // bits) * bits, itype).at[:n].set(high.astype(itype))
+    shifts = jnp.arange(bits, dtype=itype)
+    return jnp.sum(padded.reshape(-1, bits) << shifts, axis=1).astype(high.dtype)
+
+
+def unpack_bits(words: Array, n: int) -> Array:
+    bits, itype = _word_bits(words.dtype)
+    shifts = jnp.arange(bits, dtype=itype)
+    flags = (words.astype(itype)[:, None] >> shifts) & 1
+    return flags.reshape(-1)[:n].astype(words.dtype)
+
+
 class FilippovState(eqx.Module):
     """The discrete mode, carried in the solver's state vector with zero derivative
     (so that saves see it; the step-size control ignores it).
 
-    `high`: 1.0 for pairs on their high side (slope 1), 0.0 on the low side (slope α);
-    `slots`: the sliding pairs' indices, -1.0 for a free slot; `counts`: crossings,
-    sliding entries, sliding exits, overflows (floats, exact integers); `band`: how far
-    past its surface a pair must go to count as crossed (see `Switching.values`);
-    `clock`: the time of the last switch, the start of the current window and how
-    many switches in it overflowed or came without time advancing (`FilippovStall`);
-    `bounce`: the pair that crossed last, when, and how many times in a row it crossed
-    again soon after its previous crossing (`FilippovZeno`)."""
+    `high`: 1.0 for pairs on their high side (slope 1), 0.0 on the low side (slope α),
+    stored as bits packed into float words (`words`, 52 pairs to a float64): the
+    solver's step does its arithmetic on every entry of the state, a zero derivative
+    included, and one float per pair made that the largest cost of a step where
+    nothing slides (N = 256 digits on a 64-32-32-10 net: 16,384 pairs, ~1.4 ms a
+    Dopri5 step beside 1.3 ms for the six gradients). Adding a zero derivative leaves
+    a word exactly as it is, so the packed form survives every stage, the step and the
+    dense output bit for bit. `slots`: the sliding pairs' indices, -1.0 for a free slot;
+    `counts`: crossings, sliding entries, sliding exits, overflows (floats, exact
+    integers); `band`: how far past its surface a pair must go to count as crossed (see
+    `Switching.values`); `clock`: the time of the last switch, the start of the current
+    window and how many switches in it overflowed or came without time advancing
+    (`FilippovStall`); `bounce`: the pair that crossed last, when, and how many times
+    in a row it crossed again soon after its previous crossing (`FilippovZeno`)."""
 
-    high: Array
+    words: Array
     slots: Array
     counts: Array
     band: Array
     clock: Array
     bounce: Array
+    num_pairs: int = eqx.field(static=True)
+
+    def __init__(self, high, slots, counts, band, clock, bounce):
+        self.words = pack_bits(high)
+        self.num_pairs = high.shape[0]
+        self.slots, self.counts, self.band = slots, counts, band
+        self.clock, self.bounce = clock, bounce
+
+    @property
+    def high(self) -> Array:
+        return unpack_bits(self.words, self.num_pairs)
+
+    def with_high(self, high: Array) -> "FilippovState":
+        return eqx.tree_at(lambda m: m.words, self, pack_bits(high))
 
 
 class AbstractModeEvent(AbstractEvent):

@@ -15,7 +15,8 @@ from ._switching import Switching
 
 
 def _flip(mode: FilippovState, p) -> FilippovState:
-    return eqx.tree_at(lambda m: m.high, mode, mode.high.at[p].set(1.0 - mode.high[p]))
+    high = mode.high
+    return mode.with_high(high.at[p].set(1.0 - high[p]))
 
 
 def _count(mode: FilippovState, *which: int) -> FilippovState:
@@ -112,7 +113,7 @@ def switch(sw: Switching, t, w, v, mode: FilippovState, crossed: Array, phi: Arr
         flips = crossed[:num_pairs]
         high = jnp.where(flips, 1.0 - mode.high, mode.high)
         counts = mode.counts.at[0].add(flips.sum().astype(mode.counts.dtype))
-        new = eqx.tree_at(lambda m: (m.high, m.counts), mode, (high, counts))
+        new = eqx.tree_at(lambda m: m.counts, mode.with_high(high), counts)
         return new, sw.multipliers(t, w, new, guess)
     before = mode
 
