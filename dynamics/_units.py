@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 __all__ = ["Slice", "Units", "leaf_at", "unit_families", "family_exponents",
+           "homogeneous_families", "unit_inner",
            "unit_charges", "unit_generator", "unit_residuals", "zeros_like", "weight_paths",
            "weight_matrices", "put_weight_matrices"]
 
@@ -176,6 +177,26 @@ def unit_families(model, owner: str = "model", name: str = "model") -> tuple[Uni
                     f"{shape[len(shape) - ndim + s.axis]}."
                 )
     return families
+
+
+def homogeneous_families(model, owner: str, name: str = "model") -> tuple[Units, ...]:
+    """`unit_families(model)`, with every family positively homogeneous (its rescaling a
+    symmetry); else a ValueError naming `name` and the activation."""
+    families = unit_families(model, owner, name)
+    for u in families:
+        family_exponents(u, None, owner, model)
+    return families
+
+
+def unit_inner(a, b, degree: float | None = None, owner: str = "charge_inner"):
+    """⟨a, b⟩_M = Σ_S e_S ⟨a_S[i], b_S[i]⟩ for every unit i, one array per family of
+    `a`'s units (`a`, `b` shaped like the model, static parts included): the bilinear form
+    whose diagonal ⟨w, w⟩_M is the charge (a self-loop with its summed exponent)."""
+    out = []
+    for u in unit_families(a, owner, "params"):
+        values = {s.path: leaf_at(a, s.path) * leaf_at(b, s.path) for s in u.slices}
+        out.append(unit_charges(a, u, degree, owner, values))
+    return tuple(out)
 
 
 def family_exponents(units: Units, degree: float | None, owner: str,

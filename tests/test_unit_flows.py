@@ -147,3 +147,60 @@ def test_weight_balancing_flow_on_units_bad_input():
     with pytest.raises(ValueError, match="`params` must be a model that states"):
         dyn.WeightBalancingFlow(dyn.regularizers.Lpq(2, 2)).vector_field(
             0.0, {"w": jnp.ones(3)}, lambda m: 0.0)
+
+
+# --------------------------------------------------------------------------- discrete laws
+
+
+@MAKERS
+def test_exact_gd_charge_law_on_units(make):
+    """GD moves every unit charge by exactly η²⟨g, g⟩_M a step (symmetries._laws); the
+    monitor against the measured change, and at step 0 against a NumPy sum over the
+    unit's slices of the gradient."""
+    model, eta = _biased(make()), 0.3
+    loss = _loss(model)
+    traj = dyn.discrete.run(dyn.discrete.GD(eta), model, loss, 8,
+                            monitors=(dyn.monitors.RescalingCharges(),
+                                      dyn.monitors.GDChargeDrift(eta)),
+                            check_stability=False)
+    q, drift = traj.monitors["rescaling_charges"], traj.monitors["gd_charge_drift"]
+    scale = np.max(np.abs(q))
+    # an algebraic identity: only rounding of Q (~1e-16 |Q| per sum) separates the two
+    np.testing.assert_allclose(np.diff(q, axis=0), drift[:-1], rtol=0, atol=1e-14 * scale)
+    assert np.max(np.abs(drift[:-1])) > 1e-6 * scale  # resolved, not trivially zero
+    g = jax.grad(loss)(model)
+    if isinstance(model, dyn.ConvNet):  # channel c of conv layer 1: p = 2
+        k1, b1, k2 = (np.asarray(a) for a in (g.weights[0], g.biases[0], g.weights[1]))
+        ref = (k1**2).sum((1, 2, 3)) + b1**2 - 2 * (k2**2).sum((0, 2, 3))
+    else:  # the recurrent unit: its self-loop with exponent 1 − p = −1
+        w_in, w_rec, w_out, b = (np.asarray(a) for a in (g.input_weights[0],
+                                                         g.recurrent_weights[0],
+                                                         g.output_weight, g.biases[0]))
+        ref = ((w_in**2).sum(1) + b**2 + (w_rec**2).sum(1) - 2 * (w_rec**2).sum(0)
+               - 2 * (w_out**2).sum(0))
+    np.testing.assert_allclose(drift[0][:ref.size], eta**2 * ref, rtol=1e-12)
+
+
+def test_heavy_ball_charge_law_with_weight_decay_on_a_conv_net():
+    model, eta, beta, lam = _biased(_conv()), 0.05, 0.9, 0.2
+    fit = _loss(model)
+
+    def loss(m):
+        return fit(m) + 0.5 * lam * sum(jnp.sum(a**2) for a in jax.tree.leaves(m))
+
+    v0 = jax.tree.map(lambda a: 0.1 * jnp.ones_like(a), model)
+    traj = dyn.discrete.run(dyn.discrete.HeavyBall(eta, beta), model, loss, 20, v0=v0,
+                            monitors=(dyn.monitors.RescalingCharges(),
+                                      dyn.monitors.HeavyBallChargeDrift(eta, beta, lam),
+                                      dyn.monitors.ChargeForcing(eta, beta, lam)),
+                            check_stability=False)
+    q = traj.monitors["rescaling_charges"]
+    scale = np.max(np.abs(q))
+    np.testing.assert_allclose(np.diff(q, axis=0),
+                               traj.monitors["heavy_ball_charge_drift"][:-1], rtol=0,
+                               atol=1e-14 * scale)  # rounding of Q only
+    q0, q_prev, s_prev = dyn.discrete.charge_start(model, v0, eta)
+    closed = dyn.discrete.charge_closed_form(q0, traj.monitors["charge_forcing"][:-1], eta,
+                                             beta, lam, q_prev, s_prev)
+    # 20 steps of the recurrence summed as complex exponentials: a few 1e-13 at most
+    np.testing.assert_allclose(closed, q, rtol=0, atol=1e-11 * scale)

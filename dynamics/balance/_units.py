@@ -19,16 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._tree import is_concrete, partition
-from .._units import family_exponents, leaf_at, unit_families, weight_paths
+from .._units import family_exponents, homogeneous_families, leaf_at, weight_paths
 from ._common import sweep_until
 
 
 def check_units_model(model, owner: str):
     """The unit families of `model`, every one positively homogeneous, and finite
     parameters (concrete ones); else a ValueError naming `model`."""
-    families = unit_families(model, owner)
-    for u in families:
-        family_exponents(u, None, owner, model)
+    families = homogeneous_families(model, owner)
     for path, leaf in jax.tree_util.tree_leaves_with_path(partition(model)[0]):
         if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(

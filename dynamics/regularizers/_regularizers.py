@@ -24,10 +24,9 @@ from .._models import MLP
 from .._tree import is_concrete
 from .._units import (
     Units,
-    family_exponents,
+    homogeneous_families,
     leaf_at,
     unit_charges,
-    unit_families,
     weight_matrices,
     weight_paths,
 )
@@ -180,9 +179,7 @@ def balanced_weights(model, name: str = "params", owner: str = "WeightBalancingF
     if isinstance(model, MLP):
         check_homogeneous_mlp(model, name)
         return model.rescaling_units(), [("weights", k) for k in range(model.depth)]
-    families = unit_families(model, owner, name)
-    for u in families:
-        family_exponents(u, None, owner, model)
+    families = homogeneous_families(model, owner, name)
     return families, weight_paths(model, families)
 
 
