@@ -19,7 +19,17 @@ import diffrax
 import equinox as eqx
 import jax
 import numpy as np
-from _common import compare, gd_loops, inner_call, num_params, parse_args, print_stats, ratio, save
+from _common import (
+    compare,
+    gd_loops,
+    inner_call,
+    max_abs_diff,
+    num_params,
+    parse_args,
+    print_stats,
+    ratio,
+    save,
+)
 
 import dynamics as dyn
 import dynamics._simulate as _simulate
@@ -45,9 +55,7 @@ def main():
     traj = dyn.simulate(dyn.GradientFlow(), model, loss, **{**euler, "save_params": True})
     assert traj.stats["num_steps"] == steps, traj.stats
     w_sim = eqx.filter(traj.final_params, eqx.is_inexact_array)
-    err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-              for a, b in zip(jax.tree.leaves(w_sim), jax.tree.leaves(plain(w0, loss)),
-                              strict=True))
+    err = max_abs_diff(w_sim, plain(w0, loss))
     print(f"Theory III conv net, {num_params(model)} parameters, {data.x.shape[0]} images, "
           f"{steps} steps, dt={eta}, {args.dtype}; max |w_sim - w_gd| = {err:.1e}")
     fns = {
