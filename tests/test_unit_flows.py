@@ -118,7 +118,8 @@ def test_unit_imbalance_matches_numpy():
         np.testing.assert_allclose(got[0], _np_imbalance_rnn(rnn, p, q, 2.0), rtol=1e-13)
 
 
-@MAKERS
+@pytest.mark.parametrize("make", [pytest.param(_conv, marks=pytest.mark.slow), _rnn],
+                         ids=["conv", "rnn"])
 def test_weight_balancing_flow_decays_unit_imbalance_at_rate_lambda(make):
     """Saul eq. 20: Q_i(t) = Q_i(0) e^{−λt} for every unit, with zero hidden biases
     (frozen) and the output bias by gradient flow."""
@@ -181,6 +182,7 @@ def test_exact_gd_charge_law_on_units(make):
     np.testing.assert_allclose(drift[0][:ref.size], eta**2 * ref, rtol=1e-12)
 
 
+@pytest.mark.slow  # the GD law on the conv net (default) is its β = λ = 0 case
 def test_heavy_ball_charge_law_with_weight_decay_on_a_conv_net():
     model, eta, beta, lam = _biased(_conv()), 0.05, 0.9, 0.2
     fit = _loss(model)
