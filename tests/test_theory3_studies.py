@@ -65,11 +65,11 @@ def test_theory3_nmgd_quick(tmp_path):
 
 
 def test_theory3_cnn_tiny(tmp_path):
-    """The study's whole pipeline on 5 GD steps, 40 images, C = 2 and 4 (the quick run
-    takes minutes under the suite's unoptimised XLA: -m slow)."""
+    """The study's whole pipeline on 3 GD steps, 40 images, C = 2 (every run one shape, one
+    compile; the quick run takes minutes under the suite's unoptimised XLA: -m slow)."""
     _check_theory3_cnn(studies.load("theory3-cnn").run(
-        tmp_path, quick=True, config={"steps": 5, "examples": (20, 40), "random": (20,),
-                                      "channels": (2, 4), "width": 4, "fit": 40}),
+        tmp_path, quick=True, config={"steps": 3, "examples": (20, 40), "random": (20,),
+                                      "channels": (2,), "width": 2, "fit": 40}),
         trained=False)
 
 

@@ -88,7 +88,9 @@ def test_linear_conv_net_has_a_gl_law_per_pair_of_channels():
     assert result.count == dyn.symmetries.known_count(model, x) == 3 + 6
 
 
-@pytest.mark.parametrize("activation,laws", [("relu", 3), ("identity", 6)])
+# the linear RNN under -m slow: the linear conv net's GL test covers mixing charges
+@pytest.mark.parametrize("activation,laws",
+                         [("relu", 3), pytest.param("identity", 6, marks=pytest.mark.slow)])
 def test_rnn_counts(activation, laws):
     """An Elman RNN 2→3→2 on 16 sequences of 4 steps: one law per recurrent unit (ReLU),
     3·4/2 = 6 for GL(3) acting on the state (linear: W_in → A W_in, W_rec → A W_rec A⁻¹,
