@@ -171,6 +171,14 @@ def gd_loops(static, steps: int, eta: float):
     return plain, value_and_grad, separate
 
 
+def max_abs_diff(a, b) -> float:
+    """max |a − b| over the leaves of two pytrees of the same structure."""
+    import numpy as np
+
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def num_params(tree) -> int:
     import equinox as eqx
 

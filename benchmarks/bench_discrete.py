@@ -19,7 +19,6 @@ the whole `run` call with its Python-side validation and `Trajectory` building):
 
 import _common as C
 import equinox as eqx
-import jax
 import numpy as np
 
 import dynamics as dyn
@@ -44,9 +43,7 @@ def main():
 
     traj = run_monitored()
     w_run = eqx.filter(traj.final_params, eqx.is_inexact_array)
-    err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-              for a, b in zip(jax.tree.leaves(w_run), jax.tree.leaves(scan(w0, loss)),
-                              strict=True))
+    err = C.max_abs_diff(w_run, scan(w0, loss))
     loss_err = float(np.max(np.abs(traj.monitors["loss"]
                                    - np.asarray(scan_value_and_grad(w0, loss)[1]))))
     n_charges = traj.monitors["rescaling_charges"].shape[1]

@@ -21,7 +21,6 @@ separately after each update (plus L(w_0)). Target: simulate / scan <= 1.25.
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import (
@@ -29,6 +28,7 @@ from _common import (
     digits_problem,
     gd_loops,
     inner_call,
+    max_abs_diff,
     num_params,
     parse_args,
     print_stats,
@@ -64,8 +64,7 @@ def main():
     w_gd = plain(w0, loss)
     w_sim = eqx.filter(traj.final_params, eqx.is_inexact_array)
     traj_loss = sim_loss()
-    err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-              for a, b in zip(jax.tree.leaves(w_sim), jax.tree.leaves(w_gd), strict=True))
+    err = max_abs_diff(w_sim, w_gd)
     _, losses_vg = value_and_grad(w0, loss)
     loss_err = float(np.max(np.abs(traj_loss.monitors["loss"] - np.asarray(losses_vg))))
     print(f"{num_params(model)} parameters, {steps} steps, dt={eta}, {args.dtype}; "

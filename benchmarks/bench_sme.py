@@ -27,7 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import compare, inner_call, parse_args, print_stats, ratio, save
+from _common import compare, inner_call, max_abs_diff, parse_args, print_stats, ratio, save
 
 import dynamics as dyn
 import dynamics._driver._paths as _paths
@@ -84,9 +84,7 @@ def main():
     # Same paths first: simulate's final parameters against the scan's, every path.
     paths = dyn.simulate(sme, model, loss, key=keys100, **{**kw, "save_params": True})
     ref = scan(keys100)
-    err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-        jax.tree.leaves(eqx.filter(paths.final_params, eqx.is_inexact_array)),
-        jax.tree.leaves(ref), strict=True))
+    err = max_abs_diff(eqx.filter(paths.final_params, eqx.is_inexact_array), ref)
     print(f"{args.dtype}: max |w_simulate - w_scan| over 100 paths = {err:.1e}")
     assert err < 1e-12, err
 

@@ -30,6 +30,7 @@ SCRIPTS = {  # name -> [(script, flags, extra environment)]
     "memory": [("bench_memory.py", (), {})],
     "gemm": [("bench_gemm.py", (), {})],
     "sme": [("bench_sme.py", (), {})],
+    "conv_gf": [("bench_conv_gf.py", (), {})],
 }
 
 
@@ -123,6 +124,15 @@ def rows() -> list[str]:
             out.append(f"| SME 1,000 paths ({name}): vmapped vs a loop of single paths | "
                        f"{ms(t[den])} | loop {ms(t[num])} | {t[num] / t[den]:.1f}x faster "
                        f"({cpu[num] / cpu[den]:.1f}x) | >= 50x |")
+    r = load("conv_gf_float64")
+    if r is not None:
+        t = {k: v["median"] for k, v in r["times"].items()}
+        cpu = {k: v["cpu"]["median"] for k, v in r["times"].items()}
+        for what, num in (("solve", "simulate_solve"), ("`simulate` call", "simulate_call")):
+            out.append(f"| GF Euler {r['steps']} steps, Theory III conv net "
+                       f"({r['num_params']} params), {what} | {ms(t[num])} | lax.scan "
+                       f"{ms(t['scan'])} | {t[num] / t['scan']:.2f} "
+                       f"({cpu[num] / cpu['scan']:.2f}) | <= 1.10 |")
     steal = {p.stem: json.loads(p.read_text())["machine"].get("steal_fraction")
              for p in sorted(RESULTS.glob("*.json"))}
     out.append("")

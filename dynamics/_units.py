@@ -31,7 +31,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 __all__ = ["Slice", "Units", "leaf_at", "unit_families", "family_exponents",
-           "unit_charges", "unit_generator", "unit_residuals", "zeros_like"]
+           "homogeneous_families", "unit_inner",
+           "unit_charges", "unit_generator", "unit_residuals", "zeros_like", "weight_paths",
+           "weight_matrices", "put_weight_matrices"]
 
 _OUT = "-p"
 
@@ -177,6 +179,26 @@ def unit_families(model, owner: str = "model", name: str = "model") -> tuple[Uni
     return families
 
 
+def homogeneous_families(model, owner: str, name: str = "model") -> tuple[Units, ...]:
+    """`unit_families(model)`, with every family positively homogeneous (its rescaling a
+    symmetry); else a ValueError naming `name` and the activation."""
+    families = unit_families(model, owner, name)
+    for u in families:
+        family_exponents(u, None, owner, model)
+    return families
+
+
+def unit_inner(a, b, degree: float | None = None, owner: str = "charge_inner"):
+    """⟨a, b⟩_M = Σ_S e_S ⟨a_S[i], b_S[i]⟩ for every unit i, one array per family of
+    `a`'s units (`a`, `b` shaped like the model, static parts included): the bilinear form
+    whose diagonal ⟨w, w⟩_M is the charge (a self-loop with its summed exponent)."""
+    out = []
+    for u in unit_families(a, owner, "params"):
+        values = {s.path: leaf_at(a, s.path) * leaf_at(b, s.path) for s in u.slices}
+        out.append(unit_charges(a, u, degree, owner, values))
+    return tuple(out)
+
+
 def family_exponents(units: Units, degree: float | None, owner: str,
                      model=None) -> tuple[float, ...]:
     """The exponent of each slice, with `degree` (if given) overriding the family's p."""
@@ -201,13 +223,18 @@ def _axes(leaf, s: Slice) -> tuple[int, int]:
 
 
 def unit_charges(model, units: Units, degree: float | None = None,
-                 owner: str = "rescaling") -> Array:
-    """Q_i = Σ_S e_S ‖w_S[i]‖² for every unit i of `units` (leading batch axes kept)."""
+                 owner: str = "rescaling", values: dict | None = None) -> Array:
+    """Q_i = Σ_S e_S ‖w_S[i]‖² for every unit i of `units` (leading batch axes kept).
+    With `values` ({path: array shaped like the leaf}), Σ_S e_S Σ values_S[i] over the
+    slices whose path it holds instead: Saul's imbalance, values = W ⊙ ∂R/∂W."""
     q = None
     for s, e in zip(units.slices, family_exponents(units, degree, owner, model)):
         leaf = leaf_at(model, s.path)
+        if values is not None and s.path not in values:
+            continue
         lead, ax = _axes(leaf, s)
-        sq = jnp.sum(leaf**2, axis=tuple(a for a in range(lead, leaf.ndim) if a != ax))
+        sq = leaf**2 if values is None else values[s.path]
+        sq = jnp.sum(sq, axis=tuple(a for a in range(lead, leaf.ndim) if a != ax))
         # `q − p·sq` rather than `q + (−p)·sq`, and no ×1: both are exact, and an MLP's
         # charges then round exactly as they did before units existed
         if q is None:
@@ -274,3 +301,30 @@ def unit_residuals(force, model, units: Units, degree: float | None = None,
                 xsq = xsq + 2 * e1 * e2 * _shared_entries(w, s1, s2, w**2)
     denom = jnp.sqrt(fsq * xsq)
     return dot / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
+
+
+def weight_paths(model, families, include_bias: bool = False):
+    """Paths of the arrays in the objective: touched by a unit, rank >= 2 (biases, rank
+    1, rescale with their unit but stay out of the norm, as in `lpq_norm`, unless
+    `include_bias`)."""
+    paths = []
+    for fam in families:
+        for s in fam.slices:
+            ndim = s.ndim if s.ndim is not None else leaf_at(model, s.path).ndim
+            if (ndim >= 2 or include_bias) and s.path not in paths:
+                paths.append(s.path)
+    return paths
+
+
+def weight_matrices(model, paths) -> tuple[Array, ...]:
+    """The arrays at `paths` as matrices, rows = axis 0 (a kernel (out, in, kh, kw) as
+    (out, in·kh·kw)): the rows Saul's ℓ_{p,q} norm and regularizers run over."""
+    return tuple(jnp.reshape(leaf_at(model, p), (leaf_at(model, p).shape[0], -1))
+                 for p in paths)
+
+
+def put_weight_matrices(tree, paths, matrices):
+    """`tree` with the array at each of `paths` replaced by the matrix, reshaped back."""
+    for p, m in zip(paths, matrices, strict=True):
+        tree = _replace(tree, p, jnp.reshape(m, leaf_at(tree, p).shape))
+    return tree

@@ -3,6 +3,7 @@ the numbers they record say what the studies claim."""
 
 import jax
 import numpy as np
+import pytest
 import xarray as xr
 
 import studies
@@ -61,3 +62,37 @@ def test_theory3_nmgd_quick(tmp_path):
     assert max(before) < 1e-20
     assert float(gd["norm"][-1]) > 2 * float(gd["norm"][0])
     assert float(nm["norm"][-1]) < 0.5 * float(gd["norm"][-1])
+
+
+def test_theory3_cnn_tiny(tmp_path):
+    """The study's whole pipeline on 3 GD steps, 40 images, C = 2 (every run one shape, one
+    compile; the quick run takes minutes under the suite's unoptimised XLA: -m slow)."""
+    _check_theory3_cnn(studies.load("theory3-cnn").run(
+        tmp_path, quick=True, config={"steps": 3, "examples": (20, 40), "random": (20,),
+                                      "channels": (2,), "width": 2, "fit": 40}),
+        trained=False)
+
+
+@pytest.mark.slow
+def test_theory3_cnn_quick(tmp_path):
+    _check_theory3_cnn(studies.load("theory3-cnn").run(tmp_path, quick=True), trained=True)
+
+
+def _check_theory3_cnn(written, trained: bool):
+    for key in ("examples", "parameters"):
+        assert written[key].exists() and written[key].stat().st_size > 10_000
+    tree = xr.open_datatree(written["results"])
+    ex, par = tree["examples"].to_dataset(), tree["parameters"].to_dataset()
+    # GD's per-step charge law is algebraic: rounding of the charges only (~1e-16 of the
+    # largest per sum, over ~10^3 entries per channel)
+    assert float(ex["charge_law_residual"].max()) < 1e-12
+    assert float(par["charge_law_residual"].max()) < 1e-12
+    # the orbit minimum is a minimum (BFGS from u = 0, where ρ itself is), and the
+    # parameter counts are those of the bias-free net: 9·C + 4·9·C² + 10·C
+    rho, rho_min = np.asarray(par["norm_product"]), np.asarray(par["min_norm_product"])
+    assert np.all(rho_min <= rho * (1 + 1e-12)) and np.all(rho_min > 0.5 * rho)
+    c = np.asarray(par["channels"])
+    np.testing.assert_array_equal(par["parameters"], 9 * c + 36 * c**2 + 10 * c)
+    if trained:  # on true labels, the quick run's net beats chance (0.9) on the test images
+        true = ex.where(ex["labels"] == "true", drop=True)
+        assert float(true["test_error"].min()) < 0.5

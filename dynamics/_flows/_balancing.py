@@ -8,12 +8,13 @@ import lineax as lx
 from jaxtyping import Array
 
 from .._tree import is_concrete, vdot
+from .._units import leaf_at, put_weight_matrices, weight_matrices
 from .._validate import finite_nonnegative, float_array
 from ..regularizers._regularizers import (
     AbstractRegularizer,
     Lpq,
     as_regularizer,
-    check_homogeneous_mlp,
+    balanced_weights,
 )
 from ._base import AbstractFirstOrderFlow
 
@@ -45,14 +46,23 @@ class WeightBalancingFlow(AbstractFirstOrderFlow):
 
         d/dt (W_ij ∂R/∂W_ij) = −W_ij ∂L/∂W_ij          (Saul 2023 eq. 16)
 
-    on the weights of a `dyn.MLP` with a positively homogeneous activation; E is the
-    `loss` given to `simulate`. Hidden biases are frozen (Theorem 4 needs them at zero:
-    start from an MLP with zero hidden biases, e.g. `bias=False` or the default zero
-    initialisation); output biases follow gradient flow ḃ = −∂L/∂b (arXiv v1 Cor. 3.5).
+    on the weights of a `dyn.MLP` with a positively homogeneous activation, or of any
+    model that states its rescaling units (`dyn.ConvNet`, `dyn.RNN`, `dyn.ResidualMLP`, a
+    user's model), every unit positively homogeneous; E is the `loss` given to
+    `simulate`. For a model with units, W is every array of rank ≥ 2 a unit touches, read
+    as a matrix with rows = axis 0 (a kernel (out, in, kh, kw) as (out, in·kh·kw): a
+    row is what feeds one output channel) and R is a function of those matrices.
+    Biases that rescale with a unit are frozen (Theorem 4 needs them at zero: start from
+    zero hidden biases, e.g. `bias=False` or the default zero initialisation); every
+    parameter no unit touches (the output bias) follows gradient flow ḃ = −∂L/∂b
+    (arXiv v1 Cor. 3.5).
 
-    The imbalance Q_i (eq. 17, `dyn.monitors.Imbalance(R)`) then decays as
-    Q_i(t) = Q_i(0) e^{−λt} (eq. 20), and L descends wherever the Hessian of R in
-    ω = log|W| is positive definite (Theorem 5): dL/dt = −(∂L/∂ω)ᵀ H⁻¹ ∂L/∂ω − ‖∂L/∂b_out‖².
+    The imbalance Q_i (eq. 17, `dyn.monitors.Imbalance(R)`; for units,
+    Σ_S e_S Σ V_S[i] over the unit's weight slices) then decays as
+    Q_i(t) = Q_i(0) e^{−λt} (eq. 20): V̇ = −W ⊙ ∂E/∂W − λV, and Euler's identity for the
+    unit's rescaling, with its biases at zero, makes the first term sum to zero. L
+    descends wherever the Hessian of R in ω = log|W| is positive definite (Theorem 5):
+    dL/dt = −(∂L/∂ω)ᵀ H⁻¹ ∂L/∂ω − ‖∂L/∂b_out‖².
 
     - `dyn.regularizers.Lpq(p, q)` (eq. 26) is integrated in closed form from the
       V-coordinates of arXiv v1 eq. 58 (O(#weights), no linear solve). p = q = 2 is
@@ -86,7 +96,8 @@ class WeightBalancingFlow(AbstractFirstOrderFlow):
 
     def total_loss(self, w, loss):
         """L = E + λR (Saul eq. 13)."""
-        return loss(w) + self.lam * self.regularizer(w.weights)
+        _, paths = balanced_weights(w, "params")
+        return loss(w) + self.lam * self.regularizer(weight_matrices(w, paths))
 
     def _weight_velocity(self, weights, grads):
         reg = self.regularizer
@@ -108,23 +119,29 @@ class WeightBalancingFlow(AbstractFirstOrderFlow):
         return tuple(w * o for w, o in zip(weights, omega_dot, strict=True))
 
     def _check(self, w):
-        check_homogeneous_mlp(w, "params")
-        if is_concrete(w.weights):
-            self.regularizer.check(w.weights)
+        families, paths = balanced_weights(w, "params")
+        weights = weight_matrices(w, paths)
+        if is_concrete(weights):
+            self.regularizer.check(weights)
+        return families, paths, weights
 
     def vector_field_and_loss(self, t, w, loss):
-        self._check(w)
+        families, paths, weights = self._check(w)
         value, grad = jax.value_and_grad(loss)(w)
-        grad_r = jax.grad(self.regularizer)(tuple(w.weights))
+        grad_r = jax.grad(self.regularizer)(weights)
         # ∂L/∂W = ∂E/∂W + λ ∂R/∂W: eq. 58's right side and its decay term λV together.
-        grads = tuple(ge + self.lam * gr for ge, gr in zip(grad.weights, grad_r, strict=True))
-        out = jax.tree.map(jnp.zeros_like, w)
-        out = eqx.tree_at(lambda m: m.weights, out, self._weight_velocity(w.weights, grads))
-        if w.biases is not None:
-            # Hidden biases frozen (Theorem 4); output biases by GF (arXiv v1 Cor. 3.5).
-            biases = out.biases[:-1] + (-grad.biases[-1],)
-            out = eqx.tree_at(lambda m: m.biases, out, biases)
-        return out, value
+        grads = tuple(ge + self.lam * gr for ge, gr in
+                      zip(weight_matrices(grad, paths), grad_r, strict=True))
+        # Parameters no unit touches by gradient flow (arXiv v1 Cor. 3.5), the unit
+        # biases (rank 1) frozen (Theorem 4), the weights by Saul's flow.
+        out = jax.tree.map(jnp.negative, grad)
+        for u in families:
+            for s in u.slices:
+                leaf = leaf_at(out, s.path)
+                if (s.ndim if s.ndim is not None else leaf.ndim) == 1:
+                    out = eqx.tree_at(lambda m, p=s.path: leaf_at(m, p), out,
+                                      jnp.zeros_like(leaf))
+        return put_weight_matrices(out, paths, self._weight_velocity(weights, grads)), value
 
     def vector_field(self, t, w, loss):
         return self.vector_field_and_loss(t, w, loss)[0]

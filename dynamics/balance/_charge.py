@@ -7,8 +7,10 @@ import jax.scipy.linalg as jsl
 
 from .._models import MLP
 from .._projection import AbstractProjection
+from .._units import unit_charges
 from .._validate import positive_int, real
 from ._common import _apply, _check_model, _check_velocity_rule
+from ._units import apply_units, check_units_model, units_charge_scales
 
 
 def _squares(model: MLP):
@@ -127,6 +129,19 @@ class ChargeProjection(AbstractProjection):
     or after `max_steps`. Units with all in- or all out-weights zero are held at u = 0.
     The velocity follows `velocity` as for the other fixes. `init` returns the charges
     to restore.
+
+    Any other model that states its rescaling units (`dyn.ConvNet`, `dyn.RNN`,
+    `dyn.ResidualMLP`, a user's model) restores the charges of `dyn.charges.rescaling`,
+    Q_i = Σ_S e_S ‖w_S[i]‖², the same way: Φ(u) = ½ Σ_e w_e² e^{2 L_e(u)} over every
+    entry a unit touches (L_e(u) = Σ_S e_S u_{S,i(e)}: a recurrent self-loop counts
+    (1 − p) u_i) is convex with ∇Φ = Q, solved by damped Newton steps with the Hessian
+    by autodiff (dense in the number of units: meant for up to a few hundred).
+
+    **Arguments:** `rtol`, `atol`: Newton's stopping rule on the log-scales; `max_steps`;
+    `velocity`: "pushforward", "keep" or "zero".
+
+    **Raises:** ValueError for a model without units, a non-homogeneous unit, a NaN
+    weight, or a bad option.
     """
 
     rtol: float = eqx.field(static=True)
@@ -142,14 +157,21 @@ class ChargeProjection(AbstractProjection):
         self.velocity = _check_velocity_rule(velocity, "ChargeProjection")
 
     def init(self, params, velocity):
+        if not isinstance(params, MLP):
+            families = check_units_model(params, "ChargeProjection")
+            return tuple(unit_charges(params, u, None, "ChargeProjection") for u in families)
         d = _check_model(params, "ChargeProjection")
         m, b2 = _squares(params)
         u0 = tuple(jnp.zeros_like(b) for b in b2)
         return _charges(m, b2, u0, d)[0]
 
     def __call__(self, params, velocity=None, state=None):
-        d = _check_model(params, "ChargeProjection")
         target = self.init(params, velocity) if state is None else state
+        if not isinstance(params, MLP):
+            families = check_units_model(params, "ChargeProjection")
+            u, _ = units_charge_scales(params, target, self.rtol, self.atol, self.max_steps)
+            return apply_units(params, velocity, families, u, self.velocity)
+        d = _check_model(params, "ChargeProjection")
         m, b2 = _squares(params)
         live = tuple((jnp.sum(m[h], axis=-1) > 0) & (jnp.sum(m[h + 1], axis=-2) > 0)
                      for h in range(params.depth - 1))

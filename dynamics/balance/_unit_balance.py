@@ -36,9 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._units import family_exponents, leaf_at
+from .._units import family_exponents, leaf_at, weight_paths
 from ._common import sweep_until
-from ._units import weight_paths
 
 
 def _pairs_on_one_array(fam, exps, paths):

@@ -19,16 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._tree import is_concrete, partition
-from .._units import family_exponents, leaf_at, unit_families
+from .._units import family_exponents, homogeneous_families, leaf_at, weight_paths
 from ._common import sweep_until
 
 
 def check_units_model(model, owner: str):
     """The unit families of `model`, every one positively homogeneous, and finite
     parameters (concrete ones); else a ValueError naming `model`."""
-    families = unit_families(model, owner)
-    for u in families:
-        family_exponents(u, None, owner, model)
+    families = homogeneous_families(model, owner)
     for path, leaf in jax.tree_util.tree_leaves_with_path(partition(model)[0]):
         if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(
@@ -71,17 +69,43 @@ def apply_units(params, velocity, families, u, rule: str):
     return new, velocity
 
 
-def weight_paths(model, families, include_bias: bool = False):
-    """Paths of the arrays in the objective: touched by a unit, rank >= 2 (biases, rank
-    1, rescale with their unit but stay out of the norm, as in `lpq_norm`, unless
-    `include_bias`)."""
-    paths = []
-    for fam in families:
-        for s in fam.slices:
-            ndim = s.ndim if s.ndim is not None else leaf_at(model, s.path).ndim
-            if (ndim >= 2 or include_bias) and s.path not in paths:
-                paths.append(s.path)
-    return paths
+def _newton_sweep(objective, n: int, dtype, delta):
+    """One damped Newton step on the convex `objective` over R^n, as a `sweep_until`
+    sweep: (v, _) -> (v − t·step, delta(new v, t·step)), t from a backtracking (Armijo)
+    line search that allows for rounding in the objective (near the minimum the decrease
+    is below it, and a full Newton step is then right)."""
+    value_and_grad = jax.value_and_grad(objective)
+    hess = jax.hessian(objective)
+
+    def sweep(v, _):
+        f, g = value_and_grad(v)
+        h = hess(v)
+        # a unit with no weights leaves the objective flat along it: a relative ridge
+        # keeps the solve regular and that unit's step at ~0
+        ridge = 1e-12 * (jnp.trace(h) / n + jnp.finfo(dtype).tiny)
+        step = jnp.linalg.solve(h + ridge * jnp.eye(n, dtype=dtype), g)
+        slope = jnp.vdot(g, step)
+        slack = 8 * jnp.finfo(dtype).eps * jnp.abs(f)
+
+        def shrink(c):
+            t, _ = c
+            return t / 2, objective(v - t / 2 * step)
+
+        def too_high(c):
+            t, ft = c
+            return (~(ft <= f - 1e-4 * t * slope + slack)) & (t > 1e-10)
+
+        t, _ = jax.lax.while_loop(too_high, shrink,
+                                  (jnp.asarray(1.0, dtype), objective(v - step)))
+        move = t * step
+        return v - move, delta(v - move, move)
+
+    return sweep
+
+
+def _splitter(families):
+    cuts = np.cumsum([0, *[f.size for f in families]])
+    return int(cuts[-1]), lambda v: tuple(v[cuts[k]:cuts[k + 1]] for k in range(len(families)))
 
 
 @eqx.filter_jit
@@ -90,12 +114,8 @@ def units_min_norm(model, p, q, tol, max_iter: int):
     rescaling of `model` (module docstring)."""
     families = model.rescaling_units()
     paths = weight_paths(model, families)
-    sizes = [f.size for f in families]
-    cuts = np.cumsum([0, *sizes])
+    n, split = _splitter(families)
     dtype = leaf_at(model, paths[0]).dtype
-
-    def split(v):
-        return tuple(v[cuts[k]:cuts[k + 1]] for k in range(len(sizes)))
 
     def objective(v):
         logs = _log_multipliers(model, families, split(v))
@@ -107,33 +127,41 @@ def units_min_norm(model, p, q, tol, max_iter: int):
             total = total + jnp.sum(rows ** (q / p))
         return total
 
-    value_and_grad = jax.value_and_grad(objective)
-    hess = jax.hessian(objective)
-    n = int(cuts[-1])
-
-    def newton_step(v, _):
-        f, g = value_and_grad(v)
-        h = hess(v)
-        # a unit with no weights leaves F flat along it: a relative ridge keeps the
-        # solve regular and that unit's step at ~0
-        ridge = 1e-12 * (jnp.trace(h) / n + jnp.finfo(dtype).tiny)
-        step = jnp.linalg.solve(h + ridge * jnp.eye(n, dtype=dtype), g)
-        slope = jnp.vdot(g, step)
-
-        def shrink(c):
-            t, _ = c
-            return t / 2, objective(v - t / 2 * step)
-
-        def too_high(c):
-            t, ft = c
-            return (~(ft <= f - 1e-4 * t * slope)) & (t > 1e-10)
-
-        t, _ = jax.lax.while_loop(too_high, shrink,
-                                  (jnp.asarray(1.0, dtype), objective(v - step)))
-        move = t * step
-        return v - move, jnp.max(jnp.abs(jnp.expm1(move)))
-
-    v, it, values, delta = sweep_until(newton_step, lambda v: objective(v) ** (1.0 / q),
+    sweep = _newton_sweep(objective, n, dtype,
+                          lambda v, move: jnp.max(jnp.abs(jnp.expm1(move))))
+    v, it, values, delta = sweep_until(sweep, lambda v: objective(v) ** (1.0 / q),
                                        jnp.zeros(n, dtype), tol, max_iter, None, dtype)
     # A non-finite norm (a NaN weight inside a solve) is no convergence.
     return split(v), it, values, (delta < tol) & jnp.isfinite(values[it])
+
+
+@eqx.filter_jit
+def units_charge_scales(model, target, rtol, atol, max_steps: int):
+    """Log-scales u (per family) with the unit charges of the rescaled `model` equal to
+    `target` (one array per family), and whether Newton converged.
+
+    Entry e scales by e^{L_e(u)}, so Φ(u) = ½ Σ_e w_e² e^{2 L_e(u)} (every entry of every
+    array a unit touches, biases included) has ∂Φ/∂u_i = Σ_S e_S ‖w_S[i](u)‖² = Q_i(u),
+    the charge after the rescaling (a self-loop, in two slices, with the summed
+    exponent, as the charge counts it). Φ is convex (a sum of exponentials of linear
+    functions), so Q(u) = target is the minimum of Φ(u) − ⟨target, u⟩, found by damped
+    Newton steps until every |δu_i| <= atol + rtol |u_i| or `max_steps`."""
+    families = model.rescaling_units()
+    paths = weight_paths(model, families, include_bias=True)
+    n, split = _splitter(families)
+    dtype = leaf_at(model, paths[0]).dtype
+    flat_target = jnp.concatenate(target)
+
+    def objective(v):
+        logs = _log_multipliers(model, families, split(v))
+        total = -jnp.vdot(flat_target, v)
+        for path in paths:
+            total = total + 0.5 * jnp.sum(leaf_at(model, path) ** 2 * jnp.exp(2 * logs[path]))
+        return total
+
+    def delta(v, move):
+        return jnp.max(jnp.abs(move) / (atol + rtol * jnp.abs(v)))
+
+    v, _, _, last = sweep_until(_newton_sweep(objective, n, dtype, delta), objective,
+                                jnp.zeros(n, dtype), 1.0, max_steps, None, dtype)
+    return split(v), last < 1.0

@@ -1,5 +1,7 @@
 """Monitors of the exact discrete charge laws of GD and heavy ball
-(`dynamics.symmetries._laws` derives them)."""
+(`dynamics.symmetries._laws` derives them), on an MLP or any model that states its
+rescaling units (`dyn.ConvNet`, `dyn.RNN`, `dyn.ResidualMLP`, a user's model): one value
+per unit, concatenated over the families like `RescalingCharges`."""
 
 from typing import ClassVar
 
@@ -8,24 +10,27 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from .._models import MLP
+from .._units import homogeneous_families
 from .._validate import traced_scalar
-from ..symmetries._charges import check_mlp
 from ..symmetries._laws import charge_inner, gd_charge_drift, heavy_ball_charge_drift
 from ._monitors import AbstractMonitor
 
 
-def homogeneous_mlp(w, problem, owner: str):
-    """(the MLP, its activation's degree p) for a charge-law monitor named `owner`; an
-    error unless the activation is positively homogeneous (the rescaling symmetry)."""
-    model = check_mlp(problem.params(w), "params")
-    degree = model.activation.degree
-    if degree is None or model.betas is not None:
+def homogeneous_model(w, problem, owner: str):
+    """(the model, None: each family's own degree p) for a charge-law monitor named
+    `owner`: an MLP or any model that states its units (ConvNet, RNN, ResidualMLP, …);
+    an error unless every unit is positively homogeneous (the rescaling symmetry)."""
+    model = problem.params(w)
+    if isinstance(model, MLP) and (model.activation.degree is None
+                                   or model.betas is not None):
         raise ValueError(
             f"{owner} needs an MLP with a positively homogeneous activation (ReLU, RePU, "
             f"Polynomial, Identity), got {type(model.activation).__name__}: without the "
             "rescaling symmetry the charges have no such law."
         )
-    return model, degree
+    homogeneous_families(model, owner, "params")
+    return model, None
 
 
 class _ChargeLawMonitor(AbstractMonitor):
@@ -33,7 +38,7 @@ class _ChargeLawMonitor(AbstractMonitor):
     the symmetric loss, i.e. ∇(loss) − λw for a loss that includes (λ/2)‖w‖²."""
 
     def _parts(self, w, v, problem, weight_decay):
-        model, degree = homogeneous_mlp(w, problem, type(self).__name__)
+        model, degree = homogeneous_model(w, problem, type(self).__name__)
         grad = jax.tree.map(lambda g, x: g - weight_decay * x, jax.grad(problem.loss)(w), w)
         velocity = None if v is None else eqx.combine(v, problem.static)
         return model, velocity, eqx.combine(grad, problem.static), degree

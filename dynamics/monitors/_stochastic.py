@@ -31,7 +31,7 @@ from .._sampling import batch_factor
 from .._validate import positive_int, traced_scalar
 from ..losses._per_example import as_data_loss
 from ..symmetries._laws import charge_inner, heavy_ball_charge_drift, nesterov_charge_drift
-from ._charge_laws import homogeneous_mlp
+from ._charge_laws import homogeneous_model
 from ._monitors import AbstractMonitor
 
 # Examples per vmapped chunk of per-example gradients (memory ∝ chunk × parameters).
@@ -84,7 +84,7 @@ class SGDChargeDrift(AbstractMinibatchMonitor):
         self.nesterov = nesterov
 
     def minibatch_value(self, t, w, v, grad, problem):
-        model, degree = homogeneous_mlp(w, problem, "SGDChargeDrift")
+        model, degree = homogeneous_model(w, problem, "SGDChargeDrift")
         g = eqx.combine(jax.tree.map(lambda a, x: a - self.weight_decay * x, grad, w),
                         problem.static)
         velocity = None if v is None else eqx.combine(v, problem.static)
@@ -119,7 +119,7 @@ class ChargeGradientRate(_RateMonitor):
     name: ClassVar[str] = "charge_gradient_rate"
 
     def __call__(self, t, w, v, problem):
-        _, degree = homogeneous_mlp(w, problem, type(self).__name__)
+        _, degree = homogeneous_model(w, problem, type(self).__name__)
         grad = eqx.combine(jax.grad(problem.loss)(w), problem.static)
         return self.eta * jnp.concatenate(charge_inner(grad, grad, degree))
 
@@ -138,7 +138,7 @@ class ChargeNoiseRate(_RateMonitor):
 
     def __call__(self, t, w, v, problem):
         owner = type(self).__name__
-        _, degree = homogeneous_mlp(w, problem, owner)
+        _, degree = homogeneous_model(w, problem, owner)
         data = as_data_loss(problem.user_loss, owner)
         n = data.num_examples
 

@@ -22,6 +22,14 @@ from jaxtyping import Array, Scalar
 
 from .._models import MLP
 from .._tree import is_concrete
+from .._units import (
+    Units,
+    homogeneous_families,
+    leaf_at,
+    unit_charges,
+    weight_matrices,
+    weight_paths,
+)
 from .._validate import float_array
 
 Weights = Sequence[Array]
@@ -162,8 +170,21 @@ def check_homogeneous_mlp(model, name: str = "params") -> float:
     return float(degree)
 
 
-def imbalance(model: MLP, regularizer) -> tuple[Array, ...]:
-    """Per-neuron imbalance, one array per hidden layer h:
+def balanced_weights(model, name: str = "params", owner: str = "WeightBalancingFlow"
+                     ) -> tuple[tuple[Units, ...], list]:
+    """(the unit families, the paths of the weight arrays a regularizer reads) of a model
+    whose units are all positively homogeneous: a `dyn.MLP` (its `weights`) or any model
+    with `rescaling_units()` (every array of rank ≥ 2 a unit touches, read as a matrix
+    with rows = axis 0 by `weight_matrices`); else a ValueError naming `name`."""
+    if isinstance(model, MLP):
+        check_homogeneous_mlp(model, name)
+        return model.rescaling_units(), [("weights", k) for k in range(model.depth)]
+    families = homogeneous_families(model, owner, name)
+    return families, weight_paths(model, families)
+
+
+def imbalance(model, regularizer) -> tuple[Array, ...]:
+    """Per-unit imbalance, one array per family of units (per hidden layer of an MLP):
 
         Q_i = Σ_j V_h[i, j] − d Σ_k V_{h+1}[k, i],   V = W ⊙ ∂R/∂W,
 
@@ -172,12 +193,15 @@ def imbalance(model: MLP, regularizer) -> tuple[Array, ...]:
     error invariant, so Σ_j W_ij ∂E/∂W_ij − d Σ_k W_ki ∂E/∂W_ki = 0 (Euler's identity)
     and under the weight-balancing flow Q_i(t) = Q_i(0) e^{−λt} (eq. 20) for any d; d = 1
     is Saul's case. For R = ½‖W‖² it is the gradient-flow rescaling charge without the
-    bias term (`dyn.charges.rescaling`). Leading batch axes are not supported.
+    bias term (`dyn.charges.rescaling`). For a model that states its units (ConvNet, RNN,
+    ResidualMLP, …) the same sum over each unit's weight slices, Q_i = Σ_S e_S Σ V_S[i],
+    R reading every weight array a unit touches as a matrix (rows = axis 0; biases
+    excluded). Leading batch axes are not supported.
+
+    **Raises:** ValueError for a model without units or with a non-homogeneous unit.
     """
-    degree = check_homogeneous_mlp(model, "model")
+    families, paths = balanced_weights(model, "model", "imbalance")
     reg = as_regularizer(regularizer)
-    v = reg.v(model.weights)
-    return tuple(
-        jnp.sum(v[h], axis=-1) - degree * jnp.sum(v[h + 1], axis=-2)
-        for h in range(model.depth - 1)
-    )
+    values = {p: jnp.reshape(v, leaf_at(model, p).shape)
+              for p, v in zip(paths, reg.v(weight_matrices(model, paths)), strict=True)}
+    return tuple(unit_charges(model, u, None, "imbalance", values) for u in families)

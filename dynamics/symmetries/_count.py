@@ -79,15 +79,17 @@ def _bracket_fields(fn: Callable, theta, coeffs):
     return build(0)(theta)
 
 
-def _level_fn(fn: Callable, level: int, samples: int, weights=None):
-    # vmap over `samples` coefficient tuples; the output is (samples, D). `weights`
-    # (optional, shaped like fn's output) zeroes the coefficients of padding outputs.
+def _level_fn(fn: Callable, level: int, samples: int, weights=None, batched: bool = True):
+    # `samples` coefficient tuples, vmapped (`batched`) or one after the other (lax.map);
+    # the output is (samples, D). `weights` (optional, shaped like fn's output) zeroes the
+    # coefficients of padding outputs.
     def evaluate(theta, key):
         n = fn(theta).size
         coeffs = jax.random.normal(key, (samples, level, n), theta.dtype)
         if weights is not None:
             coeffs = coeffs * weights
-        return jax.vmap(lambda c: _bracket_fields(fn, theta, c))(coeffs)
+        bracket = functools.partial(_bracket_fields, fn, theta)
+        return jax.vmap(bracket)(coeffs) if batched else jax.lax.map(bracket, coeffs)
 
     return evaluate
 
@@ -99,13 +101,17 @@ def _default_forward(model, xs):
 @eqx.filter_jit
 def _level_values(w, static, x, key, level: int, samples: int, forward: Callable):
     # The general path (any model, any `forward`): one compile per (structure, shapes,
-    # level, forward).
+    # level, forward). The tuples go one after the other: vmapped, each bracket's
+    # tangent parameters are batched, and a batched conv kernel becomes a grouped
+    # convolution (XLA CPU, 1→2→3 conv net, 16 images, levels ≤ 2, 64 tuples: 1.5 s
+    # vmapped, 0.06 s one by one after compiling; 30 s vs 1.7 s unoptimised, as the
+    # tests compile). An MLP's brackets lose little this way.
     theta, unravel = ravel_pytree(w)
 
     def fn(th):
         return jnp.ravel(forward(eqx.combine(unravel(th), static), x))
 
-    return _level_fn(fn, level, samples)(theta, key)
+    return _level_fn(fn, level, samples, batched=False)(theta, key)
 
 
 # --- the padded path for ReLU and linear MLPs -------------------------------------------
@@ -258,7 +264,8 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray | int,
     **Arguments:**
 
     - `model`: an Equinox model (e.g. `dyn.MLP`); its floating-point arrays are θ.
-    - `x`: a batch of inputs, shape (N, d_in), N ≥ 1.
+    - `x`: a batch of N ≥ 1 inputs of the model, (N, d_in) for an MLP, (N, C, H, W) for a
+      `dyn.ConvNet`, (N, T, d) for a `dyn.RNN`.
     - `key`: PRNG key for the random coefficients of the brackets (an int seed is
       accepted, as everywhere: `key=0` is `jax.random.key(0)`).
     - `max_level`: deepest bracket level (level 1 is V itself). Levels are added until
@@ -297,7 +304,15 @@ def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray | int,
     deeper layers move with the earlier weights and give fewer laws, with no closed form.
     A narrow layer (width 2) or 2-D inputs often cause this: the count is then larger than
     one per neuron, and right; `known_count` and `generic` say when the closed form
-    applies.
+    applies. Conv nets and RNNs (any model with `rescaling_units()`) have, on generic data,
+    one law per hidden channel or recurrent unit (weight sharing adds none), a mixing law
+    per pair of units that act linearly together, and one per parameter no output reads
+    (a kernel tap on padding only); `known_count` computes that number from the units.
+
+    **Returns:** a `ConservationLawCount`.
+
+    **Raises:** ValueError for an empty or non-finite `x` or model, a bad option, or
+    float32 in force.
 
     Needs float64 (`jax.config.update("jax_enable_x64", True)`).
     """

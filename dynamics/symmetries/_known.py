@@ -10,6 +10,7 @@ from jaxtyping import ArrayLike
 
 from .._models import MLP, Identity, ReLU
 from ._count import _rank
+from ._unit_laws import unit_laws
 
 
 def _balance_jacobian(model: MLP) -> np.ndarray:
@@ -126,9 +127,48 @@ def _generic(model: MLP, p: _Patterns) -> bool:
     return _alive(p) and _only_dead_connections(*_input_deficits(model, p))
 
 
-def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
+def _check_inputs(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 1 or x.shape[0] == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"known_count: `x` must be a non-empty, finite batch of inputs, got "
+                         f"shape {x.shape}.")
+    return x
+
+
+def _units_count(model, x, threshold: float) -> int:
+    laws = unit_laws(model, x, threshold)
+    if laws.deficient:
+        raise ValueError(
+            f"known_count: {laws.deficient} unit(s) of `model` see, through their "
+            "in-weights, inputs of deficient rank on the data (a unit live on too few "
+            "examples, positions or steps); no closed form for that case: use more or "
+            "more varied `x`, or count_conservation_laws alone."
+        )
+    return laws.count
+
+
+def known_count(model, x: ArrayLike, threshold: float = 1e-9) -> int:
     """The number of conservation laws known in closed form for a linear or ReLU `dyn.MLP`
-    on inputs `x` (the reference `count_conservation_laws` is tested against):
+    on inputs `x` (the reference `count_conservation_laws` is tested against), or for any
+    model that states its rescaling units (`dyn.ConvNet`, `dyn.RNN`, `dyn.ResidualMLP`, a
+    user's Equinox model with `rescaling_units()`).
+
+    **Models with units** (not `dyn.MLP`): the rank of the gradients of the laws the units
+    give, computed from one Jacobian J of the outputs on `x`
+    (`dynamics/symmetries/_unit_laws.py`): each unit's rescaling charge
+    M_ii = Σ_S e_S ‖w_S[i]‖², each mixing charge M_ij = Σ_S e_S ⟨w_S[i], w_S[j]⟩ whose
+    generator A_E w (E = e_i e_jᵀ + e_j e_iᵀ: unit j's slices added to unit i's and back)
+    is tangent, J A_E w = 0 (a linear family such as a linear net's layer or a residual
+    stream, where GL(n) acts, gives all of them; ReLU units give them for pairs live on
+    exactly the same examples, positions and steps), and every parameter whose column of
+    J is zero (a kernel tap that only ever reads padding, a weight read only where its
+    unit is off). Weight sharing adds nothing else on generic data: a conv channel or a
+    recurrent unit is one unit however many positions or steps share it, so a ReLU conv
+    net or RNN with every unit seeing full-rank inputs has one law per hidden channel or
+    unit plus its dead parameters (measured against `count_conservation_laws` on random
+    nets: tests/test_unit_laws.py).
+
+    **`dyn.MLP`**:
 
     - identity activation, no biases: the functionally independent entries of the balance
       matrices W_h W_hᵀ − W_{h+1}ᵀ W_{h+1} (`independent_functions`, Marcotte et al. 2023);
@@ -161,10 +201,22 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
     those two weights never move. On inputs covering all 27 of its linear regions it
     counts 19 = 16 + 2 dead connections + 1 for a further rank-deficient direction (no
     closed form: `generic` is False for it).
+
+    **Arguments:** `model`; `x`, a batch of its inputs (N, …); `threshold`, the relative
+    singular-value threshold of the ranks.
+
+    **Returns:** the number of laws (int).
+
+    **Raises:** ValueError for a model of neither kind, an empty or non-finite `x`, or a
+    case with no closed form (above; for units: a unit of a non-linear family whose live
+    in-weights see inputs of deficient rank, `generic` False).
     """
+    x = _check_inputs(x)
+    if not isinstance(model, MLP) and callable(getattr(model, "rescaling_units", None)):
+        return _units_count(model, x, threshold)
     if not isinstance(model, MLP) or not isinstance(model.activation, (ReLU, Identity)):
         raise ValueError("known_count: `model` must be a dyn.MLP with ReLU or Identity "
-                         "activation.")
+                         "activation, or a model that states its rescaling units.")
     if isinstance(model.activation, Identity):
         if model.biases is not None:
             raise ValueError("known_count: for linear networks only bias=False is known.")
@@ -183,8 +235,11 @@ def known_count(model: MLP, x: ArrayLike, threshold: float = 1e-9) -> int:
             + sum(int(z.sum()) for z in dead[1:]))
 
 
-def generic(model: MLP, x: ArrayLike) -> bool:
+def generic(model, x: ArrayLike) -> bool:
     """Whether `known_count` covers a ReLU `model` on `x`: every hidden neuron alive and
     every neuron of layers 2..K seeing full-rank inputs where it is live, but for dead
-    connections."""
+    connections; for a model with units, every unit of a non-linear family seeing
+    full-rank inputs through its live in-weights."""
+    if not isinstance(model, MLP):
+        return unit_laws(model, _check_inputs(x)).deficient == 0
     return _generic(model, _patterns(model, x))

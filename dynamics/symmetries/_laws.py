@@ -1,6 +1,11 @@
 """Exact discrete laws: how GD and heavy ball move the per-neuron rescaling charges,
 with and without weight decay, step by step and in closed form.
 
+Written below for a hidden neuron of an MLP; the derivation uses only that the charge
+is ⟨θ, θ⟩_M for a diagonal A with ⟨θ, A g⟩ = 0, so it holds verbatim for every unit a
+model states (`dyn.symmetries.Units`: a conv channel, a recurrent unit, a residual
+stream coordinate), with ⟨a, b⟩_M = Σ_S e_S ⟨a_S[i], b_S[i]⟩ over the unit's slices.
+
 Derivation (the discrete counterpart of Głuch & Urbanke eq. 17). For hidden neuron i of
 layer h with a p-homogeneous activation let θ_in = (W_h[i, :], b_i) be its in-weights
 and bias and θ_out = W_{h+1}[:, i] its out-weights, and write
@@ -56,24 +61,15 @@ import numpy as np
 from jaxtyping import Array, ArrayLike
 
 from .._models import MLP
-from ._charges import check_mlp
+from .._units import homogeneous_families, unit_inner
 
 
-def _blocks(tree: MLP, h: int) -> tuple[Array, Array]:
-    """(in-weights and bias per neuron, out-weights per neuron) of hidden layer h."""
-    rows = [tree.weights[h]]
-    if tree.biases is not None:
-        rows.append(tree.biases[h][:, None])
-    return jnp.concatenate(rows, axis=1), tree.weights[h + 1].T
-
-
-def charge_inner(a: MLP, b: MLP, degree) -> tuple[Array, ...]:
-    """⟨a, b⟩_M = ⟨a_in, b_in⟩ − p⟨a_out, b_out⟩ per hidden neuron, one array per layer."""
-    out = []
-    for h in range(len(a.weights) - 1):
-        (a_in, a_out), (b_in, b_out) = _blocks(a, h), _blocks(b, h)
-        out.append(jnp.sum(a_in * b_in, -1) - degree * jnp.sum(a_out * b_out, -1))
-    return tuple(out)
+def charge_inner(a, b, degree=None) -> tuple[Array, ...]:
+    """⟨a, b⟩_M = ⟨a_in, b_in⟩ − p⟨a_out, b_out⟩ per hidden neuron, one array per layer;
+    for any model with units, Σ_S e_S ⟨a_S[i], b_S[i]⟩ per unit, one array per family
+    (a conv channel's in-kernel and bias against its out-columns, a recurrent unit's
+    self-loop with 1 − p). `degree` overrides each family's p (None: the family's own)."""
+    return unit_inner(a, b, degree)
 
 
 def heavy_ball_charge_drift(params: MLP, velocity: MLP | None, grad: MLP, eta, beta,
@@ -127,8 +123,8 @@ def charge_start(params: MLP, velocity: MLP | None, eta) -> tuple[Array, Array, 
     """(Q_0, Q_{−1}, S_{−1} = ⟨w_0, w_{−1}⟩_M) per hidden neuron, concatenated over
     layers, with w_{−1} = w_0 − η v_0 (v_0 = 0, or None, for GD or a start at rest): the
     initial state of `charge_closed_form`."""
-    model = check_mlp(params, "params")
-    degree = model.activation.degree
+    homogeneous_families(params, "charge_start", "params")
+    model, degree = params, None
     w0 = eqx.filter(model, eqx.is_inexact_array)
     prev = w0 if velocity is None else jax.tree.map(
         lambda x, v: x - eta * v, w0, eqx.filter(velocity, eqx.is_inexact_array))
