@@ -6,7 +6,7 @@ A Tanh MLP on digits (MSE; the last layer's initial weights halved, so that the 
 sharpness sits below 2/η and GD sharpens into the edge rather than starting past it),
 full-batch GD at several η. For each η:
 
-(a) loss against the GD step: GD's raw loss, its running average over `WINDOW` steps
+(a) loss against the GD step: GD's raw loss, its running average over `window` steps
     (the time average the central flow predicts), gradient flow and the modified flow
     ẇ = −∇(L + (η/4)‖∇L‖²) at t = kη, and the central flow's prediction
     L(w) + ½⟨H, Σ⟩ (`dyn.CentralFlow.time_averaged_loss`). A marker shows where each
@@ -40,23 +40,26 @@ from ._common import folders, require_x64, save_figures, save_tree, say, step_no
 __all__ = ["run"]
 
 WIDTHS = (64, 32, 10)
-LAST_LAYER_SCALE = 0.5
 RTOL, ATOL = 1e-5, 1e-7
-WINDOW = 50       # GD steps in the running average of its loss (many oscillation periods)
 TRACK = 0.05      # a flow "tracks" GD while its loss is within 5% of GD's average
-FULL = {"examples": 300, "widths": WIDTHS, "etas": [0.4, 0.3], "steps": 1600,
-        "save_every": 10, "flows": ("gradient", "modified", "central")}
-# Quick: a smaller net whose sharpness peaks near 3.8 under GF, so η = 0.6 (2/η = 3.3)
-# reaches the edge within ~50 steps; no modified flow (its compilation is 8 s).
-QUICK = {"examples": 48, "widths": (64, 8, 10), "etas": [0.6], "steps": 200,
-         "save_every": 10, "flows": ("gradient", "central")}
+# k: eigenpairs the central flow watches. On these nets a second eigenvalue reaches 2/η
+# within a few hundred steps of the first; with k = 1 it then climbs past 2/η unchecked
+# (and the field switches eigenvector back and forth: 763 solver steps against 128 with
+# k = 2 on the quick net).
+FULL = {"examples": 300, "widths": WIDTHS, "scale": 0.5, "etas": [0.5, 0.4],
+        "steps": 1600, "save_every": 10, "flows": ("gradient", "modified", "central"),
+        "k": 3, "window": 50}
+# Quick: a smaller net (last layer ×0.3) that sharpens to 2/η = 2.2 within ~30 steps;
+# no modified flow (its compilation is 8 s).
+QUICK = {"examples": 48, "widths": (64, 8, 10), "scale": 0.3, "etas": [0.9], "steps": 100,
+         "save_every": 5, "flows": ("gradient", "central"), "k": 2,
+         "window": 20}
 
 
 def _problem(cfg):
     data = datasets.digits(cfg["examples"])
     model = dyn.MLP(cfg["widths"], dyn.Tanh(), key=jax.random.key(0), init="lecun")
-    model = eqx.tree_at(lambda m: m.weights[-1], model,
-                        model.weights[-1] * LAST_LAYER_SCALE)
+    model = eqx.tree_at(lambda m: m.weights[-1], model, model.weights[-1] * cfg["scale"])
     return model, losses.mse(data)
 
 
@@ -74,10 +77,13 @@ def _gd(model, loss, eta, cfg):
     gd = discrete.GD(eta)
     discrete.run(gd, model, loss, 2, monitors=(dyn.monitors.Loss(),),
                  save_params=False, check_stability=False)  # compile
-    start = time.perf_counter()
-    per_step = discrete.run(gd, model, loss, steps, monitors=(dyn.monitors.Loss(),),
-                            save_params=False, check_stability=False)
-    wall = time.perf_counter() - start
+    walls = []
+    for _ in range(3):  # the fastest of three: the machine is shared
+        start = time.perf_counter()
+        per_step = discrete.run(gd, model, loss, steps, monitors=(dyn.monitors.Loss(),),
+                                save_params=False, check_stability=False)
+        walls.append(time.perf_counter() - start)
+    wall = min(walls)
     sharp = discrete.run(gd, model, loss, steps, monitors=(dyn.monitors.Sharpness(),),
                          save_every=every, save_params=False, check_stability=False)
     return per_step.monitors["loss"], sharp.monitors["sharpness"], wall
@@ -115,15 +121,21 @@ def _one_eta(eta, cfg):
     every = cfg["save_every"]
     gd_loss, gd_sharp, gd_wall = _gd(model, loss, eta, cfg)
     say(f"η = {eta:g}  GD {cfg['steps']} steps{'':<14}{gd_wall:6.1f} s")
-    avg = _running_mean(np.asarray(gd_loss), WINDOW)
+    # GD's running mean over `window` steps (many oscillation periods): the time average
+    # the central flow predicts.
+    avg = _running_mean(np.asarray(gd_loss), cfg["window"])
     saved = np.arange(0, cfg["steps"] + 1, every)
     flows = {"gradient flow": (dyn.GradientFlow(), diffrax.Tsit5()),
              "modified flow": (dyn.ModifiedGradientFlow(eta), diffrax.Tsit5()),
-             "central flow": (dyn.CentralFlow(eta), diffrax.Tsit5())}
+             "central flow": (dyn.CentralFlow(eta, k=cfg["k"]), diffrax.Bosh3())}
     flows = {k: v for k, v in flows.items() if k.split()[0] in cfg["flows"]}
     runs = {name: _flow(name, f, model, loss, cfg, eta, s) for name, (f, s) in flows.items()}
     edge = 2.0 / eta
-    reached = np.nonzero(np.asarray(gd_sharp) >= edge * (1 - 0.01))[0]
+    # Onset: the first save where GD's sharpness, having been below the edge, reaches
+    # 0.99·2/η (a start above the edge is a catapult, not the edge of stability).
+    at_edge = np.asarray(gd_sharp) >= edge * (1 - 0.01)
+    been_below = np.cumsum(~at_edge) > 0
+    reached = np.nonzero(at_edge & been_below)[0]
     onset = int(saved[reached[0]]) if len(reached) else int(saved[-1])
     window = saved >= onset
     gd_avg_eos = float(np.mean(avg[saved][window]))
@@ -138,10 +150,13 @@ def _one_eta(eta, cfg):
     for name, r in runs.items():
         key = name.split()[0]
         pred = r.get("predicted", r["loss"])
+        # Tracking is judged after the first `window` steps, where GD's running mean is
+        # biased by the initial fast fall of the loss.
         lost = np.nonzero(np.abs(pred - avg[saved]) > TRACK * avg[saved])[0]
-        lost = lost[saved[lost] > 0]
+        lost = lost[saved[lost] > cfg["window"]]
         attrs[f"{key}_loss_error_eos"] = abs(float(np.mean(pred[window])) - gd_avg_eos) \
             / gd_avg_eos
+        attrs[f"{key}_loss_error_final"] = abs(float(pred[-1]) - avg[-1]) / avg[-1]
         attrs[f"{key}_sharpness_error_eos"] = abs(
             float(np.mean(r["sharpness"][window])) - gd_sharp_eos) / gd_sharp_eos
         attrs[f"{key}_sharpness_error_vs_edge"] = abs(
@@ -161,7 +176,7 @@ def _one_eta(eta, cfg):
                       attrs=attrs)
 
 
-_STYLE = {"gradient": ("C0", "gradient flow"), "modified": ("C2", "modified flow"),
+_STYLE = {"gradient": ("C0", "gradient flow"), "modified": ("C2", "modified flow (≈ GF)"),
           "central": ("C3", "central flow")}
 
 
@@ -174,7 +189,7 @@ def _figure(results, cfg) -> Figure:
         eta, edge, onset = ds.attrs["eta"], ds.attrs["edge"], ds.attrs["onset_step"]
         a.semilogy(ds["step"], ds["gd_loss"], color="0.75", lw=0.6, label="GD (raw)")
         a.semilogy(ds["step"], ds["gd_loss_average"], color="k", lw=1.5,
-                   label=f"GD, mean over {WINDOW} steps")
+                   label=f"GD, mean over {cfg['window']} steps")
         b.plot(ds["save"], ds["gd_sharpness"], color="k", lw=1.5, label="GD")
         for key, (color, name) in _STYLE.items():
             if key not in cfg["flows"]:
@@ -201,7 +216,7 @@ def _figure(results, cfg) -> Figure:
         b.axhline(edge, color="0.4", ls="--", lw=1, label="2/η")
         a.set_ylabel("training loss (MSE)")
         b.set_ylabel("sharpness λ₁(∇²L)")
-        a.set_title(f"η = {eta:g}: loss (dashed: flow leaves ±{TRACK:.0%} of GD)")
+        a.set_title(f"η = {eta:g}: loss (dashed: flow leaves ±{TRACK:.0%} of GD's mean)")
         b.set_title(f"η = {eta:g}: sharpness; GD's EoS mean is "
                     f"{ds.attrs['gd_sharpness_error_vs_edge']:.1%} off 2/η")
         a.legend(fontsize=8, loc="upper right")
@@ -210,12 +225,13 @@ def _figure(results, cfg) -> Figure:
                f"shaded: EoS phase (GD's λ₁ ≥ 0.99·2/η), {ds.attrs['eos_steps']} steps\n"
                f"wall: GD {ds.attrs['gd_wall_s']:.1f} s, GF {ds.attrs['gradient_wall_s']:.0f} s,"
                f" central flow {ds.attrs['central_wall_s']:.0f} s "
-               f"({ds.attrs['central_solver_steps']} steps)",
+               f"({ds.attrs['central_solver_steps']} steps, "
+               f"{ds.attrs['central_wall_s'] / ds.attrs['gd_wall_s']:.0f}× GD)",
                transform=a.transAxes, fontsize=8, va="bottom")
     fig.suptitle(f"Tanh MLP {'-'.join(map(str, cfg['widths']))} on {cfg['examples']} digits,"
-                 f" full-batch GD; flows: Tsit5, PID rtol={RTOL:g}, atol={ATOL:g}; "
-                 "central flow: Lanczos top eigenpair every evaluation, τ = 1 step",
-                 fontsize=10)
+                 f" full-batch GD. Flows: PID rtol={RTOL:g}, atol={ATOL:g}; GF and modified"
+                 f" flow Tsit5,\ncentral flow Bosh3 with its top-{cfg['k']} Hessian "
+                 "eigenpairs by Lanczos at every evaluation, τ = 1 step", fontsize=10)
     return fig
 
 
