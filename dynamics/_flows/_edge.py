@@ -79,6 +79,11 @@ class CentralFlowState(eqx.Module):
     residual: Scalar
     hvps: Array
 
+    def time_averaged_loss(self) -> Scalar:
+        """L(w) + ½⟨H, Σ⟩ = L(w) + ½ Σ_i X_ii λ_i: the prediction of GD's time-averaged
+        loss (Cohen et al. 2025, eq. 10)."""
+        return self.loss + 0.5 * jnp.sum(jnp.diag(self.covariance) * self.evals)
+
 
 class CentralFlow(AbstractFirstOrderFlow):
     """The central flow of gradient descent with step η (Cohen, Damian, Talwalkar, Kolter &
@@ -99,7 +104,11 @@ class CentralFlow(AbstractFirstOrderFlow):
     solves the complementarity problem inside the step (`_cone.solve_psd_qp`: projected
     gradient plus a Newton step on the solution's face). Eigenvalues of the top k that are
     far below 2/η get X = 0 and cost only their Lanczos work; eigenvalues past the k-th are
-    not watched, so k must cover every eigenvalue that reaches 2/η.
+    not watched, so k must cover every eigenvalue that reaches 2/η. With no eigenvalue at
+    the edge (every η·λ_i < 2 and not closing in within τ) the flow is gradient flow
+    exactly (X = 0): that is its meaning there, not an error. Started past the edge
+    (η·λ_1 > 2, where GD would catapult), X pushes λ_1 back to 2/η over ~τ steps, which
+    GD does not do: start it below the edge.
 
     **Arguments:**
 
@@ -183,8 +192,7 @@ class CentralFlow(AbstractFirstOrderFlow):
     def time_averaged_loss(self, t, w, loss) -> Scalar:
         """The central flow's prediction of GD's time-averaged loss at w,
         L(w) + ½⟨H, Σ⟩ = L(w) + ½ Σ_i X_ii λ_i (Cohen et al. 2025, eq. 10)."""
-        st = self.state(t, w, loss)
-        return st.loss + 0.5 * jnp.sum(jnp.diag(st.covariance) * st.evals)
+        return self.state(t, w, loss).time_averaged_loss()
 
     def energy(self, t, w, v, loss):
         return loss(w)
