@@ -39,6 +39,8 @@ from ._flows import (
     AbstractSeparableFlow as AbstractSeparableFlow,
     AbstractStochasticFlow as AbstractStochasticFlow,
     BregmanLagrangianFlow as BregmanLagrangianFlow,
+    CentralFlow as CentralFlow,
+    CentralFlowState as CentralFlowState,
     GeneralFlow as GeneralFlow,
     GradientFlow as GradientFlow,
     HalpernFlow as HalpernFlow,

@@ -176,3 +176,18 @@ def test_filippov_mode_refuses_float32():
     assert model.weights[0].dtype == jnp.float32
     with pytest.raises(ValueError, match=r"float64.*jax_enable_x64"):
         dyn.simulate(dyn.GradientFlow(), model, loss, t1=1.0, nonsmooth=dyn.Filippov())
+
+
+def test_central_flow_toy_float32():
+    """`dyn.CentralFlow` on the toy L = ½(1 − y)x² + 0.05y of tests/test_eos.py, on its
+    edge y* = 1 − 2/η: X = σ² = 2b and ẇ = 0 in closed form. The 2×2 Hessian is dense;
+    1e-5 is a few float32 ulps of the operands."""
+
+    def toy(w):
+        return 0.5 * (1.0 - w[1]) * w[0] ** 2 + 0.05 * w[1]
+
+    flow = dyn.CentralFlow(0.5)
+    st = jax.jit(lambda w: flow.state(0.0, w, toy))(jnp.array([0.0, -3.0]))
+    assert st.velocity.dtype == jnp.float32
+    np.testing.assert_allclose(st.covariance, [[0.1]], rtol=1e-5)
+    np.testing.assert_allclose(st.velocity, [0.0, 0.0], atol=1e-6)

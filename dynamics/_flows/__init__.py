@@ -32,6 +32,10 @@ from ._classical import (
     NesterovFlow as NesterovFlow,
     NewtonianFlow as NewtonianFlow,
 )
+from ._edge import (
+    CentralFlow as CentralFlow,
+    CentralFlowState as CentralFlowState,
+)
 from ._modified import (
     AbstractModifiedFlow as AbstractModifiedFlow,
     ModifiedGradientFlow as ModifiedGradientFlow,

@@ -14,16 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from .._problem import Problem
-from .._validate import positive_int, real
-from ._lanczos import (
-    basis_size,
-    dense_eigh,
+from .._lanczos import (
     gauss_rule,
     hessian_operator,
+    hessian_top_eigenpairs,
     lanczos_tridiagonal,
-    top_eigenpairs,
 )
+from .._problem import Problem
+from .._validate import positive_int, real
 from ._monitors import AbstractMonitor
 
 # Default relative eigenvalue-error target of the Lanczos stopping test, by precision:
@@ -52,22 +50,12 @@ class AbstractSpectrumMonitor(AbstractMonitor):
 
 def top_eigenvalues(problem: Problem, w, k: int, tol: float | None, max_hvp: int,
                     seed: int, owner: str) -> dict:
-    """The k largest eigenvalues of ∇²L(w) (a dict as `top_eigenpairs` returns), densely
-    from n HVPs when the Lanczos basis would hold all n directions anyway."""
-    matvec, n, dtype = hessian_operator(problem.loss, w)
-    if k > n:
-        raise ValueError(
-            f"{owner}: k = {k} exceeds the number of parameters n = {n}; ask for at most "
-            f"{n} eigenvalues."
-        )
+    """The k largest eigenpairs of ∇²L(w) (`dynamics._lanczos.hessian_top_eigenpairs` on
+    the problem's loss)."""
     if tol is None:
-        tol = _TOL.get(jnp.dtype(dtype).itemsize, 1e-10)
-    if n <= basis_size(n, k) and n <= max_hvp:
-        evals, evecs = dense_eigh(matvec, n, dtype)
-        return {"evals": evals[:k], "evecs": evecs[:k], "err_est": jnp.zeros(k, dtype),
-                "matvecs": jnp.asarray(n), "converged": jnp.asarray(True)}
-    return top_eigenpairs(matvec, n, k, dtype, tol=tol, max_matvecs=max_hvp,
-                          key=jax.random.key(seed))
+        tol = _TOL.get(jnp.dtype(jnp.result_type(*jax.tree.leaves(w))).itemsize, 1e-10)
+    return hessian_top_eigenpairs(problem.loss, w, k, tol=tol, max_hvp=max_hvp, seed=seed,
+                                  owner=owner)
 
 
 class TopEigenvalues(AbstractSpectrumMonitor):
@@ -81,7 +69,7 @@ class TopEigenvalues(AbstractSpectrumMonitor):
     stability", ICLR 2021).
 
     **Method.** Thick-restart Lanczos with full reorthogonalisation on Hessian–vector
-    products (`dynamics/monitors/_lanczos.py`), float64, started at every save from the
+    products (`dynamics/_lanczos.py`), float64, started at every save from the
     same random vector (`seed`): a monitor sees one save at a time (diffrax's `SaveAt(fn=
     ...)` carries no state between saves), so the previous save's Ritz vectors are not
     available for a warm start. It stops when every wanted Ritz pair has the eigenvalue

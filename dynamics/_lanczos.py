@@ -1,4 +1,5 @@
-"""Matrix-free eigensolvers on Hessian–vector products, for the spectrum monitors.
+"""Matrix-free eigensolvers on Hessian–vector products, for the spectrum monitors and the
+edge-of-stability flows.
 
 - `top_eigenpairs`: the k algebraically largest eigenpairs of a symmetric operator by
   thick-restart Lanczos with full reorthogonalisation, written as a Rayleigh–Ritz loop
@@ -8,6 +9,8 @@
   residual *is* Lanczos; no three-term recurrence has to stay exact).
 - `lanczos_tridiagonal`: m plain Lanczos steps from a probe (full reorthogonalisation),
   the Jacobi matrix of stochastic Lanczos quadrature.
+- `hessian_top_eigenpairs`: `top_eigenpairs` of ∇²L(w), or `dense_eigh` where n is
+  small; what the spectrum monitors and the central flow call.
 - `dense_eigh`: the whole spectrum from n HVPs, where n is no larger than the basis a
   Lanczos run would hold anyway.
 
@@ -56,11 +59,13 @@ def _orthogonalise(v, basis):
 
 
 def top_eigenpairs(matvec: Callable, n: int, k: int, dtype, *, tol: float,
-                   max_matvecs: int, key) -> dict:
+                   max_matvecs: int, key, start: Array | None = None) -> dict:
     """The k algebraically largest eigenpairs of the symmetric operator `matvec` on R^n.
 
-    Cold start from one random vector (`key`); each iteration adds one vector, the
-    residual r_i = A y_i − θ_i y_i of the least-converged wanted Ritz pair; at M =
+    Started from one vector: `start` (a warm start, e.g. the previous point's top
+    eigenvector; it must not be zero) or else a random one from `key`; each iteration
+    adds one vector, the residual r_i = A y_i − θ_i y_i of the least-converged wanted
+    Ritz pair; at M =
     `basis_size(n, k)` vectors the basis is compressed to its top k + 5 Ritz vectors
     with no matvec (A·(SᵀV) = Sᵀ(AV)). Stops when every wanted pair has the eigenvalue
     error estimate min(‖r_i‖, ‖r_i‖²/gap_i) ≤ tol·|θ_1| (|θ − λ| ≤ ‖r‖ always, and
@@ -72,7 +77,7 @@ def top_eigenpairs(matvec: Callable, n: int, k: int, dtype, *, tol: float,
     m_max = basis_size(n, k)
     keep = min(m_max - 1, k + 5)
     idx = jnp.arange(m_max)
-    v0 = jax.random.normal(key, (n,), dtype)
+    v0 = jax.random.normal(key, (n,), dtype) if start is None else start.astype(dtype)
     v0 = v0 / jnp.linalg.norm(v0)
     av0 = matvec(v0)
     V = jnp.zeros((m_max, n), dtype).at[0].set(v0)
@@ -186,3 +191,22 @@ def gauss_rule(alpha: Array, beta: Array) -> tuple[Array, Array]:
     T = jnp.diag(alpha) + jnp.diag(off, 1) + jnp.diag(off, -1)
     nodes, S = jnp.linalg.eigh(T)
     return nodes, S[0] ** 2
+
+
+def hessian_top_eigenpairs(loss: Callable, w: PyTree, k: int, *, tol: float, max_hvp: int,
+                           seed: int, owner: str, start: Array | None = None) -> dict:
+    """The k largest eigenpairs of ∇²L(w) on the flattened parameters (a dict as
+    `top_eigenpairs` returns), densely from n HVPs when the Lanczos basis would hold all
+    n directions anyway. `owner` names the caller in the error for k > n."""
+    matvec, n, dtype = hessian_operator(loss, w)
+    if k > n:
+        raise ValueError(
+            f"{owner}: k = {k} exceeds the number of parameters n = {n}; ask for at most "
+            f"{n} eigenvalues."
+        )
+    if n <= basis_size(n, k) and n <= max_hvp:
+        evals, evecs = dense_eigh(matvec, n, dtype)
+        return {"evals": evals[:k], "evecs": evecs[:k], "err_est": jnp.zeros(k, dtype),
+                "matvecs": jnp.asarray(n), "converged": jnp.asarray(True)}
+    return top_eigenpairs(matvec, n, k, dtype, tol=tol, max_matvecs=max_hvp,
+                          key=jax.random.key(seed), start=start)
