@@ -24,9 +24,9 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 from scipy.sparse.linalg import LinearOperator, eigsh  # noqa: E402
 
 import dynamics as dyn  # noqa: E402
+from dynamics._lanczos import hessian_operator  # noqa: E402
 from dynamics._problem import Problem  # noqa: E402
 from dynamics._tree import partition  # noqa: E402
-from dynamics._lanczos import hessian_operator  # noqa: E402
 from dynamics.monitors._spectrum import top_eigenvalues  # noqa: E402
 
 WIDTHS = (64, 128, 128, 10)
