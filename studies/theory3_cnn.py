@@ -172,7 +172,11 @@ def _parameters(cfg, train, test, runs):
     return rows
 
 
-def _fig_examples(rows) -> Figure:
+def _setting(steps: int) -> str:
+    return f"full-batch GD, η = {ETA:g}, {steps} steps, mean cross-entropy, no biases"
+
+
+def _fig_examples(rows, steps: int) -> Figure:
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
     for labels, marker in (("true", "o"), ("random", "s")):
@@ -184,11 +188,12 @@ def _fig_examples(rows) -> Figure:
     ax.axhline(0.9, color="gray", lw=0.8, ls=":", label="chance")
     ax.set(xscale="log", xlabel="training examples n", ylabel="classification error",
            title="5-layer conv net (C = 16), digits 1×8×8, GD")
-    ax.legend()
+    ax.legend(fontsize=8)
+    ax.text(0.02, 0.02, _setting(steps), transform=ax.transAxes, fontsize=8)
     return fig
 
 
-def _fig_parameters(rows, n: int) -> Figure:
+def _fig_parameters(rows, n: int, steps: int) -> Figure:
     fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     params = [r[1] for r in rows]
@@ -199,7 +204,9 @@ def _fig_parameters(rows, n: int) -> Figure:
     ax1b.set_ylabel("test cross-entropy", color="tab:red")
     ax1.set(xscale="log", xlabel="parameters", ylabel="classification error",
             title=f"error against parameters ({n} training images)")
-    ax1.legend(loc="lower left")
+    lines = ax1.get_lines() + ax1b.get_lines()
+    ax1.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
+    fig.suptitle(f"5-layer conv net, digits 1×8×8; {_setting(steps)}", fontsize=9)
     ax2.plot(params, [r[5] / r[6] for r in rows], "o-")
     ax2.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax2.set(xscale="log", xlabel="parameters", ylabel=r"$\rho / \min_{\mathrm{orbit}} \rho$",
@@ -233,7 +240,8 @@ def run(out: Path, quick: bool = False, config: dict | None = None) -> dict[str,
     par = _parameters(cfg, train, test, runs)
     fit = min(cfg["fit"], train.x.shape[0])
     written = save_figures(figures, "theory3_cnn", {
-        "examples": lambda: _fig_examples(ex), "parameters": lambda: _fig_parameters(par, fit)})
+        "examples": lambda: _fig_examples(ex, cfg["steps"]),
+        "parameters": lambda: _fig_parameters(par, fit, cfg["steps"])})
     written["results"] = save_tree(_tree(ex, par, cfg, quick), results / "theory3_cnn.nc",
                                    study="theory3-cnn", quick=quick, eta=ETA,
                                    steps=cfg["steps"])
