@@ -70,7 +70,6 @@ def switch(sw: Switching, t, w, v, mode: FilippovState, crossed: Array, phi: Arr
     component (s_k below 0 or above 1) leaves to that side. Then settling, one pair at
     a time (each change moves the others' multipliers and fields), until none of these
     is violated:
-    (each change moves the others' multipliers and fields), until none is violated:
 
     1. a sliding pair with its multiplier outside [0, 1] (a near-tangent arrival, or
        another pair's switch moved it) leaves to the side it overshoots; otherwise
@@ -89,7 +88,7 @@ def switch(sw: Switching, t, w, v, mode: FilippovState, crossed: Array, phi: Arr
        therefore not caught; none has been seen.)
     3. a pair that crossed at this switch or left by rule 1 or 2, now pushed back
        into its surface by the field of its new side (the switches after its own
-       changed that field), is decided again by `_cross_or_slide` from that side.
+       changed that field), is decided again by the crossing rule from that side.
        (A pair that left by its own exit function, s reaching 0 or 1, leaves
        tangentially: ż ≈ 0 there, and only rounding could call it pushed back.)
 
@@ -100,7 +99,7 @@ def switch(sw: Switching, t, w, v, mode: FilippovState, crossed: Array, phi: Arr
     switching function was already negative, so no event ever fired (the reference
     kept it on the wrong side with z > 0 to the end); the looser run, a rounding
     apart, caught it 1e-10 later and slid. Both now slide it at the switch.
-    
+
     One loop does it all, with one multiplier solve, one ż and one Jacobian in it
     (each evaluation site is a copy of the network's passes that XLA compiles; the
     switch and the settling were two loops with five solves between them, about a

@@ -223,8 +223,8 @@ class Switching(eqx.Module):
             return half
         if guess is not None and guess.here:
             return guess.s
-        identity = self._identity(half.dtype)
         if guess is None:
+            identity = self._identity(half.dtype)  # unused: Newton factors J afresh
             return jax.lax.cond(
                 active.any(), lambda: _solve(self, t, w, mode, half, identity, 2, 0, False)[0],
                 lambda: half)
