@@ -186,10 +186,12 @@ def _fig_examples(rows, steps: int) -> Figure:
         ax.plot(n, [r[2] for r in sel], marker=marker, ls="--",
                 label=f"training error, {labels} labels")
     ax.axhline(0.9, color="gray", lw=0.8, ls=":", label="chance")
-    ax.set(xscale="log", xlabel="training examples n", ylabel="classification error",
-           title="5-layer conv net (C = 16), digits 1×8×8, GD")
+    ax.set(xscale="log", xlabel="training examples n", ylabel="classification error")
+    ax.set_title(f"5-layer conv net (C = 16), digits 1×8×8\n{_setting(steps)}", fontsize=9)
+    ns = sorted({r[1] for r in rows})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
-    ax.text(0.02, 0.02, _setting(steps), transform=ax.transAxes, fontsize=8)
     return fig
 
 
