@@ -179,6 +179,48 @@ def max_abs_diff(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+class EulerCase:
+    """Gradient flow by fixed-step Euler through `dyn.simulate` beside the hand-written
+    `lax.scan` GD loops of the same field (`gd_loops`), checked equal before timing:
+    `sim()` the timed call (no params saved), `plain`, `value_and_grad`, `separate` the
+    loops, `w0` the start, `euler` the simulate keywords, `err` max |w_sim − w_gd|."""
+
+    def __init__(self, model, loss, steps: int, eta: float):
+        import diffrax
+        import equinox as eqx
+
+        import dynamics as dyn
+
+        self.model, self.loss = model, loss
+        self.w0, static = eqx.partition(model, eqx.is_inexact_array)
+        self.plain, self.value_and_grad, self.separate = gd_loops(static, steps, eta)
+        self.euler = dict(t1=steps * eta, solver=diffrax.Euler(), dt0=eta,
+                          stepsize_controller=diffrax.ConstantStepSize(), save_params=False)
+        # Same number of gradient evaluations, same result: check before timing.
+        # (`save_params=False` returns no final params, so this one check saves them.)
+        traj = dyn.simulate(dyn.GradientFlow(), model, loss,
+                            **{**self.euler, "save_params": True})
+        assert traj.stats["num_steps"] == steps, traj.stats
+        w_sim = eqx.filter(traj.final_params, eqx.is_inexact_array)
+        self.err = max_abs_diff(w_sim, self.plain(self.w0, loss))
+
+    def sim(self, **kwargs):
+        import dynamics as dyn
+
+        return dyn.simulate(dyn.GradientFlow(), self.model, self.loss, **self.euler, **kwargs)
+
+
+def ratio_table(stats: dict, pairs: dict[str, tuple[str, str]]) -> tuple[dict, dict]:
+    """Wall-time and CPU-time ratios of medians for each named (numerator, denominator)
+    pair, printed one per line; returns (ratios, cpu_ratios)."""
+    ratios = {name: ratio(stats, *pair) for name, pair in pairs.items()}
+    cpu = {name: ratio(stats, *pair, "cpu") for name, pair in pairs.items()}
+    width = max(map(len, pairs))
+    for name, r in ratios.items():
+        print(f"  {name:<{width}} {r:.3f} (CPU time {cpu[name]:.3f})")
+    return ratios, cpu
+
+
 def num_params(tree) -> int:
     import equinox as eqx
 

@@ -15,19 +15,16 @@ Compared, all jitted, same dtype, compile excluded, interleaved, medians:
 Target (issue 25): simulate / scan <= 1.10.
 """
 
-import diffrax
-import equinox as eqx
 import jax
 import numpy as np
 from _common import (
+    EulerCase,
     compare,
-    gd_loops,
     inner_call,
-    max_abs_diff,
     num_params,
     parse_args,
     print_stats,
-    ratio,
+    ratio_table,
     save,
 )
 
@@ -44,36 +41,22 @@ def main():
     model = dyn.ConvNet(1, (16,) * 5, 3, 10, stride=2, padding=1, image_size=8,
                         key=jax.random.key(0))
     steps, eta = args.steps, args.dt
-    w0, static = eqx.partition(model, eqx.is_inexact_array)
-    plain, _, _ = gd_loops(static, steps, eta)
-    euler = dict(t1=steps * eta, solver=diffrax.Euler(), dt0=eta,
-                 stepsize_controller=diffrax.ConstantStepSize(), save_params=False)
-
-    def sim():
-        return dyn.simulate(dyn.GradientFlow(), model, loss, **euler)
-
-    traj = dyn.simulate(dyn.GradientFlow(), model, loss, **{**euler, "save_params": True})
-    assert traj.stats["num_steps"] == steps, traj.stats
-    w_sim = eqx.filter(traj.final_params, eqx.is_inexact_array)
-    err = max_abs_diff(w_sim, plain(w0, loss))
+    case = EulerCase(model, loss, steps, eta)
     print(f"Theory III conv net, {num_params(model)} parameters, {data.x.shape[0]} images, "
-          f"{steps} steps, dt={eta}, {args.dtype}; max |w_sim - w_gd| = {err:.1e}")
+          f"{steps} steps, dt={eta}, {args.dtype}; max |w_sim - w_gd| = {case.err:.1e}")
     fns = {
-        "scan": lambda: plain(w0, loss),
-        "simulate_solve": inner_call(_simulate, "solve", sim),
-        "simulate_call": lambda: sim().ts,
+        "scan": lambda: case.plain(case.w0, loss),
+        "simulate_solve": inner_call(_simulate, "solve", case.sim),
+        "simulate_call": lambda: case.sim().ts,
     }
     stats = compare(fns, args.repeat)
     print_stats(stats)
-    pairs = {"solve / scan (target <= 1.10)": ("simulate_solve", "scan"),
-             "call / scan (target <= 1.10)": ("simulate_call", "scan")}
-    ratios = {name: ratio(stats, *pair) for name, pair in pairs.items()}
-    cpu = {name: ratio(stats, *pair, "cpu") for name, pair in pairs.items()}
-    for name, r in ratios.items():
-        print(f"  {name:<32} {r:.3f} (CPU time {cpu[name]:.3f})")
+    ratios, cpu = ratio_table(stats, {
+        "solve / scan (target <= 1.10)": ("simulate_solve", "scan"),
+        "call / scan (target <= 1.10)": ("simulate_call", "scan")})
     save(f"conv_gf_{args.dtype}", {
         "dtype": args.dtype, "steps": steps, "dt": eta, "num_params": num_params(model),
-        "max_abs_param_diff": err, "times": stats, "ratios": ratios, "cpu_ratios": cpu,
+        "max_abs_param_diff": case.err, "times": stats, "ratios": ratios, "cpu_ratios": cpu,
     }, args.out)
 
 

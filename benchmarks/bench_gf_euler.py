@@ -19,20 +19,18 @@ separately after each update (plus L(w_0)). Target: simulate / scan <= 1.25.
 `value_and_grad` (like (b)), at the cost of one extra evaluation at the last state.
 """
 
-import diffrax
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from _common import (
+    EulerCase,
     compare,
     digits_problem,
-    gd_loops,
     inner_call,
-    max_abs_diff,
     num_params,
     parse_args,
     print_stats,
     ratio,
+    ratio_table,
     save,
 )
 
@@ -44,38 +42,25 @@ def main():
     args = parse_args(__doc__, steps=(int, 200, "Euler steps"), dt=(float, 0.05, "step size"))
     model, loss, _ = digits_problem()
     steps, eta = args.steps, args.dt
-    w0, static = eqx.partition(model, eqx.is_inexact_array)
-    plain, value_and_grad, separate = gd_loops(static, steps, eta)
+    case = EulerCase(model, loss, steps, eta)
     ts = jnp.arange(steps + 1) * eta
-    euler = dict(t1=steps * eta, solver=diffrax.Euler(), dt0=eta,
-                 stepsize_controller=diffrax.ConstantStepSize(), save_params=False)
-
-    def sim():
-        return dyn.simulate(dyn.GradientFlow(), model, loss, **euler)
 
     def sim_loss():
-        return dyn.simulate(dyn.GradientFlow(), model, loss, ts=ts,
-                            monitors=(dyn.monitors.Loss(),), **euler)
+        return case.sim(ts=ts, monitors=(dyn.monitors.Loss(),))
 
-    # Same number of gradient evaluations, same result: check before timing.
-    # (`save_params=False` returns no final params, so this one check saves them.)
-    traj = dyn.simulate(dyn.GradientFlow(), model, loss, **{**euler, "save_params": True})
-    assert traj.stats["num_steps"] == steps, traj.stats
-    w_gd = plain(w0, loss)
-    w_sim = eqx.filter(traj.final_params, eqx.is_inexact_array)
     traj_loss = sim_loss()
-    err = max_abs_diff(w_sim, w_gd)
-    _, losses_vg = value_and_grad(w0, loss)
+    err = case.err
+    _, losses_vg = case.value_and_grad(case.w0, loss)
     loss_err = float(np.max(np.abs(traj_loss.monitors["loss"] - np.asarray(losses_vg))))
     print(f"{num_params(model)} parameters, {steps} steps, dt={eta}, {args.dtype}; "
           f"max |w_sim - w_gd| = {err:.1e}, max |loss_sim - loss_gd| = {loss_err:.1e}")
 
     fns = {
-        "scan": lambda: plain(w0, loss),
-        "simulate_solve": inner_call(_simulate, "solve", sim),
-        "simulate_call": lambda: sim().ts,
-        "scan_value_and_grad": lambda: value_and_grad(w0, loss),
-        "scan_separate_loss": lambda: separate(w0, loss),
+        "scan": lambda: case.plain(case.w0, loss),
+        "simulate_solve": inner_call(_simulate, "solve", case.sim),
+        "simulate_call": lambda: case.sim().ts,
+        "scan_value_and_grad": lambda: case.value_and_grad(case.w0, loss),
+        "scan_separate_loss": lambda: case.separate(case.w0, loss),
         "simulate_loss_solve": inner_call(_simulate, "solve", sim_loss),
         "simulate_loss_call": lambda: sim_loss().monitors["loss"],
     }
@@ -93,10 +78,7 @@ def main():
         "loss: solve / scan_separate_loss": ("simulate_loss_solve", "scan_separate_loss"),
         "loss: call / scan_separate_loss": ("simulate_loss_call", "scan_separate_loss"),
     }
-    ratios = {name: ratio(stats, *pair) for name, pair in pairs.items()}
-    cpu = {name: ratio(stats, *pair, "cpu") for name, pair in pairs.items()}
-    for name, r in ratios.items():
-        print(f"  {name:<40} {r:.3f} (CPU time {cpu[name]:.3f})")
+    ratios, cpu = ratio_table(stats, pairs)
     save(f"gf_euler_{args.dtype}", {
         "dtype": args.dtype, "steps": steps, "dt": eta, "num_params": num_params(model),
         "max_abs_param_diff": err, "max_abs_loss_diff": loss_err,
