@@ -43,6 +43,14 @@ def _small():
     return model, dyn.losses.mse(dyn.datasets.Dataset(x, jax.vmap(teacher)(x)))
 
 
+def _digits(n: int):
+    """The 64-32-32-10 ReLU MLP and the cross-entropy on the first n digits (parts 2, 3)."""
+    import dynamics as dyn
+
+    model = dyn.MLP((64, 32, 32, 10), activation=dyn.ReLU(), key=jax.random.key(0))
+    return model, dyn.losses.cross_entropy(dyn.datasets.digits(n))
+
+
 def _run(model, loss, solver, tol, exact, t1, max_steps=400_000):
     import dynamics as dyn
 
@@ -92,13 +100,9 @@ def part1(args) -> dict:
 
 
 def part2(args) -> dict:
-    import dynamics as dyn
-
     rows = {}
     for n in args.sizes:
-        data = dyn.datasets.digits(n)
-        model = dyn.MLP((64, 32, 32, 10), activation=dyn.ReLU(), key=jax.random.key(0))
-        loss = dyn.losses.cross_entropy(data)
+        model, loss = _digits(n)
         _run(model, loss, "Dopri5", 1e-8, True, 1e-3)  # compile apart
         start = time.perf_counter()
         traj = _run(model, loss, "Dopri5", 1e-8, True, args.t1)
@@ -128,9 +132,7 @@ def part3(args) -> dict:
 
     rows = {}
     for n in args.sizes:
-        data = dyn.datasets.digits(n)
-        model = dyn.MLP((64, 32, 32, 10), activation=dyn.ReLU(), key=jax.random.key(0))
-        loss = dyn.losses.cross_entropy(data)
+        model, loss = _digits(n)
 
         def run(exact, model=model, loss=loss):
             kw = dict(t1=1e-4, solver=diffrax.Dopri5(), max_steps=10_000,
