@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # torch for the torchdiffeq adapter's test, `make test` only (the demo does not need
-# it). Where it cannot be installed the suite still runs and that test skips, saying why.
+# it). Where it cannot be installed the suite still runs and that test skips, saying
+# why. --no-compile: byte-compiling torch's thousands of modules is more than half of
+# its install, for one test that imports a few of them.
 $(TORCH_STAMP): $(STAMP)
-	$(VENV)/bin/python -m pip install --quiet --retries 1 --timeout 30 -e ".[torch]" \
+	$(VENV)/bin/python -m pip install --quiet --no-compile --retries 1 --timeout 30 -e ".[torch]" \
 		$(TORCH_FLAGS) || echo "torch not installed: the torchdiffeq test will skip"
 	touch $(TORCH_STAMP)
 

@@ -113,10 +113,16 @@ def paths_from_solves(problem, events, raw, ts, *, throw: bool, meta: dict,
             f"{diffrax.RESULTS[first]}); pass throw=False to get them back, flagged."
         )
     fired = np.zeros(num, bool)
+    any_fired = np.zeros(num, bool)
     if raw.event_mask is not None:
         for event, mask in zip(events, jax.tree.leaves(raw.event_mask), strict=True):
+            mask = np.asarray(mask, bool).reshape(num)
+            any_fired |= mask
             if isinstance(event, divergence):
-                fired |= np.asarray(mask, bool).reshape(num)
+                fired |= mask
+    # `event_occurred` with no event marked: the controller's guard ended the path at a
+    # non-finite state (`_trajectory.stopped_event`).
+    fired |= (codes == fine[1]) & ~any_fired
     w_end = raw.final.get("w")
     finite = np.ones(num, bool)
     for leaf in jax.tree.leaves(w_end):

@@ -14,6 +14,8 @@ import numpy as np
 import xarray as xr
 from jaxtyping import Array, PyTree
 
+from .events._events import NonFinite
+
 
 @functools.cache  # reading package metadata costs ~10 ms, on every simulate call
 def _version(package: str) -> str:
@@ -48,6 +50,17 @@ def _result_names() -> dict[str, str]:
     names = ("successful", "event_occurred", "max_steps_reached", "dt_min_reached",
              "max_steps_rejected", "internal_error")
     return {diffrax.RESULTS[getattr(diffrax.RESULTS, n)]: n for n in names}
+
+
+def stopped_event(events, fired, stopped: bool):
+    """The event a run stopped at: the first of `events` whose entry of `fired` (the
+    solve's event mask, as bools) is set; `NonFinite()` where the run `stopped` with
+    `event_occurred` and none is set (the controller's guard ended it at a non-finite
+    state, `_driver/_guard.py`); else None."""
+    event = next((e for e, m in zip(events, fired, strict=True) if m), None)
+    if event is None and stopped:
+        return NonFinite()
+    return event
 
 
 def _result_name(message: str) -> str:
@@ -248,7 +261,7 @@ class Trajectory(eqx.Module):
         saved = _stack_time(ys_saved, n_kept, ys_final_saved if append else None)
 
         fired = [bool(m) for m in jax.tree.leaves(event_mask)] if event_mask is not None else []
-        event = next((e for e, m in zip(events, fired, strict=True) if m), None)
+        event = stopped_event(events, fired, name == "event_occurred")
         w_end, v_end = ys_final.get("w"), ys_final.get("v")
         end_monitors = {k: np.asarray(a)[-1] for k, a in ys_final["monitors"].items()}
         finite_end = all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(end_monitors))

@@ -216,6 +216,27 @@ def test_non_finite_state_stops_and_flags():
     assert not np.all(np.isfinite(traj.params[-1]))
 
 
+def test_non_finite_stop_beside_user_events_and_step_to():
+    """The stop at a non-finite state is the controller's (`_driver/_guard.py`), not a
+    diffrax event: it is reported as `non_finite` beside a user event that never fires,
+    with `dyn.events.NonFinite()` passed explicitly, and with `StepTo` steps."""
+    loss = lambda w: -jnp.sum(w**3) / 3.0  # ẇ = w²: Euler overflows after ~12 steps
+    kw = dict(t1=50.0, solver=diffrax.Euler(), monitors=(dyn.monitors.Loss(),))
+    runs = [
+        dyn.simulate(dyn.GradientFlow(), jnp.array([1.0]), loss, dt0=0.5,
+                     stepsize_controller=diffrax.ConstantStepSize(),
+                     events=(dyn.events.Condition(lambda t, p, v: t - 100.0, name="late"),
+                             dyn.events.NonFinite()), **kw),
+        dyn.simulate(dyn.GradientFlow(), jnp.array([1.0]), loss,
+                     stepsize_controller=diffrax.StepTo(jnp.arange(0.0, 50.5, 0.5)), **kw),
+    ]
+    for traj in runs:
+        assert traj.event == "non_finite" and traj.diverged and traj.success
+        # the same step as the plain run above: w_{k+1} = w_k + w_k²/2 overflows at k = 12
+        assert traj.t_final == pytest.approx(6.0, abs=1.0)
+        assert not np.all(np.isfinite(np.asarray(traj.final_params)))
+
+
 def test_max_steps_raises_or_reports():
     kw = dict(t1=10.0, stepsize_controller=TIGHT, max_steps=5)
     with pytest.raises(RuntimeError, match="maximum number of solver steps"):

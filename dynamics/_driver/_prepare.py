@@ -376,8 +376,10 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
         raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
     for name in names:
         check_variable_name(name, "monitors")
-    if not any(isinstance(e, NonFinite) for e in events):
-        events = events + (NonFinite(),)
+    # Every run stops at a non-finite state through its controller's guard
+    # (`_driver/_guard.py`), which reports the `NonFinite` event: as a diffrax event it
+    # would only cost tracing.
+    events = tuple(e for e in events if not isinstance(e, NonFinite))
     schedule = _validate_projection(projection, stepsize_controller, dt0)
     if schedule is not None:  # its output, on shapes alone (else a raw lax.cond error)
         check_output(schedule.projection, params,

@@ -26,8 +26,8 @@ class SolveSpec(eqx.Module):
     - `y0`: the initial state, w or (w, v) (dynamic parts).
     - `solver`, `controller`: diffrax's (the controller's tolerances as arrays).
     - `t0`, `t1`, `dt0`, `ts`: times in the solve's dtype (`dt0` may be None).
-    - `monitors`, `events`: tuples (`events` includes `NonFinite` and the events a
-      nonsmooth mode adds).
+    - `monitors`, `events`: tuples (`events`: the user's and those a nonsmooth mode
+      adds; never `NonFinite`, which the controller's guard handles, `_guard`).
     - `schedule`: the projection and when it acts (`Every`, `OnEvent`), or None.
     - `nonsmooth`: a mode for piecewise-smooth fields (`dyn.Filippov()`), or None.
     - `save_params`, `max_steps`: as `simulate` takes them.

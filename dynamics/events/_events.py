@@ -71,7 +71,11 @@ class NormAbove(AbstractDivergenceEvent):
 
 
 class NonFinite(AbstractDivergenceEvent):
-    """Stop as soon as the state holds a NaN or Inf. Always active in `simulate`."""
+    """Stop as soon as the state holds a NaN or Inf. Always active in `simulate`: its
+    step-size controller's guard ends a run at the first step that reaches a non-finite
+    state and reports this event there (`Trajectory.event == "non_finite"`, `diverged`
+    set), so passing it in `events` changes nothing. `condition` is what the guard
+    tests, for use outside `simulate`."""
 
     name: ClassVar[str] = "non_finite"
     direction: ClassVar[bool | None] = None
