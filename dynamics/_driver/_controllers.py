@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 
-class _WrappedController(diffrax.AbstractAdaptiveStepSizeController):
-    """A controller around `controller`, whose tolerances and norm it reports."""
+class WrappedController(diffrax.AbstractAdaptiveStepSizeController):
+    """An adaptive controller around `controller`, whose tolerances and norm it reports
+    (diffrax gives them to an implicit solver's root finder)."""
 
     controller: eqx.AbstractVar[diffrax.AbstractAdaptiveStepSizeController]
 
@@ -30,7 +31,7 @@ class _WrappedController(diffrax.AbstractAdaptiveStepSizeController):
         return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
 
-class LandOnEvent(_WrappedController):
+class LandOnEvent(WrappedController):
     """The adaptive controller of a solve with an exact trigger: when the step found a
     crossing inside it (the solver's error output carries the time `t_hit` just past
     it), the step is retried to end there; otherwise `controller` decides as usual.
@@ -80,7 +81,7 @@ class LandOnEvent(_WrappedController):
         return keep, t_prev, t_next, made_jump, (new_inner, resume), result
 
 
-class LandOnGrid(_WrappedController):
+class LandOnGrid(WrappedController):
     """An adaptive controller whose steps also end exactly on start + j·period, so
     that an `EveryTime(exact=True)` action fires at its scheduled time. `start` and
     `period` are arrays: a new period does not compile the solve again (diffrax's

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from ._controllers import WrappedController
+
 # A PID controller shrinks a rejected step by at least `safety` (0.9) and usually by far
 # more (the error falls like h^order); an accepted step follows within a few rejections.
 # A hundred in a row means the controller cannot find a step at all.
@@ -53,28 +55,13 @@ def _finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-class RejectionGuard(diffrax.AbstractAdaptiveStepSizeController):
+class RejectionGuard(WrappedController):
     """`controller`, stopped from rejecting steps without end (module docstring)."""
 
     controller: diffrax.AbstractAdaptiveStepSizeController
     span: Array  # t1 - t0 of the solve
     max_rejected: int = eqx.field(static=True, default=MAX_REJECTED_IN_A_ROW)
     max_nonfinite: int = eqx.field(static=True, default=MAX_NONFINITE_IN_A_ROW)
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):  # pyright: ignore
-        return self.controller.norm
-
-    def wrap(self, direction):
-        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         t_next, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
@@ -143,24 +130,12 @@ class FiniteStop(_AbstractFiniteStop, diffrax.AbstractStepSizeController):
     finite: Callable[[PyTree], Array]
 
 
-class AdaptiveFiniteStop(_AbstractFiniteStop, diffrax.AbstractAdaptiveStepSizeController):
+class AdaptiveFiniteStop(_AbstractFiniteStop, WrappedController):
     """`_AbstractFiniteStop` around an adaptive controller, whose tolerances and norm it
     reports (diffrax gives them to an implicit solver's root finder)."""
 
     controller: diffrax.AbstractAdaptiveStepSizeController
     finite: Callable[[PyTree], Array]
-
-    @property
-    def rtol(self):
-        return self.controller.rtol
-
-    @property
-    def atol(self):
-        return self.controller.atol
-
-    @property
-    def norm(self):  # pyright: ignore
-        return self.controller.norm
 
 
 def finite_stop(controller: diffrax.AbstractStepSizeController,
