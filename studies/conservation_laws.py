@@ -35,7 +35,7 @@ from ._common import folders, require_x64, save_figures, save_tree, say
 
 __all__ = ["architectures", "count_one", "run"]
 
-FULL, QUICK = 50, 4  # architectures per kind
+FULL, QUICK = 50, 2  # architectures per kind
 SAGE_MINUTES = {"linear": 34.0, "relu": 113.0}  # Marcotte et al.'s code, 64 threads
 
 

@@ -2,8 +2,19 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
+# One BLAS thread for the tests' NumPy/SciPy references. Right after an XLA computation
+# a multi-threaded OpenBLAS call waits for threads that XLA's pool keeps busy (a 64 × 624
+# SVD: 0.5-0.8 s against 3 ms on one thread, on 2 cores), and the suite alternates the
+# two all the time (the counting tests took 44% less). Set before NumPy is loaded where
+# possible (the xdist workers inherit it), and applied to what is loaded already.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+threadpool_limits(limits=1, user_api="blas")
 
 # The numerical checks compare against NumPy/SciPy references at ~1e-12; that needs float64.
 # `DYNAMICS_FLOAT32=1 pytest -m float32` runs instead the float32 subset (tests marked

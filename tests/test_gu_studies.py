@@ -106,13 +106,14 @@ def test_gu_time_symmetry_quick(tmp_path):
 
 
 def test_conservation_laws_quick(tmp_path):
-    """4 random linear and 4 random ReLU nets: every count with a closed form equals it,
-    on clean rank gaps; the table, figure and netCDF are written."""
+    """2 random linear and 2 random ReLU nets: every count with a closed form equals it,
+    on clean rank gaps; the table, figure and netCDF are written. (The counts of 12
+    more random nets against `known_count` are tests/test_symmetries.py's.)"""
     written = studies.load("conservation-laws").run(tmp_path, quick=True)
     ds = _files(written, ("counts",))["counts"].to_dataset()
-    assert ds.sizes["net"] == 8 and set(ds["kind"].values) == {"linear", "relu"}
+    assert ds.sizes["net"] == 4 and set(ds["kind"].values) == {"linear", "relu"}
     known = ds["expected"].values >= 0
-    assert known.sum() >= 6
+    assert known.sum() >= 3
     np.testing.assert_array_equal(ds["count"].values[known], ds["expected"].values[known])
     # threshold 1e-9 between the kept and dropped singular values, decades from both
     assert ds["smallest_kept"].min() > 1e-7 and ds["largest_dropped"].max() < 1e-11

@@ -297,3 +297,20 @@ def test_count_takes_an_int_seed_and_reports_progress(capsys):
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="count_conservation_laws.*key"):
         dyn.symmetries.count_conservation_laws(model, x, key="0")
+
+
+def test_counting_code_runs_blas_on_one_thread():
+    """`count_conservation_laws` and `known_count` run their SVDs with one BLAS thread
+    (`dynamics/symmetries/_blas.py`: a multi-threaded call right after an XLA computation
+    waited ~0.5 s for busy threads). (The suite itself runs on one BLAS thread, see
+    conftest.py, so only the limit inside is checked here.)"""
+    from threadpoolctl import threadpool_info
+
+    from dynamics.symmetries._blas import single_threaded_blas
+
+    def blas_threads():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    assert single_threaded_blas(blas_threads)() == {1}
+    for fn in (dyn.symmetries.count_conservation_laws, dyn.symmetries.known_count):
+        assert fn.__wrapped__.__module__.startswith("dynamics.symmetries")

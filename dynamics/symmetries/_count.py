@@ -29,6 +29,7 @@ from .._models import MLP, Identity, ReLU
 from .._progress import Progress
 from .._tree import leaves, partition
 from .._validate import prng_key
+from ._blas import single_threaded_blas
 
 
 class ConservationLawCount(eqx.Module):
@@ -252,6 +253,7 @@ def _rank(rows: np.ndarray, threshold: float) -> tuple[int, np.ndarray]:
     return int(np.sum(s > threshold)), s
 
 
+@single_threaded_blas
 def count_conservation_laws(model, x: ArrayLike, *, key: PRNGKeyArray | int,
                             max_level: int = 6, threshold: float = 1e-9,
                             samples: int = 64,

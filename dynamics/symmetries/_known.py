@@ -9,6 +9,7 @@ import numpy as np
 from jaxtyping import ArrayLike
 
 from .._models import MLP, Identity, ReLU
+from ._blas import single_threaded_blas
 from ._count import _rank
 from ._unit_laws import unit_laws
 
@@ -147,6 +148,7 @@ def _units_count(model, x, threshold: float) -> int:
     return laws.count
 
 
+@single_threaded_blas
 def known_count(model, x: ArrayLike, threshold: float = 1e-9) -> int:
     """The number of conservation laws known in closed form for a linear or ReLU `dyn.MLP`
     on inputs `x` (the reference `count_conservation_laws` is tested against), or for any
