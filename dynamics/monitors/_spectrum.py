@@ -9,19 +9,25 @@ each save starts Lanczos cold, from a fixed random vector, and runs it to a tole
 
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array
 
 from .._lanczos import (
+    basis_size,
+    extrapolate,
     gauss_rule,
     hessian_operator,
     hessian_top_eigenpairs,
     lanczos_tridiagonal,
 )
 from .._problem import Problem
+from .._tree import all_finite
 from .._validate import positive_int, real
+from ._carrying import AbstractCarryingMonitor
 from ._monitors import AbstractMonitor
 
 # Default relative eigenvalue-error target of the Lanczos stopping test, by precision:
@@ -48,19 +54,146 @@ class AbstractSpectrumMonitor(AbstractMonitor):
     smooth activation (tanh, softplus, GELU)."""
 
 
+def _tol(tol, w):
+    if tol is not None:
+        return tol
+    return _TOL.get(jnp.dtype(jnp.result_type(*jax.tree.leaves(w))).itemsize, 1e-10)
+
+
 def top_eigenvalues(problem: Problem, w, k: int, tol: float | None, max_hvp: int,
-                    seed: int, owner: str) -> dict:
+                    seed: int, owner: str, **warm) -> dict:
     """The k largest eigenpairs of ∇²L(w) (`dynamics._lanczos.hessian_top_eigenpairs` on
-    the problem's loss)."""
-    if tol is None:
-        tol = _TOL.get(jnp.dtype(jnp.result_type(*jax.tree.leaves(w))).itemsize, 1e-10)
-    return hessian_top_eigenpairs(problem.loss, w, k, tol=tol, max_hvp=max_hvp, seed=seed,
-                                  owner=owner)
+    the problem's loss; `warm`: its warm-start arguments)."""
+    return hessian_top_eigenpairs(problem.loss, w, k, tol=_tol(tol, w), max_hvp=max_hvp,
+                                  seed=seed, owner=owner, **warm)
 
 
-class TopEigenvalues(AbstractSpectrumMonitor):
+# A predicted block whose top vector (a one-product probe), then whose Rayleigh–Ritz
+# pairs, have a residual above _ACCEPT·|θ_1| is not tried: the point jumped (the first
+# saves, a projection, GD past the edge of stability). Below it, whether the warm start
+# pays depends on the spectrum (a 2,410-parameter MLP: 28–30 HVPs against 55 cold from a
+# start at 2e-4, 61–72 from 4e-4–1e-3; the 26k-parameter one: 28–34 against 67 from
+# starts the 2,410 one lost on), so the warm phase is capped instead (`_track_step`).
+_ACCEPT = 1e-2
+# Saves of history carried: enough for extrapolation of order 0, 1 or 2.
+_DEPTH = 3
+# After a warm start that gave up, the next saves run cold, retried after this many.
+_RETRY = 4
+
+
+class EigenTrack(eqx.Module):
+    """What `TopEigenvalues` and `Sharpness` carry from one save to the next.
+
+    - `blocks` (3, k + 1, n): the top k + 1 Ritz vectors (rows) of the last three saves,
+      newest first; (0, k + 1, n) with `warm=False` or where n is small enough for the
+      dense path.
+    - `times` (3,): their save times.
+    - `count`: how many of `blocks` hold a save (0 to 3).
+    - `order`: the extrapolation order (0, 1 or 2) the next save starts from: the one
+      that would have predicted this save's vectors best.
+    - `cold_hvps`: the HVPs of the latest save that ran cold (0 before the first): the
+      cap on a warm start, past which it gives up and runs cold.
+    - `wait`: saves still to run cold before a warm start is tried again (after one
+      gave up).
+    - `hvps`: the Hessian–vector products the last save took (recorded as
+      `<name>_hvps`).
+    """
+
+    blocks: Array
+    times: Array
+    count: Array
+    order: Array
+    cold_hvps: Array
+    wait: Array
+    hvps: Array
+
+
+def _int(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _track_init(m, k: int, w, owner: str) -> EigenTrack:
+    flat = ravel_pytree(w)[0]
+    n, dtype = flat.shape[0], flat.dtype
+    if k > n:
+        raise ValueError(
+            f"{owner}: k = {k} exceeds the number of parameters n = {n}; ask for at most "
+            f"{n} eigenvalues."
+        )
+    # The dense path (n within the Lanczos basis) needs no start; a warm Lanczos holds
+    # the k + 1 block within the k + 5 vectors a restart keeps.
+    depth = _DEPTH if m.warm and n > basis_size(n, k) else 0
+    return EigenTrack(jnp.zeros((depth, k + 1, n), dtype), jnp.zeros(depth, dtype),
+                      _int(0), _int(0), _int(0), _int(0), _int(0))
+
+
+def _miss(new, k: int, block):
+    """How far the wanted k rows of `new` lie outside span(block): ‖N − N·QᵀQ‖_F, Q an
+    orthonormal basis of block's rows."""
+    q = jnp.linalg.qr(block.T)[0].T
+    nk = new[:k]
+    return jnp.linalg.norm(nk - (nk @ q.T) @ q)
+
+
+def _track_step(m, k: int, carry: EigenTrack, t, w, problem, owner: str):
+    """One save of `TopEigenvalues` / `Sharpness`: (the new carry, the k eigenvalues)."""
+    active = all_finite(w) & jnp.isfinite(t)
+    depth = carry.blocks.shape[0]
+    if depth == 0:
+        out = top_eigenvalues(problem, w, k, m.tol, m.max_hvp, m.seed, owner,
+                              active=active)
+        new = eqx.tree_at(lambda c: c.hvps, carry, _int(out["matvecs"]))
+        return new, jnp.where(active, out["evals"], jnp.nan)
+    t = jnp.asarray(t, carry.times.dtype)
+    # The predictions of this save's vectors by extrapolation of order 0, 1, 2 (each
+    # valid once that many + 1 saves are held), and the one the carry chose.
+    preds = jnp.stack([extrapolate(carry.blocks, carry.times, t, o) for o in range(3)])
+    order = jnp.clip(carry.order, 0, jnp.maximum(carry.count - 1, 0))
+    # A warm start may spend at most what the latest cold save took; past that it
+    # gives up (its products are lost) and Lanczos runs cold from its Ritz vectors,
+    # and the next `_RETRY` saves run cold (from the prediction's sum) before it is
+    # tried again. So a phase where the warm start does not pay costs ~1 + 1/_RETRY
+    # times cold, and one where it does is found again within `_RETRY` saves.
+    cap = jnp.where(carry.cold_hvps > 0, carry.cold_hvps, m.max_hvp)
+    out = top_eigenvalues(problem, w, k, m.tol, m.max_hvp, m.seed, owner,
+                          block=preds[order],
+                          use_block=active & (carry.count > 0) & (carry.wait == 0),
+                          accept=_ACCEPT, warm_cap=cap, extra=1, active=active)
+    new = out["basis"]
+    hvps = _int(out["matvecs"])
+    # A save at the newest held time (the final state at the last save) replaces it:
+    # the held times stay distinct for the extrapolation.
+    same = (carry.count > 0) & (t <= carry.times[0])
+    blocks = jnp.where(same, carry.blocks.at[0].set(new),
+                       jnp.concatenate([new[None], carry.blocks[:-1]]))
+    times = jnp.where(same, carry.times.at[0].set(t),
+                      jnp.concatenate([t[None], carry.times[:-1]]))
+    count = jnp.where(same, carry.count, jnp.minimum(carry.count + 1, depth))
+    # The next save's order: the one whose prediction came closest to this save's
+    # vectors (an order is judged once the history held order + 1 saves); at the third
+    # save, where order 1 cannot be judged yet, order 1 (order 0 is poor unless the
+    # saves are very close).
+    misses = jnp.stack([_miss(new, k, preds[o]) for o in range(3)])
+    orders = jnp.arange(3)
+    misses = jnp.where(orders < carry.count, misses,
+                       jnp.where((orders == 1) & (count >= 2), 0.0, jnp.inf))
+    moved = EigenTrack(
+        blocks, times, count, _int(jnp.argmin(misses)),
+        jnp.where(out["warm"], carry.cold_hvps, hvps),
+        # (not after the second save: its prediction could only be the first save's
+        # vectors, order 0, and order 1 is tried next)
+        _int(jnp.where(out["gave_up"] & (carry.count >= 2), _RETRY,
+                       jnp.maximum(carry.wait - 1, 0))),
+        hvps)
+    new_carry = jax.tree.map(lambda a, b: jnp.where(active, a, b), moved,
+                             eqx.tree_at(lambda c: c.hvps, carry, hvps))
+    return new_carry, jnp.where(active, out["evals"], jnp.nan)
+
+
+class TopEigenvalues(AbstractSpectrumMonitor, AbstractCarryingMonitor):
     """The k algebraically largest eigenvalues λ_1 ≥ … ≥ λ_k of the Hessian ∇²L(w),
-    recorded as a (k,) array at every save (`coords`: `index` 1..k).
+    recorded as a (k,) array at every save (`coords`: `index` 1..k), and the
+    Hessian–vector products each save took as `<name>_hvps` (an int per save).
 
     λ_1 is the sharpness; gradient descent with step η is stable along the top
     eigenvector while η·λ_1 < 2, and full-batch GD at practical step sizes drives λ_1 up
@@ -69,22 +202,37 @@ class TopEigenvalues(AbstractSpectrumMonitor):
     stability", ICLR 2021).
 
     **Method.** Thick-restart Lanczos with full reorthogonalisation on Hessian–vector
-    products (`dynamics/_lanczos.py`), float64, started at every save from the
-    same random vector (`seed`): a monitor sees one save at a time (diffrax's `SaveAt(fn=
-    ...)` carries no state between saves), so the previous save's Ritz vectors are not
-    available for a warm start. It stops when every wanted Ritz pair has the eigenvalue
-    error estimate min(‖r_i‖, ‖r_i‖²/gap_i) ≤ `tol`·|λ_1| (r_i the Ritz residual), or
-    after `max_hvp` products. With n no larger than the Lanczos basis (max(2k + 20, 40))
-    the Hessian is formed from n products and diagonalised exactly instead.
+    products (`dynamics/_lanczos.py`), float64. It stops when every wanted Ritz pair
+    has the eigenvalue error estimate min(‖r_i‖, ‖r_i‖²/gap_i) ≤ `tol`·|λ_1| (r_i the
+    Ritz residual, gap_i = θ_i − θ_{i+1}), or after `max_hvp` products. With n no
+    larger than the Lanczos basis (max(2k + 20, 40)) the Hessian is formed from n
+    products and diagonalised exactly instead (no warm start there).
+
+    **Warm start** (`warm=True`, the default). A carrying monitor
+    (`AbstractCarryingMonitor`): it keeps the top k + 1 Ritz vectors of the last three
+    saves (`EigenTrack`). At a save it predicts the new vectors by extrapolating them
+    in time (aligned by orthogonal Procrustes; order 0, 1 or 2, whichever would have
+    predicted the previous save best: order 1 wins for saves close together, where the
+    held vectors' own errors dominate, order 2 further apart), then does Rayleigh–Ritz
+    on that block (k + 1 HVPs in one batched call) and extends the basis by the
+    residual of the least-converged pair (Davidson without a preconditioner: one HVP
+    each) until the same stopping test passes. Where the block is poor (the first
+    save, a jump such as a projection, saves far apart: a Ritz residual above 3e-4·|θ_1|
+    after the Rayleigh–Ritz) it falls back to the cold Lanczos, started from the sum of
+    the block's Ritz vectors; the k + 1 products are then spent for nothing. The first
+    save is always cold, from a random vector (`seed`), as with `warm=False` at every
+    save. The accuracy test is the same either way. In `simulate` the states at the
+    save times are kept inside the solve for this (see `AbstractCarryingMonitor`).
 
     **Cost and accuracy (measured, benchmarks/bench_spectrum.py and tests/test_spectrum
-    .py).** On a 64-128-128-10 tanh MLP on digits (26,122 parameters; MSE and
+    .py).** Cold, on a 64-128-128-10 tanh MLP on digits (26,122 parameters; MSE and
     cross-entropy, at init and after 100 GD steps), k = 10 at the default tol: 43–88
     HVPs per save (2–3.6 gradients each), and the largest relative error of the ten
     eigenvalues against ARPACK (`scipy.sparse.linalg.eigsh`) is ≤ 8e-12. k = 1 takes
     14–24 HVPs. Against a dense `eigh` of the full Hessian on MLPs of 460–2,410
     parameters (MSE and cross-entropy) the errors are ≤ 1e-9 relative. Where λ_i is part
     of a tight cluster the ‖r‖²/gap estimate is optimistic and convergence slower.
+    WARM_COST
 
     On a ReLU network: see `AbstractSpectrumMonitor`.
 
@@ -96,60 +244,82 @@ class TopEigenvalues(AbstractSpectrumMonitor):
       1e-10 in float64, 1e-5 in float32 (what a float32 Rayleigh quotient resolves).
     - `max_hvp`: cap on the HVPs of one save (≥ k + 1); a save that reaches it records
       the current Ritz values, less accurate than `tol`.
-    - `seed`: the start vector's PRNG seed (the same at every save).
-    - `name`: the record's name (default `top_eigenvalues`).
+    - `seed`: the random start vector's PRNG seed (the same at every cold save).
+    - `warm`: warm-start each save from the previous ones (default True); False runs
+      every save cold and independently, as before version UNRELEASED.
+    - `name`: the record's name (default `top_eigenvalues`; the HVP counts are
+      `<name>_hvps`).
 
-    **Raises:** `ValueError` for k < 1, a tol outside (0, 1), `max_hvp` ≤ k, and (when
-    the monitor first runs) k larger than the number of parameters.
+    **Raises:** `ValueError` for k < 1, a tol outside (0, 1), `max_hvp` ≤ k, a `warm`
+    that is not a bool, and (when the monitor first runs) k larger than the number of
+    parameters.
     """
 
     k: int
     tol: float | None = None
     max_hvp: int = 1000
     seed: int = 0
+    warm: bool = True
     name: str = "top_eigenvalues"
 
     def __check_init__(self):
         _check_common(self, "TopEigenvalues")
 
-    def __call__(self, t, w, v, problem) -> Array:
-        out = top_eigenvalues(problem, w, self.k, self.tol, self.max_hvp, self.seed,
-                              "TopEigenvalues")
-        return out["evals"]
+    def init(self, w, problem) -> EigenTrack:
+        return _track_init(self, self.k, w, "TopEigenvalues")
 
+    def step(self, carry, t, w, v, problem):
+        return _track_step(self, self.k, carry, t, w, problem, "TopEigenvalues")
+
+    def side_names(self):
+        return (f"{self.name}_hvps",)
+
+    def side_records(self, carry):
+        return {f"{self.name}_hvps": carry.hvps}
 
     def coords(self, params):
         """`index`: 1 for the largest eigenvalue, ..., k."""
         return {"index": np.arange(1, self.k + 1)}
 
 
-class Sharpness(AbstractSpectrumMonitor):
-    """λ_1(∇²L(w)), the largest Hessian eigenvalue, recorded as a scalar: `TopEigenvalues`
-    with k = 1 (same method, arguments and errors; 14–24 HVPs per save on the
-    26k-parameter MLP of `TopEigenvalues`). Compare with 2/η for gradient descent with
-    step η (the edge of stability, Cohen et al., ICLR 2021).
+class Sharpness(AbstractSpectrumMonitor, AbstractCarryingMonitor):
+    """λ_1(∇²L(w)), the largest Hessian eigenvalue, recorded as a scalar, and the HVPs
+    each save took as `<name>_hvps`: `TopEigenvalues` with k = 1 (same method, warm
+    start, arguments and errors; cold 14–24 HVPs per save on the 26k-parameter MLP of
+    `TopEigenvalues`, warm SHARP_WARM). Compare with 2/η for gradient descent with step
+    η (the edge of stability, Cohen et al., ICLR 2021).
 
     On a ReLU network: see `AbstractSpectrumMonitor`.
 
-    **Arguments:** `tol`, `max_hvp`, `seed`, `name` (default `sharpness`) as for
-    `TopEigenvalues`.
+    **Arguments:** `tol`, `max_hvp`, `seed`, `warm`, `name` (default `sharpness`) as
+    for `TopEigenvalues`.
 
-    **Raises:** `ValueError` for a tol outside (0, 1) or `max_hvp` < 2.
+    **Raises:** `ValueError` for a tol outside (0, 1), `max_hvp` < 2, or a `warm` that
+    is not a bool.
     """
 
     tol: float | None = None
     max_hvp: int = 1000
     seed: int = 0
+    warm: bool = True
     name: str = "sharpness"
     k: ClassVar[int] = 1
 
     def __check_init__(self):
         _check_common(self, "Sharpness")
 
-    def __call__(self, t, w, v, problem) -> Array:
-        out = top_eigenvalues(problem, w, 1, self.tol, self.max_hvp, self.seed, "Sharpness")
-        return out["evals"][0]
+    def init(self, w, problem) -> EigenTrack:
+        return _track_init(self, 1, w, "Sharpness")
 
+    def step(self, carry, t, w, v, problem):
+        carry, evals = _track_step(self, 1, carry, t, w, problem, "Sharpness")
+        return carry, evals[0]
+
+    def side_names(self):
+        return (f"{self.name}_hvps",)
+
+    def side_records(self, carry):
+        return {f"{self.name}_hvps": carry.hvps}
 
 
 def _check_common(m, owner: str) -> None:
@@ -158,6 +328,8 @@ def _check_common(m, owner: str) -> None:
         real(m.tol, "tol", owner, low=0.0, strict=True, high=1.0)
     _count(m.max_hvp, "max_hvp", owner, low=m.k + 1)
     _count(m.seed, "seed", owner, low=0)
+    if not isinstance(m.warm, bool):
+        raise ValueError(f"{owner}: `warm` must be True or False, got {m.warm!r}.")
     if not isinstance(m.name, str) or not m.name:
         raise ValueError(f"{owner}: `name` must be a non-empty string, got {m.name!r}.")
 
