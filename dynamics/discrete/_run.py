@@ -202,7 +202,10 @@ def run(
       (default zero: w_{−1} = w_0).
     - `monitors`: the monitors of `simulate`, evaluated with the counterpart flow
       (`alg.flow`); `Loss` is the value from the step's own `value_and_grad` where the
-      gradient is taken at the iterate (GD, Leapfrog, HeavyBall, ExponentiatedGD).
+      gradient is taken at the iterate (GD, Leapfrog, HeavyBall, ExponentiatedGD). A
+      carrying monitor (`dyn.monitors.AbstractCarryingMonitor`: the warm-started
+      `TopEigenvalues`, `Sharpness`) carries its state in the loop from one save point
+      to the next (per path, for a batch of keys).
     - `save_every`: record every k-th iterate (and iterate 0); `steps` must be a
       multiple of it.
     - `projection`: `dyn.Every(projection, steps=k)`: apply the projection to
