@@ -70,11 +70,13 @@ def top_eigenvalues(problem: Problem, w, k: int, tol: float | None, max_hvp: int
 
 
 # A predicted block whose top vector (a one-product probe), then whose Rayleigh–Ritz
-# pairs, have a residual above _ACCEPT·|θ_1| is not tried: the point jumped (the first
-# saves, a projection, GD past the edge of stability). Below it, whether the warm start
-# pays depends on the spectrum (a 2,410-parameter MLP: 28–30 HVPs against 55 cold from a
-# start at 2e-4, 61–72 from 4e-4–1e-3; the 26k-parameter one: 28–34 against 67 from
-# starts the 2,410 one lost on), so the warm phase is capped instead (`_track_step`).
+# pairs, have a residual above _ACCEPT·|θ_1| is not tried: the point jumped (a
+# projection, GD past the edge of stability). Below it, whether the warm start pays
+# depends on the spectrum, not on the residual alone (k = 10 along GF, saves 0.1 to 0.2
+# apart: on a 2,410-parameter MLP starts at 2e-4 took 28–30 HVPs against 55 cold and
+# starts at 4e-4–1e-3 took 61–72; on the 26k-parameter one starts that a threshold of
+# 3e-4 sent cold took 28–34 warm against 45 via the fallback and 67 cold), so the warm
+# phase is capped instead (`_track_step`).
 _ACCEPT = 1e-2
 # Saves of history carried: enough for extrapolation of order 0, 1 or 2.
 _DEPTH = 3
@@ -212,19 +214,25 @@ class TopEigenvalues(AbstractSpectrumMonitor, AbstractCarryingMonitor):
 
     **Warm start** (`warm=True`, the default). A carrying monitor
     (`AbstractCarryingMonitor`): it keeps the top k + 1 Ritz vectors of the last three
-    saves (`EigenTrack`). At a save it predicts the new vectors by extrapolating them
-    in time (aligned by orthogonal Procrustes; order 0, 1 or 2, whichever would have
-    predicted the previous save best: order 1 wins for saves close together, where the
-    held vectors' own errors dominate, order 2 further apart), then does Rayleigh–Ritz
-    on that block (k + 1 HVPs in one batched call) and extends the basis by the
-    residual of the least-converged pair (Davidson without a preconditioner: one HVP
-    each) until the same stopping test passes. Where the block is poor (the first
-    save, a jump such as a projection, saves far apart: a Ritz residual above 3e-4·|θ_1|
-    after the Rayleigh–Ritz) it falls back to the cold Lanczos, started from the sum of
-    the block's Ritz vectors; the k + 1 products are then spent for nothing. The first
-    save is always cold, from a random vector (`seed`), as with `warm=False` at every
-    save. The accuracy test is the same either way. In `simulate` the states at the
-    save times are kept inside the solve for this (see `AbstractCarryingMonitor`).
+    saves (`EigenTrack`). The first save runs cold, from a random vector (`seed`), as
+    every save does with `warm=False`. At a later save it predicts the new vectors by
+    extrapolating the held ones in time (aligned by orthogonal Procrustes; order 0 at
+    the second save, then order 1, or order 2 where it predicted the previous save
+    better), then:
+
+    1. a probe: the residual of the predicted top vector (one HVP); above 1e-2·|θ| the
+       point jumped (a projection, GD past the edge of stability, minibatch noise) and
+       Lanczos runs cold, started from the sum of the predicted vectors;
+    2. Rayleigh–Ritz on the predicted block (k more HVPs, one batched call); a Ritz
+       residual above 1e-2·|θ_1| also sends it cold;
+    3. Davidson corrections: the residual of the pair with the largest error estimate
+       joins the basis (one HVP each) until the same stopping test passes. A warm start
+       that has spent as many HVPs as the latest cold save took gives up and runs
+       Lanczos from its Ritz vectors, and the next 4 saves run cold (from the
+       prediction's sum) before it is tried again.
+
+    The accuracy test is the same either way. In `simulate` the states at the save
+    times are kept inside the solve for this (see `AbstractCarryingMonitor`).
 
     **Cost and accuracy (measured, benchmarks/bench_spectrum.py and tests/test_spectrum
     .py).** Cold, on a 64-128-128-10 tanh MLP on digits (26,122 parameters; MSE and
