@@ -91,7 +91,11 @@ def simulate(
       computed), so that nearby counts share one compiled solve.
     - `monitors`: quantities recorded at `ts`, computed inside the solve: one monitor
       or a sequence; names must be unique, and not "time" or "param_…"/"velocity_…"
-      (those name the parameters in `to_xarray`).
+      (those name the parameters in `to_xarray`). A carrying monitor
+      (`dyn.monitors.AbstractCarryingMonitor`, e.g. the warm-started `TopEigenvalues`
+      and `Sharpness`) is evaluated after the solve, in the same compiled function, by
+      one scan over the states at the save times in time order; its extra records
+      (`<name>_hvps`) count among the names.
     - `events`: stopping conditions (`dyn.events.*`), one or a sequence; a non-finite
       state always stops.
     - `projection`: an action applied inside the solve, after which the solve goes on
@@ -128,7 +132,10 @@ def simulate(
       100 rejections in a row of any kind end the solve with a message that says what
       to pass (e.g. a smaller `dt0` when no step was accepted at all).
     - `save_params`: also store params (and velocities) at every save time; set False
-      to keep memory proportional to the monitors only.
+      to keep memory proportional to the monitors only. With a carrying monitor the
+      solve keeps the states at the save times anyway (it scans them), so the memory of
+      the parameters at every save is needed during the solve even then; they are
+      dropped before the result comes back.
     - `key`: for a stochastic flow (`dyn.SME`) only, where it is required: the PRNG key
       of the Brownian motion (an int seed is accepted), or a batch of keys
       (`jax.random.split(key, m)`) for m independent paths, solved under `jax.vmap`

@@ -26,6 +26,7 @@ from .._trajectory import check_variable_name, provenance
 from .._tree import is_concrete, partition
 from .._validate import as_tuple, check_tolerances, class_hint, positive_int, real
 from ..events._events import AbstractEvent, Condition, NonFinite
+from ..monitors._carrying import all_record_names
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
 from ..solvers._base import AbstractFlowSolver
 from ._hooks import AbstractNonsmooth
@@ -371,7 +372,7 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
         raise ValueError(f"`save_params` must be True or False, got {save_params!r}.")
     monitors = as_tuple(monitors, "monitors", AbstractMonitor, "dyn.monitors.Loss()")
     events = as_tuple(events, "events", AbstractEvent, "dyn.events.LossBelow(1e-3)")
-    names = [m.name for m in monitors]
+    names = all_record_names(monitors)  # with the records a carrying monitor adds
     if len(set(names)) != len(names):
         raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
     for name in names:
@@ -434,7 +435,8 @@ def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, monitors):
         )
     nonsmooth.check(params=params, loss=loss, solver=solver, controller=controller,
                     monitors=monitors)
-    clash = [m.name for m in monitors if m.name in nonsmooth.record_names()]
+    clash = [name for name in all_record_names(monitors)
+             if name in nonsmooth.record_names()]
     if clash:
         raise ValueError(
             f"`monitors` {clash}: these names are the nonsmooth mode's own records "

@@ -4,7 +4,10 @@
 solver and shapes reuses the compiled code (studies and sweeps depend on it); a sweep
 vmaps it over cells. It lays out the state (`StateLayout`), builds the terms, lets a
 nonsmooth mode (`AbstractSwitchedField`) and a projection (`acting`) wrap the solver,
-saves the monitors and evaluates the events, all inside the solve.
+saves the monitors and evaluates the events, all inside the solve. Carrying monitors
+(`AbstractCarryingMonitor`) are evaluated after diffrax returns, by one scan over the
+states at the save times in time order, in the same compiled function
+(`monitors._carrying`).
 """
 
 import diffrax
@@ -16,6 +19,13 @@ from .._flows import AbstractFirstOrderFlow, AbstractStochasticFlow
 from .._problem import Problem
 from .._tree import all_finite
 from ..events._events import EventRootFinder
+from ..monitors._carrying import (
+    AbstractCarryingMonitor,
+    carrying,
+    init_carries,
+    record_names,
+    scan_carries,
+)
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Loss
 from ..solvers._loss_carrying import LossCarryingEuler
 from ._actions import ACTION_ROOT_FINDER
@@ -87,6 +97,31 @@ def _lax_stages(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
     return solver
 
 
+def _carried(monitors, carried_monitors, problem, w0, ts, saved, t_end, final,
+             save_params: bool):
+    """The carrying monitors' records, scanned over the saves in time order and then
+    the final state, merged into `saved` and `final` in the order of `monitors` (the
+    nonsmooth mode's records last, as `save` puts them); the saved states dropped again
+    unless the user keeps them."""
+    carries = init_carries(carried_monitors, w0, problem)
+    carries, at_saves = scan_carries(carried_monitors, carries, ts, saved["w"],
+                                     saved["v"], problem)
+    _, at_end = scan_carries(carried_monitors, carries, t_end, final["w"], final["v"],
+                             problem)
+
+    def merged(plain, extra):
+        out = {name: (extra if name in extra else plain)[name]
+               for m in monitors for name in record_names(m)}
+        out.update({name: value for name, value in plain.items() if name not in out})
+        return out
+
+    saved = {**saved, "monitors": merged(saved["monitors"], at_saves)}
+    final = {**final, "monitors": merged(final["monitors"], at_end)}
+    if not save_params:
+        saved = {"monitors": saved["monitors"]}
+    return saved, final
+
+
 @eqx.filter_jit
 def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolution:
     """Run `spec` to its end (or its first event) and return what diffrax saved."""
@@ -152,10 +187,15 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
     # NonFinite event (`_guard`).
     controller = finite_stop(controller, finite)
 
+    # Carrying monitors need the state at every save (scanned after the solve), so the
+    # states are saved for them even when the user does not keep the parameters.
+    carried_monitors = carrying(monitors)
+    plain = tuple(m for m in monitors if not isinstance(m, AbstractCarryingMonitor))
+
     def save(with_params):
         def fn(t, y, _):
             u = layout.unpack(y)
-            out = {"monitors": {m.name: _monitor(m, t, u, problem) for m in monitors}}
+            out = {"monitors": {m.name: _monitor(m, t, u, problem) for m in plain}}
             if field is not None:
                 out["monitors"].update(field.record(u.mode))
             if with_params:
@@ -187,7 +227,8 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
     # The save times (params only if asked: memory then grows with the monitors alone),
     # and the final state, always, at t1 or wherever the run stopped.
     saveat = diffrax.SaveAt(
-        subs=(diffrax.SubSaveAt(ts=spec.ts, fn=save(spec.save_params)),
+        subs=(diffrax.SubSaveAt(ts=spec.ts,
+                                fn=save(spec.save_params or bool(carried_monitors))),
               diffrax.SubSaveAt(t1=True, fn=save(True))),
         solver_state=schedule is not None or field is not None,
     )
@@ -207,6 +248,9 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
             adjoint=diffrax.ForwardMode(),
         )
     (ts, t_end), (saved, final) = sol.ts, sol.ys
+    if carried_monitors:
+        saved, final = _carried(monitors, carried_monitors, problem, w0, ts, saved, t_end,
+                                final, spec.save_params)
     # The projection's acting solver is the outermost; the mode's sits inside it.
     state = sol.solver_state
     count = times = switches = switch_times = None

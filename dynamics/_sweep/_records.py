@@ -22,6 +22,7 @@ from .._flows import AbstractFirstOrderFlow
 from .._io import load, save
 from .._trajectory import Trajectory, variable_name
 from ..events._events import AbstractDivergenceEvent
+from ..monitors._carrying import all_record_names
 
 # The scalars every run's record holds besides its monitors and parameters
 # (`trajectory_record`); `stats_…` and `meta_…` name diffrax's counts and provenance.
@@ -44,7 +45,7 @@ def spec_names(spec) -> set[str]:
     before it is solved (`record_names` of its record, less the dimensions of monitors,
     whose shapes are not known yet: `check_names` matches `<name>_dim<i>` instead)."""
     names = set(RUN_SCALARS) | {"time"}
-    monitors = [m.name for m in spec.monitors]
+    monitors = all_record_names(spec.monitors)
     if spec.nonsmooth is not None:
         monitors += list(spec.nonsmooth.record_names())
     for name in monitors:

@@ -13,6 +13,7 @@ from .._problem import Problem
 from .._trajectory import Trajectory, provenance
 from .._tree import partition, sqnorm
 from .._validate import as_tuple
+from ..monitors._carrying import all_record_names
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor
 from ..monitors._spectrum import Sharpness, TopEigenvalues
 from ._algorithms import AbstractDiscreteAlgorithm
@@ -114,7 +115,7 @@ def check_monitors(monitors) -> tuple:
                 f"`monitors`: {m!r} is an integral monitor, which needs a solver; use "
                 "`simulate`."
             )
-    names = [m.name for m in monitors]
+    names = all_record_names(monitors)  # with the records a carrying monitor adds
     if len(set(names)) != len(names):
         raise ValueError(f"`monitors` have repeated names {names}; give each a unique name.")
     return monitors

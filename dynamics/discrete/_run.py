@@ -20,6 +20,12 @@ from .._projection import AbstractSchedule, Every, check_output
 from .._trajectory import Trajectory
 from .._tree import all_finite, partition
 from .._validate import positive_int
+from ..monitors._carrying import (
+    AbstractCarryingMonitor,
+    init_carries,
+    record_names,
+    step_carries,
+)
 from ..monitors._monitors import AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
 from ._checks import (
@@ -42,17 +48,21 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
     value_and_grad = jax.value_and_grad(problem.loss)
     dt = alg.time_step
 
-    def record(k, state: State):
+    def record(k, state: State, carries: dict):
+        # (the carrying monitors' new carries, this save's record)
         t = k * dt
+        carries, carried = step_carries(monitors, carries, t, state.w, state.v, problem)
         out = {}
         for m in monitors:
-            if isinstance(m, Loss) and state.loss is not None:
+            if isinstance(m, AbstractCarryingMonitor):
+                out.update({name: carried[name] for name in record_names(m)})
+            elif isinstance(m, Loss) and state.loss is not None:
                 out[m.name] = state.loss  # the step's own value_and_grad
             else:
                 out[m.name] = m(t, state.w, state.v, problem)
         if not save_params:
-            return {"monitors": out, "k": k}
-        return {"monitors": out, "w": state.w, "v": state.v, "k": k}
+            return carries, {"monitors": out, "k": k}
+        return carries, {"monitors": out, "w": state.w, "v": state.v, "k": k}
 
     def project(state, pstate):
         params = problem.params(state.w)
@@ -113,14 +123,17 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
         # the step and freezes there. Measured (NMGD, CPU time, 5,000 steps): the replay
         # branch, the traced block length and the extra carry cost nothing; what cost
         # ~20% was the finiteness check reading the carried loss (see `finite_state`).
-        k, state, diverged_at, pstate = carry
+        # The carrying monitors' carries ride beside the iterate, from save to save.
+        (k, state, diverged_at, pstate), carries = carry
         k1, new = jax.lax.fori_loop(0, save_every, plain_step(pstate), (k, state))
         ok = (diverged_at < 0) & finite_state(new)
         carry = jax.lax.cond(
             ok, lambda: (k1, new, diverged_at, pstate),
-            lambda: jax.lax.fori_loop(0, save_every, one_step, carry))
+            lambda: jax.lax.fori_loop(0, save_every, one_step, (k, state, diverged_at,
+                                                                pstate)))
         k, state, diverged_at, _ = carry
-        return carry, record(k, state)
+        carries, saved = record(k, state, carries)
+        return (carry, carries), saved
 
     state0 = alg.init(w0, v0, value_and_grad)
     pstate = None
@@ -128,13 +141,15 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
         pstate = projection.init(problem.params(w0),
                                  None if v0 is None else problem.params(v0))
     k0 = jnp.zeros((), jnp.int32)
-    first = record(k0, state0)
+    carries, first = record(k0, state0, init_carries(monitors, w0, problem))
     carry = (k0, state0, jnp.full((), -1, jnp.int32), pstate)
-    carry, saved = jax.lax.scan(outer, carry, None, length=n_saves)
+    (carry, _), saved = jax.lax.scan(outer, (carry, carries), None, length=n_saves)
     saved = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, saved)
     _, final, diverged_at, _ = carry
-    end = {"monitors": record(carry[0], final)["monitors"], "w": final.w, "v": final.v,
-           "k": carry[0]}
+    # The final state is the last save's (the scan records after every block of steps),
+    # so its monitors are that save's, not evaluated a second time.
+    end = {"monitors": jax.tree.map(lambda a: a[-1], saved["monitors"]), "w": final.w,
+           "v": final.v, "k": carry[0]}
     return saved, end, diverged_at
 
 
@@ -187,7 +202,10 @@ def run(
       (default zero: w_{−1} = w_0).
     - `monitors`: the monitors of `simulate`, evaluated with the counterpart flow
       (`alg.flow`); `Loss` is the value from the step's own `value_and_grad` where the
-      gradient is taken at the iterate (GD, Leapfrog, HeavyBall, ExponentiatedGD).
+      gradient is taken at the iterate (GD, Leapfrog, HeavyBall, ExponentiatedGD). A
+      carrying monitor (`dyn.monitors.AbstractCarryingMonitor`: the warm-started
+      `TopEigenvalues`, `Sharpness`) carries its state in the loop from one save point
+      to the next (per path, for a batch of keys).
     - `save_every`: record every k-th iterate (and iterate 0); `steps` must be a
       multiple of it.
     - `projection`: `dyn.Every(projection, steps=k)`: apply the projection to

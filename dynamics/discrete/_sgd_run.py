@@ -16,6 +16,12 @@ import numpy as np
 from .._driver._paths import PATH_CHUNK
 from .._paths import Paths, mask_after
 from .._tree import all_finite
+from ..monitors._carrying import (
+    AbstractCarryingMonitor,
+    init_carries,
+    record_names,
+    step_carries,
+)
 from ..monitors._stochastic import AbstractMinibatchMonitor
 from ._checks import check_monitors, discrete_trajectory, edge_of_stability, validate_v0, where_ok
 from ._minibatch import Minibatches
@@ -39,15 +45,24 @@ def _paths(alg: AbstractStochasticAlgorithm, problem, data, w0, v0, keys, n_save
         batches = Minibatches(data, problem.static, key, stride, alg.batch_size,
                               alg.replacement)
 
-        def record(k, state):
+        def record(k, state, carries):
+            # (the carrying monitors' new carries, this save's record)
             t = k * dt
-            out = {m.name: (m.minibatch_value(t, state.w, state.v, state.grad, problem)
-                            if isinstance(m, AbstractMinibatchMonitor)
-                            else m(t, state.w, state.v, problem)) for m in monitors}
+            carries, carried = step_carries(monitors, carries, t, state.w, state.v,
+                                            problem)
+            out = {}
+            for m in monitors:
+                if isinstance(m, AbstractCarryingMonitor):
+                    out.update({name: carried[name] for name in record_names(m)})
+                elif isinstance(m, AbstractMinibatchMonitor):
+                    out[m.name] = m.minibatch_value(t, state.w, state.v, state.grad,
+                                                    problem)
+                else:
+                    out[m.name] = m(t, state.w, state.v, problem)
             saved = {"monitors": out, "k": k}
             if save_params:
                 saved.update(w=state.w, v=state.v)
-            return saved
+            return carries, saved
 
         def one_step(k, carry):
             state, diverged_at, cv = carry
@@ -68,21 +83,22 @@ def _paths(alg: AbstractStochasticAlgorithm, problem, data, w0, v0, keys, n_save
             return state, diverged_at, cv
 
         def outer(carry, _):
-            k, state, diverged_at, cv = carry
+            k, state, diverged_at, cv, carries = carry
             state, diverged_at, cv = jax.lax.fori_loop(k, k + save_every, one_step,
                                                        (state, diverged_at, cv))
             k = k + save_every
-            return (k, state, diverged_at, cv), record(k, state)
+            carries, saved = record(k, state, carries)
+            return (k, state, diverged_at, cv, carries), saved
 
         state0 = alg.init(w0, v0, batches)
         k0 = jnp.zeros((), jnp.int32)
         cv0 = (jnp.zeros(()) if noise_vectors is None
                else jnp.zeros(noise_vectors.shape[1], noise_vectors.dtype))
-        carry = (k0, state0, jnp.full((), -1, jnp.int32), cv0)
+        carries, first = record(k0, state0, init_carries(monitors, w0, problem))
+        carry = (k0, state0, jnp.full((), -1, jnp.int32), cv0, carries)
         carry, saved = jax.lax.scan(outer, carry, None, length=n_saves)
-        first = record(k0, state0)
         saved = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, saved)
-        _, final, diverged_at, cv = carry
+        _, final, diverged_at, cv, _ = carry
         return saved, {"w": final.w, "v": final.v}, diverged_at, cv
 
     return jax.vmap(one)(keys)

@@ -5,6 +5,7 @@ Each records under a name that is its class name in snake case (`GradNorm` ->
 
 from .._deprecation import deprecated_names
 from ._balance import Imbalance as Imbalance, LpqNorm as LpqNorm
+from ._carrying import AbstractCarryingMonitor as AbstractCarryingMonitor
 from ._charge_laws import (
     ChargeForcing as ChargeForcing,
     GDChargeDrift as GDChargeDrift,

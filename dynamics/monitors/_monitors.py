@@ -1,7 +1,9 @@
 """Monitors: quantities recorded at the save times, computed inside the solve.
 
 Each monitor is evaluated by diffrax's `SaveAt(fn=...)` at every save time, so a run
-keeps only what is monitored, not the parameters of every step (unless asked to).
+keeps only what is monitored, not the parameters of every step (unless asked to). A
+monitor that carries state from one save to the next is an `AbstractCarryingMonitor`
+(`_carrying.py`), evaluated after the solve by a scan over the saved states.
 """
 
 import abc

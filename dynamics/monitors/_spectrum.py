@@ -1,27 +1,34 @@
 """Hessian spectrum monitors: the top eigenvalues (sharpness) by Lanczos, and the spectral
 density by stochastic Lanczos quadrature, both on Hessian–vector products of the loss.
 
-A monitor is a function of the state at one save (`AbstractMonitor`): `simulate` saves it
-through diffrax's `SaveAt(fn=...)`, which carries nothing from one save to the next, so
-each save starts Lanczos cold, from a fixed random vector, and runs it to a tolerance
-(an adaptive number of HVPs); see `TopEigenvalues` for the measured cost and accuracy.
+`TopEigenvalues` and `Sharpness` are carrying monitors (`AbstractCarryingMonitor`): each
+save starts from the previous saves' Ritz vectors, extrapolated in time (a warm start),
+and falls back to Lanczos cold where that start is poor; `SpectralDensity` is a plain
+monitor (its probes are fixed, its cost is set by `probes`·`steps`). See
+`TopEigenvalues` for the method and its measured cost and accuracy.
 """
 
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array
 
 from .._lanczos import (
+    basis_size,
+    extrapolate,
     gauss_rule,
     hessian_operator,
     hessian_top_eigenpairs,
     lanczos_tridiagonal,
 )
 from .._problem import Problem
+from .._tree import all_finite
 from .._validate import positive_int, real
+from ._carrying import AbstractCarryingMonitor
 from ._monitors import AbstractMonitor
 
 # Default relative eigenvalue-error target of the Lanczos stopping test, by precision:
@@ -48,19 +55,149 @@ class AbstractSpectrumMonitor(AbstractMonitor):
     smooth activation (tanh, softplus, GELU)."""
 
 
+def _tol(tol, w):
+    if tol is not None:
+        return tol
+    return _TOL.get(jnp.dtype(jnp.result_type(*jax.tree.leaves(w))).itemsize, 1e-10)
+
+
 def top_eigenvalues(problem: Problem, w, k: int, tol: float | None, max_hvp: int,
-                    seed: int, owner: str) -> dict:
+                    seed: int, owner: str, **warm) -> dict:
     """The k largest eigenpairs of ∇²L(w) (`dynamics._lanczos.hessian_top_eigenpairs` on
-    the problem's loss)."""
-    if tol is None:
-        tol = _TOL.get(jnp.dtype(jnp.result_type(*jax.tree.leaves(w))).itemsize, 1e-10)
-    return hessian_top_eigenpairs(problem.loss, w, k, tol=tol, max_hvp=max_hvp, seed=seed,
-                                  owner=owner)
+    the problem's loss; `warm`: its warm-start arguments)."""
+    return hessian_top_eigenpairs(problem.loss, w, k, tol=_tol(tol, w), max_hvp=max_hvp,
+                                  seed=seed, owner=owner, **warm)
 
 
-class TopEigenvalues(AbstractSpectrumMonitor):
+# A predicted block whose top vector (a one-product probe), then whose Rayleigh–Ritz
+# pairs, have a residual above _ACCEPT·|θ_1| is not tried: the point jumped (a
+# projection, GD past the edge of stability). Below it, whether the warm start pays
+# depends on the spectrum, not on the residual alone (k = 10 along GF, saves 0.1 to 0.2
+# apart: on a 2,410-parameter MLP starts at 2e-4 took 28–30 HVPs against 55 cold and
+# starts at 4e-4–1e-3 took 61–72; on the 26k-parameter one starts that a threshold of
+# 3e-4 sent cold took 28–34 warm against 45 via the fallback and 67 cold), so the warm
+# phase is capped instead (`_track_step`).
+_ACCEPT = 1e-2
+# Saves of history carried: enough for extrapolation of order 0, 1 or 2.
+_DEPTH = 3
+# After a warm start that gave up, the next saves run cold, retried after this many.
+_RETRY = 4
+
+
+class EigenTrack(eqx.Module):
+    """What `TopEigenvalues` and `Sharpness` carry from one save to the next.
+
+    - `blocks` (3, k + 1, n): the top k + 1 Ritz vectors (rows) of the last three saves,
+      newest first; (0, k + 1, n) with `warm=False` or where n is small enough for the
+      dense path.
+    - `times` (3,): their save times.
+    - `count`: how many of `blocks` hold a save (0 to 3).
+    - `order`: the extrapolation order the next save starts from: 0 while one save is
+      held, then 1, or 2 where order 2 predicted the latest save's vectors better.
+    - `cold_hvps`: the HVPs of the latest save that ran cold (0 before the first): the
+      cap on a warm start, past which it gives up and runs cold.
+    - `wait`: saves still to run cold before a warm start is tried again (after one
+      gave up).
+    - `hvps`: the Hessian–vector products the last save took (recorded as
+      `<name>_hvps`).
+    """
+
+    blocks: Array
+    times: Array
+    count: Array
+    order: Array
+    cold_hvps: Array
+    wait: Array
+    hvps: Array
+
+
+def _int(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _track_init(m, k: int, w, owner: str) -> EigenTrack:
+    flat = ravel_pytree(w)[0]
+    n, dtype = flat.shape[0], flat.dtype
+    if k > n:
+        raise ValueError(
+            f"{owner}: k = {k} exceeds the number of parameters n = {n}; ask for at most "
+            f"{n} eigenvalues."
+        )
+    # The dense path (n within the Lanczos basis) needs no start; a warm Lanczos holds
+    # the k + 1 block within the k + 5 vectors a restart keeps.
+    depth = _DEPTH if m.warm and n > basis_size(n, k) else 0
+    return EigenTrack(jnp.zeros((depth, k + 1, n), dtype), jnp.zeros(depth, dtype),
+                      _int(0), _int(0), _int(0), _int(0), _int(0))
+
+
+def _miss(new, k: int, block):
+    """How far the wanted k rows of `new` lie outside span(block): ‖N − N·QᵀQ‖_F, Q an
+    orthonormal basis of block's rows."""
+    q = jnp.linalg.qr(block.T)[0].T
+    nk = new[:k]
+    return jnp.linalg.norm(nk - (nk @ q.T) @ q)
+
+
+def _track_step(m, k: int, carry: EigenTrack, t, w, problem, owner: str):
+    """One save of `TopEigenvalues` / `Sharpness`: (the new carry, the k eigenvalues)."""
+    active = all_finite(w) & jnp.isfinite(t)
+    depth = carry.blocks.shape[0]
+    if depth == 0:
+        out = top_eigenvalues(problem, w, k, m.tol, m.max_hvp, m.seed, owner,
+                              active=active)
+        new = eqx.tree_at(lambda c: c.hvps, carry, _int(out["matvecs"]))
+        return new, jnp.where(active, out["evals"], jnp.nan)
+    t = jnp.asarray(t, carry.times.dtype)
+    # The predictions of this save's vectors by extrapolation of order 0, 1, 2 (each
+    # valid once that many + 1 saves are held), and the one the carry chose.
+    preds = jnp.stack([extrapolate(carry.blocks, carry.times, t, o) for o in range(3)])
+    order = jnp.clip(carry.order, 0, jnp.maximum(carry.count - 1, 0))
+    # A warm start may spend at most what the latest cold save took; past that it
+    # gives up (its products are lost) and Lanczos runs cold from its Ritz vectors,
+    # and the next `_RETRY` saves run cold (from the prediction's sum) before it is
+    # tried again. So a phase where the warm start does not pay costs ~1 + 1/_RETRY
+    # times cold, and one where it does is found again within `_RETRY` saves.
+    cap = jnp.where(carry.cold_hvps > 0, carry.cold_hvps, m.max_hvp)
+    out = top_eigenvalues(problem, w, k, m.tol, m.max_hvp, m.seed, owner,
+                          block=preds[order],
+                          use_block=active & (carry.count > 0) & (carry.wait == 0),
+                          accept=_ACCEPT, warm_cap=cap, extra=1, active=active)
+    new = out["basis"]
+    hvps = _int(out["matvecs"])
+    # A save at the newest held time (the final state at the last save) replaces it:
+    # the held times stay distinct for the extrapolation.
+    same = (carry.count > 0) & (t <= carry.times[0])
+    blocks = jnp.where(same, carry.blocks.at[0].set(new),
+                       jnp.concatenate([new[None], carry.blocks[:-1]]))
+    times = jnp.where(same, carry.times.at[0].set(t),
+                      jnp.concatenate([t[None], carry.times[:-1]]))
+    count = jnp.where(same, carry.count, jnp.minimum(carry.count + 1, depth))
+    # The next save's order: 0 while one save is held, then 1, or 2 where order 2's
+    # prediction came closer to this save's vectors than order 1's (judged once three
+    # saves were held). Order 0 is not judged against them: in a miss measured against
+    # vectors that are themselves converged only to the stopping test, it often won
+    # where its warm start then took 3x the HVPs of order 1's (26k-parameter MLP,
+    # cross-entropy, saves 0.02 apart); order 2 pays where saves are far apart (saves
+    # 0.2 apart on a 2,410-parameter MLP: 21-27 HVPs per save against 34-36).
+    better2 = _miss(new, k, preds[2]) < _miss(new, k, preds[1])
+    next_order = jnp.where(count >= 2, jnp.where((carry.count >= 3) & better2, 2, 1), 0)
+    moved = EigenTrack(
+        blocks, times, count, _int(next_order),
+        jnp.where(out["warm"], carry.cold_hvps, hvps),
+        # (not after the second save: its prediction could only be the first save's
+        # vectors, order 0, and order 1 is tried next)
+        _int(jnp.where(out["gave_up"] & (carry.count >= 2), _RETRY,
+                       jnp.maximum(carry.wait - 1, 0))),
+        hvps)
+    new_carry = jax.tree.map(lambda a, b: jnp.where(active, a, b), moved,
+                             eqx.tree_at(lambda c: c.hvps, carry, hvps))
+    return new_carry, jnp.where(active, out["evals"], jnp.nan)
+
+
+class TopEigenvalues(AbstractSpectrumMonitor, AbstractCarryingMonitor):
     """The k algebraically largest eigenvalues λ_1 ≥ … ≥ λ_k of the Hessian ∇²L(w),
-    recorded as a (k,) array at every save (`coords`: `index` 1..k).
+    recorded as a (k,) array at every save (`coords`: `index` 1..k), and the
+    Hessian–vector products each save took as `<name>_hvps` (an int per save).
 
     λ_1 is the sharpness; gradient descent with step η is stable along the top
     eigenvector while η·λ_1 < 2, and full-batch GD at practical step sizes drives λ_1 up
@@ -69,22 +206,55 @@ class TopEigenvalues(AbstractSpectrumMonitor):
     stability", ICLR 2021).
 
     **Method.** Thick-restart Lanczos with full reorthogonalisation on Hessian–vector
-    products (`dynamics/_lanczos.py`), float64, started at every save from the
-    same random vector (`seed`): a monitor sees one save at a time (diffrax's `SaveAt(fn=
-    ...)` carries no state between saves), so the previous save's Ritz vectors are not
-    available for a warm start. It stops when every wanted Ritz pair has the eigenvalue
-    error estimate min(‖r_i‖, ‖r_i‖²/gap_i) ≤ `tol`·|λ_1| (r_i the Ritz residual), or
-    after `max_hvp` products. With n no larger than the Lanczos basis (max(2k + 20, 40))
-    the Hessian is formed from n products and diagonalised exactly instead.
+    products (`dynamics/_lanczos.py`), float64. It stops when every wanted Ritz pair
+    has the eigenvalue error estimate min(‖r_i‖, ‖r_i‖²/gap_i) ≤ `tol`·|λ_1| (r_i the
+    Ritz residual, gap_i = θ_i − θ_{i+1}), or after `max_hvp` products. With n no
+    larger than the Lanczos basis (max(2k + 20, 40)) the Hessian is formed from n
+    products and diagonalised exactly instead (no warm start there).
+
+    **Warm start** (`warm=True`, the default). A carrying monitor
+    (`AbstractCarryingMonitor`): it keeps the top k + 1 Ritz vectors of the last three
+    saves (`EigenTrack`). The first save runs cold, from a random vector (`seed`), as
+    every save does with `warm=False`. At a later save it predicts the new vectors by
+    extrapolating the held ones in time (aligned by orthogonal Procrustes; order 0 at
+    the second save, then order 1, or order 2 where it predicted the previous save
+    better), then:
+
+    1. a probe: the residual of the predicted top vector (one HVP); above 1e-2·|θ| the
+       point jumped (a projection, GD past the edge of stability, minibatch noise) and
+       Lanczos runs cold, started from the sum of the predicted vectors;
+    2. Rayleigh–Ritz on the predicted block (k more HVPs, one batched call); a Ritz
+       residual above 1e-2·|θ_1| also sends it cold;
+    3. Davidson corrections: the residual of the pair with the largest error estimate
+       joins the basis (one HVP each) until the same stopping test passes. A warm start
+       that has spent as many HVPs as the latest cold save took gives up and runs
+       Lanczos from its Ritz vectors, and the next 4 saves run cold (from the
+       prediction's sum) before it is tried again.
+
+    The accuracy test is the same either way. In `simulate` the states at the save
+    times are kept inside the solve for this (see `AbstractCarryingMonitor`).
 
     **Cost and accuracy (measured, benchmarks/bench_spectrum.py and tests/test_spectrum
-    .py).** On a 64-128-128-10 tanh MLP on digits (26,122 parameters; MSE and
+    .py).** Cold, on a 64-128-128-10 tanh MLP on digits (26,122 parameters; MSE and
     cross-entropy, at init and after 100 GD steps), k = 10 at the default tol: 43–88
     HVPs per save (2–3.6 gradients each), and the largest relative error of the ten
     eigenvalues against ARPACK (`scipy.sparse.linalg.eigsh`) is ≤ 8e-12. k = 1 takes
     14–24 HVPs. Against a dense `eigh` of the full Hessian on MLPs of 460–2,410
     parameters (MSE and cross-entropy) the errors are ≤ 1e-9 relative. Where λ_i is part
     of a tight cluster the ‖r‖²/gap estimate is optimistic and convergence slower.
+    Warm, on the same MLP after the 100 GD steps, k = 10, HVPs per save from the third
+    save on (the first is cold; the second, from the first save's vectors alone, took
+    69–89, a warm start that gave up): along gradient flow with saves 0.02 apart 16–20
+    (MSE; cold 55) and 14–20 (cross-entropy; cold 40–43); 0.1 apart 24–34 and 19–33; GD
+    with η = 0.1, a save per step, 23–34 and 19–32. From initialisation, where the
+    Hessian moves fast, 50–54 and 66–77 (cold 62–64 and 81–88), with a give-up costing
+    86–126 every fifth save or so. A 12-save run 0.02 apart took 16.7 s and 16.9 s warm
+    against 37.7 s and 26.7 s cold (MSE, cross-entropy; the gradient flow included).
+    k = 1: 2–3 HVPs per save 0.02 apart, 3–5 0.1 apart, 7–12 from initialisation (cold
+    14–24). At every run's saves 0, 4, 8, 11 the ten eigenvalues
+    are within 3.6e-11 relative of ARPACK, and within 2.2e-11·λ_1 of the cold ones at
+    every save (warm or cold, the stopping test is the same). On a 460-parameter MLP
+    (tests/test_spectrum.py) 13–18 HVPs per save from the third save (cold 36).
 
     On a ReLU network: see `AbstractSpectrumMonitor`.
 
@@ -96,60 +266,84 @@ class TopEigenvalues(AbstractSpectrumMonitor):
       1e-10 in float64, 1e-5 in float32 (what a float32 Rayleigh quotient resolves).
     - `max_hvp`: cap on the HVPs of one save (≥ k + 1); a save that reaches it records
       the current Ritz values, less accurate than `tol`.
-    - `seed`: the start vector's PRNG seed (the same at every save).
-    - `name`: the record's name (default `top_eigenvalues`).
+    - `seed`: the random start vector's PRNG seed (the same at every cold save).
+    - `warm`: warm-start each save from the previous ones (default True); False runs
+      every save cold and independently (as this monitor did before it carried state),
+      still recording `<name>_hvps`.
+    - `name`: the record's name (default `top_eigenvalues`; the HVP counts are
+      `<name>_hvps`).
 
-    **Raises:** `ValueError` for k < 1, a tol outside (0, 1), `max_hvp` ≤ k, and (when
-    the monitor first runs) k larger than the number of parameters.
+    **Raises:** `ValueError` for k < 1, a tol outside (0, 1), `max_hvp` ≤ k, a `warm`
+    that is not a bool, and (when the monitor first runs) k larger than the number of
+    parameters.
     """
 
     k: int
     tol: float | None = None
     max_hvp: int = 1000
     seed: int = 0
+    warm: bool = True
     name: str = "top_eigenvalues"
 
     def __check_init__(self):
         _check_common(self, "TopEigenvalues")
 
-    def __call__(self, t, w, v, problem) -> Array:
-        out = top_eigenvalues(problem, w, self.k, self.tol, self.max_hvp, self.seed,
-                              "TopEigenvalues")
-        return out["evals"]
+    def init(self, w, problem) -> EigenTrack:
+        return _track_init(self, self.k, w, "TopEigenvalues")
 
+    def step(self, carry, t, w, v, problem):
+        return _track_step(self, self.k, carry, t, w, problem, "TopEigenvalues")
+
+    def side_names(self):
+        return (f"{self.name}_hvps",)
+
+    def side_records(self, carry):
+        return {f"{self.name}_hvps": carry.hvps}
 
     def coords(self, params):
         """`index`: 1 for the largest eigenvalue, ..., k."""
         return {"index": np.arange(1, self.k + 1)}
 
 
-class Sharpness(AbstractSpectrumMonitor):
-    """λ_1(∇²L(w)), the largest Hessian eigenvalue, recorded as a scalar: `TopEigenvalues`
-    with k = 1 (same method, arguments and errors; 14–24 HVPs per save on the
-    26k-parameter MLP of `TopEigenvalues`). Compare with 2/η for gradient descent with
-    step η (the edge of stability, Cohen et al., ICLR 2021).
+class Sharpness(AbstractSpectrumMonitor, AbstractCarryingMonitor):
+    """λ_1(∇²L(w)), the largest Hessian eigenvalue, recorded as a scalar, and the HVPs
+    each save took as `<name>_hvps`: `TopEigenvalues` with k = 1 (same method, warm
+    start, arguments and errors; cold 14–24 HVPs per save on the 26k-parameter MLP of
+    `TopEigenvalues`, warm 2–5 along gradient flow or GD after 100 GD steps, 7–12 from
+    initialisation). Compare with 2/η for gradient descent with step η (the edge of
+    stability, Cohen et al., ICLR 2021).
 
     On a ReLU network: see `AbstractSpectrumMonitor`.
 
-    **Arguments:** `tol`, `max_hvp`, `seed`, `name` (default `sharpness`) as for
-    `TopEigenvalues`.
+    **Arguments:** `tol`, `max_hvp`, `seed`, `warm`, `name` (default `sharpness`) as
+    for `TopEigenvalues`.
 
-    **Raises:** `ValueError` for a tol outside (0, 1) or `max_hvp` < 2.
+    **Raises:** `ValueError` for a tol outside (0, 1), `max_hvp` < 2, or a `warm` that
+    is not a bool.
     """
 
     tol: float | None = None
     max_hvp: int = 1000
     seed: int = 0
+    warm: bool = True
     name: str = "sharpness"
     k: ClassVar[int] = 1
 
     def __check_init__(self):
         _check_common(self, "Sharpness")
 
-    def __call__(self, t, w, v, problem) -> Array:
-        out = top_eigenvalues(problem, w, 1, self.tol, self.max_hvp, self.seed, "Sharpness")
-        return out["evals"][0]
+    def init(self, w, problem) -> EigenTrack:
+        return _track_init(self, 1, w, "Sharpness")
 
+    def step(self, carry, t, w, v, problem):
+        carry, evals = _track_step(self, 1, carry, t, w, problem, "Sharpness")
+        return carry, evals[0]
+
+    def side_names(self):
+        return (f"{self.name}_hvps",)
+
+    def side_records(self, carry):
+        return {f"{self.name}_hvps": carry.hvps}
 
 
 def _check_common(m, owner: str) -> None:
@@ -158,6 +352,8 @@ def _check_common(m, owner: str) -> None:
         real(m.tol, "tol", owner, low=0.0, strict=True, high=1.0)
     _count(m.max_hvp, "max_hvp", owner, low=m.k + 1)
     _count(m.seed, "seed", owner, low=0)
+    if not isinstance(m.warm, bool):
+        raise ValueError(f"{owner}: `warm` must be True or False, got {m.warm!r}.")
     if not isinstance(m.name, str) or not m.name:
         raise ValueError(f"{owner}: `name` must be a non-empty string, got {m.name!r}.")
 
