@@ -233,13 +233,6 @@ def test_warm_start_along_gradient_flow():
     # k = 1: measured 2-3 HVPs per save warm after the first two, 12 cold.
     sharp, sharp_cold = (np.asarray(r.monitors["sharpness_hvps"]) for r in (warm, cold))
     assert sharp[2:].max() <= 4 and sharp_cold.min() >= 10, (sharp, sharp_cold)
-    # save_params=False: the monitors still see every save (simulate keeps the states
-    # inside the solve for them), and their records do not change.
-    lean = dyn.simulate(dyn.GradientFlow(), model, loss, save_params=False,
-                        monitors=monitors, **kw)
-    assert lean.params is None and set(lean.monitors) == set(warm.monitors)
-    for name, values in warm.monitors.items():
-        np.testing.assert_array_equal(lean.monitors[name], values)
 
 
 def test_warm_start_in_discrete_run():
@@ -284,7 +277,9 @@ def test_warm_start_after_a_jump_and_at_a_non_finite_state():
 def test_warm_start_with_an_event_and_no_retrace():
     # A run that stops at an event: the saves it never reached are skipped, and the
     # record at the stop is warm-started from the last save; a second identical call
-    # reuses the compiled solve (the carrying monitors are scanned inside it).
+    # reuses the compiled solve (the carrying monitors are scanned inside it). With
+    # save_params=False: simulate keeps the states inside the solve for the carrying
+    # monitor all the same, and drops them from the result.
     model, loss = _small()
     traces = []
 
@@ -293,7 +288,8 @@ def test_warm_start_with_an_event_and_no_retrace():
         return loss(p)
 
     kw = dict(t1=5.0, ts=jnp.linspace(0, 5, 11), events=dyn.events.LossBelow(0.26),
-              monitors=(dyn.monitors.Loss(), dyn.monitors.TopEigenvalues(3)))
+              monitors=(dyn.monitors.Loss(), dyn.monitors.TopEigenvalues(3)),
+              save_params=False)
     traj = dyn.simulate(dyn.GradientFlow(), model, counted, **kw)
     n = len(traces)
     again = dyn.simulate(dyn.GradientFlow(), model, counted, **kw)
@@ -301,7 +297,8 @@ def test_warm_start_with_an_event_and_no_retrace():
     assert traj.event == "loss_below" and 4.0 < traj.ts[-1] < 4.5  # measured 4.33
     np.testing.assert_array_equal(again.monitors["top_eigenvalues"],
                                   traj.monitors["top_eigenvalues"])
-    ref = _dense(loss, _at(traj.params, -1))
+    assert traj.params is None and len(traj.monitors["top_eigenvalues"]) == len(traj.ts)
+    ref = _dense(loss, traj.final_params)  # the state at the stop, the last record's
     np.testing.assert_allclose(traj.monitors["top_eigenvalues"][-1], ref[:3], rtol=0,
                                atol=RTOL * abs(ref[0]))
     assert traj.monitors["top_eigenvalues_hvps"][-1] < traj.monitors[
