@@ -35,13 +35,7 @@ if not FLOAT32:
     # again as the rest of a solve's compilation; with the older elemental emitters a
     # ReLU MLP's ND simulate with four monitors takes 4.5 -> 2.9 s CPU, tracing included
     # (its results equal to ~1e-13 relative, rounding).
-    # Two HLO passes that hoist and simplify while loops took half of XLA's HLO-pass
-    # time on the Filippov mode's solve (loops nested in loops, rerun by the fixed-point
-    # simplification pipeline): without them that compile takes ~23% less (a small
-    # solve's is unchanged). They only move work out of loops (no change of result).
-    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
-                 "--xla_disable_hlo_passes=while-loop-invariant-code-motion,"
-                 "simplify-while-loops"):
+    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
         if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
