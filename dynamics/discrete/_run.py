@@ -20,12 +20,7 @@ from .._projection import AbstractSchedule, Every, check_output
 from .._trajectory import Trajectory
 from .._tree import all_finite, partition
 from .._validate import positive_int
-from ..monitors._carrying import (
-    AbstractCarryingMonitor,
-    init_carries,
-    record_names,
-    step_carries,
-)
+from ..monitors._carrying import init_carries, save_records
 from ..monitors._monitors import AbstractMonitor, Loss
 from ._algorithms import AbstractDiscreteAlgorithm, ExponentiatedGD, State
 from ._checks import (
@@ -51,15 +46,13 @@ def _run(alg, problem, w0, v0, n_saves, save_every, monitors, projection, proj_e
     def record(k, state: State, carries: dict):
         # (the carrying monitors' new carries, this save's record)
         t = k * dt
-        carries, carried = step_carries(monitors, carries, t, state.w, state.v, problem)
-        out = {}
-        for m in monitors:
-            if isinstance(m, AbstractCarryingMonitor):
-                out.update({name: carried[name] for name in record_names(m)})
-            elif isinstance(m, Loss) and state.loss is not None:
-                out[m.name] = state.loss  # the step's own value_and_grad
-            else:
-                out[m.name] = m(t, state.w, state.v, problem)
+
+        def value(m):
+            if isinstance(m, Loss) and state.loss is not None:
+                return state.loss  # the step's own value_and_grad
+            return m(t, state.w, state.v, problem)
+
+        carries, out = save_records(monitors, carries, t, state.w, state.v, problem, value)
         if not save_params:
             return carries, {"monitors": out, "k": k}
         return carries, {"monitors": out, "w": state.w, "v": state.v, "k": k}

@@ -16,12 +16,7 @@ import numpy as np
 from .._driver._paths import PATH_CHUNK
 from .._paths import Paths, mask_after
 from .._tree import all_finite
-from ..monitors._carrying import (
-    AbstractCarryingMonitor,
-    init_carries,
-    record_names,
-    step_carries,
-)
+from ..monitors._carrying import init_carries, save_records
 from ..monitors._stochastic import AbstractMinibatchMonitor
 from ._checks import check_monitors, discrete_trajectory, edge_of_stability, validate_v0, where_ok
 from ._minibatch import Minibatches
@@ -48,17 +43,14 @@ def _paths(alg: AbstractStochasticAlgorithm, problem, data, w0, v0, keys, n_save
         def record(k, state, carries):
             # (the carrying monitors' new carries, this save's record)
             t = k * dt
-            carries, carried = step_carries(monitors, carries, t, state.w, state.v,
-                                            problem)
-            out = {}
-            for m in monitors:
-                if isinstance(m, AbstractCarryingMonitor):
-                    out.update({name: carried[name] for name in record_names(m)})
-                elif isinstance(m, AbstractMinibatchMonitor):
-                    out[m.name] = m.minibatch_value(t, state.w, state.v, state.grad,
-                                                    problem)
-                else:
-                    out[m.name] = m(t, state.w, state.v, problem)
+
+            def value(m):
+                if isinstance(m, AbstractMinibatchMonitor):
+                    return m.minibatch_value(t, state.w, state.v, state.grad, problem)
+                return m(t, state.w, state.v, problem)
+
+            carries, out = save_records(monitors, carries, t, state.w, state.v, problem,
+                                        value)
             saved = {"monitors": out, "k": k}
             if save_params:
                 saved.update(w=state.w, v=state.v)

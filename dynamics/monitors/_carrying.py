@@ -10,7 +10,7 @@ see `TopEigenvalues`). A carrying monitor is a pure pair
 drivers thread the carry through the saves in time order:
 
 - `dyn.discrete.run` (and its stochastic branch) carries it in the loop over save points,
-  beside the iterate (`step_carries`).
+  beside the iterate (`save_records`).
 - `simulate` cannot: diffrax's `SaveAt(fn=...)` is a function of one state and carries
   nothing from one save to the next, and a carry inside the solver state would be
   interpolated, rejected with failed steps and stepped by the solver. So the solve
@@ -22,6 +22,7 @@ drivers thread the carry through the saves in time order:
 """
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -106,6 +107,21 @@ def step_carries(monitors, carries: dict, t, w, v, problem: Problem) -> tuple[di
                             f"side_names says {m.side_names()}.")
         records.update(side)
     return new, records
+
+
+def save_records(monitors, carries: dict, t, w, v, problem: Problem,
+                 value: Callable[[AbstractMonitor], Array]) -> tuple[dict, dict]:
+    """One save of a loop that carries the carries itself (`dyn.discrete.run`): (the new
+    carries, every monitor's records in the order of `monitors`), a carrying monitor's
+    from `step_carries`, any other's `value(monitor)`."""
+    carries, carried = step_carries(monitors, carries, t, w, v, problem)
+    out = {}
+    for m in monitors:
+        if isinstance(m, AbstractCarryingMonitor):
+            out.update({name: carried[name] for name in record_names(m)})
+        else:
+            out[m.name] = value(m)
+    return carries, out
 
 
 def scan_carries(monitors, carries: dict, ts: Array, ws: PyTree, vs: PyTree | None,
