@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from .._flows import AbstractFirstOrderFlow, AbstractStochasticFlow
 from .._problem import Problem
-from .._tree import all_finite
-from ..events._events import EventRootFinder
+from ..events._events import EventRootFinder, NonFinite
 from ..monitors._carrying import (
     AbstractCarryingMonitor,
     carrying,
@@ -179,9 +178,9 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
             record_limit(schedule, spec.max_steps, MAX_RECORDED_ACTIONS),
             ACTION_ROOT_FINDER, field)
 
-    def finite(y):
+    def finite(y):  # the NonFinite event's own test, on the step's state
         u = layout.unpack(y)
-        return all_finite(u.w) if u.v is None else all_finite(u.w) & all_finite(u.v)
+        return ~NonFinite().condition(None, u.w, u.v, problem)
 
     # Outermost: a kept step with a non-finite (w, v) ends the run, reported as the
     # NonFinite event (`_guard`).
