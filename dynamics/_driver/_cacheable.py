@@ -20,8 +20,9 @@ four monitors, tests/test_symmetry_monitors.py: XLA compilation 4.0 -> 0.7 s, th
 If equinox's private hook moves, nothing is patched and solves simply are not cached.
 """
 
-import contextlib
 import contextvars
+
+from ._shim import once, scoped
 
 # diffrax 0.7.2, diffrax/_integrate.py: `_check_subsaveat_ts`, and the dt0 check (its
 # message carries the values, hence a prefix).
@@ -29,14 +30,10 @@ _REDUNDANT = frozenset({"saveat.ts must be increasing or decreasing.",
                         "saveat.ts must lie between t0 and t1."})
 _REDUNDANT_PREFIX = "Must have (t1 - t0) * dt0 >= 0"
 _ACTIVE = contextvars.ContextVar("dynamics_skip_ts_checks", default=False)
-_installed = False
 
 
+@once
 def _install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
     try:
         from equinox import _errors
     except ImportError:  # pragma: no cover - equinox reorganised
@@ -54,13 +51,8 @@ def _install() -> None:
     _errors.branched_error_if_impl_jit = skipping
 
 
-@contextlib.contextmanager
 def no_redundant_ts_checks():
     """Within: diffrax's device-side checks of `SaveAt` ts and of dt0's sign are left out
     of the trace (the caller has checked them on the host)."""
     _install()
-    token = _ACTIVE.set(True)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    return scoped(_ACTIVE, True)
