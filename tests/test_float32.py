@@ -29,6 +29,17 @@ def quad(w):
     return 0.5 * jnp.sum(w**2)
 
 
+# First in the file: the subset's longest test (~14 s of its ~36), so that one xdist
+# worker starts it at once while the other takes the rest.
+def test_quickstart_quick_float32(tmp_path):
+    from studies import quickstart
+
+    written = quickstart.run(tmp_path, quick=True)
+    ds = dyn.load(written["results"])
+    assert "quick" in ds.attrs and ds.attrs["quick"] == 1
+    assert jax.config.read("jax_enable_x64") is False
+
+
 def test_default_precision_is_float32():
     assert jnp.result_type(float) == jnp.float32  # the subset really runs in float32
 
@@ -156,15 +167,6 @@ def test_mlp_on_digits_float32():
     values = np.asarray(traj.monitors["loss"])
     assert values.dtype == np.float32 and np.all(np.diff(values) < 0)
     np.testing.assert_allclose(values[0], float(loss(model)), rtol=1e-6)  # same float32 ops
-
-
-def test_quickstart_quick_float32(tmp_path):
-    from studies import quickstart
-
-    written = quickstart.run(tmp_path, quick=True)
-    ds = dyn.load(written["results"])
-    assert "quick" in ds.attrs and ds.attrs["quick"] == 1
-    assert jax.config.read("jax_enable_x64") is False
 
 
 def test_filippov_mode_refuses_float32():
