@@ -177,6 +177,9 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         return None
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        return _cached_step(self, terms, t0, t1, y0, args, solver_state, made_jump)
+
+    def _step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         exact = isinstance(self.trigger, AbstractExactTrigger)
         step_args = (self._step_args(t0, y0, solver_state.aux, solver_state.args) if exact
                      else solver_state.aux)
@@ -239,3 +242,8 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         state = _ActingState(inner, trigger, aux, kept, solver_state.count + fire, times)
         dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire)
         return y_out, y_error, dense_info, state, result
+
+
+# Diffrax traces a solver's step four times in one solve (the dense output's shape, twice
+# in the loop body's shape, then the body): traced once here, JAX reuses the jaxpr.
+_cached_step = eqx.filter_jit(ActingSolver._step)
