@@ -49,6 +49,18 @@ def _segments(flow, solver, dt0, t_cuts, w, v=None, **kw):
     return np.asarray(w), None if v is None else np.asarray(v)
 
 
+def _projected_gf(ts, period):
+    """The closed form at `ts`: GF of ½|w − c|² is w(t) = c + (w(a) − c) e^{−(t−a)} from
+    W0, normalised at every multiple of `period` (a save there comes after it)."""
+    ref, w, a = [], np.asarray(W0), 0.0
+    for t in ts:
+        x = np.asarray(C) + (w - np.asarray(C)) * np.exp(-(t - a))
+        if t > 0 and np.isclose(t % period, 0.0):
+            x, w, a = x / np.linalg.norm(x), x / np.linalg.norm(x), t
+        ref.append(x)
+    return np.array(ref)
+
+
 def test_every_time_gf_matches_closed_form_and_compiles_once():
     traces = []
 
@@ -61,16 +73,8 @@ def test_every_time_gf_matches_closed_form_and_compiles_once():
               stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-13))
     traj = dyn.simulate(dyn.GradientFlow(), W0, counted,
                         projection=dyn.Every(Sphere(), time=0.25), **kw)
-    # GF of ½|w − c|² is w(t) = c + (w(a) − c) e^{−(t−a)}: solve, then normalise at
-    # 0.25, 0.5, 0.75 and 1.0 (t1 is on the grid); saves at those times come after it.
-    ref, w, a = [], np.asarray(W0), 0.0
-    for t in ts:
-        x = np.asarray(C) + (w - np.asarray(C)) * np.exp(-(t - a))
-        if t > 0 and np.isclose(t % 0.25, 0.0):
-            x, w, a = x / np.linalg.norm(x), x / np.linalg.norm(x), t
-        ref.append(x)
     # rtol 1e-11 per step over ~20 steps: 1e-9 leaves a factor ~10 of margin.
-    np.testing.assert_allclose(traj.params, np.array(ref), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(traj.params, _projected_gf(ts, 0.25), rtol=0, atol=1e-9)
     # Adaptive steps land exactly on the grid (LandOnGrid), so the times are exact.
     np.testing.assert_array_equal(traj.actions, [0.25, 0.5, 0.75, 1.0])
     assert traj.stats["num_actions"] == 4
@@ -82,6 +86,24 @@ def test_every_time_gf_matches_closed_form_and_compiles_once():
                          projection=dyn.Every(Sphere(), time=0.5), **kw)
     assert len(traces) == n  # new params and a new period: the same compiled solve
     np.testing.assert_array_equal(other.actions, [0.5, 1.0])
+
+
+def test_implicit_solver_under_a_projection_takes_the_controllers_tolerances():
+    # Kvaerno5 leaves its root finder's rtol/atol to the controller; diffeqsolve fills
+    # them in only for a solver it sees unwrapped, so under a projection the solve
+    # failed to trace. Now it runs and meets the same closed form as Tsit5 above.
+    ts = np.linspace(0.0, 1.0, 5)
+    traj = dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, ts=ts,
+                        solver=diffrax.Kvaerno5(),
+                        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12),
+                        projection=dyn.Every(Sphere(), time=0.5))
+    # rtol 1e-10 per step (fifth order) over ~30 steps: 1e-8 leaves a margin of ~10.
+    np.testing.assert_allclose(traj.params, _projected_gf(ts, 0.5), rtol=0, atol=1e-8)
+    np.testing.assert_array_equal(traj.actions, [0.5, 1.0])
+    # With constant steps there is no controller tolerance to take: refused up front.
+    with pytest.raises(ValueError, match="`solver` Kvaerno5 is implicit.*rtol, atol"):
+        dyn.simulate(dyn.GradientFlow(), W0, loss, t1=1.0, dt0=0.1, stepsize_controller=CONST,
+                     solver=diffrax.Kvaerno5())
 
 
 @pytest.mark.parametrize("solver", [diffrax.Tsit5(), diffrax.Euler()],

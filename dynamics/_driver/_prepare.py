@@ -12,6 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from diffrax._root_finder import use_stepsize_tol  # diffrax 0.7.2: not re-exported
 from jaxtyping import ArrayLike, PyTree
 
 from .._flows import (
@@ -339,6 +340,15 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
             "`stepsize_controller`; pass stepsize_controller=diffrax.ConstantStepSize() "
             "and a `dt0`, or an adaptive solver such as diffrax.Tsit5()."
         )
+    if not adaptive and unset_root_tolerances(solver):
+        # (diffeqsolve says so too, but not for a solver that a projection wraps)
+        raise ValueError(
+            f"`solver` {type(solver).__name__} is implicit and leaves its root finder's "
+            f"{', '.join(unset_root_tolerances(solver))} to the step-size controller, "
+            "which with constant steps has none: pass an adaptive stepsize_controller "
+            "such as diffrax.PIDController(rtol=1e-8, atol=1e-8), or give the root finder "
+            "its own, e.g. root_finder=diffrax.VeryChord(rtol=1e-10, atol=1e-10)."
+        )
     if isinstance(stepsize_controller, diffrax.StepTo):
         if dt0 is not None:
             raise ValueError(
@@ -443,3 +453,12 @@ def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, monitors):
             f"{nonsmooth.record_names()}; rename your monitor."
         )
     return nonsmooth
+
+
+def unset_root_tolerances(solver) -> tuple[str, ...]:
+    """The root-finder tolerances (of "rtol", "atol", "norm") that an implicit `solver`
+    leaves to the step-size controller (`use_stepsize_tol`, diffrax's default)."""
+    if not isinstance(solver, diffrax.AbstractImplicitSolver):
+        return ()
+    return tuple(a for a in ("rtol", "atol", "norm")
+                 if getattr(solver.root_finder, a) is use_stepsize_tol)

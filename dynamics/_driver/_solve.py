@@ -32,7 +32,7 @@ from ._cacheable import no_redundant_ts_checks
 from ._clip_floor import fast_clip_floor
 from ._guard import RejectionGuard, finite_stop
 from ._layout import StateLayout, Unpacked
-from ._prepare import check_scalar_loss
+from ._prepare import check_scalar_loss, unset_root_tolerances
 from ._projecting import acting, record_limit
 from ._spec import RawSolution, SolveSpec
 from ._terms import make_terms
@@ -97,6 +97,20 @@ def _lax_stages(solver: diffrax.AbstractSolver) -> diffrax.AbstractSolver:
     return solver
 
 
+def _root_tolerances(solver, controller):
+    """An implicit `solver` with the tolerances it leaves unset taken from the adaptive
+    `controller`, as `diffrax.diffeqsolve` does. Done here, before a projection or the
+    nonsmooth mode wraps the solver: diffeqsolve does it only for an implicit solver it
+    sees unwrapped, and a wrapped one failed to trace ("Type of `other` not understood"
+    in the root finder). `prepare` refuses unset tolerances with constant steps."""
+    names = unset_root_tolerances(solver)
+    if not names or not isinstance(controller,
+                                    diffrax.AbstractAdaptiveStepSizeController):
+        return solver
+    return eqx.tree_at(lambda s: tuple(getattr(s.root_finder, a) for a in names), solver,
+                       tuple(getattr(controller, a) for a in names))
+
+
 def _carried(monitors, carried_monitors, problem, w0, ts, saved, t_end, final,
              save_params: bool):
     """The carrying monitors' records, scanned over the saves in time order and then
@@ -126,7 +140,7 @@ def _carried(monitors, carried_monitors, problem, w0, ts, saved, t_end, final,
 def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolution:
     """Run `spec` to its end (or its first event) and return what diffrax saved."""
     problem, solver, controller = spec.problem, spec.solver, spec.controller
-    solver = _lax_stages(solver)
+    solver = _root_tolerances(_lax_stages(solver), controller)
     if isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
         # innermost: it sees the user's controller's own decisions (`_guard`)
         controller = RejectionGuard(controller, spec.t1 - spec.t0)
