@@ -41,6 +41,7 @@ from jaxtyping import Array, PyTree
 from ..events._events import IllinoisRootFinder
 from ..solvers._loss_carrying import LossCarryingEuler
 from ._triggers import _END_MARGIN, AbstractExactTrigger, AbstractTrigger
+from ._wrapped import WrappedSolver
 
 # The exact triggers' crossings are root-found to ~1e-13 in t, well below any solver
 # tolerance a study uses, never below 4 ulps of t in the solve's dtype (float32: ~5e-7
@@ -108,7 +109,7 @@ class _ActingState(eqx.Module):
     times: Array
 
 
-class ActingSolver(diffrax.AbstractAdaptiveSolver):
+class ActingSolver(WrappedSolver):
     """`solver`, with `action` applied at the end of each step on which `trigger` fires.
     The first `n_record` action times are kept in the solver state; `count` counts all.
     """
@@ -120,28 +121,10 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
     root_finder: Any = None  # an `IllinoisRootFinder`, for exact triggers (its `bracket`)
 
     @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
     def interpolation_cls(self):  # pyright: ignore
         return functools.partial(_acted_interpolation, self.solver.interpolation_cls)
 
-    @property
-    def term_compatible_contr_kwargs(self):
-        return self.solver.term_compatible_contr_kwargs
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def strong_order(self, terms):
-        return self.solver.strong_order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)  # only for dt0 selection at t0
+    # (`func`, the wrapped solver's, is only for dt0's selection at t0.)
 
     def init(self, terms, t0, t1, y0, args):
         dtype = jnp.result_type(t0)
@@ -177,9 +160,6 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         return None
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        return _cached_step(self, terms, t0, t1, y0, args, solver_state, made_jump)
-
-    def _step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         exact = isinstance(self.trigger, AbstractExactTrigger)
         step_args = (self._step_args(t0, y0, solver_state.aux, solver_state.args) if exact
                      else solver_state.aux)
@@ -242,8 +222,3 @@ class ActingSolver(diffrax.AbstractAdaptiveSolver):
         state = _ActingState(inner, trigger, aux, kept, solver_state.count + fire, times)
         dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire)
         return y_out, y_error, dense_info, state, result
-
-
-# Diffrax traces a solver's step four times in one solve (the dense output's shape, twice
-# in the loop body's shape, then the body): traced once here, JAX reuses the jaxpr.
-_cached_step = eqx.filter_jit(ActingSolver._step)

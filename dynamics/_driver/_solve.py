@@ -36,6 +36,7 @@ from ._prepare import check_scalar_loss, unset_root_tolerances
 from ._projecting import acting, record_limit
 from ._spec import RawSolution, SolveSpec
 from ._terms import make_terms
+from ._wrapped import TracedOnce
 
 # Event times are root-found on the dense interpolant to ~1e-13 in t, well below any
 # solver tolerance a study uses, so the interpolant, not the root find, limits them;
@@ -192,6 +193,9 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
             schedule, solver, controller, problem, layout, y0, t0,
             record_limit(schedule, spec.max_steps, MAX_RECORDED_ACTIONS),
             ACTION_ROOT_FINDER, field)
+
+    if not isinstance(problem.flow, AbstractStochasticFlow):  # diffrax reads SDE solvers
+        solver = TracedOnce(solver)  # outermost: its step traced once (`_wrapped`)
 
     def finite(y):  # the NonFinite event's own test, on the step's state
         u = layout.unpack(y)
