@@ -12,32 +12,27 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from diffrax._root_finder import use_stepsize_tol  # diffrax 0.7.2: not re-exported
 from jaxtyping import ArrayLike, PyTree
 
 from .._flows import (
     AbstractFirstOrderFlow,
     AbstractFlow,
-    AbstractSeparableFlow,
     NesterovFlow,
 )
 from .._problem import Problem
 from .._projection import AbstractProjection, AbstractSchedule, Every, check_output
 from .._trajectory import check_variable_name, provenance
 from .._tree import is_concrete, partition
-from .._validate import as_tuple, check_tolerances, class_hint, positive_int, real
+from .._validate import as_tuple, class_hint, positive_int, real
 from ..events._events import AbstractEvent, Condition, NonFinite
 from ..monitors._carrying import all_record_names
 from ..monitors._monitors import AbstractIntegralMonitor, AbstractMonitor, Function
 from ..solvers._base import AbstractFlowSolver
 from ._hooks import AbstractNonsmooth
 from ._noise import check_stochastic, stochastic_defaults
+from ._solver_checks import check_solver
 from ._spec import Prepared, SolveSpec
 from ._terms import partitioned
-
-# The default controller: rtol = 1e-7 in float64; float32 resolves only ~1.2e-7, so
-# there the default is 100 eps (~1e-5), with atol two decades below rtol as in float64.
-_DEFAULT_RTOL = {8: (1e-7, 1e-9), 4: (1e-5, 1e-7), 2: (1e-2, 1e-4)}
 
 
 def check_finite(name: str, tree: PyTree) -> None:
@@ -310,45 +305,9 @@ def prepare(flow, params, loss, *, t1, t0, v0, solver, dt0, stepsize_controller,
     ts_given = ts
     ts = _validate_ts(ts, t0, t1, dtype)
     solver, stepsize_controller = stochastic_defaults(flow, solver, stepsize_controller)
-    solver = diffrax.Tsit5() if solver is None else solver
-    if not isinstance(solver, diffrax.AbstractSolver):
-        raise ValueError(
-            f"`solver` must be a diffrax solver, got "
-            f"{solver!r}{class_hint(solver, diffrax.AbstractSolver)}."
-        )
+    solver, stepsize_controller = check_solver(flow, solver, stepsize_controller, dtype)
     split = partitioned(solver)
-    if split and not isinstance(flow, AbstractSeparableFlow):
-        raise ValueError(
-            f"`solver` {type(solver).__name__} integrates ẇ = v, v̇ = F(w) and needs a "
-            f"force independent of the velocity; {type(flow).__name__} is not separable. "
-            "Use dyn.NewtonianFlow() or a Runge–Kutta solver such as diffrax.Tsit5()."
-        )
-    if stepsize_controller is None:
-        rtol, atol = _DEFAULT_RTOL[jnp.dtype(dtype).itemsize]
-        stepsize_controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
-        raise ValueError(
-            f"`stepsize_controller` must be a diffrax step-size controller, got "
-            f"{stepsize_controller!r}"
-            f"{class_hint(stepsize_controller, diffrax.AbstractStepSizeController)}."
-        )
-    check_tolerances(stepsize_controller, dtype)
     adaptive = isinstance(stepsize_controller, diffrax.AbstractAdaptiveStepSizeController)
-    if adaptive and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
-        raise ValueError(
-            f"`solver` {type(solver).__name__} has no error estimate for the adaptive "
-            "`stepsize_controller`; pass stepsize_controller=diffrax.ConstantStepSize() "
-            "and a `dt0`, or an adaptive solver such as diffrax.Tsit5()."
-        )
-    if not adaptive and unset_root_tolerances(solver):
-        # (diffeqsolve says so too, but not for a solver that a projection wraps)
-        raise ValueError(
-            f"`solver` {type(solver).__name__} is implicit and leaves its root finder's "
-            f"{', '.join(unset_root_tolerances(solver))} to the step-size controller, "
-            "which with constant steps has none: pass an adaptive stepsize_controller "
-            "such as diffrax.PIDController(rtol=1e-8, atol=1e-8), or give the root finder "
-            "its own, e.g. root_finder=diffrax.VeryChord(rtol=1e-10, atol=1e-10)."
-        )
     if isinstance(stepsize_controller, diffrax.StepTo):
         if dt0 is not None:
             raise ValueError(
@@ -453,12 +412,3 @@ def _validate_nonsmooth(nonsmooth, params, loss, solver, controller, monitors):
             f"{nonsmooth.record_names()}; rename your monitor."
         )
     return nonsmooth
-
-
-def unset_root_tolerances(solver) -> tuple[str, ...]:
-    """The root-finder tolerances (of "rtol", "atol", "norm") that an implicit `solver`
-    leaves to the step-size controller (`use_stepsize_tol`, diffrax's default)."""
-    if not isinstance(solver, diffrax.AbstractImplicitSolver):
-        return ()
-    return tuple(a for a in ("rtol", "atol", "norm")
-                 if getattr(solver.root_finder, a) is use_stepsize_tol)

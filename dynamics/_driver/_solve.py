@@ -32,8 +32,9 @@ from ._cacheable import no_redundant_ts_checks
 from ._clip_floor import fast_clip_floor
 from ._guard import RejectionGuard, finite_stop
 from ._layout import StateLayout, Unpacked
-from ._prepare import check_scalar_loss, unset_root_tolerances
+from ._prepare import check_scalar_loss
 from ._projecting import acting, record_limit
+from ._solver_checks import unset_root_tolerances
 from ._spec import RawSolution, SolveSpec
 from ._terms import make_terms
 from ._wrapped import TracedOnce
