@@ -50,9 +50,14 @@ class _Chain:
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("dynamics_clip_floor", default=None)
 
 
+def _itype(dtype) -> np.dtype:
+    # The signed integer type as wide as the float `dtype`.
+    return np.dtype(f"int{8 * np.dtype(dtype).itemsize}")
+
+
 def _bits(x):
     # x's bits as a signed integer of its width, and that integer type.
-    itype = np.dtype(f"int{8 * x.dtype.itemsize}")
+    itype = _itype(x.dtype)
     return lax.bitcast_convert_type(x, itype), itype
 
 
@@ -63,7 +68,7 @@ def _const(value, dtype):
 
 def _const_bits(value, dtype):
     # The bits of a constant float, as a NumPy integer scalar.
-    return _const(value, dtype).view(f"int{8 * np.dtype(dtype).itemsize}")
+    return _const(value, dtype).view(_itype(dtype))
 
 
 def _closed(x, k: int):
