@@ -171,6 +171,38 @@ class Surfaces(eqx.Module):
 
         return jax.lax.switch(layer, [upto(l) for l in range(len(self.hidden))])
 
+    def rows(self, d: Array, examples: Array) -> Array:
+        """The frozen network's input rows (x_n, d_{n,1}, …) of the traced example
+        indices `examples` (any length, repeats allowed), on the piece with slopes d."""
+        return jnp.concatenate([self.x[examples]]
+                               + [dl[examples] for dl in self._layers(d.astype(self.x.dtype))],
+                               axis=1)
+
+    def pair_preactivations(self, model: MLP, d: Array, pairs: Array) -> Array:
+        """z_p for the traced flat pair indices `pairs` (a vector), each from its own
+        example's forward pass on the piece with slopes d: `preactivations(model, d)
+        [pairs]` at len(pairs)/N of the cost."""
+        layer, example = self.locate(pairs)
+        offsets, layers = self._offsets(), self._layers(d)
+        h, out = self.x[example], jnp.zeros(pairs.shape, self.x.dtype)
+        for k, width in enumerate(self.hidden):
+            z = h @ model.weights[k].T
+            if model.biases is not None:
+                z = z + model.biases[k]
+            unit = jnp.clip(pairs - offsets[k] - example * width, 0, width - 1)
+            out = jnp.where(layer == k, jnp.take_along_axis(z, unit[:, None], 1)[:, 0], out)
+            h = layers[k][example] * z
+        return out
+
+    def data_loss_on_rows(self, params: PyTree, rows: Array, examples: Array,
+                          weights: Array):
+        """Σ_k weights_k ℓ_{examples_k}(params) on the frozen rows `rows` of those
+        examples (`rows(d, examples)`): the data term's share of a few examples (with
+        weights 1/N, the part of L they make; penalties left out)."""
+        frozen = _FrozenMLP(params, self.x.shape[1])
+        term = eqx.tree_at(lambda t: t.x, self.term.subset(examples), rows)
+        return jnp.dot(weights, term.example_losses(frozen))
+
     def signs(self, model: MLP) -> Array:
         """1.0 where the pair's pre-activation under the network's own activation is
         > 0, else 0.0: the pattern a solve starts from."""

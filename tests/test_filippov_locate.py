@@ -71,12 +71,66 @@ def test_a_component_already_below_zero_at_the_start_crosses_there():
     trigger = CrossingTrigger(lambda t, y: y, direction=False)
     t0, t1 = jnp.asarray(0.5), jnp.asarray(0.7)
     interp = _Line(t0, jnp.asarray(-1e-16), jnp.asarray(-1.0))
-    t_c, _ = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
+    t_c, _, _ = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
     assert float(t_c) == 0.5
     # a component >= 0 at the start is root-found inside the step as before
     interp = _Line(t0, jnp.asarray(0.03), jnp.asarray(-1.0))
-    t_c, _ = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
+    t_c, _, tau = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
     np.testing.assert_allclose(float(t_c), 0.53, rtol=0, atol=1e-12)
+    assert float(tau) == 0.0  # a trigger without a noise level
+
+
+class _NoisyCrossing(CrossingTrigger):
+    def noise(self, y):
+        return jnp.asarray(1e-12)
+
+
+def test_a_crossing_is_reached_only_beyond_its_rounding_time():
+    # τ = noise/|φ̇|: the slope of the crossing component over its bracketing sample
+    # interval (here exactly 4), from the start's value when it is the first interval
+    trigger = _NoisyCrossing(lambda t, y: y, direction=False)
+    t0, t1 = jnp.asarray(0.5), jnp.asarray(0.7)
+    for y0 in (0.03, 0.15):  # crossing in the first sample interval, then the third
+        interp = _Line(t0, jnp.asarray(y0), jnp.asarray(-4.0))
+        t_c, _, tau = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
+        np.testing.assert_allclose(float(t_c), 0.5 + y0 / 4, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(float(tau), 1e-12 / 4, rtol=1e-9)
+    # no crossing: no time
+    interp = _Line(t0, jnp.asarray(1.0), jnp.asarray(-1.0))
+    t_c, _, tau = trigger.locate(t0, t1, interp, jnp.array([True]), ACTION_ROOT_FINDER)
+    assert np.isinf(float(t_c)) and float(tau) == 0.0
+
+
+def test_the_sliding_system_on_the_sliding_examples_equals_the_full_one():
+    # Gradient flow is affine in the loss: the multiplier system's residual, Jacobian
+    # and field evaluated on the slots' examples alone (`SlotSystem`) equal the ones
+    # on all 40 examples. Slots: two pairs of example 3 (units 0 and 1 of the first
+    # hidden layer, so that example enters L_S once) and a second-layer pair of
+    # example 3 (downstream of the first two: its ż reads their multipliers), one of
+    # example 11; a fifth slot free.
+    from dynamics._filippov._system import FullSystem, SlotSystem
+
+    model, loss = relu_network()
+    w, static = eqx.partition(model, eqx.is_inexact_array)
+    switching = Filippov(max_sliding=5).build(Problem(dyn.GradientFlow(), loss, static),
+                                              True, w).switching
+    assert switching.by_slots  # 2·5 slots <= 40 examples, and GF is affine in the loss
+    width, n = 7, 40
+    pairs = jnp.array([3 * width, 3 * width + 1, n * width + 3 * 6 + 2, 11 * width + 4, -1.0])
+    mode = eqx.tree_at(lambda m: m.slots, switching.init(w), pairs)
+    s0, s = jnp.array([0.5, 0.3, 0.8, 0.2, 0.5]), jnp.array([0.1, 0.9, 0.4, 0.6, 0.5])
+    full, slot = FullSystem(switching, 0.0, w, mode), SlotSystem.build(switching, 0.0, w, mode, s0)
+    # rounding of sums over 40 examples against sums over 2, then a difference of two
+    # such sums: a few ulps of the gradient's scale (~1)
+    np.testing.assert_allclose(slot.residual(s), full.residual(s), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(_flat(slot.rate(s)), _flat(full.rate(s)), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(switching._jacobian(slot, s), switching._jacobian(full, s),
+                               rtol=0, atol=1e-12)
+    assert np.abs(full.residual(s) - full.residual(s0)).max() > 1e-3  # s matters
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
 
 
 def test_packed_pattern_round_trips_and_survives_zero_increments():

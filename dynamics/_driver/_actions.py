@@ -168,21 +168,24 @@ class ActingSolver(WrappedSolver):
         )
         if exact:
             interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
-            t_c, trigger = self.trigger.locate(t0, t1, interp, solver_state.trigger,
-                                               self.root_finder, step_args)
+            t_c, trigger, tau = self.trigger.locate(t0, t1, interp, solver_state.trigger,
+                                                    self.root_finder, step_args)
             # Never below 16 ulps of t: a crossing located to a few ulps (float32:
             # 1e-6 of a step is below one ulp of t) would otherwise be retried forever,
             # each retry ending on the same rounded t (a float32 run stalled so).
             ulps = 16 * jnp.finfo(jnp.result_type(t1)).eps * jnp.maximum(jnp.abs(t0),
                                                                           jnp.abs(t1))
-            margin = jnp.maximum(_END_MARGIN * (t1 - t0), ulps)
+            # ... nor below the time τ in which the crossing's sign is rounding
+            # (`AbstractExactTrigger.noise`): a retry must see the sign turned.
+            floor = jnp.maximum(ulps, tau)
+            margin = jnp.maximum(_END_MARGIN * (t1 - t0), floor)
             retry = t_c < t1 - margin
             fire = (t_c <= t1) & ~retry
             # Retried steps end just past the crossing, within half the margin of the
             # retry itself (t_c − t0 long, not t1 − t0), so that the retry finds it
             # within its own margin: half this step's margin overshot a retry shorter
             # than half the step, and every such crossing was retried twice.
-            retry_margin = jnp.maximum(_END_MARGIN * (t_c - t0), ulps)
+            retry_margin = jnp.maximum(_END_MARGIN * (t_c - t0), floor)
             t_hit = jnp.where(retry, jnp.minimum(t_c + 0.5 * retry_margin, t1), jnp.inf)
             y_error = (y_error, t_hit)
         else:

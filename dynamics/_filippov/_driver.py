@@ -288,6 +288,10 @@ class FilippovTrigger(AbstractExactTrigger):
         w, _, mode = self.unpack(y)
         return self.switching.value(t, w, mode, c, guess=args)
 
+    def noise(self, y):
+        # the band: 1000 ulps of the pre-activations' scale, the hysteresis of `values`
+        return self.unpack(y)[2].band
+
     def step_args(self, t0, y0, aux, previous=None):
         w, _, mode = self.unpack(y0)
         return self.switching.linearise(t0, w, mode, previous)

@@ -33,11 +33,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array
+from jaxtyping import Array, PyTree
 
 from .._problem import Problem
 from .._surfaces import Surfaces
 from ._state import FilippovState, Linearisation
+from ._system import AbstractSlidingSystem, FullSystem, SlotSystem
 
 
 class Switching(eqx.Module):
@@ -119,27 +120,34 @@ class Switching(eqx.Module):
         """s ∈ R^K with ż_p = 0 on every sliding pair (0.5 on free slots). `guess`: a
         `linearise` (the step's, at its start): chord iterations from it while the same
         pairs slide, else Newton from its multipliers on the slots that kept their pair."""
-        return _multipliers(self, t, w, mode, guess)
+        if not self.first_order:  # second-order flows cross, never slide
+            return jnp.full(self.max_sliding, 0.5, mode.high.dtype)
+        return _sliding(self, t, w, mode, guess)[0]
 
-    def _residual(self, t, w, mode: FilippovState):
-        active = mode.slots >= 0
-        idx = jnp.where(active, mode.slots, 0).astype(int)
+    @property
+    def by_slots(self) -> bool:
+        """Whether the multiplier system is evaluated on the sliding examples alone
+        (`SlotSystem`): for flows affine in the loss, when the K slots' examples are
+        at most half the data (otherwise the full system costs no more)."""
+        return (self.first_order and getattr(self.problem.flow, "affine_in_loss", False)
+                and 2 * self.max_sliding <= self.surfaces.num_examples)
 
-        def residual(s, _=None):
-            zdot = self.zdot(t, w, None, self.slopes(mode, s))
-            return jnp.where(active, zdot[idx], s - 0.5)
+    def system(self, t, w, mode: FilippovState, s0: Array) -> AbstractSlidingSystem:
+        """The multiplier system at (t, w) in `mode`, set up at the multipliers s0
+        (`_system.py`)."""
+        if self.by_slots:
+            return SlotSystem.build(self, t, w, mode, s0)
+        return FullSystem(self, t, w, mode)
 
-        return residual
-
-    def _jacobian(self, t, w, mode: FilippovState, s: Array) -> Array:
+    def _jacobian(self, system: AbstractSlidingSystem, s: Array) -> Array:
         """J = ∂r/∂s, one forward-mode column per occupied slot. A free slot's residual
         is s_k − ½ and its s_k enters no other (its slope is dropped), so its column is
         e_k: the loop runs over the occupied slots only, where `jax.jacfwd` took all K
         columns (64 by default) whatever the number sliding. Measured on the 64-32-32-10
         digits MLP (N = 64, K = 64, 2 pairs sliding): a Newton solve 40 ms and a
         linearisation 24 ms with `jacfwd`."""
-        residual = self._residual(t, w, mode)
-        active = mode.slots >= 0
+        residual = system.residual
+        active = system.mode.slots >= 0
         eye = jnp.eye(self.max_sliding, dtype=s.dtype)
         order = jnp.argsort(~active, stable=True)  # occupied slots first
 
@@ -149,7 +157,7 @@ class Switching(eqx.Module):
 
         return jax.lax.fori_loop(0, active.sum(), column, eye)
 
-    def _solve(self, t, w, mode: FilippovState, s: Array, lu_state, phase,
+    def _solve(self, system: AbstractSlidingSystem, s: Array, lu_state, phase,
                chords: int, refresh: bool):
         """Solve r(s) = 0 for the multipliers, from s: chord iterations s ← s − J⁻¹r(s)
         on fixed LU factors of some earlier J (Kelley 2003, sec. 5.4: each costs one ż,
@@ -174,13 +182,13 @@ class Switching(eqx.Module):
         (implicit-function JVP, termination and error machinery) make each copy larger.
 
         Returns (s, LU state of the last J used, converged)."""
-        residual, lu = self._residual(t, w, mode), lx.LU()
+        residual, lu = system.residual, lx.LU()
         tol = 1e3 * jnp.finfo(s.dtype).eps
 
         def body(carry):
             s, lu_state, phase, k, _ = carry
             fresh = ((phase == 1) & (k == 0)) | (phase >= 2)
-            lu_state = jax.lax.cond(fresh, lambda: _factor(self, t, w, mode, s),
+            lu_state = jax.lax.cond(fresh, lambda: _factor(self, system, s),
                                     lambda: lu_state)
             ds = lu.compute(lu_state, residual(s), {})[0]
             s, k, conv = s - ds, k + 1, jnp.max(jnp.abs(ds)) <= tol
@@ -203,8 +211,8 @@ class Switching(eqx.Module):
         s, lu_state, _, _, conv = jax.lax.while_loop(lambda c: c[2] < 4, body, carry)
         return s, lu_state, conv
 
-    def _factor(self, t, w, mode: FilippovState, s: Array):
-        jac = self._jacobian(t, w, mode, s)
+    def _factor(self, system: AbstractSlidingSystem, s: Array):
+        jac = self._jacobian(system, s)
         return lx.LU().init(lx.MatrixLinearOperator(jac), {})
 
     def _identity(self, dtype):
@@ -216,18 +224,27 @@ class Switching(eqx.Module):
         """The guess's multipliers on the slots that hold the same pair, ½ elsewhere."""
         return jnp.where((guess.slots == mode.slots) & (mode.slots >= 0), guess.s, half)
 
-    def _multipliers(self, t, w, mode: FilippovState, guess) -> Array:
+    def _sliding(self, t, w, mode: FilippovState, guess) -> tuple[Array, PyTree]:
+        """(s, ẇ): the multipliers (`multipliers`) and the first-order field on their
+        piece, from one system: a `SlotSystem` gives the field for a few examples'
+        gradient where a full gradient would follow the solve."""
         active = mode.slots >= 0
         half = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
-        if not self.first_order:
-            return half
+
+        def frozen(s):
+            return s, self._rate(t, w, None, self.slopes(mode, s))
+
         if guess is not None and guess.here:
-            return guess.s
+            return frozen(guess.s)
         if guess is None:
             identity = self._identity(half.dtype)  # unused: Newton factors J afresh
-            return jax.lax.cond(
-                active.any(), lambda: _solve(self, t, w, mode, half, identity, 2, 0, False)[0],
-                lambda: half)
+
+            def newton():
+                system = self.system(t, w, mode, half)
+                s = _solve(self, system, half, identity, 2, 0, False)[0]
+                return s, system.rate(s)
+
+            return jax.lax.cond(active.any(), newton, lambda: frozen(half))
 
         # Within a step s and J move by O(h): chord iterations from the step's start
         # while the same pairs slide, Newton when they stall, or from the guess's
@@ -235,10 +252,11 @@ class Switching(eqx.Module):
         def solve():
             same = (guess.slots == mode.slots).all()
             start = jnp.where(same, guess.s, self._warm(mode, guess, half))
-            return _solve(self, t, w, mode, start, guess.lu, jnp.where(same, 0, 2), 8,
-                          False)[0]
+            system = self.system(t, w, mode, start)
+            s = _solve(self, system, start, guess.lu, jnp.where(same, 0, 2), 8, False)[0]
+            return s, system.rate(s)
 
-        return jax.lax.cond(active.any(), solve, lambda: half)
+        return jax.lax.cond(active.any(), solve, lambda: frozen(half))
 
     def linearise(self, t, w, mode: FilippovState,
                   previous: Linearisation | None = None) -> Linearisation:
@@ -264,7 +282,8 @@ class Switching(eqx.Module):
             valid = (previous.slots == mode.slots).all()
 
         def solve():
-            s, lu, _ = _solve(self, t, w, mode, start, old, jnp.where(valid, 0, 1), 2, True)
+            system = self.system(t, w, mode, start)
+            s, lu, _ = _solve(self, system, start, old, jnp.where(valid, 0, 1), 2, True)
             return s, lu
 
         s, lu = jax.lax.cond((mode.slots >= 0).any(), solve,
@@ -273,7 +292,10 @@ class Switching(eqx.Module):
 
     def rate(self, t, w, v, mode: FilippovState, s: Array | None = None, guess=None):
         """The Filippov field at (w, v) in `mode` (`s`: its multipliers, if known)."""
-        s = self.multipliers(t, w, mode, guess) if s is None else s
+        if s is None and self.first_order:
+            return _sliding(self, t, w, mode, guess)[1]
+        if s is None:  # second-order flows cross, never slide
+            s = jnp.full(self.max_sliding, 0.5, mode.high.dtype)
         return self._rate(t, w, v, self.slopes(mode, s))
 
     # -- switching functions ------------------------------------------------------
@@ -324,23 +346,23 @@ class Switching(eqx.Module):
 
     def jacobian_lu(self, t, w, mode: FilippovState, s: Array):
         """The lineax LU state of the multiplier system's Jacobian J = ∂ż/∂s at s."""
-        return _factor(self, t, w, mode, s)
+        return _factor(self, self.system(t, w, mode, s), s)
 
 
 # Nested jits: traced once per signature for the ~50 places a solve asks for them
 # (every stage, every switching-function sample, the action's decisions), where inline
 # calls cost ~0.5 s of tracing each.
 @eqx.filter_jit
-def _multipliers(switching: Switching, t, w, mode: FilippovState, guess) -> Array:
-    return switching._multipliers(t, w, mode, guess)
+def _sliding(switching: Switching, t, w, mode: FilippovState, guess):
+    return switching._sliding(t, w, mode, guess)
 
 
 @eqx.filter_jit
-def _solve(switching: Switching, t, w, mode: FilippovState, s, lu_state, phase,
+def _solve(switching: Switching, system: AbstractSlidingSystem, s, lu_state, phase,
            chords: int, refresh: bool):
-    return switching._solve(t, w, mode, s, lu_state, phase, chords, refresh)
+    return switching._solve(system, s, lu_state, phase, chords, refresh)
 
 
 @eqx.filter_jit
-def _factor(switching: Switching, t, w, mode: FilippovState, s):
-    return switching._factor(t, w, mode, s)
+def _factor(switching: Switching, system: AbstractSlidingSystem, s):
+    return switching._factor(system, s)

@@ -17,7 +17,7 @@ parts of the model), so flows are pure functions of (t, w, v).
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -44,7 +44,16 @@ class AbstractFlow(eqx.Module):
 
 
 class AbstractFirstOrderFlow(AbstractFlow):
-    """ẇ = f(t, w)."""
+    """ẇ = f(t, w).
+
+    `affine_in_loss`: True when the field is affine in the loss, f = A(t, w)∇L +
+    b(t, w) with A and b independent of L (gradient flow); the Filippov
+    mode then evaluates its sliding system on the sliding examples alone
+    (`dynamics/_filippov/_system.py`). False by default: a flow that does not declare
+    it is evaluated on every example, which is right for any flow.
+    """
+
+    affine_in_loss: ClassVar[bool] = False
 
     @abc.abstractmethod
     def vector_field(self, t: ArrayLike, w: PyTree, loss: Loss) -> PyTree:

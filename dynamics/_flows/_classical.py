@@ -2,7 +2,7 @@
 heavy-ball, general κ1/κ2 and Lagrangian flows (Głuch & Urbanke Table 1, eqs. 22–27)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -32,6 +32,8 @@ class GradientFlow(AbstractFirstOrderFlow, AbstractKappaFlow):
     The massless limit κ2 → 0 of the general dynamics (Głuch & Urbanke Table 1, eq. 27);
     it has no Lagrangian of its own. Energy E = L, with dL/dt = −‖∇L‖².
     """
+
+    affine_in_loss: ClassVar[bool] = True
 
     def vector_field(self, t, w, loss):
         return scale(-1.0, jax.grad(loss)(w))
