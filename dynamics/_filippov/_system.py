@@ -5,7 +5,7 @@ which `Switching` solves by chord and Newton iterations (`Switching._solve`).
 Two forms with the same value. `FullSystem` evaluates both on every example: each
 residual is the field (a gradient over all N examples) and a forward-mode pass of all
 N·Σwidths pre-activations. `SlotSystem` is for flows affine in the loss (ẇ = A(t, w)∇L
-+ b(t, w): gradient flow, mirror flows): only the examples with a sliding pair see s,
++ b(t, w), `affine_in_loss`: gradient flow): only the examples with a sliding pair see s,
 so with S their set and L_S(w; d) = (1/N) Σ_{n∈S} ℓ_n(w; d_n) their share of the loss,
 
     f(w; d(s)) = f(w; d(s0)) − F(L_S(·; d(s0))) + F(L_S(·; d(s))),
