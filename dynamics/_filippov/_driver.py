@@ -51,7 +51,7 @@ class Filippov(AbstractNonsmooth):
     **Arguments:**
 
     - `max_sliding`: how many pairs may slide at once (the multiplier system's size
-      K: a K-column Jacobian when the sliding set changes, a K×K LU solve per field
+      K: a K-column Jacobian when the sliding set changes, a K×K matrix–vector product per field
       evaluation while pairs slide). A pair that would slide while all slots are taken
       would cross instead, which is not the Filippov solution: the run stops at the end
       of that step with the event `filippov_overflow`, a `FilippovWarning` and a

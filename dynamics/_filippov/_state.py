@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, PyTree
+from jaxtyping import Array
 
 from ..events._events import AbstractEvent
 
@@ -168,7 +168,7 @@ class FilippovOverflow(AbstractModeEvent):
 
 
 class Linearisation(eqx.Module):
-    """The sliding multipliers `s` at a step's start, the lineax LU state of their
+    """The sliding multipliers `s` at a step's start, the inverse of their
     system's Jacobian (identity while nothing slides), and the `slots` they were solved
     for: a later step with the same sliding pairs starts from them.
 
@@ -177,9 +177,9 @@ class Linearisation(eqx.Module):
     is solved again; a static flag, so that those call sites compile no solve."""
 
     s: Array
-    lu: PyTree
+    inverse: Array
     slots: Array
     here: bool = eqx.field(static=True, default=False)
 
     def at_its_point(self) -> "Linearisation":
-        return Linearisation(self.s, self.lu, self.slots, here=True)
+        return Linearisation(self.s, self.inverse, self.slots, here=True)
