@@ -86,8 +86,8 @@ class _NoisyCrossing(CrossingTrigger):
 
 
 def test_a_crossing_is_reached_only_beyond_its_rounding_time():
-    # τ = noise/|φ̇|: the slope of the crossing component over its bracketing sample
-    # interval (here exactly 4), from the start's value when it is the first interval
+    # τ = noise/|φ̇|: the slope of the crossing component from its root to the sample
+    # past it (here exactly 4)
     trigger = _NoisyCrossing(lambda t, y: y, direction=False)
     t0, t1 = jnp.asarray(0.5), jnp.asarray(0.7)
     for y0 in (0.03, 0.15):  # crossing in the first sample interval, then the third
@@ -114,7 +114,8 @@ def test_the_sliding_system_on_the_sliding_examples_equals_the_full_one():
     w, static = eqx.partition(model, eqx.is_inexact_array)
     switching = Filippov(max_sliding=5).build(Problem(dyn.GradientFlow(), loss, static),
                                               True, w).switching
-    assert switching.by_slots  # 2·5 slots <= 40 examples, and GF is affine in the loss
+    # (40 examples: a solve would use the full system, `by_slots`; the two are compared
+    # here directly)
     width, n = 7, 40
     pairs = jnp.array([3 * width, 3 * width + 1, n * width + 3 * 6 + 2, 11 * width + 4, -1.0])
     mode = eqx.tree_at(lambda m: m.slots, switching.init(w), pairs)

@@ -165,8 +165,8 @@ class AbstractExactTrigger(AbstractTrigger):
     def locate(self, t0, t1, interp, state, root_finder, args=None):
         """(t_c, next state, τ): the earliest crossing in (t0, t1] (inf if none), the
         eligibility for the next step if the step is accepted without an action, and
-        τ = `noise`/|φ̇| of the crossing component (its slope over the sample interval
-        that brackets it; 0 if none), the time within which its sign is rounding."""
+        τ = `noise`/|φ̇| of the crossing component (its slope from the root to the
+        sample past it; 0 if none), the time within which its sign is rounding."""
         frac = jnp.arange(1, self.samples + 1, dtype=jnp.result_type(t0)) / self.samples
         ts = t0 + (t1 - t0) * frac
         # lax.map, not vmap: a switching function may branch (the Filippov multipliers
@@ -193,9 +193,11 @@ class AbstractExactTrigger(AbstractTrigger):
             t_root = root_finder.bracket(
                 lambda t: self.value(t, interp.evaluate(t), state, args, c),
                 lo, hi, f_lo, phi[j, c])
-            start = jnp.where(j == 0, self.value(lo, interp.evaluate(lo), state, args, c),
-                              f_lo)
-            slope = jnp.abs(phi[j, c] - start) / jnp.maximum(hi - lo, jnp.finfo(hi.dtype).tiny)
+            # |φ̇| from the root to the sample past it (φ = 0 at the root): no further
+            # evaluation of φ, which would be one more copy of it in the program
+            past = hi - t_root
+            slope = jnp.where(past > 0, jnp.abs(phi[j, c]) / jnp.where(past > 0, past, 1.0),
+                              jnp.inf)
             tau = jnp.minimum(self.noise(interp.evaluate(hi)) / slope, 0.5 * (t1 - t0))
             return t_root, jnp.where(jnp.isfinite(tau), tau, 0.5 * (t1 - t0))
 
