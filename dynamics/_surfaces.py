@@ -171,12 +171,13 @@ class Surfaces(eqx.Module):
 
         return jax.lax.switch(layer, [upto(l) for l in range(len(self.hidden))])
 
-    def rows(self, d: Array, examples: Array) -> Array:
+    def rows(self, d: Array, examples: Array | None = None) -> Array:
         """The frozen network's input rows (x_n, d_{n,1}, …) of the traced example
-        indices `examples` (any length, repeats allowed), on the piece with slopes d."""
-        return jnp.concatenate([self.x[examples]]
-                               + [dl[examples] for dl in self._layers(d.astype(self.x.dtype))],
-                               axis=1)
+        indices `examples` (any length, repeats allowed; all examples if None), on the
+        piece with slopes d."""
+        pick = (lambda a: a) if examples is None else (lambda a: a[examples])
+        return jnp.concatenate(
+            [pick(self.x)] + [pick(dl) for dl in self._layers(d.astype(self.x.dtype))], axis=1)
 
     def pair_preactivations(self, model: MLP, d: Array, pairs: Array) -> Array:
         """z_p for the traced flat pair indices `pairs` (a vector), each from its own
@@ -218,7 +219,7 @@ class Surfaces(eqx.Module):
     def loss_on_piece(self, params: PyTree, d: Array):
         """L(params) on the piece with slopes d: the data term evaluates the frozen
         network on rows (x, d); penalties see the weights as usual."""
-        rows = jnp.concatenate([self.x] + self._layers(d.astype(self.x.dtype)), axis=1)
+        rows = self.rows(d)
         frozen = _FrozenMLP(params, self.x.shape[1])
         term = eqx.tree_at(lambda t: t.x, self.term, rows)
         if self.index < 0:

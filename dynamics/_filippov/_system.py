@@ -50,6 +50,11 @@ class AbstractSlidingSystem(eqx.Module):
         return jnp.where(active, self.zdot(s), s - 0.5)
 
 
+def _slot_pairs(mode: FilippovState) -> Array:
+    """Each slot's pair (its flat index; 0 on a free slot)."""
+    return jnp.where(mode.slots >= 0, mode.slots, 0).astype(int)
+
+
 class FullSystem(AbstractSlidingSystem):
     """The system evaluated on every example (any first-order flow)."""
 
@@ -64,8 +69,7 @@ class FullSystem(AbstractSlidingSystem):
 
     def zdot(self, s):
         sw, mode = self.switching, self.mode
-        idx = jnp.where(mode.slots >= 0, mode.slots, 0).astype(int)
-        return sw.zdot(self.t, self.w, None, sw.slopes(mode, s))[idx]
+        return sw.zdot(self.t, self.w, None, sw.slopes(mode, s))[_slot_pairs(mode)]
 
 
 class SlotSystem(AbstractSlidingSystem):
@@ -86,8 +90,7 @@ class SlotSystem(AbstractSlidingSystem):
     def build(cls, switching, t, w, mode: FilippovState, s0: Array) -> "SlotSystem":
         surfaces = switching.surfaces
         active = mode.slots >= 0
-        pairs = jnp.where(active, mode.slots, 0).astype(int)
-        _, examples = surfaces.locate(pairs)
+        _, examples = surfaces.locate(_slot_pairs(mode))
         # A repeated example (two of its pairs slide) enters L_S once: its first slot.
         same = (examples[:, None] == examples[None, :]) & active[None, :]
         earlier = jnp.tril(same, k=-1).any(axis=1)
@@ -117,7 +120,7 @@ class SlotSystem(AbstractSlidingSystem):
     def zdot(self, s):
         sw, mode = self.switching, self.mode
         d = sw.slopes(mode, s)
-        pairs = jnp.where(mode.slots >= 0, mode.slots, 0).astype(int)
+        pairs = _slot_pairs(mode)
 
         def z(u):
             return sw.surfaces.pair_preactivations(sw.problem.params(u), d, pairs)
