@@ -1,6 +1,7 @@
 """How the Filippov mode finds its switches: one switching component evaluated on its
-own, and the root-finding bracket at a step's start. (One retry per crossing is
-checked in tests/test_filippov.py, on a solve compiled there anyway.)"""
+own, and the root-finding bracket at a step's start. (One retry per crossing under a
+projection is checked in tests/test_filippov.py, on a solve compiled there anyway; steps
+cut at crossings in tests/test_projection.py.)"""
 
 import sys
 from pathlib import Path

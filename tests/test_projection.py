@@ -241,6 +241,64 @@ class _Truncating(dyn.AbstractProjection):
         return params[:1], velocity
 
 
+class _Wrap(dyn.AbstractProjection):
+    """w -> w − 1: with ẇ = a, a sawtooth."""
+
+    def __call__(self, params, velocity, state=None):
+        return params - 1.0, velocity
+
+
+def test_steps_are_cut_at_crossings_and_saves_inside_them_are_right():
+    # GF on L = −a·w: ẇ = a, which every Runge–Kutta step and interpolant integrates
+    # exactly, so each step's error estimate is ~0 and its length grows tenfold until a
+    # crossing of w = 1 cuts it (the projection wraps w to 0): w(t) = frac(a·t). Each
+    # crossing must cost one step (the step that finds it ends there), not two (found,
+    # then retried), and a save time inside a cut step, or just past one, must hold
+    # frac(a·t) all the same. (A step that reaches a save time past a crossing is
+    # retried: with saves sparser than crossings, about one per save.)
+    a, t1 = 7.3, 3.0
+    event = dyn.events.Condition(lambda t, p, v: p[0] - 1.0, name="one", direction=True)
+    ts = jnp.linspace(0.0, t1, 7)
+    traj = dyn.simulate(dyn.GradientFlow(), jnp.zeros(1), lambda w: -a * jnp.sum(w),
+                        t1=t1, ts=ts, solver=diffrax.Tsit5(),
+                        stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+                        projection=dyn.OnEvent(_Wrap(), event))
+    n = int(a * t1)  # 21 crossings
+    np.testing.assert_allclose(traj.actions, np.arange(1, n + 1) / a, rtol=0,
+                               atol=1e-12)  # root-found to ~1e-13, rounding in frac
+    np.testing.assert_allclose(traj.params[:, 0], np.mod(a * np.asarray(ts), 1.0),
+                               rtol=0, atol=1e-11)
+    # Retried, the 21 crossings alone would take 42 steps; cut, only a step that reaches
+    # a save time past a crossing is retried, about one per save (measured 36 steps, 7
+    # rejected, for 21 crossings and 6 saves).
+    assert traj.stats["num_rejected_steps"] <= 8, traj.stats
+    assert traj.stats["num_steps"] <= 2 * n - 4, traj.stats
+
+
+def test_a_step_is_cut_only_where_its_error_is_far_below_the_tolerance():
+    # The controller's side of a cut: the solver reports a crossing cut at t = 0.05 of
+    # the step [0, 0.1]. Its state there comes off the step's dense output, whose error
+    # is about the step's error estimate, so the cut is taken only where the scaled
+    # estimate is <= 1e-3; above it the step is retried to end at 0.05, and a step the
+    # tolerance rejects is shrunk as usual.
+    from dynamics._driver._controllers import LandOnEvent
+
+    c = LandOnEvent(diffrax.PIDController(rtol=1e-6, atol=1e-6))
+    y = jnp.ones(2)
+    _, state = c.init(None, 0.0, 1.0, y, 0.1, None, None, 5)
+
+    def adapt(err):
+        out = c.adapt_step_size(0.0, 0.1, y, y, None, (jnp.full(2, err), jnp.inf, 0.05),
+                                5, state)
+        return bool(out[0]), float(out[1]), float(out[2])
+
+    keep, t_prev, t_next = adapt(1e-12)  # scaled error 5e-7: cut
+    assert keep and t_prev == 0.05 and t_next > 0.1
+    assert adapt(1e-7) == (False, 0.0, 0.05)  # 5e-2: retried to end at the cut
+    keep, _, t_next = adapt(1e-5)  # 5: rejected by the tolerance, and shrunk
+    assert not keep and t_next < 0.1
+
+
 class _ParamsOnly(dyn.AbstractProjection):
     def __call__(self, params, velocity, state=None):
         return params

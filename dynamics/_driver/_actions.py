@@ -17,9 +17,16 @@ the trigger's counters live in that state.
 
 An *exact* trigger (`AbstractExactTrigger`: `OnEvent` with a real condition, the
 Filippov mode's switching functions) is located inside the step instead: its first
-zero is root-found on the dense output, the step is retried to end just past it
-(`LandOnEvent`, a controller wrapper, reads the request from the solver's error
-output), and the action fires there.
+zero t_c is root-found on the dense output, and the step ends just past it, at t_hit.
+Where no save time lies in (t_hit, t1] and the acting solver is the outermost one
+(`cut`), the step is *cut*: the state at t_hit is read from the step's dense output,
+the action fires there, and the controller (`LandOnEvent`) accepts the step as ending
+at t_hit. The field of the step is smooth on [t0, t1] (a Filippov piece is one side's
+field, extended past its kink), so its interpolant is that of an accepted step of a
+smooth ODE, the state every event-locating integrator (scipy's `solve_ivp`, MATLAB's
+`ode45`, diffrax's events) takes at an event. Otherwise the step is retried to end at
+t_hit (`LandOnEvent` reads the request from the solver's error output): one more step
+per crossing, which the cut saves.
 
 An action maps (t, y, aux) -> (y, aux), where `aux` is whatever discrete state the
 action carries (a projection's reference state; an activation pattern for a
@@ -84,6 +91,7 @@ class _ActedInterpolation(diffrax.AbstractLocalInterpolation):
     inner: diffrax.AbstractLocalInterpolation
     y_acted: PyTree
     fired: Array
+    t_end: Array  # where the step ended: t1, or t_hit if it was cut
 
     def evaluate(self, t0, t1=None, left=True):
         if t1 is not None:  # an increment: the wrapped solver's
@@ -91,13 +99,16 @@ class _ActedInterpolation(diffrax.AbstractLocalInterpolation):
         y = self.inner.evaluate(t0, left=left)
         eps = jnp.finfo(jnp.result_type(self.t0, self.t1)).eps
         tol = 8 * eps * jnp.maximum(jnp.abs(self.t0), jnp.abs(self.t1))
-        tol = jnp.minimum(tol, 0.25 * jnp.abs(self.t1 - self.t0))
-        at_end = self.fired & (t0 >= self.t1 - tol)
+        tol = jnp.minimum(tol, 0.25 * jnp.abs(self.t_end - self.t0))
+        # Past the end of a cut step (no save lies there; a diffrax event's root find
+        # may look), the acted state at its end.
+        at_end = self.fired & (t0 >= self.t_end - tol)
         return jax.tree.map(lambda a, b: jnp.where(at_end, a, b), self.y_acted, y)
 
 
-def _acted_interpolation(inner_cls, *, t0, t1, inner, y_acted, fired):
-    return _ActedInterpolation(t0, t1, inner_cls(t0=t0, t1=t1, **inner), y_acted, fired)
+def _acted_interpolation(inner_cls, *, t0, t1, inner, y_acted, fired, t_end):
+    return _ActedInterpolation(t0, t1, inner_cls(t0=t0, t1=t1, **inner), y_acted, fired,
+                               t_end)
 
 
 class _ActingState(eqx.Module):
@@ -112,6 +123,11 @@ class _ActingState(eqx.Module):
 class ActingSolver(WrappedSolver):
     """`solver`, with `action` applied at the end of each step on which `trigger` fires.
     The first `n_record` action times are kept in the solver state; `count` counts all.
+
+    `saves`: the solve's save times, given where this solver is the outermost acting
+    one; an exact trigger's steps are then cut at their crossings (module docstring)
+    unless a save time lies between the cut and the step's end. None: never cut (an
+    acting solver outside this one would judge its own trigger at t1).
     """
 
     solver: diffrax.AbstractSolver
@@ -119,6 +135,7 @@ class ActingSolver(WrappedSolver):
     action: AbstractAction
     n_record: int = eqx.field(static=True)
     root_finder: Any = None  # an `IllinoisRootFinder`, for exact triggers (its `bracket`)
+    saves: Array | None = None
 
     @property
     def interpolation_cls(self):  # pyright: ignore
@@ -187,33 +204,45 @@ class ActingSolver(WrappedSolver):
             # than half the step, and every such crossing was retried twice.
             retry_margin = jnp.maximum(_END_MARGIN * (t_c - t0), floor)
             t_hit = jnp.where(retry, jnp.minimum(t_c + 0.5 * retry_margin, t1), jnp.inf)
-            y_error = (y_error, t_hit)
+            cut = jnp.asarray(False)
+            if self.saves is not None:
+                # A save time in (t_hit, t1] would be read off this step's dense
+                # output, past its end: retry instead.
+                between = (self.saves > t_hit) & (self.saves <= t1)
+                cut = retry & ~jnp.any(between)
+                retry = retry & ~cut
+                fire = fire | cut
+            t_end = jnp.where(cut, t_hit, t1)
+            # (y_error, retry to end here, the step ends here): `LandOnEvent` reads them.
+            y_error = (y_error, jnp.where(retry, t_hit, jnp.inf), t_end)
         else:
-            t_c = t1
+            t_c = t_end = t1
             fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
             fire = jnp.asarray(fire)
 
         def act():
+            interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
             if exact and not self.action.corrects_itself:
                 # Act where the crossing is, on the step's dense output, then carry the
-                # acted state over the remaining t1 − t_c (≤ 1e-6 of the step) by one
-                # Euler step of the field there: exact to O((t1 − t_c)²).
-                interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+                # acted state over the remaining t_end − t_c (≤ 1e-6 of the step) by
+                # one Euler step of the field there: exact to O((t_end − t_c)²).
                 y, aux = self.action(t_c, interp.evaluate(t_c), solver_state.aux)
                 f = self.solver.func(terms, t_c, y, aux)
-                y = jax.tree.map(lambda a, b: a + (t1 - t_c) * b, y, f)
+                y = jax.tree.map(lambda a, b: a + (t_end - t_c) * b, y, f)
             else:
-                y, aux = self.action.at_event(t1, y1, solver_state.aux, t_c,
+                y_end = y1 if not exact else jax.tree.map(
+                    lambda a, b: jnp.where(t_end < t1, a, b), interp.evaluate(t_end), y1)
+                y, aux = self.action.at_event(t_end, y_end, solver_state.aux, t_c,
                                               solver_state.trigger, step_args)
             if not exact:
                 y, fresh = self._fresh(terms, t0, t1, y, aux, inner)
                 return y, aux, fresh, self.trigger.reset(t1, y, trigger), None
             # The acted state's step args, started from this step's: the restart's
             # first derivative, the eligibility and the next step all use them.
-            new_args = self._step_args(t1, y, aux, step_args)
+            new_args = self._step_args(t_end, y, aux, step_args)
             here = self.trigger.here(new_args)
-            y, fresh = self._fresh(terms, t0, t1, y, here, inner)
-            return y, aux, fresh, self.trigger.reset(t1, y, trigger, here), new_args
+            y, fresh = self._fresh(terms, t0, t_end, y, here, inner)
+            return y, aux, fresh, self.trigger.reset(t_end, y, trigger, here), new_args
 
         def keep():
             return y1, solver_state.aux, inner, trigger, step_args if exact else None
@@ -223,5 +252,5 @@ class ActingSolver(WrappedSolver):
         index = jnp.where(fire, solver_state.count, self.n_record)
         times = solver_state.times.at[index].set(t_c, mode="drop")
         state = _ActingState(inner, trigger, aux, kept, solver_state.count + fire, times)
-        dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire)
+        dense_info = dict(inner=dense_info, y_acted=y_out, fired=fire, t_end=t_end)
         return y_out, y_error, dense_info, state, result

@@ -31,10 +31,22 @@ class WrappedController(diffrax.AbstractAdaptiveStepSizeController):
         return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
 
 
+# A step is cut at a crossing only where its scaled error estimate is at most this. The
+# error of a Dopri5 interpolant inside a step is about the step's error estimate
+# (0.45x median, 1.2x at the 90th percentile, on the 5-7-6-3 net at 1e-8), while a
+# retried step's own error is far below its estimate (local extrapolation): cut at any
+# accepted step, that net's charges drifted 10x more. At 1e-3 a cut adds about a
+# thousandth of the tolerance; where crossings set the steps (each far shorter than the
+# tolerance allows) nearly every step passes.
+_CUT_ERROR = 1e-3
+
+
 class LandOnEvent(WrappedController):
     """The adaptive controller of a solve with an exact trigger: when the step found a
     crossing inside it (the solver's error output carries the time `t_hit` just past
-    it), the step is retried to end there; otherwise `controller` decides as usual.
+    it), the step is retried to end there, or, where the solver cut it there (its error
+    output's `t_end` < t1), accepted as ending at `t_end`; otherwise `controller`
+    decides as usual. Both only in a step that `controller` accepts.
 
     The wrapped controller does not see the retry (its error history is that of the
     steps it judged), and after the short step that ends at the crossing the next step
@@ -49,6 +61,36 @@ class LandOnEvent(WrappedController):
 
     controller: diffrax.AbstractAdaptiveStepSizeController
     split: bool = eqx.field(static=True, default=False)
+    saves: Array | None = None
+
+    def _clip(self, t_prev, t_next, gap):
+        # Where steps are cut (`saves` given), a step that reaches a save time s but
+        # finds a crossing before it cannot be cut (diffrax reads s off its dense output,
+        # past the cut) and is retried. So while crossings come every `gap` (the last
+        # found one's distance from its step's start; inf after a step that found
+        # none) no step runs past s, and one that would reach s ends halfway there,
+        # unless s is within 2·gap: about one retry per save, not one per crossing
+        # before it, and few steps that cross nothing. Without crossings the steps are
+        # the wrapped controller's alone.
+        if self.saves is None:
+            return t_next
+        s = jnp.min(jnp.where(self.saves > t_prev, self.saves, jnp.inf))  # (NaN: never)
+        short = (t_next >= s) & (s - t_prev > 2 * gap)
+        clipped = jnp.where(short, t_prev + 0.5 * (s - t_prev), jnp.minimum(t_next, s))
+        return jnp.where(jnp.isfinite(gap), clipped, t_next)
+
+    def _error_ratio(self, y0, y1, y_error):
+        # `controller`'s scaled error norm, as diffrax's PIDController computes it
+        # (`norm(y_error / (atol + rtol·max(|y0|, |y1|)))`); inf for a controller
+        # without a tolerance, whose steps are then never cut.
+        c = self.controller
+        if not all(hasattr(c, a) for a in ("rtol", "atol", "norm")):
+            return jnp.inf
+
+        def scale(a, b, e):
+            return e / (c.atol + c.rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)))
+
+        return c.norm(jax.tree.map(scale, y0, y1, y_error))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         if self.split:
@@ -60,12 +102,14 @@ class LandOnEvent(WrappedController):
                 return inner_func(terms, t, (y, mode), args)[0]
 
         t_next, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
-        return t_next, (inner, jnp.asarray(-jnp.inf, jnp.result_type(t_next)))
+        inf = jnp.asarray(jnp.inf, jnp.result_type(t_next))
+        t_next = self._clip(t0, t_next, inf)
+        return t_next, (inner, -inf, inf)
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
                         controller_state):
-        inner, resume = controller_state
-        y_error, t_hit = y_error
+        inner, resume, gap = controller_state
+        y_error, t_hit, t_end = y_error
         if self.split:
             y0, y1_candidate, y_error = y0[0], y1_candidate[0], y_error[0]
         keep, t_prev, t_next, made_jump, new_inner, result = self.controller.adapt_step_size(
@@ -73,12 +117,30 @@ class LandOnEvent(WrappedController):
         )
         # A crossing is trusted only in a step the error control accepts.
         retry = keep & (t_hit < t1)
+        # A step is cut (its end state read off its dense output) only where its error
+        # estimate is well below the tolerance (`_CUT_ERROR`); otherwise it is retried
+        # to end at the same time.
+        cut = keep & (t_end < t1)
+        fine = self._error_ratio(y0, y1_candidate, y_error) <= _CUT_ERROR
+        t_hit = jnp.where(cut & ~fine, t_end, t_hit)
+        retry = retry | (cut & ~fine)
+        cut = cut & fine
         keep = keep & ~retry
-        t_prev = jnp.where(retry, t0, t_prev)
+        # After a cut step the next one is as long as `controller` asks after the
+        # whole step, which it judged.
+        t_next = jnp.where(cut, t_end + (t_next - t_prev), t_next)
+        t_prev = jnp.where(retry, t0, jnp.where(cut, t_end, t_prev))
         t_next = jnp.where(retry, t_hit, jnp.where(keep, jnp.maximum(t_next, resume), t_next))
+        # The gap is forgotten after a step longer than two gaps that crossed nothing
+        # (not after the step that lands a retry, nor one ended early at a save time).
+        landed = resume > -jnp.inf
+        quiet = keep & ~landed & (t1 - t0 > 2 * gap)
+        gap = jnp.where(retry, t_hit - t0, jnp.where(
+            cut, t_end - t0, jnp.where(quiet, jnp.inf, gap)))
+        t_next = self._clip(t_prev, t_next, gap)
         new_inner = jax.tree.map(lambda a, b: jnp.where(retry, a, b), inner, new_inner)
         resume = jnp.where(retry, t1, jnp.where(keep, -jnp.inf, resume))
-        return keep, t_prev, t_next, made_jump, (new_inner, resume), result
+        return keep, t_prev, t_next, made_jump, (new_inner, resume, gap), result
 
 
 class LandOnGrid(WrappedController):

@@ -36,10 +36,12 @@ class AbstractSwitchedField(eqx.Module):
         (whatever the wrapped solver passes its terms)."""
 
     @abc.abstractmethod
-    def wrap(self, solver, controller, unpack, pack, n_record: int):
+    def wrap(self, solver, controller, unpack, pack, n_record: int, saves=None):
         """(solver, controller) that switch the mode inside the solve. `unpack(y)` gives
         (w, v, mode) of a state y, `pack(y, w, v, mode)` y with those three replaced
-        (the rest of y kept); at most `n_record` switch times are kept."""
+        (the rest of y kept); at most `n_record` switch times are kept. `saves`: the
+        save times where the mode's solver is the outermost acting one (its steps
+        may then be cut at crossings: `ActingSolver`), else None."""
 
     @abc.abstractmethod
     def record(self, mode: PyTree) -> dict[str, Array]:

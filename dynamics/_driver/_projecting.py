@@ -51,9 +51,9 @@ class ProjectAction(AbstractAction):
 
 def acting(schedule: AbstractSchedule, solver, controller, problem: Problem,
            layout: StateLayout, y0, t0, n_record: int, root_finder,
-           field: AbstractSwitchedField | None = None):
+           field: AbstractSwitchedField | None = None, saves=None):
     """The solver (and controller) that apply `schedule` inside the solve; at most
-    `n_record` action times are kept."""
+    `n_record` action times are kept; `saves`, the save times (`ActingSolver`)."""
     if isinstance(schedule, OnEvent):
         event = schedule.event
 
@@ -63,9 +63,9 @@ def acting(schedule: AbstractSchedule, solver, controller, problem: Problem,
 
         real = jnp.issubdtype(jax.eval_shape(condition, t0, y0).dtype, jnp.floating)
         if real and isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
-            # Acted on at the root-found crossing: the step is retried to end there.
+            # Acted on at the root-found crossing: the step ends there (cut or retried).
             trigger = CrossingTrigger(condition, event.direction)
-            controller = LandOnEvent(controller)
+            controller = LandOnEvent(controller, saves=saves)
         else:  # a boolean condition, or constant steps: at the end of the step
             trigger = OnCondition(condition, event.direction, bool(real))
     elif schedule.steps is not None:
@@ -77,7 +77,7 @@ def acting(schedule: AbstractSchedule, solver, controller, problem: Problem,
         if exact:
             controller = LandOnGrid(controller, t0, period)
     action = ProjectAction(schedule.projection, problem, layout, field)
-    return ActingSolver(solver, trigger, action, n_record, root_finder), controller
+    return ActingSolver(solver, trigger, action, n_record, root_finder, saves), controller
 
 
 def record_limit(schedule: AbstractSchedule, max_steps: int | None, cap: int) -> int:

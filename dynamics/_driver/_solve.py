@@ -186,14 +186,17 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
             u = layout.unpack(y)
             return layout.pack(w, v, carried=u.carried, integrals=u.integrals, mode=mode)
 
-        solver, controller = field.wrap(solver, controller, unpack, pack, n_record)
+        # Its steps are cut at crossings only where no projection's solver sits
+        # outside it (that one would judge its own trigger at the uncut step's end).
+        saves = spec.ts if spec.schedule is None else None
+        solver, controller = field.wrap(solver, controller, unpack, pack, n_record, saves)
     terms = make_terms(problem, solver, layout, integrals, field, y0=y0, key=spec.key)
     schedule = spec.schedule
     if schedule is not None:
         solver, controller = acting(
             schedule, solver, controller, problem, layout, y0, t0,
             record_limit(schedule, spec.max_steps, MAX_RECORDED_ACTIONS),
-            ACTION_ROOT_FINDER, field)
+            ACTION_ROOT_FINDER, field, saves=spec.ts)
 
     if not isinstance(problem.flow, AbstractStochasticFlow):  # diffrax reads SDE solvers
         solver = TracedOnce(solver)  # outermost: its step traced once (`_wrapped`)

@@ -94,9 +94,10 @@ class OnCondition(AbstractTrigger):
 
 
 # An exact trigger's crossing is acted on at the end of a step only if it lies within
-# this fraction of the step from the end; earlier, the step is retried to end just past
-# it. The action may use the gap t1 − t_event ≤ margin·h for a first-order correction
-# (the Filippov action does), whose error is O((margin·h)²): below 1e-12·h².
+# this fraction of the step from the end; earlier, the step ends just past it (cut there
+# or retried: `_actions`). The action may use the gap t1 − t_event ≤ margin·h for a
+# first-order correction (the Filippov action does), whose error is O((margin·h)²):
+# below 1e-12·h².
 _END_MARGIN = 1e-6
 
 
@@ -106,9 +107,9 @@ class AbstractExactTrigger(AbstractTrigger):
     A component fires when it goes from φ ≥ 0 to φ < 0. The step's dense output is
     sampled at `samples` points, the first sample interval where an eligible component
     went negative is root-found to ~1e-13 in t (the solver's `root_finder`, an
-    `IllinoisRootFinder`'s `bracket`), and the step is then
-    either retried to end just past the crossing (`LandOnEvent` reads the request) or,
-    when the crossing lies within `_END_MARGIN` of its end, acted on there. Components
+    `IllinoisRootFinder`'s `bracket`), and the step then ends just past the crossing
+    (cut there on its dense output, or retried: `LandOnEvent` reads the request) or,
+    when the crossing lies within `_END_MARGIN` of its end, is acted on there. Components
     negative at the start of a step (just switched, a few ulps on the wrong side) are
     not eligible in it: the state carries the eligibility mask.
     """

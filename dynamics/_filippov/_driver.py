@@ -257,11 +257,12 @@ class FilippovField(AbstractSwitchedField):
         guess = args if isinstance(args, Linearisation) else None
         return self.switching.rate(t, w, v, mode, guess=guess)
 
-    def wrap(self, solver, controller, unpack, pack, n_record):
+    def wrap(self, solver, controller, unpack, pack, n_record, saves=None):
         trigger = FilippovTrigger(self.switching, unpack, self.samples)
         action = FilippovAction(self.switching, unpack, pack)
-        solver = ActingSolver(solver, trigger, action, n_record, ACTION_ROOT_FINDER)
-        return solver, LandOnEvent(controller, split=True)
+        solver = ActingSolver(solver, trigger, action, n_record, ACTION_ROOT_FINDER,
+                              saves)
+        return solver, LandOnEvent(controller, split=True, saves=saves)
 
     def record(self, mode):
         # The mode rides in the state, so every save sees it: cumulative event counts

@@ -3,8 +3,9 @@
 Between events the activation pattern is frozen: every stage of every step evaluates
 the smooth field of one piece (`Surfaces.loss_on_piece`), so a Runge–Kutta method keeps
 its order. The events are found by the driver's exact triggers (`_actions`): the step
-that crosses a surface z_p = 0 is retried to end just past the crossing, and there the
-action decides, by Filippov's rule (Filippov 1988, ch. 2 §4; Cortés 2008, sec. 3.3):
+that crosses a surface z_p = 0 ends just past the crossing (cut there on its dense
+output where its error estimate is far below the tolerance, else retried), and there
+the action decides, by Filippov's rule (Filippov 1988, ch. 2 §4; Cortés 2008, sec. 3.3):
 
 - **crossing**: the field of the new side carries z_p away from the surface: the
   pair's slope flips and the solve goes on;
