@@ -258,7 +258,7 @@ def test_steps_are_cut_at_crossings_and_saves_inside_them_are_right():
     # retried: with saves sparser than crossings, about one per save.)
     a, t1 = 7.3, 3.0
     event = dyn.events.Condition(lambda t, p, v: p[0] - 1.0, name="one", direction=True)
-    ts = jnp.linspace(0.0, t1, 7)
+    ts = jnp.linspace(0.0, t1, 4)
     traj = dyn.simulate(dyn.GradientFlow(), jnp.zeros(1), lambda w: -a * jnp.sum(w),
                         t1=t1, ts=ts, solver=diffrax.Tsit5(),
                         stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
@@ -269,10 +269,10 @@ def test_steps_are_cut_at_crossings_and_saves_inside_them_are_right():
     np.testing.assert_allclose(traj.params[:, 0], np.mod(a * np.asarray(ts), 1.0),
                                rtol=0, atol=1e-11)
     # Retried, the 21 crossings alone would take 42 steps; cut, only a step that reaches
-    # a save time past a crossing is retried, about one per save (measured 36 steps, 7
-    # rejected, for 21 crossings and 6 saves).
-    assert traj.stats["num_rejected_steps"] <= 8, traj.stats
-    assert traj.stats["num_steps"] <= 2 * n - 4, traj.stats
+    # a save time past a crossing is retried, about one per save (measured 31 steps, 4
+    # rejected, for 21 crossings and 3 saves).
+    assert traj.stats["num_rejected_steps"] <= 6, traj.stats
+    assert traj.stats["num_steps"] <= n + 12, traj.stats
 
 
 def test_a_step_is_cut_only_where_its_error_is_far_below_the_tolerance():
