@@ -19,14 +19,15 @@ An *exact* trigger (`AbstractExactTrigger`: `OnEvent` with a real condition, the
 Filippov mode's switching functions) is located inside the step instead: its first
 zero t_c is root-found on the dense output, and the step ends just past it, at t_hit.
 Where no save time lies in (t_hit, t1] and the acting solver is the outermost one
-(`cut`), the step is *cut*: the state at t_hit is read from the step's dense output,
-the action fires there, and the controller (`LandOnEvent`) accepts the step as ending
-at t_hit. The field of the step is smooth on [t0, t1] (a Filippov piece is one side's
-field, extended past its kink), so its interpolant is that of an accepted step of a
-smooth ODE, the state every event-locating integrator (scipy's `solve_ivp`, MATLAB's
-`ode45`, diffrax's events) takes at an event. Otherwise the step is retried to end at
-t_hit (`LandOnEvent` reads the request from the solver's error output): one more step
-per crossing, which the cut saves.
+(`saves` given), the step is *cut*: the state at t_hit is read from the step's dense
+output, the action fires there, and the controller (`LandOnEvent`) accepts the step as
+ending at t_hit, if its error estimate is small enough for the dense output to be
+trusted (else it retries it). The field of the step is smooth on [t0, t1] (a Filippov
+piece is one side's field, extended past its kink), so its interpolant is that of an
+accepted step of a smooth ODE, the state every event-locating integrator (scipy's
+`solve_ivp`, MATLAB's `ode45`, diffrax's events) takes at an event. Otherwise the
+step is retried to end at t_hit (`LandOnEvent` reads the request from the solver's
+error output): one more step per crossing, which the cut saves.
 
 An action maps (t, y, aux) -> (y, aux), where `aux` is whatever discrete state the
 action carries (a projection's reference state; an activation pattern for a

@@ -196,7 +196,10 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
         solver, controller = acting(
             schedule, solver, controller, problem, layout, y0, t0,
             record_limit(schedule, spec.max_steps, MAX_RECORDED_ACTIONS),
-            ACTION_ROOT_FINDER, field, saves=spec.ts)
+            ACTION_ROOT_FINDER, field,
+            # (not over a nonsmooth mode's solver: a switch it made at the uncut
+            # step's end would be counted, then dropped with the rest of the step)
+            saves=spec.ts if field is None else None)
 
     if not isinstance(problem.flow, AbstractStochasticFlow):  # diffrax reads SDE solvers
         solver = TracedOnce(solver)  # outermost: its step traced once (`_wrapped`)
