@@ -242,6 +242,16 @@ def test_projection_inside_the_mode_equals_a_chain_of_solves(fix):
         # retry aimed at half the finding step's margin was itself retried nearly
         # every time (127).
         assert one.stats["num_rejected_steps"] <= one.stats["num_switches"] + 20
+        # The mode's steps are cut at crossings under an `Every` projection too, whose
+        # schedule is then judged where a cut step ended: on a grid of 0.01 (steps far
+        # shorter than the tolerance allows, so crossings inside them are cut) every
+        # action is on the grid. Judged at the uncut step's end, actions fired at cuts,
+        # up to 1.6e-3 off the grid. (The same compiled solve: the period is an array.)
+        fine = dyn.simulate(dyn.GradientFlow(), model, loss, t1=0.3,
+                            **{**kw, "projection": dyn.Every(proj, time=0.01)})
+        assert fine.stats["num_actions"] == 30
+        np.testing.assert_allclose(fine.actions, 0.01 * np.arange(1, 31), rtol=0,
+                                   atol=1e-12)  # the grid, accumulated in float64
     assert [int(one.monitors[n][-1]) for n in ("crossings", "sliding_entries",
                                                "sliding_exits")] == counts.tolist()
     # the rescaling keeps every side; the shift moves pairs across (12 of the 280

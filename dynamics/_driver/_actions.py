@@ -18,8 +18,9 @@ the trigger's counters live in that state.
 An *exact* trigger (`AbstractExactTrigger`: `OnEvent` with a real condition, the
 Filippov mode's switching functions) is located inside the step instead: its first
 zero t_c is root-found on the dense output, and the step ends just past it, at t_hit.
-Where no save time lies in (t_hit, t1] and the acting solver is the outermost one
-(`saves` given), the step is *cut*: the state at t_hit is read from the step's dense
+Where no save time lies in (t_hit, t1] and no acting solver outside judges crossings
+of its own (`saves` given; an `Every` projection's outside it reads the cut step's end
+from its error output), the step is *cut*: the state at t_hit is read from the step's dense
 output, the action fires there, and the controller (`LandOnEvent`) accepts the step as
 ending at t_hit, if its error estimate is small enough for the dense output to be
 trusted (else it retries it). The field of the step is smooth on [t0, t1] (a Filippov
@@ -125,10 +126,11 @@ class ActingSolver(WrappedSolver):
     """`solver`, with `action` applied at the end of each step on which `trigger` fires.
     The first `n_record` action times are kept in the solver state; `count` counts all.
 
-    `saves`: the solve's save times, given where this solver is the outermost acting
-    one; an exact trigger's steps are then cut at their crossings (module docstring)
-    unless a save time lies between the cut and the step's end. None: never cut (an
-    acting solver outside this one would judge its own trigger at t1).
+    `saves`: the solve's save times, given where no acting solver outside this one
+    locates crossings of its own; an exact trigger's steps are then cut at their
+    crossings (module docstring) unless a save time lies between the cut and the step's
+    end, and an acting solver over this one judges its trigger where the cut step
+    ended. None: never cut.
     """
 
     solver: diffrax.AbstractSolver
@@ -171,6 +173,12 @@ class ActingSolver(WrappedSolver):
             # Its state is (f, L) at y; the carried values must be the acted state's.
             y = (y[0], inner[1])
         return y, inner
+
+    @property
+    def _over_cuts(self) -> bool:
+        # The wrapped solver is an acting one that cuts steps: its error output is
+        # (error, t_hit, t_end), and its step ended at t_end.
+        return isinstance(self.solver, ActingSolver) and self.solver.saves is not None
 
     def _step_args(self, t, y, aux, previous):
         if isinstance(self.trigger, AbstractExactTrigger):
@@ -217,8 +225,10 @@ class ActingSolver(WrappedSolver):
             # (y_error, retry to end here, the step ends here): `LandOnEvent` reads them.
             y_error = (y_error, jnp.where(retry, t_hit, jnp.inf), t_end)
         else:
-            t_c = t_end = t1
-            fire, trigger = self.trigger.fires(t0, t1, y0, y1, solver_state.trigger)
+            # Over an acting solver that cuts its steps (a nonsmooth mode's under an
+            # `Every` projection), this step ends where that one's did.
+            t_c = t_end = y_error[2] if self._over_cuts else t1
+            fire, trigger = self.trigger.fires(t0, t_end, y0, y1, solver_state.trigger)
             fire = jnp.asarray(fire)
 
         def act():
@@ -230,14 +240,17 @@ class ActingSolver(WrappedSolver):
                 y, aux = self.action(t_c, interp.evaluate(t_c), solver_state.aux)
                 f = self.solver.func(terms, t_c, y, aux)
                 y = jax.tree.map(lambda a, b: a + (t_end - t_c) * b, y, f)
+            elif not exact:  # y1 is the state at t_end already
+                y, aux = self.action.at_event(t_end, y1, solver_state.aux, t_c,
+                                              solver_state.trigger, step_args)
             else:
-                y_end = y1 if not exact else jax.tree.map(
-                    lambda a, b: jnp.where(t_end < t1, a, b), interp.evaluate(t_end), y1)
+                y_end = jax.tree.map(lambda a, b: jnp.where(t_end < t1, a, b),
+                                     interp.evaluate(t_end), y1)
                 y, aux = self.action.at_event(t_end, y_end, solver_state.aux, t_c,
                                               solver_state.trigger, step_args)
             if not exact:
-                y, fresh = self._fresh(terms, t0, t1, y, aux, inner)
-                return y, aux, fresh, self.trigger.reset(t1, y, trigger), None
+                y, fresh = self._fresh(terms, t0, t_end, y, aux, inner)
+                return y, aux, fresh, self.trigger.reset(t_end, y, trigger), None
             # The acted state's step args, started from this step's: the restart's
             # first derivative, the eligibility and the next step all use them.
             new_args = self._step_args(t_end, y, aux, step_args)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from .._flows import AbstractFirstOrderFlow, AbstractStochasticFlow
 from .._problem import Problem
+from .._projection import OnEvent
 from ..events._events import EventRootFinder, NonFinite
 from ..monitors._carrying import (
     AbstractCarryingMonitor,
@@ -186,9 +187,10 @@ def solve(spec: SolveSpec, progress_meter=diffrax.NoProgressMeter()) -> RawSolut
             u = layout.unpack(y)
             return layout.pack(w, v, carried=u.carried, integrals=u.integrals, mode=mode)
 
-        # Its steps are cut at crossings only where no projection's solver sits
-        # outside it (that one would judge its own trigger at the uncut step's end).
-        saves = spec.ts if spec.schedule is None else None
+        # Its steps are cut at crossings unless an `OnEvent` projection's solver sits
+        # outside it (that one locates its own crossings on the uncut step); an
+        # `Every` projection's judges its schedule where the cut step ended.
+        saves = None if isinstance(spec.schedule, OnEvent) else spec.ts
         solver, controller = field.wrap(solver, controller, unpack, pack, n_record, saves)
     terms = make_terms(problem, solver, layout, integrals, field, y0=y0, key=spec.key)
     schedule = spec.schedule
