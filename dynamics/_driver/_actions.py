@@ -232,7 +232,7 @@ class ActingSolver(WrappedSolver):
             fire = jnp.asarray(fire)
 
         def act():
-            interp = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+            # (exact triggers: `interp` is the step's dense output, built for `locate`)
             if exact and not self.action.corrects_itself:
                 # Act where the crossing is, on the step's dense output, then carry the
                 # acted state over the remaining t_end − t_c (≤ 1e-6 of the step) by
