@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 import dynamics as dyn
 from dynamics import datasets, discrete, losses
@@ -132,6 +133,8 @@ def _fig_norms(flows, algs, cfg) -> Figure:
             inset.plot(t[1:], bound[1:, 1], "k:", label="$4(L(0) - L^*)\\,t^2$")
             inset.set_xscale("log")
             inset.set_yscale("log")
+            # under a decade of t (the quick run): minor tick labels would overlap
+            inset.xaxis.set_minor_formatter(NullFormatter())
             inset.set_title("eq. 34 (S: all layers)", fontsize=8)
             inset.tick_params(labelsize=7)
             inset.legend(fontsize=8, loc="lower right")
